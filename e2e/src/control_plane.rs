@@ -1,0 +1,132 @@
+//! A real Kubernetes API server (etcd + kube-apiserver v1.33) on loopback.
+//!
+//! The binary comes from `e2e/control-plane/` (Go, built once by its `build.sh` into a cache
+//! outside the clone). One control plane is shared by every test of a test binary
+//! ([`ControlPlane::shared`]); tests isolate themselves in their own namespaces
+//! ([`ControlPlane::namespace`]). The process watches its stdin, so it exits with the test
+//! binary even though a shared static is never dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tempfile::TempDir;
+
+use crate::FixtureError;
+
+/// A running control plane and the admin kubeconfig that reaches it.
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Child,
+    // Held open: the control plane shuts down when this pipe closes.
+    _stdin: ChildStdin,
+    kubeconfig: PathBuf,
+    _dir: TempDir,
+}
+
+impl ControlPlane {
+    /// Builds the binary if needed, starts it, and waits until `/readyz` answers.
+    pub fn start() -> Result<Self, FixtureError> {
+        let binary = Self::binary()?;
+        let dir = tempfile::Builder::new().prefix("eden-control-plane-").tempdir()?;
+        let mut child = Command::new(&binary)
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--exit-on-stdin-close")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(dir.path().join("control-plane.log"))?))
+            .spawn()?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(path) = line.strip_prefix("ready ") {
+                    let _ = ready_tx.send(PathBuf::from(path));
+                }
+            }
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(kubeconfig) => Ok(ControlPlane { child, _stdin: stdin, kubeconfig, _dir: dir }),
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.path().join("control-plane.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                Err(FixtureError::NotReady {
+                    what: "kube-apiserver".into(),
+                    detail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                })
+            }
+        }
+    }
+
+    /// The control plane every test in this process shares, started on first use.
+    ///
+    /// # Panics
+    /// When the control plane cannot start: no test that needs it can run.
+    pub fn shared() -> &'static ControlPlane {
+        static SHARED: OnceLock<ControlPlane> = OnceLock::new();
+        SHARED.get_or_init(|| ControlPlane::start().unwrap_or_else(|err| panic!("{err}")))
+    }
+
+    /// The path of `eden-control-plane`, building it first if this source version has no
+    /// cached binary. `EDEN_CONTROL_PLANE` overrides the lookup.
+    pub fn binary() -> Result<PathBuf, FixtureError> {
+        if let Some(path) = std::env::var_os("EDEN_CONTROL_PLANE") {
+            return Ok(PathBuf::from(path));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("control-plane/build.sh");
+        let output = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output()?;
+        if !output.status.success() {
+            return Err(FixtureError::Build { what: script.display().to_string(), status: output.status });
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// A kube-rs client with admin rights.
+    pub async fn client(&self) -> Result<kube::Client, FixtureError> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).map_err(kube::Error::from)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(kube::Error::from)?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// `kubectl` pointed at this control plane.
+    pub fn kubectl(&self) -> Command {
+        let mut command = Command::new("kubectl");
+        command.arg("--kubeconfig").arg(&self.kubeconfig);
+        command
+    }
+
+    /// Creates a fresh namespace named `<prefix>-<n>`, unique within this process, so tests
+    /// sharing the control plane never see each other's objects.
+    pub async fn namespace(&self, prefix: &str) -> Result<String, FixtureError> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let namespace = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
+        kube::Api::<Namespace>::all(self.client().await?).create(&PostParams::default(), &namespace).await?;
+        Ok(name)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Closing stdin (dropping `_stdin`) starts a clean shutdown; the kill is the backstop.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,1 @@
+//! Eden's data plane: a RESP proxy that sits on `localhost` in the application's pod.
