@@ -112,12 +112,36 @@ impl ControlPlane {
         command
     }
 
+    /// Applies `crds/eden.yaml` (server-side, so repeated calls are no-ops) and waits until
+    /// every Eden CRD is established.
+    pub fn install_eden_crds(&self) -> Result<(), FixtureError> {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/eden.yaml");
+        let crds = crds.to_str().expect("repository paths are UTF-8");
+        self.run_kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crds])?;
+        self.run_kubectl(&["wait", "--for=condition=Established", "-f", crds, "--timeout=30s"])?;
+        Ok(())
+    }
+
+    /// Runs kubectl with `args` and returns its stdout; a non-zero exit is an error that
+    /// carries kubectl's stderr.
+    pub fn run_kubectl(&self, args: &[&str]) -> Result<String, FixtureError> {
+        let output = self.kubectl().args(args).output()?;
+        if !output.status.success() {
+            return Err(FixtureError::Kubectl {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// Creates a fresh namespace named `<prefix>-<n>`, unique within this process, so tests
     /// sharing the control plane never see each other's objects.
     pub async fn namespace(&self, prefix: &str) -> Result<String, FixtureError> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let namespace = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
+        let namespace =
+            Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
         kube::Api::<Namespace>::all(self.client().await?).create(&PostParams::default(), &namespace).await?;
         Ok(name)
     }

@@ -23,6 +23,8 @@ pub enum FixtureError {
     NotReady { what: String, detail: String },
     #[error("building {what} failed ({status})")]
     Build { what: String, status: std::process::ExitStatus },
+    #[error("kubectl {args} failed: {stderr}")]
+    Kubectl { args: String, stderr: String },
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]

@@ -128,7 +128,10 @@ impl RedisServer {
                 let _ = out.read_to_string(&mut log);
             }
             let _ = child.wait();
-            return Err(FixtureError::NotReady { what: format!("redis-server on port {}", self.port), detail: format!("{err}; log:\n{log}") });
+            return Err(FixtureError::NotReady {
+                what: format!("redis-server on port {}", self.port),
+                detail: format!("{err}; log:\n{log}"),
+            });
         }
         // Drain the log so the server never blocks on a full pipe.
         if let Some(out) = child.stdout.take() {
@@ -150,8 +153,12 @@ impl RedisServer {
                 if self.config.tls {
                     return Ok(());
                 }
+                // A password-protected server answers -NOAUTH: up all the same.
                 let mut reply = [0u8; 7];
-                if stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n" {
+                if stream.write_all(b"PING\r\n").is_ok()
+                    && stream.read_exact(&mut reply).is_ok()
+                    && (&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
+                {
                     return Ok(());
                 }
             }

@@ -12,12 +12,12 @@ use eden_e2e::{ControlPlane, TestPki};
 use eden_operator::crd::Endpoint;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -33,18 +33,10 @@ fn kubectl(control_plane: &ControlPlane, args: &[&str]) -> Output {
     control_plane.kubectl().args(args).output().expect("kubectl runs")
 }
 
-fn install_crds(control_plane: &ControlPlane) {
-    let crds = repo_path("crds/eden.yaml");
-    let applied = kubectl(control_plane, &["apply", "--server-side", "-f", crds.to_str().unwrap()]);
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
-    let established = kubectl(control_plane, &["wait", "--for=condition=Established", "crd/endpoints.eden.io", "--timeout=30s"]);
-    assert!(established.status.success(), "{}", String::from_utf8_lossy(&established.stderr));
-}
-
 #[tokio::test]
 async fn endpoint_applied_with_kubectl_reads_back_through_kube_rs() {
     let control_plane = ControlPlane::shared();
-    install_crds(control_plane);
+    control_plane.install_eden_crds().unwrap();
     let namespace = control_plane.namespace("crd").await.unwrap();
 
     let example = repo_path("examples/endpoints.yaml");
@@ -68,10 +60,11 @@ async fn endpoint_applied_with_kubectl_reads_back_through_kube_rs() {
 #[tokio::test]
 async fn the_schema_rejects_an_endpoint_that_is_not_a_redis_uri() {
     let control_plane = ControlPlane::shared();
-    install_crds(control_plane);
+    control_plane.install_eden_crds().unwrap();
     let namespace = control_plane.namespace("crd-invalid").await.unwrap();
 
-    let manifest = "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {name: bad}\nspec: {uri: 'http://example.com'}\n";
+    let manifest =
+        "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {name: bad}\nspec: {uri: 'http://example.com'}\n";
     let mut child = control_plane
         .kubectl()
         .args(["apply", "-n", &namespace, "-f", "-"])

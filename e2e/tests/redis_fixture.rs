@@ -33,7 +33,8 @@ async fn commands_round_trip_against_a_real_server() {
 async fn configuration_directives_reach_the_server() {
     let server = RedisServer::with_config(RedisConfig::default().directive("notify-keyspace-events", "KEA")).unwrap();
     let mut conn = connect(&server).await;
-    let setting: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut conn).await.unwrap();
+    let setting: Vec<String> =
+        redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut conn).await.unwrap();
     assert_eq!(setting[0], "notify-keyspace-events");
     let mut flags: Vec<char> = setting[1].chars().collect();
     flags.sort_unstable();
