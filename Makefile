@@ -48,7 +48,8 @@ test: deps control-plane lint check-crds
 	cargo test --workspace
 
 demo: deps control-plane
-	cargo run -q -p eden-e2e --bin eden-demo
+	cargo build -q --bins -p eden-operator -p eden-sidecar -p eden-e2e
+	"$(CARGO_TARGET_DIR)/debug/eden-demo"
 
 bench: deps
 	@echo "no benchmarks yet"
