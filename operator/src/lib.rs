@@ -11,3 +11,4 @@ pub mod context;
 pub mod crd;
 pub mod endpoint;
 pub mod metrics;
+pub mod migration;

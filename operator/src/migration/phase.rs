@@ -1,0 +1,280 @@
+//! The migration phase machine (DESIGN §3) as data plus one pure function.
+//!
+//! [`next`] takes what the user asked for ([`MigrationSpec`]), what the operator observed
+//! ([`Observed`]) and the current [`Phase`], and returns the [`Decision`]: the phase to be in,
+//! the strategy the sidecars may actually apply, and why anything the user asked for is held.
+//! It performs no I/O, so every transition is tested exhaustively without a server; the
+//! reconciler carries decisions out.
+//!
+//! The rule that shapes everything: the spec says what the user wants, the phase says where
+//! the data is. A request the data cannot honour yet (reads from a target that is not in
+//! sync, cutover with lag) is held, never dropped, and the decision says why.
+
+use crate::crd::{DataCopy, FailureHandling, MigrationSpec, Phase, WriteModeKind, WritePolicy};
+
+/// What the operator saw this reconciliation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observed {
+    pub source_ready: bool,
+    pub target_ready: bool,
+    /// The replication engine's view; `None` until it has started.
+    pub replication: Option<Replication>,
+    /// Differences found by the last verification of the current data, if one ran.
+    pub verification_differences: Option<i64>,
+    /// Writes mirrored from the target back to the source that failed and were not repaired.
+    pub unrepaired_mirror_failures: i64,
+    /// Every live sidecar applied the ConfigMap generation the operator last wrote.
+    pub sidecars_acked: bool,
+    pub cutover: CutoverProgress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Replication {
+    pub backfill_done: bool,
+    pub lag_millis: i64,
+    /// Replication stopped with an error it cannot recover from by itself.
+    pub failed: bool,
+}
+
+/// Where the cutover protocol (DESIGN §6) stands, from the sidecars' acks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CutoverProgress {
+    /// The sidecars run with the target authoritative (the flip was acknowledged).
+    pub flipped: bool,
+    /// Milliseconds since writes were paused, while they are.
+    pub paused_for_millis: i64,
+}
+
+/// Who receives writes and whose reply the client gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// The source is authoritative. The target is written only by replication, or by the
+    /// sidecars' mirror when `data.type: none` (never both: one writer per server).
+    Source { mirror_to_target: bool },
+    /// Writes are held in the sidecars while replication drains.
+    Paused,
+    /// The target is authoritative. Writes are mirrored back to the source until `complete`
+    /// detaches it, so a rollback loses nothing.
+    Target { mirror_to_source: bool },
+    /// Split by key hash: `percentage` of keys are owned by the target, the rest by the source.
+    Split { percentage: i32 },
+}
+
+/// What the sidecars may do: the user's strategy, clamped by what the data allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effective {
+    pub read_percentage: i32,
+    pub shadow_read_percentage: i32,
+    pub writes: Writes,
+}
+
+/// Why part of the spec is not in effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// `PascalCase`, for conditions and Events.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub phase: Phase,
+    /// The strategy to push to the sidecars; `None` leaves them as they are (paused).
+    pub effective: Option<Effective>,
+    /// Replication should be running.
+    pub replicate: bool,
+    pub ready_for_cutover: bool,
+    pub held: Vec<Held>,
+}
+
+/// The next phase and what to push, given the current phase.
+pub fn next(spec: &MigrationSpec, observed: &Observed, current: Phase) -> Decision {
+    let mut held = Vec::new();
+    let in_sync = in_sync(spec, observed, &mut held);
+    let phase = next_phase(spec, observed, current, in_sync, &mut held);
+    let effective = (phase != Phase::Paused).then(|| effective(spec, phase, &mut held));
+    Decision {
+        phase,
+        effective,
+        replicate: spec.data.type_ != DataCopy::None
+            && match phase {
+                Phase::Syncing | Phase::Ready | Phase::CuttingOver | Phase::Failed => true,
+                // Source-owned keys still change on the source and must reach the target.
+                Phase::CutOver => matches!(effective.map(|e| e.writes), Some(Writes::Split { .. })),
+                _ => false,
+            },
+        ready_for_cutover: in_sync && matches!(phase, Phase::Ready | Phase::CuttingOver),
+        held,
+    }
+}
+
+fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync: bool, held: &mut Vec<Held>) -> Phase {
+    use Phase::*;
+    if spec.paused {
+        return if current == Completed { Completed } else { Paused };
+    }
+    let wants_target = wants_target_authority(spec);
+    // Resuming continues from where the data is, not from where the pause began.
+    let current = match current {
+        Paused if observed.cutover.flipped => CutOver,
+        Paused => Syncing,
+        other => other,
+    };
+    match current {
+        Completed => Completed,
+        CutOver if spec.complete => {
+            if let Writes::Split { percentage } = target_writes(spec, CutOver) {
+                held.push(Held {
+                    reason: "CompleteHeld",
+                    message: format!("complete needs every key on the target; writePercentage is {percentage}"),
+                });
+                CutOver
+            } else {
+                Completed
+            }
+        }
+        CutOver if wants_target => CutOver,
+        CutOver if observed.unrepaired_mirror_failures > 0 => {
+            held.push(Held {
+                reason: "RollbackNotLossless",
+                message: format!(
+                    "{} writes mirrored to the source failed and are not repaired; rolling back now would lose them",
+                    observed.unrepaired_mirror_failures
+                ),
+            });
+            CutOver
+        }
+        CutOver => RollingBack,
+        RollingBack if observed.sidecars_acked => RolledBack,
+        RollingBack => RollingBack,
+        // Trying again after a rollback starts from a fresh copy: the target has diverged.
+        RolledBack if wants_target => Syncing,
+        RolledBack => RolledBack,
+        Pending | Syncing | Ready | CuttingOver | Failed => {
+            if observed.replication.is_some_and(|r| r.failed) {
+                return match spec.failure_handling {
+                    FailureHandling::RollbackAll => RollingBack,
+                    FailureHandling::Pause => Failed,
+                };
+            }
+            if current == Pending && !(observed.source_ready && observed.target_ready) {
+                held.push(endpoints_not_ready(observed));
+                return Pending;
+            }
+            if current == CuttingOver {
+                if observed.cutover.flipped {
+                    return CutOver;
+                }
+                if observed.cutover.paused_for_millis > spec.cutover.max_write_pause_millis {
+                    held.push(Held {
+                        reason: "CutoverAborted",
+                        message: format!(
+                            "writes were held {}ms, over maxWritePauseMillis {}; they resumed on the source",
+                            observed.cutover.paused_for_millis, spec.cutover.max_write_pause_millis
+                        ),
+                    });
+                    return if in_sync { Ready } else { Syncing };
+                }
+            }
+            if !in_sync {
+                if wants_target {
+                    held.push(Held { reason: "CutoverHeld", message: "the target is not in sync yet".into() });
+                }
+                Syncing
+            } else if wants_target {
+                CuttingOver
+            } else {
+                Ready
+            }
+        }
+        Paused => unreachable!("resolved above"),
+    }
+}
+
+fn wants_target_authority(spec: &MigrationSpec) -> bool {
+    let mode = &spec.strategy.write_mode;
+    match mode.mode {
+        WriteModeKind::DualWrite => mode.policy == Some(WritePolicy::NewAuthoritative),
+        WriteModeKind::Cutover => mode.write_percentage.unwrap_or(100) > 0,
+    }
+}
+
+/// Whether the target holds the source's data closely enough to serve it, and if not, why.
+fn in_sync(spec: &MigrationSpec, observed: &Observed, held: &mut Vec<Held>) -> bool {
+    if spec.data.type_ == DataCopy::None {
+        // Pure dual-write: the target fills as keys are written and the old ones expire.
+        return observed.target_ready;
+    }
+    let Some(replication) = observed.replication.filter(|r| r.backfill_done) else {
+        return false;
+    };
+    if replication.lag_millis > spec.cutover.max_lag_millis {
+        held.push(Held {
+            reason: "LagAboveGuard",
+            message: format!(
+                "replication lag {}ms is above maxLagMillis {}",
+                replication.lag_millis, spec.cutover.max_lag_millis
+            ),
+        });
+        return false;
+    }
+    if !spec.cutover.require_verification {
+        return true;
+    }
+    let (reason, message) = match observed.verification_differences {
+        Some(0) => return true,
+        Some(differences) => ("VerificationFailed", format!("the last verification found {differences} differences")),
+        None => ("VerificationPending", "waiting for a verification of the copied data".to_string()),
+    };
+    held.push(Held { reason, message });
+    false
+}
+
+fn endpoints_not_ready(observed: &Observed) -> Held {
+    let waiting: Vec<&str> = [(observed.source_ready, "source"), (observed.target_ready, "target")]
+        .into_iter()
+        .filter_map(|(ready, name)| (!ready).then_some(name))
+        .collect();
+    Held {
+        reason: "EndpointsNotReady",
+        message: format!("waiting for the {} Endpoint to be Ready", waiting.join(" and ")),
+    }
+}
+
+/// How writes go once the target is authoritative in `phase` (CutOver or Completed).
+fn target_writes(spec: &MigrationSpec, phase: Phase) -> Writes {
+    let mode = &spec.strategy.write_mode;
+    match (mode.mode, mode.write_percentage) {
+        (WriteModeKind::Cutover, Some(percentage)) if percentage < 100 => Writes::Split { percentage },
+        _ => Writes::Target { mirror_to_source: phase == Phase::CutOver },
+    }
+}
+
+/// The strategy the sidecars may apply in `phase`.
+fn effective(spec: &MigrationSpec, phase: Phase, held: &mut Vec<Held>) -> Effective {
+    let strategy = &spec.strategy;
+    let requested = (strategy.read_percentage, strategy.shadow_read_percentage);
+    let (reads, writes) = match phase {
+        Phase::Ready => (requested, Writes::Source { mirror_to_target: spec.data.type_ == DataCopy::None }),
+        Phase::CuttingOver => (requested, Writes::Paused),
+        Phase::CutOver => (requested, target_writes(spec, phase)),
+        // The source is detached: everything is served by the target.
+        Phase::Completed => ((100, 0), target_writes(spec, phase)),
+        Phase::Syncing => {
+            if requested != (0, 0) {
+                held.push(Held {
+                    reason: "ReadsHeld",
+                    message: format!(
+                        "readPercentage {} and shadowReadPercentage {} wait until the target is in sync",
+                        strategy.read_percentage, strategy.shadow_read_percentage
+                    ),
+                });
+            }
+            ((0, 0), Writes::Source { mirror_to_target: spec.data.type_ == DataCopy::None })
+        }
+        Phase::Pending | Phase::Failed | Phase::RollingBack | Phase::RolledBack | Phase::Paused => {
+            ((0, 0), Writes::Source { mirror_to_target: spec.data.type_ == DataCopy::None })
+        }
+    };
+    Effective { read_percentage: reads.0, shadow_read_percentage: reads.1, writes }
+}
