@@ -57,6 +57,9 @@ pub enum Writes {
     /// detaches it, so a rollback loses nothing.
     Target { mirror_to_source: bool },
     /// Split by key hash: `percentage` of keys are owned by the target, the rest by the source.
+    /// Writes to target-owned keys are mirrored back to the source (rollback stays lossless),
+    /// so replication must carry only source-owned keys, or mirrored writes would reach the
+    /// target twice.
     Split { percentage: i32 },
 }
 
