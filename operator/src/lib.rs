@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod conditions;
+pub mod configmap;
 pub mod context;
 pub mod crd;
 pub mod endpoint;

@@ -1,0 +1,7 @@
+//! The sidecar's strategy: the `eden.yaml` payload ([`payload`]) and, next, the watchers that
+//! deliver new generations of it (the ConfigMap through the Kubernetes API, a mounted file as
+//! the fallback).
+
+mod payload;
+
+pub use payload::{ConfigError, EdenConfig, ReadRouting, UpstreamConfig, WriteMode, WritePolicy, WritesState};
