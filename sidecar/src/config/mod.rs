@@ -3,5 +3,7 @@
 //! the fallback).
 
 mod payload;
+mod watch;
 
 pub use payload::{ConfigError, EdenConfig, ReadRouting, UpstreamConfig, WriteMode, WritePolicy, WritesState};
+pub use watch::{Applier, ConfigStatus, CurrentConfig, PAYLOAD_KEY, writes_paused};

@@ -131,7 +131,11 @@ impl EdenConfig {
         ];
         for (field, value) in percentages {
             if value > 100 {
-                return Err(ConfigError::Invalid { field, value: value.to_string(), expected: "a percentage, 0 to 100" });
+                return Err(ConfigError::Invalid {
+                    field,
+                    value: value.to_string(),
+                    expected: "a percentage, 0 to 100",
+                });
             }
         }
         check_uri("source.uri", &self.source.uri)?;
@@ -163,7 +167,11 @@ fn check_uri(field: &'static str, uri: &str) -> Result<(), ConfigError> {
     let rest = uri.strip_prefix("redis://").or_else(|| uri.strip_prefix("rediss://"));
     let host = rest.map(|rest| rest.split(['/', ':']).next().unwrap_or_default());
     if host.is_none_or(str::is_empty) {
-        return Err(ConfigError::Invalid { field, value: uri.into(), expected: "redis://host:port[/db] or rediss://…" });
+        return Err(ConfigError::Invalid {
+            field,
+            value: uri.into(),
+            expected: "redis://host:port[/db] or rediss://…",
+        });
     }
     Ok(())
 }
@@ -215,7 +223,10 @@ writes: flowing                 # flowing | paused
             (DESIGN_EXAMPLE.replace("writes: flowing", "writes: sometimes"), "unknown variant `sometimes`"),
             (DESIGN_EXAMPLE.replace("read_percentage: 25", "read_percentage: -5"), "read_percentage"),
             ("generation: [\n".to_string(), "not valid"),
-            ("generation: 1\nmigration: a/b\nsource: {uri: 'redis://s'}\nread_percentage: 5\n".to_string(), "target is absent"),
+            (
+                "generation: 1\nmigration: a/b\nsource: {uri: 'redis://s'}\nread_percentage: 5\n".to_string(),
+                "target is absent",
+            ),
         ];
         for (yaml, expected) in cases {
             let err = EdenConfig::from_yaml(&yaml).expect_err(expected).to_string();

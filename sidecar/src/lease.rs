@@ -1,0 +1,108 @@
+//! The sidecar's acknowledgement to the operator: one `coordination.k8s.io` Lease per sidecar
+//! pod (DESIGN §6), renewed every [`RENEW_INTERVAL`].
+//!
+//! The operator counts a sidecar as live while its Lease is fresh, and as having acknowledged a
+//! strategy once the Lease's annotations show that generation applied. Renewal is a server-side
+//! apply of the whole Lease, so the first renewal creates it and a deleted Lease comes back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+
+use crate::config::{ConfigStatus, CurrentConfig, writes_paused};
+
+pub const RENEW_INTERVAL: Duration = Duration::from_secs(3);
+/// A Lease not renewed for this long belongs to a dead sidecar.
+pub const LEASE_DURATION: Duration = Duration::from_secs(10);
+
+pub const ANNOTATION_GENERATION: &str = "eden.io/applied-generation";
+pub const ANNOTATION_WRITES: &str = "eden.io/writes";
+pub const ANNOTATION_CONFIG_ERROR: &str = "eden.io/config-error";
+pub const LABEL_MIGRATION: &str = "eden.io/migration";
+
+const FIELD_MANAGER: &str = "eden-sidecar";
+
+/// Keeps this sidecar's Lease current.
+pub struct LeaseReporter {
+    api: Api<Lease>,
+    pod: String,
+    migration: String,
+    config: CurrentConfig,
+    status: Arc<ConfigStatus>,
+}
+
+impl LeaseReporter {
+    /// `api` is namespaced to the pod's namespace; `migration` is the Migration's name.
+    pub fn new(
+        api: Api<Lease>,
+        pod: String,
+        migration: String,
+        config: CurrentConfig,
+        status: Arc<ConfigStatus>,
+    ) -> Self {
+        LeaseReporter { api, pod, migration, config, status }
+    }
+
+    /// The Lease's name: one per pod.
+    pub fn lease_name(&self) -> String {
+        format!("eden-sidecar-{}", self.pod)
+    }
+
+    /// Renews at once, then on every tick and whenever the applied configuration changes, so
+    /// the operator sees an ack within one round trip of the change.
+    pub async fn run(mut self) {
+        let mut ticker = tokio::time::interval(RENEW_INTERVAL);
+        ticker.tick().await; // the first tick is immediate; the first renewal is below
+        loop {
+            if let Err(err) = self.renew().await {
+                tracing::warn!(%err, lease = %self.lease_name(), "could not renew Lease; retrying");
+            }
+            tokio::select! {
+                _ = ticker.tick() => {}
+                changed = self.config.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Writes the Lease as it should be now.
+    pub async fn renew(&self) -> Result<Lease, kube::Error> {
+        let mut annotations = BTreeMap::from([
+            (ANNOTATION_GENERATION.to_string(), self.status.applied_generation().to_string()),
+            (ANNOTATION_WRITES.to_string(), if writes_paused(&self.config) { "paused" } else { "flowing" }.to_string()),
+        ]);
+        if let Some(error) = self.status.last_error() {
+            annotations.insert(ANNOTATION_CONFIG_ERROR.to_string(), error);
+        }
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(self.lease_name()),
+                labels: Some(BTreeMap::from([(LABEL_MIGRATION.to_string(), self.migration.clone())])),
+                annotations: Some(annotations),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.pod.clone()),
+                lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                ..Default::default()
+            }),
+        };
+        let mut value = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
+        value["apiVersion"] = "coordination.k8s.io/v1".into();
+        value["kind"] = "Lease".into();
+        self.api.patch(&self.lease_name(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value)).await
+    }
+
+    /// Deletes the Lease on a clean shutdown, so the operator stops counting this sidecar at
+    /// once instead of after [`LEASE_DURATION`].
+    pub async fn release(&self) {
+        if let Err(err) = self.api.delete(&self.lease_name(), &DeleteParams::default()).await {
+            tracing::warn!(%err, lease = %self.lease_name(), "could not release Lease");
+        }
+    }
+}
