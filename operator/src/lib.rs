@@ -13,3 +13,4 @@ pub mod crd;
 pub mod endpoint;
 pub mod metrics;
 pub mod migration;
+pub mod sidecars;
