@@ -11,6 +11,7 @@ pub mod configmap;
 pub mod context;
 pub mod crd;
 pub mod endpoint;
+pub mod leader;
 pub mod metrics;
 pub mod migration;
 pub mod sidecars;

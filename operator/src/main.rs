@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, ValueEnum};
+use eden_operator::leader::{LeaderElector, Timing};
 use eden_operator::{admin, context::Context, endpoint, metrics::Metrics};
+use k8s_openapi::api::coordination::v1::Lease;
+use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
 #[command(name = "eden-operator", version, about = "Reconciles Eden's Endpoint and Migration resources")]
@@ -16,9 +19,12 @@ struct Args {
     /// Log format: JSON for clusters, text for terminals.
     #[arg(long, env = "EDEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
-    /// This replica's name, for Events (the pod name in a cluster).
+    /// This replica's name, for Events and leader election (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Namespace of the leader-election Lease (the operator's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -50,10 +56,29 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(admin::serve(listener, metrics.clone(), ready.clone()));
 
-    let ctx = Context::new(client, metrics, args.instance);
-    tracing::info!(admin = %args.admin_listen, "eden-operator started");
+    let identity = args.instance.clone().unwrap_or_else(|| format!("eden-operator-{}", std::process::id()));
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &args.leader_election_namespace);
+    let elector = LeaderElector::new(leases.clone(), "eden-operator-leader", identity.clone(), Timing::default());
+    let (leading_tx, mut leading) = watch::channel(false);
+    tokio::spawn(elector.run(leading_tx));
     ready.store(true, Ordering::Relaxed);
-    endpoint::run(ctx).await;
+    tracing::info!(admin = %args.admin_listen, %identity, "eden-operator started; waiting for leadership");
+    tokio::select! {
+        won = leading.wait_for(|leads| *leads) => { won?; }
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    }
+    tracing::info!(%identity, "leading: reconciling");
+
+    let ctx = Context::new(client, metrics, Some(identity.clone()));
+    tokio::select! {
+        () = endpoint::run(ctx) => {}
+        // Another replica may take over once our lease expires: stop before it does.
+        lost = leading.wait_for(|leads| !*leads) => {
+            lost?;
+            return Err("lost leadership; exiting so that only the new leader acts".into());
+        }
+    }
+    LeaderElector::new(leases, "eden-operator-leader", identity, Timing::default()).release().await?;
     tracing::info!("eden-operator shut down");
     Ok(())
 }
