@@ -135,6 +135,24 @@ impl ControlPlane {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// `kubectl apply -n NAMESPACE -f -` with `manifest` on stdin; returns kubectl's stdout, or
+    /// an error carrying its stderr (what a user would read when the API server refuses).
+    pub fn apply_manifest(&self, namespace: &str, manifest: &str) -> Result<String, FixtureError> {
+        use std::io::Write;
+        let args = ["apply", "-n", namespace, "-f", "-"];
+        let mut child =
+            self.kubectl().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        child.stdin.take().expect("stdin is piped").write_all(manifest.as_bytes())?;
+        let output = child.wait_with_output()?;
+        if !output.status.success() {
+            return Err(FixtureError::Kubectl {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// Creates a fresh namespace named `<prefix>-<n>`, unique within this process, so tests
     /// sharing the control plane never see each other's objects.
     pub async fn namespace(&self, prefix: &str) -> Result<String, FixtureError> {

@@ -2,7 +2,6 @@
 //! and kube-rs see the same objects, and admission webhooks on loopback URLs are called.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,10 +28,6 @@ fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
 }
 
-fn kubectl(control_plane: &ControlPlane, args: &[&str]) -> Output {
-    control_plane.kubectl().args(args).output().expect("kubectl runs")
-}
-
 #[tokio::test]
 async fn endpoint_applied_with_kubectl_reads_back_through_kube_rs() {
     let control_plane = ControlPlane::shared();
@@ -40,8 +35,7 @@ async fn endpoint_applied_with_kubectl_reads_back_through_kube_rs() {
     let namespace = control_plane.namespace("crd").await.unwrap();
 
     let example = repo_path("examples/endpoints.yaml");
-    let applied = kubectl(control_plane, &["apply", "-n", &namespace, "-f", example.to_str().unwrap()]);
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    control_plane.run_kubectl(&["apply", "-n", &namespace, "-f", example.to_str().unwrap()]).unwrap();
 
     let endpoints: Api<Endpoint> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
     let target = endpoints.get("target").await.unwrap();
@@ -65,18 +59,8 @@ async fn the_schema_rejects_an_endpoint_that_is_not_a_redis_uri() {
 
     let manifest =
         "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {name: bad}\nspec: {uri: 'http://example.com'}\n";
-    let mut child = control_plane
-        .kubectl()
-        .args(["apply", "-n", &namespace, "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "an http:// URI must be refused");
+    let refused = control_plane.apply_manifest(&namespace, manifest).expect_err("an http:// URI must be refused");
+    let stderr = refused.to_string();
     assert!(stderr.contains("spec.uri"), "the error names the field: {stderr}");
 }
 

@@ -35,11 +35,16 @@ async fn wait_until(what: &str, done: impl Fn() -> bool) -> Duration {
     started.elapsed()
 }
 
+/// Leases in a fresh namespace of the shared control plane.
+async fn leases(prefix: &str) -> Api<Lease> {
+    let control_plane = ControlPlane::shared();
+    let namespace = control_plane.namespace(prefix).await.unwrap();
+    Api::namespaced(control_plane.client().await.unwrap(), &namespace)
+}
+
 #[tokio::test]
 async fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
-    let control_plane = ControlPlane::shared();
-    let namespace = control_plane.namespace("leader").await.unwrap();
-    let api: Api<Lease> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
+    let api = leases("leader").await;
 
     let first = campaign(&api, "operator-a");
     wait_until("a leads", || *first.leading.borrow()).await;
@@ -59,9 +64,7 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
 
 #[tokio::test]
 async fn a_clean_release_hands_over_without_waiting_for_expiry() {
-    let control_plane = ControlPlane::shared();
-    let namespace = control_plane.namespace("leader-release").await.unwrap();
-    let api: Api<Lease> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
+    let api = leases("leader-release").await;
 
     let first = campaign(&api, "operator-a");
     wait_until("a leads", || *first.leading.borrow()).await;

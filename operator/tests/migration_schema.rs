@@ -1,9 +1,6 @@
 //! The Migration schema is enforced by the real API server: impossible values are refused at
 //! `kubectl apply` with a message that names the problem, before the operator sees them.
 
-use std::io::Write;
-use std::process::Stdio;
-
 use eden_e2e::ControlPlane;
 use eden_operator::crd::{Migration, Phase, WriteModeKind, WritePolicy};
 use kube::api::{Api, Patch, PatchParams};
@@ -11,20 +8,9 @@ use serde_json::json;
 
 const EXAMPLE: &str = include_str!("../../examples/migration.yaml");
 
-/// `kubectl apply` of `manifest`; Ok(stdout) or Err(stderr).
+/// `kubectl apply` of `manifest`; Ok(stdout) or Err(what kubectl printed).
 fn apply(control_plane: &ControlPlane, namespace: &str, manifest: &str) -> Result<String, String> {
-    let mut child = control_plane
-        .kubectl()
-        .args(["apply", "-n", namespace, "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
-    if output.status.success() { Ok(text(output.stdout)) } else { Err(text(output.stderr)) }
+    control_plane.apply_manifest(namespace, manifest).map_err(|err| err.to_string())
 }
 
 async fn setup(prefix: &str) -> (&'static ControlPlane, String) {

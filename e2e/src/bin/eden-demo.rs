@@ -52,7 +52,7 @@ async fn demo() -> Result<()> {
         source.url(),
         target.url()
     );
-    kubectl_apply(&control_plane, &endpoints)?;
+    control_plane.apply_manifest(NAMESPACE, &endpoints)?;
     done("endpoints.eden.io/source and endpoints.eden.io/target created");
 
     step("Starting eden-operator; waiting for both Endpoints to become Ready");
@@ -128,23 +128,6 @@ fn done(what: &str) {
 
 fn indent(text: &str) -> String {
     text.lines().map(|line| format!("    {line}\n")).collect()
-}
-
-fn kubectl_apply(control_plane: &ControlPlane, manifest: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = control_plane
-        .kubectl()
-        .args(["apply", "-n", NAMESPACE, "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().ok_or("kubectl stdin")?.write_all(manifest.as_bytes())?;
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        return Err(format!("kubectl apply: {}", String::from_utf8_lossy(&output.stderr)).into());
-    }
-    Ok(())
 }
 
 /// Eden's binaries are built next to this one (`cargo build` puts them in the same directory).
