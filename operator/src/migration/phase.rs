@@ -36,10 +36,16 @@ pub struct Replication {
     pub failed: bool,
 }
 
-/// Where the cutover protocol (DESIGN §6) stands, from the sidecars' acks.
+/// Where the cutover protocol (DESIGN §6) stands: pause writes, every sidecar holds them,
+/// replication drains to lag 0 and stops, flip to the target, every sidecar acknowledges and
+/// releases the held writes to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CutoverProgress {
-    /// The sidecars run with the target authoritative (the flip was acknowledged).
+    /// Every live sidecar acknowledged `writes: paused` and holds new writes.
+    pub writes_held: bool,
+    /// The ConfigMap carries the flip. From here on the target may receive writes directly.
+    pub flip_pushed: bool,
+    /// Every live sidecar acknowledged the flip.
     pub flipped: bool,
     /// Milliseconds since writes were paused, while they are.
     pub paused_for_millis: i64,
@@ -86,6 +92,9 @@ pub struct Decision {
     pub effective: Option<Effective>,
     /// Replication should be running.
     pub replicate: bool,
+    /// The target diverged from the source (a rollback, or a cutover aborted after the flip):
+    /// replication must start over with a full copy rather than resume.
+    pub fresh_copy: bool,
     pub ready_for_cutover: bool,
     pub held: Vec<Held>,
 }
@@ -95,20 +104,34 @@ pub fn next(spec: &MigrationSpec, observed: &Observed, current: Phase) -> Decisi
     let mut held = Vec::new();
     let in_sync = in_sync(spec, observed, &mut held);
     let phase = next_phase(spec, observed, current, in_sync, &mut held);
-    let effective = (phase != Phase::Paused).then(|| effective(spec, phase, &mut held));
+    let effective = (phase != Phase::Paused).then(|| effective(spec, observed, phase, &mut held));
+    let flipping = phase == Phase::CuttingOver && flip_due(spec, observed);
     Decision {
         phase,
         effective,
         replicate: spec.data.type_ != DataCopy::None
             && match phase {
-                Phase::Syncing | Phase::Ready | Phase::CuttingOver | Phase::Failed => true,
+                Phase::Syncing | Phase::Ready | Phase::Failed => true,
+                // Replication stops before the flip: writes the sidecars then mirror to the
+                // source must not come back to the target through the source's stream.
+                Phase::CuttingOver => !flipping,
                 // Source-owned keys still change on the source and must reach the target.
                 Phase::CutOver => matches!(effective.map(|e| e.writes), Some(Writes::Split { .. })),
                 _ => false,
             },
+        fresh_copy: phase == Phase::Syncing
+            && (current == Phase::RolledBack || (current == Phase::CuttingOver && observed.cutover.flip_pushed)),
         ready_for_cutover: in_sync && matches!(phase, Phase::Ready | Phase::CuttingOver),
         held,
     }
+}
+
+/// Whether the cutover has reached the flip: every sidecar holds writes and nothing is left
+/// to replicate (or the flip was already pushed, which is final).
+fn flip_due(spec: &MigrationSpec, observed: &Observed) -> bool {
+    let drained = spec.data.type_ == DataCopy::None
+        || observed.replication.is_some_and(|r| r.backfill_done && r.lag_millis == 0 && !r.failed);
+    observed.cutover.flip_pushed || (observed.cutover.writes_held && drained)
 }
 
 fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync: bool, held: &mut Vec<Held>) -> Phase {
@@ -176,7 +199,12 @@ fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync
                             observed.cutover.paused_for_millis, spec.cutover.max_write_pause_millis
                         ),
                     });
-                    return if in_sync { Ready } else { Syncing };
+                    // After the flip some writes may have reached the target directly (and the
+                    // source through the mirror): only a fresh copy makes the target exact again.
+                    return if in_sync && !observed.cutover.flip_pushed { Ready } else { Syncing };
+                }
+                if observed.cutover.flip_pushed {
+                    return CuttingOver;
                 }
             }
             if !in_sync {
@@ -254,11 +282,12 @@ fn target_writes(spec: &MigrationSpec, phase: Phase) -> Writes {
 }
 
 /// The strategy the sidecars may apply in `phase`.
-fn effective(spec: &MigrationSpec, phase: Phase, held: &mut Vec<Held>) -> Effective {
+fn effective(spec: &MigrationSpec, observed: &Observed, phase: Phase, held: &mut Vec<Held>) -> Effective {
     let strategy = &spec.strategy;
     let requested = (strategy.read_percentage, strategy.shadow_read_percentage);
     let (reads, writes) = match phase {
         Phase::Ready => (requested, Writes::Source { mirror_to_target: spec.data.type_ == DataCopy::None }),
+        Phase::CuttingOver if flip_due(spec, observed) => (requested, target_writes(spec, Phase::CutOver)),
         Phase::CuttingOver => (requested, Writes::Paused),
         Phase::CutOver => (requested, target_writes(spec, phase)),
         // The source is detached: everything is served by the target.

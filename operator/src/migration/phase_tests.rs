@@ -107,39 +107,70 @@ fn lag_above_the_guard_holds_cutover_and_target_reads() {
     }
 }
 
+fn during_cutover(
+    writes_held: bool,
+    lag_millis: i64,
+    flip_pushed: bool,
+    flipped: bool,
+    paused_for_millis: i64,
+) -> Observed {
+    Observed {
+        replication: Some(Replication { backfill_done: true, lag_millis, failed: false }),
+        cutover: CutoverProgress { writes_held, flip_pushed, flipped, paused_for_millis },
+        ..in_sync()
+    }
+}
+
 #[test]
-fn cutover_pauses_writes_then_flips_to_the_target_with_mirroring_back() {
+fn cutover_holds_writes_drains_stops_replication_then_flips() {
     let spec = new_authoritative(spec());
-    let cutting = next(&spec, &in_sync(), Phase::Ready);
-    assert_eq!(cutting.phase, Phase::CuttingOver);
-    assert_eq!(writes(&cutting), Writes::Paused);
-    assert!(cutting.replicate, "replication drains while writes are held");
+    let pausing = next(&spec, &in_sync(), Phase::Ready);
+    assert_eq!(pausing.phase, Phase::CuttingOver);
+    assert_eq!(writes(&pausing), Writes::Paused);
+    assert!(pausing.replicate);
 
-    let paused_a_while = Observed { cutover: CutoverProgress { flipped: false, paused_for_millis: 500 }, ..in_sync() };
-    assert_eq!(next(&spec, &paused_a_while, Phase::CuttingOver).phase, Phase::CuttingOver);
+    let draining = next(&spec, &during_cutover(true, 40, false, false, 300), Phase::CuttingOver);
+    assert_eq!((draining.phase, writes(&draining)), (Phase::CuttingOver, Writes::Paused));
+    assert!(draining.replicate, "replication drains while every sidecar holds writes");
 
-    let flipped = Observed { cutover: CutoverProgress { flipped: true, paused_for_millis: 800 }, ..in_sync() };
-    let cut_over = next(&spec, &flipped, Phase::CuttingOver);
+    let flip = next(&spec, &during_cutover(true, 0, false, false, 400), Phase::CuttingOver);
+    assert_eq!(flip.phase, Phase::CuttingOver);
+    assert_eq!(writes(&flip), Writes::Target { mirror_to_source: true }, "drained: the flip is pushed");
+    assert!(!flip.replicate, "replication stops before the target takes writes");
+
+    let awaiting_acks = next(&spec, &during_cutover(true, 900, true, false, 500), Phase::CuttingOver);
+    assert_eq!(
+        (awaiting_acks.phase, writes(&awaiting_acks)),
+        (Phase::CuttingOver, Writes::Target { mirror_to_source: true })
+    );
+    assert!(!awaiting_acks.replicate, "a pushed flip is final, whatever replication reports");
+
+    let cut_over = next(&spec, &during_cutover(true, 0, true, true, 600), Phase::CuttingOver);
     assert_eq!(cut_over.phase, Phase::CutOver);
     assert_eq!(writes(&cut_over), Writes::Target { mirror_to_source: true });
-    assert!(!cut_over.replicate, "the source is no longer the writer of record");
+    assert!(!cut_over.replicate);
 }
 
 #[test]
 fn a_cutover_that_holds_writes_too_long_aborts_and_writes_resume_on_the_source() {
     let spec = new_authoritative(spec());
-    let stuck = Observed { cutover: CutoverProgress { flipped: false, paused_for_millis: 2_001 }, ..in_sync() };
-    let aborted = next(&spec, &stuck, Phase::CuttingOver);
-    assert_eq!(aborted.phase, Phase::Ready);
-    assert_eq!(writes(&aborted), Writes::Source { mirror_to_target: false });
-    assert_eq!(reasons(&aborted), ["CutoverAborted"]);
+    let before_flip = next(&spec, &during_cutover(true, 30, false, false, 2_001), Phase::CuttingOver);
+    assert_eq!(before_flip.phase, Phase::Ready);
+    assert_eq!(writes(&before_flip), Writes::Source { mirror_to_target: false });
+    assert_eq!(reasons(&before_flip), ["CutoverAborted"]);
+    assert!(!before_flip.fresh_copy, "nothing reached the target: replication resumes");
+
+    let after_flip = next(&spec, &during_cutover(true, 0, true, false, 2_001), Phase::CuttingOver);
+    assert_eq!(after_flip.phase, Phase::Syncing);
+    assert_eq!(writes(&after_flip), Writes::Source { mirror_to_target: false });
+    assert!(after_flip.fresh_copy, "some writes may have reached the target directly");
 }
 
 #[test]
 fn rollback_after_cutover_is_lossless_or_held() {
     let back = spec();
     let flipped = Observed {
-        cutover: CutoverProgress { flipped: true, paused_for_millis: 0 },
+        cutover: CutoverProgress { flip_pushed: true, flipped: true, ..Default::default() },
         sidecars_acked: false,
         ..in_sync()
     };
@@ -160,12 +191,14 @@ fn rollback_after_cutover_is_lossless_or_held() {
     assert!(held.held[0].message.starts_with("3 writes mirrored to the source failed"));
 
     let retry = next(&new_authoritative(spec()), &acked, Phase::RolledBack);
-    assert_eq!(retry.phase, Phase::Syncing, "trying again starts from a fresh copy");
+    assert_eq!(retry.phase, Phase::Syncing);
+    assert!(retry.fresh_copy, "trying again starts from a fresh copy");
 }
 
 #[test]
 fn complete_detaches_the_source_only_when_the_target_owns_every_key() {
-    let flipped = Observed { cutover: CutoverProgress { flipped: true, paused_for_millis: 0 }, ..in_sync() };
+    let flipped =
+        Observed { cutover: CutoverProgress { flip_pushed: true, flipped: true, ..Default::default() }, ..in_sync() };
     let mut complete = new_authoritative(spec());
     complete.complete = true;
     let done = next(&complete, &flipped, Phase::CutOver);
@@ -191,7 +224,8 @@ fn complete_detaches_the_source_only_when_the_target_owns_every_key() {
 fn pause_freezes_everything_and_resume_continues_where_the_data_is() {
     let mut paused = new_authoritative(spec());
     paused.paused = true;
-    let flipped = Observed { cutover: CutoverProgress { flipped: true, paused_for_millis: 0 }, ..in_sync() };
+    let flipped =
+        Observed { cutover: CutoverProgress { flip_pushed: true, flipped: true, ..Default::default() }, ..in_sync() };
     let frozen = next(&paused, &flipped, Phase::CutOver);
     assert_eq!(frozen.phase, Phase::Paused);
     assert_eq!(frozen.effective, None, "the sidecars keep their configuration");
@@ -283,7 +317,29 @@ fn invariants_hold_everywhere() {
                 for verification_differences in [None, Some(0), Some(4)] {
                     for unrepaired_mirror_failures in [0, 2] {
                         for sidecars_acked in [true, false] {
-                            for cutover in [(false, 0), (false, 5_000), (true, 0)] {
+                            for cutover in [
+                                CutoverProgress::default(),
+                                CutoverProgress { writes_held: true, paused_for_millis: 100, ..Default::default() },
+                                CutoverProgress { writes_held: true, paused_for_millis: 5_000, ..Default::default() },
+                                CutoverProgress {
+                                    writes_held: true,
+                                    flip_pushed: true,
+                                    flipped: false,
+                                    paused_for_millis: 100,
+                                },
+                                CutoverProgress {
+                                    writes_held: true,
+                                    flip_pushed: true,
+                                    flipped: false,
+                                    paused_for_millis: 5_000,
+                                },
+                                CutoverProgress {
+                                    writes_held: true,
+                                    flip_pushed: true,
+                                    flipped: true,
+                                    paused_for_millis: 0,
+                                },
+                            ] {
                                 let observed = Observed {
                                     source_ready,
                                     target_ready,
@@ -291,7 +347,7 @@ fn invariants_hold_everywhere() {
                                     verification_differences,
                                     unrepaired_mirror_failures,
                                     sidecars_acked,
-                                    cutover: CutoverProgress { flipped: cutover.0, paused_for_millis: cutover.1 },
+                                    cutover,
                                 };
                                 for write_mode in &write_modes {
                                     for (paused, complete, data, reads) in [
@@ -315,7 +371,7 @@ fn invariants_hold_everywhere() {
             }
         }
     }
-    assert_eq!(checked, 10 * 3 * 5 * 3 * 2 * 2 * 3 * 4 * 5);
+    assert_eq!(checked, 10 * 3 * 5 * 3 * 2 * 2 * 6 * 4 * 5);
 }
 
 fn check_invariants(spec: &MigrationSpec, observed: &Observed, current: Phase) {
@@ -338,7 +394,9 @@ fn check_invariants(spec: &MigrationSpec, observed: &Observed, current: Phase) {
         Writes::Paused => {
             assert_eq!(decision.phase, Phase::CuttingOver, "writes are held only while cutting over: {}", context())
         }
-        Writes::Target { .. } | Writes::Split { .. } => assert!(target_holds_writes, "{}", context()),
+        Writes::Target { .. } | Writes::Split { .. } => {
+            assert!(target_holds_writes || decision.phase == Phase::CuttingOver, "{}", context());
+        }
         Writes::Source { mirror_to_target } => {
             assert!(!target_holds_writes, "{}", context());
             // One writer per server: either replication or the sidecars' mirror feeds the target.
@@ -351,6 +409,17 @@ fn check_invariants(spec: &MigrationSpec, observed: &Observed, current: Phase) {
     }
     if effective.read_percentage > 0 && !target_holds_writes && decision.phase != Phase::CuttingOver {
         assert!(decision.ready_for_cutover, "reads reach the target only when it is in sync: {}", context());
+    }
+    if decision.fresh_copy {
+        assert_eq!(decision.phase, Phase::Syncing, "{}", context());
+    }
+    if current == Phase::CuttingOver && observed.cutover.flip_pushed {
+        assert_ne!(
+            decision.phase,
+            Phase::Ready,
+            "after the flip only a fresh copy makes the target exact: {}",
+            context()
+        );
     }
     if current == Phase::CutOver && decision.phase == Phase::RollingBack {
         assert_eq!(observed.unrepaired_mirror_failures, 0, "a rollback never loses mirrored writes: {}", context());
