@@ -1,4 +1,17 @@
 //! Eden's data plane: a RESP proxy that sits on `localhost` in the application's pod.
+//!
+//! A request's path: [`server`] accepts the client, [`session`] reads its bytes and finds
+//! request boundaries with [`frame`], classifies each request with [`command`], and forwards
+//! whole batches to the [`upstream`]; replies are copied back as bytes. [`admin`] serves health
+//! and [`metrics`] on a separate port. The strategy the operator pushes arrives through
+//! [`config`], and [`lease`] acknowledges it.
 
+pub mod admin;
+pub mod command;
 pub mod config;
+pub mod frame;
 pub mod lease;
+pub mod metrics;
+pub mod server;
+pub mod session;
+pub mod upstream;

@@ -1,0 +1,288 @@
+//! Connections to one Redis server: the single type behind which the data plane's upstream
+//! lives, so a Redis Cluster upstream (slot routing, MOVED/ASK) can replace it later without
+//! touching sessions or routing. The operator's probe and the replication engine connect
+//! through it too, so TLS and URI handling exist once.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use tokio_rustls::rustls::{self, ClientConfig};
+
+/// A parsed `redis://host:port[/db]` or `rediss://host:port[/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUri {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub db: u16,
+}
+
+impl RedisUri {
+    pub fn parse(uri: &str) -> Result<Self, UpstreamError> {
+        let bad = || UpstreamError::BadUri { uri: uri.to_string() };
+        let (tls, rest) = match uri.split_once("://") {
+            Some(("redis", rest)) => (false, rest),
+            Some(("rediss", rest)) => (true, rest),
+            _ => return Err(bad()),
+        };
+        let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "6379"));
+        let port = port.parse().map_err(|_| bad())?;
+        let db = if db.is_empty() { 0 } else { db.parse().map_err(|_| bad())? };
+        if host.is_empty() || host.contains('@') {
+            return Err(bad());
+        }
+        Ok(RedisUri { tls, host: host.to_string(), port, db })
+    }
+
+    /// `host:port`, as errors and logs name the server.
+    pub fn host_port(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// TLS trust settings for `rediss://` upstreams.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM CA bundle; the system roots when absent.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Name to verify the certificate against, when it is not the URI's host.
+    pub server_name: Option<String>,
+    /// Accept any certificate (testing only).
+    pub insecure_skip_verify: bool,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca_pem_bytes", &self.ca_pem.as_ref().map(Vec::len))
+            .field("server_name", &self.server_name)
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{uri} is not a redis:// or rediss:// URI (redis://host:port[/db])")]
+    BadUri { uri: String },
+    #[error("upstream {addr} unreachable: {source}")]
+    Unreachable { addr: String, source: io::Error },
+    #[error("upstream {addr} unreachable: no connection within {timeout:?}")]
+    ConnectTimeout { addr: String, timeout: Duration },
+    #[error("upstream {addr}: TLS failed: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("upstream {addr} refused SELECT {db}: {reply}")]
+    Select { addr: String, db: u16, reply: String },
+}
+
+/// How to reach one Redis server; cheap to clone, shared by every session.
+#[derive(Clone)]
+pub struct Upstream {
+    uri: RedisUri,
+    addr: Arc<str>,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("uri", &self.uri).field("tls", &self.tls.is_some()).finish()
+    }
+}
+
+impl Upstream {
+    pub fn new(uri: &str, tls: &TlsSettings, connect_timeout: Duration) -> Result<Self, UpstreamError> {
+        let uri = RedisUri::parse(uri)?;
+        let addr: Arc<str> = uri.host_port().into();
+        let tls = if uri.tls { Some(tls_connector(&uri, &addr, tls)?) } else { None };
+        Ok(Upstream { uri, addr, tls, connect_timeout })
+    }
+
+    /// `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Opens a connection, TLS when the URI says so, and selects the URI's database.
+    pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
+        let addr = self.addr.to_string();
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(source)) => return Err(UpstreamError::Unreachable { addr, source }),
+            Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout: self.connect_timeout }),
+        };
+        tcp.set_nodelay(true).ok();
+        let mut stream = match &self.tls {
+            None => UpstreamStream::Tcp(tcp),
+            Some((connector, name)) => {
+                let handshake = tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp));
+                match handshake.await {
+                    Ok(Ok(tls)) => UpstreamStream::Tls(Box::new(tls)),
+                    Ok(Err(err)) => return Err(UpstreamError::Tls { addr, reason: err.to_string() }),
+                    Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout: self.connect_timeout }),
+                }
+            }
+        };
+        if self.uri.db != 0 {
+            self.select(&mut stream).await?;
+        }
+        Ok(stream)
+    }
+
+    async fn select(&self, stream: &mut UpstreamStream) -> Result<(), UpstreamError> {
+        let db = self.uri.db.to_string();
+        let request = format!("*2\r\n$6\r\nSELECT\r\n${}\r\n{db}\r\n", db.len());
+        let io_error = |source| UpstreamError::Unreachable { addr: self.addr.to_string(), source };
+        stream.write_all(request.as_bytes()).await.map_err(io_error)?;
+        let mut reply = Vec::with_capacity(64);
+        while !reply.ends_with(b"\r\n") && reply.len() < 512 {
+            if stream.read_buf(&mut reply).await.map_err(io_error)? == 0 {
+                break;
+            }
+        }
+        if reply != b"+OK\r\n" {
+            let reply = String::from_utf8_lossy(&reply).trim().to_string();
+            return Err(UpstreamError::Select { addr: self.addr.to_string(), db: self.uri.db, reply });
+        }
+        Ok(())
+    }
+}
+
+fn tls_connector(
+    uri: &RedisUri,
+    addr: &str,
+    settings: &TlsSettings,
+) -> Result<(TlsConnector, ServerName<'static>), UpstreamError> {
+    let error = |reason: String| UpstreamError::Tls { addr: addr.to_string(), reason };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error(e.to_string()))?;
+    let config = if settings.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &settings.ca_pem {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    roots.add(cert.map_err(|e| error(format!("CA bundle: {e}")))?).map_err(|e| error(e.to_string()))?;
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    let name = settings.server_name.clone().unwrap_or_else(|| uri.host.clone());
+    let name = ServerName::try_from(name).map_err(|e| error(e.to_string()))?;
+    Ok((TlsConnector::from(Arc::new(config)), name))
+}
+
+/// For `insecureSkipVerify`: handshake signatures are still checked, the chain is not.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A connection to an upstream, plain or TLS.
+pub enum UpstreamStream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_with_defaults_and_reject_what_is_not_redis() {
+        assert_eq!(
+            RedisUri::parse("redis://10.0.1.50").unwrap(),
+            RedisUri { tls: false, host: "10.0.1.50".into(), port: 6379, db: 0 }
+        );
+        let tls = RedisUri::parse("rediss://cache.example.com:6380/3").unwrap();
+        assert_eq!((tls.tls, tls.host_port(), tls.db), (true, "cache.example.com:6380".to_string(), 3));
+        for bad in ["http://example.com", "redis://", "redis://host:port", "redis://host:1/x", "redis://user:pw@host:1"]
+        {
+            assert!(RedisUri::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Shared set-up for the proxy tests: an in-process proxy in front of a real redis-server, and
+//! a raw RESP client for exchanges where the exact bytes matter.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eden_sidecar::metrics::ProxyMetrics;
+use eden_sidecar::server::{self, Listener};
+use eden_sidecar::upstream::{TlsSettings, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// An in-process eden-sidecar on a free loopback port.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub metrics: Arc<ProxyMetrics>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        Proxy::with_tls(upstream, TlsSettings::default()).await
+    }
+
+    pub async fn with_tls(upstream: &str, tls: TlsSettings) -> Proxy {
+        let upstream = Upstream::new(upstream, &tls, Duration::from_millis(500)).expect("valid upstream");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(ProxyMetrics::default());
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(server::serve(Listener::Tcp(listener), upstream, metrics.clone(), shutdown));
+        Proxy { addr, metrics, stop, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+
+    pub async fn raw(&self) -> RawClient {
+        RawClient { stream: TcpStream::connect(self.addr).await.unwrap(), buffer: Vec::new() }
+    }
+
+    /// Signals shutdown and waits for the server to finish draining.
+    pub async fn shutdown(self) {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("drained in time").unwrap();
+    }
+}
+
+/// A client that speaks RESP by hand.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl RawClient {
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads until the bytes received so far (since the last call) equal `expected`.
+    pub async fn expect(&mut self, expected: &[u8]) {
+        let read = async {
+            while self.buffer.len() < expected.len() {
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&self.buffer));
+                self.buffer.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .unwrap_or_else(|_| panic!("timed out; got {:?}", String::from_utf8_lossy(&self.buffer)));
+        let got: Vec<u8> = self.buffer.drain(..expected.len()).collect();
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+    }
+
+    /// Reads one line (without its CRLF).
+    pub async fn read_line(&mut self) -> String {
+        let read = async {
+            while !self.buffer.windows(2).any(|w| w == b"\r\n") {
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&self.buffer));
+                self.buffer.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await.expect("a line within 5s");
+        let end = self.buffer.windows(2).position(|w| w == b"\r\n").unwrap();
+        let line: Vec<u8> = self.buffer.drain(..end + 2).collect();
+        String::from_utf8_lossy(&line[..end]).into_owned()
+    }
+
+    /// Reads until the server closes the connection; returns everything received.
+    pub async fn read_to_close(&mut self) -> String {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), self.stream.read_to_end(&mut rest)).await.expect("closed").ok();
+        self.buffer.extend_from_slice(&rest);
+        String::from_utf8_lossy(&std::mem::take(&mut self.buffer)).into_owned()
+    }
+}
+
+/// The RESP encoding of a command.
+pub fn resp(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+    }
+    out
+}
