@@ -5,7 +5,6 @@
 //! same shape: `reconcile` observes and writes status with server-side apply, `error_policy`
 //! records the failure and requeues, and every user-visible change is an Event.
 
-pub mod admin;
 pub mod conditions;
 pub mod configmap;
 pub mod context;

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, ValueEnum};
 use eden_operator::leader::{LeaderElector, Timing};
-use eden_operator::{admin, context::Context, endpoint, metrics::Metrics};
+use eden_operator::{context::Context, endpoint, metrics::Metrics};
+use eden_sidecar::admin;
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::sync::watch;
 
@@ -52,11 +53,16 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let client = kube::Client::try_default().await.map_err(|e| format!("no Kubernetes API: {e}"))?;
-    let listener =
-        admin::bind(args.admin_listen).await.map_err(|e| format!("admin listener {}: {e}", args.admin_listen))?;
+    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|e| format!("admin listener {}: {e}", args.admin_listen))?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(admin::serve(listener, metrics.clone(), ready.clone()));
+    let handler: admin::Handler = {
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        Arc::new(move |path| admin::standard(path, ready.load(Ordering::Relaxed), || metrics.render()))
+    };
+    tokio::spawn(admin::serve(listener, handler));
 
     let identity = args.instance.clone().unwrap_or_else(|| format!("eden-operator-{}", std::process::id()));
     let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &args.leader_election_namespace);

@@ -80,8 +80,23 @@ pub enum UpstreamError {
     ConnectTimeout { addr: String, timeout: Duration },
     #[error("upstream {addr}: TLS failed: {reason}")]
     Tls { addr: String, reason: String },
-    #[error("upstream {addr} refused SELECT {db}: {reply}")]
-    Select { addr: String, db: u16, reply: String },
+    #[error("upstream {addr} refused {command}: {reply}")]
+    Refused { addr: String, command: &'static str, reply: String },
+}
+
+/// What Eden authenticates with, for connections it opens on its own behalf (the operator's
+/// probe and replication, the target's Secret). Client connections pass the client's AUTH
+/// through instead.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: Option<String>,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
 }
 
 /// How to reach one Redis server; cheap to clone, shared by every session.
@@ -90,6 +105,7 @@ pub struct Upstream {
     uri: RedisUri,
     addr: Arc<str>,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    credentials: Option<Credentials>,
     connect_timeout: Duration,
 }
 
@@ -104,7 +120,13 @@ impl Upstream {
         let uri = RedisUri::parse(uri)?;
         let addr: Arc<str> = uri.host_port().into();
         let tls = if uri.tls { Some(tls_connector(&uri, &addr, tls)?) } else { None };
-        Ok(Upstream { uri, addr, tls, connect_timeout })
+        Ok(Upstream { uri, addr, tls, credentials: None, connect_timeout })
+    }
+
+    /// Authenticates every new connection with `credentials` before anything else.
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// `host:port`.
@@ -112,7 +134,9 @@ impl Upstream {
         &self.addr
     }
 
-    /// Opens a connection, TLS when the URI says so, and selects the URI's database.
+    /// Opens a connection (TLS when the URI says so), authenticates when credentials are set,
+    /// and selects the URI's database. On a password-protected server a database other than 0
+    /// needs credentials: SELECT before AUTH is refused.
     pub async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
         let addr = self.addr.to_string();
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&*self.addr)).await {
@@ -132,15 +156,29 @@ impl Upstream {
                 }
             }
         };
+        if let Some(credentials) = &self.credentials {
+            let mut auth = vec!["AUTH"];
+            auth.extend(credentials.username.as_deref());
+            auth.push(&credentials.password);
+            self.expect_ok(&mut stream, "AUTH", &auth).await?;
+        }
         if self.uri.db != 0 {
-            self.select(&mut stream).await?;
+            self.expect_ok(&mut stream, "SELECT", &["SELECT", &self.uri.db.to_string()]).await?;
         }
         Ok(stream)
     }
 
-    async fn select(&self, stream: &mut UpstreamStream) -> Result<(), UpstreamError> {
-        let db = self.uri.db.to_string();
-        let request = format!("*2\r\n$6\r\nSELECT\r\n${}\r\n{db}\r\n", db.len());
+    /// Sends one command during connection set-up and requires `+OK`.
+    async fn expect_ok(
+        &self,
+        stream: &mut UpstreamStream,
+        command: &'static str,
+        args: &[&str],
+    ) -> Result<(), UpstreamError> {
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
         let io_error = |source| UpstreamError::Unreachable { addr: self.addr.to_string(), source };
         stream.write_all(request.as_bytes()).await.map_err(io_error)?;
         let mut reply = Vec::with_capacity(64);
@@ -150,8 +188,8 @@ impl Upstream {
             }
         }
         if reply != b"+OK\r\n" {
-            let reply = String::from_utf8_lossy(&reply).trim().to_string();
-            return Err(UpstreamError::Select { addr: self.addr.to_string(), db: self.uri.db, reply });
+            let reply = String::from_utf8_lossy(&reply).trim().trim_start_matches('-').to_string();
+            return Err(UpstreamError::Refused { addr: self.addr.to_string(), command, reply });
         }
         Ok(())
     }

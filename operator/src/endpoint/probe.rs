@@ -1,16 +1,14 @@
-//! One health probe of a Redis server: connect (TLS when `rediss://`), AUTH when credentials
-//! are given, PING for latency, INFO for version and role. Every step has a deadline, so an
-//! unreachable server costs the reconciler at most [`PROBE_TIMEOUT`].
+//! One health probe of a Redis server: connect through the data plane's [`Upstream`] (TLS,
+//! AUTH and SELECT exactly as Eden's own connections do them), PING for latency, INFO for
+//! version and role. The whole probe has a deadline, so an unreachable server costs the
+//! reconciler at most [`PROBE_TIMEOUT`].
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use eden_sidecar::upstream::{Credentials, TlsSettings, Upstream, UpstreamError, UpstreamStream};
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::{self, pki_types::ServerName, pki_types::pem::PemObject};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::ConnectionSettings;
 
@@ -27,14 +25,12 @@ pub struct ProbeReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("{uri} is not a redis:// or rediss:// URI with host and port")]
-    BadUri { uri: String },
-    #[error("{addr} unreachable: {source}")]
-    Unreachable { addr: String, source: std::io::Error },
-    #[error("TLS to {addr} failed: {reason}")]
-    Tls { addr: String, reason: String },
+    #[error(transparent)]
+    Connect(#[from] UpstreamError),
     #[error("{addr} did not answer within {PROBE_TIMEOUT:?}")]
     Timeout { addr: String },
+    #[error("{addr} failed during {command}: {source}")]
+    Io { addr: String, command: &'static str, source: std::io::Error },
     #[error("{addr} refused {command}: {reply}")]
     Refused { addr: String, command: &'static str, reply: String },
     #[error("{addr} sent a reply that is not RESP: {reason}")]
@@ -43,182 +39,47 @@ pub enum ProbeError {
 
 /// Probes the server `settings` describe.
 pub async fn probe(settings: &ConnectionSettings) -> Result<ProbeReport, ProbeError> {
-    let address = Address::parse(&settings.uri)?;
-    let addr = address.host_port();
+    let tls = TlsSettings {
+        ca_pem: settings.ca_pem.clone(),
+        server_name: settings.server_name.clone(),
+        insecure_skip_verify: settings.insecure_skip_verify,
+    };
+    let credentials =
+        settings.password.clone().map(|password| Credentials { username: settings.username.clone(), password });
+    let upstream = Upstream::new(&settings.uri, &tls, PROBE_TIMEOUT)?.with_credentials(credentials);
+    let addr = upstream.addr().to_string();
     tokio::time::timeout(PROBE_TIMEOUT, async {
-        let tcp =
-            TcpStream::connect(&addr).await.map_err(|source| ProbeError::Unreachable { addr: addr.clone(), source })?;
-        tcp.set_nodelay(true).ok();
-        if address.tls {
-            let tls = connect_tls(tcp, &address, settings).await?;
-            exchange(tls, &addr, settings, address.db).await
-        } else {
-            exchange(tcp, &addr, settings, address.db).await
-        }
+        let stream = upstream.connect().await?;
+        let mut conversation = Conversation { stream, addr: &addr, buffer: Vec::with_capacity(4096) };
+        let started = Instant::now();
+        conversation.ask("PING", &["PING"]).await?;
+        let latency = started.elapsed();
+        let server = conversation.info("server").await?;
+        let replication = conversation.info("replication").await?;
+        Ok(ProbeReport {
+            server_version: info_field(&server, "redis_version").unwrap_or("unknown").to_string(),
+            role: info_field(&replication, "role").unwrap_or("unknown").to_string(),
+            latency,
+        })
     })
     .await
     .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: addr.clone() }))
 }
 
-struct Address {
-    tls: bool,
-    host: String,
-    port: u16,
-    db: u16,
-}
-
-impl Address {
-    fn parse(uri: &str) -> Result<Self, ProbeError> {
-        let bad = || ProbeError::BadUri { uri: uri.to_string() };
-        let (tls, rest) = match uri.split_once("://") {
-            Some(("redis", rest)) => (false, rest),
-            Some(("rediss", rest)) => (true, rest),
-            _ => return Err(bad()),
-        };
-        let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "6379"));
-        let port = port.parse().map_err(|_| bad())?;
-        let db = if db.is_empty() { 0 } else { db.parse().map_err(|_| bad())? };
-        if host.is_empty() {
-            return Err(bad());
-        }
-        Ok(Address { tls, host: host.to_string(), port, db })
-    }
-
-    fn host_port(&self) -> String {
-        format!("{}:{}", self.host, self.port)
-    }
-}
-
-async fn connect_tls(
-    tcp: TcpStream,
-    address: &Address,
-    settings: &ConnectionSettings,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProbeError> {
-    let addr = address.host_port();
-    let tls_error = |reason: String| ProbeError::Tls { addr: addr.clone(), reason };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error(e.to_string()))?;
-    let config = if settings.insecure_skip_verify {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-            .with_no_client_auth()
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        match &settings.ca_pem {
-            Some(pem) => {
-                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
-                    roots
-                        .add(cert.map_err(|e| tls_error(format!("CA bundle: {e}")))?)
-                        .map_err(|e| tls_error(e.to_string()))?;
-                }
-            }
-            None => {
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            }
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    };
-    let name = settings.server_name.clone().unwrap_or_else(|| address.host.clone());
-    let server_name = ServerName::try_from(name).map_err(|e| tls_error(e.to_string()))?;
-    TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await.map_err(|e| tls_error(e.to_string()))
-}
-
-/// For `insecureSkipVerify`: signatures are still checked, the certificate chain is not.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-async fn exchange<S>(
-    mut stream: S,
-    addr: &str,
-    settings: &ConnectionSettings,
-    db: u16,
-) -> Result<ProbeReport, ProbeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut conversation = Conversation { stream: &mut stream, addr, buffer: Vec::with_capacity(4096) };
-    if let Some(password) = &settings.password {
-        let mut auth = vec!["AUTH"];
-        auth.extend(settings.username.as_deref());
-        auth.push(password);
-        conversation.ask("AUTH", &auth).await?;
-    }
-    if db != 0 {
-        conversation.ask("SELECT", &["SELECT", &db.to_string()]).await?;
-    }
-    let started = Instant::now();
-    conversation.ask("PING", &["PING"]).await?;
-    let latency = started.elapsed();
-    let info = match conversation.ask("INFO", &["INFO", "server"]).await? {
-        OwnedFrame::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-        other => {
-            return Err(ProbeError::Protocol { addr: addr.to_string(), reason: format!("INFO replied {other:?}") });
-        }
-    };
-    let replication = match conversation.ask("INFO", &["INFO", "replication"]).await? {
-        OwnedFrame::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-        _ => String::new(),
-    };
-    Ok(ProbeReport {
-        server_version: info_field(&info, "redis_version").unwrap_or("unknown").to_string(),
-        role: info_field(&replication, "role").unwrap_or("unknown").to_string(),
-        latency,
-    })
-}
-
-struct Conversation<'a, S> {
-    stream: &'a mut S,
+struct Conversation<'a> {
+    stream: UpstreamStream,
     addr: &'a str,
     buffer: Vec<u8>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conversation<'_, S> {
+impl Conversation<'_> {
     /// Sends one command and reads its reply; an error reply is a [`ProbeError::Refused`].
     async fn ask(&mut self, command: &'static str, args: &[&str]) -> Result<OwnedFrame, ProbeError> {
         let mut request = format!("*{}\r\n", args.len());
         for arg in args {
             request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
         }
-        let io_error = |source| ProbeError::Unreachable { addr: self.addr.to_string(), source };
+        let io_error = |source| ProbeError::Io { addr: self.addr.to_string(), command, source };
         self.stream.write_all(request.as_bytes()).await.map_err(io_error)?;
         loop {
             match decode(&self.buffer) {
@@ -234,17 +95,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conversation<'_, S> {
                 Ok(None) => {}
                 Err(err) => return Err(ProbeError::Protocol { addr: self.addr.to_string(), reason: err.to_string() }),
             }
-            let mut chunk = [0u8; 4096];
-            let read = self
-                .stream
-                .read(&mut chunk)
-                .await
-                .map_err(|source| ProbeError::Unreachable { addr: self.addr.to_string(), source })?;
-            if read == 0 {
-                let source = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
-                return Err(ProbeError::Unreachable { addr: self.addr.to_string(), source });
+            let read = self.stream.read_buf(&mut self.buffer).await;
+            match read {
+                Ok(0) => {
+                    let closed = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
+                    return Err(ProbeError::Io { addr: self.addr.to_string(), command, source: closed });
+                }
+                Ok(_) => {}
+                Err(source) => return Err(ProbeError::Io { addr: self.addr.to_string(), command, source }),
             }
-            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// One INFO section as text.
+    async fn info(&mut self, section: &str) -> Result<String, ProbeError> {
+        match self.ask("INFO", &["INFO", section]).await? {
+            OwnedFrame::BulkString(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+            other => {
+                Err(ProbeError::Protocol { addr: self.addr.to_string(), reason: format!("INFO replied {other:?}") })
+            }
         }
     }
 }
@@ -256,16 +125,6 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uris_parse_with_defaults() {
-        let plain = Address::parse("redis://10.0.1.50").unwrap();
-        assert_eq!((plain.tls, plain.host_port(), plain.db), (false, "10.0.1.50:6379".to_string(), 0));
-        let tls = Address::parse("rediss://cache.example.com:6380/3").unwrap();
-        assert_eq!((tls.tls, tls.host_port(), tls.db), (true, "cache.example.com:6380".to_string(), 3));
-        assert!(Address::parse("http://example.com").is_err());
-        assert!(Address::parse("redis://host:notaport").is_err());
-    }
 
     #[test]
     fn info_fields_are_read_by_exact_name() {
