@@ -73,6 +73,9 @@ async fn demo() -> Result<()> {
         "--timeout=60s",
     ])?;
     print!("{}", indent(&control_plane.run_kubectl(&["get", "-n", NAMESPACE, "endpoints.eden.io"])?));
+    let described = control_plane.run_kubectl(&["describe", "-n", NAMESPACE, "endpoints.eden.io", "source"])?;
+    let events = described.split("Events:").nth(1).unwrap_or_default();
+    print!("    kubectl describe endpoints.eden.io source (events):{}", indent(events));
 
     step("Starting eden-sidecar as a proxy to the source");
     let (listen, admin) = (free_port()?, free_port()?);
@@ -107,6 +110,12 @@ async fn demo() -> Result<()> {
         return Err(format!("expected {KEYS} keys on the source, found {on_source} (user:42 = {sample:?})").into());
     }
     done(&format!("source holds {on_source} keys; user:42 = {sample:?}, read directly from the source"));
+    let mut target_conn = redis::Client::open(target.url())?.get_multiplexed_async_connection().await?;
+    let on_target: usize = redis::cmd("DBSIZE").query_async(&mut target_conn).await?;
+    if on_target != 0 {
+        return Err(format!("a plain proxy must not touch the target, which holds {on_target} keys").into());
+    }
+    done("target untouched (0 keys): with no Migration the sidecar is a plain proxy to the source");
 
     step("The sidecar's metrics");
     let metrics = http_get(admin, "/metrics").await?;
