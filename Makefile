@@ -51,5 +51,13 @@ demo: deps control-plane
 	cargo build -q --bins -p eden-operator -p eden-sidecar -p eden-e2e
 	"$(CARGO_TARGET_DIR)/debug/eden-demo"
 
+# HAProxy and twemproxy are the baselines the sidecar is measured against (Debian packages).
 bench: deps
-	@echo "no benchmarks yet"
+	@if ! command -v haproxy >/dev/null || ! command -v nutcracker >/dev/null; then \
+	  echo "installing haproxy and nutcracker from Debian packages"; \
+	  $(SUDO) apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq haproxy nutcracker >/dev/null; \
+	  $(SUDO) systemctl disable --now haproxy nutcracker >/dev/null 2>&1 || true; \
+	fi
+	cargo build -q --release -p eden-sidecar --bin eden-sidecar
+	python3 bench/proxy.py "$(CARGO_TARGET_DIR)/release/eden-sidecar"

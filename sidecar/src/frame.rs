@@ -158,7 +158,9 @@ fn read_number(buf: &[u8], from: usize, error: &'static str) -> Result<Option<(i
 /// An inline request: one line, words separated by spaces. Redis itself parses the line
 /// (quotes included); the proxy only needs its end and first word.
 fn scan_inline(buf: &[u8]) -> Result<Option<Request>, ProtocolError> {
-    let Some(newline) = buf.iter().position(|&b| b == b'\n') else {
+    // The limit applies to the line, found or not, so the outcome never depends on how the
+    // bytes were split across reads.
+    let Some(newline) = buf.iter().take(MAX_INLINE_LEN + 1).position(|&b| b == b'\n') else {
         if buf.len() > MAX_INLINE_LEN {
             return Err(ProtocolError("too big inline request"));
         }
@@ -240,6 +242,8 @@ mod tests {
         }
         let endless_inline = vec![b'a'; MAX_INLINE_LEN + 1];
         assert_eq!(RequestScanner::default().scan(&endless_inline).unwrap_err().0, "too big inline request");
+        let long_line = [vec![b'a'; MAX_INLINE_LEN + 1], b"\r\n".to_vec()].concat();
+        assert_eq!(RequestScanner::default().scan(&long_line).unwrap_err().0, "too big inline request");
         assert_eq!(ProtocolError("invalid bulk length").to_resp(), "-ERR Protocol error: invalid bulk length\r\n");
     }
 
