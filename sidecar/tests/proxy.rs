@@ -296,3 +296,46 @@ async fn shutdown_lets_in_flight_replies_arrive_then_closes() {
     shutdown.await.unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no new connections after shutdown");
 }
+
+#[tokio::test]
+async fn scripting_wait_and_reset_pass_through() {
+    let server = RedisServer::start().unwrap();
+    let proxy = Proxy::start(&server.url()).await;
+    let mut raw = proxy.raw().await;
+    raw.send(&resp(&["EVAL", "return redis.call('INCRBY', KEYS[1], ARGV[1])", "1", "counter", "7"])).await;
+    raw.expect(b":7\r\n").await;
+    let library =
+        "#!lua name=eden\nredis.register_function('double', function(keys) return 2 * redis.call('GET', keys[1]) end)";
+    raw.send(&[resp(&["FUNCTION", "LOAD", library]), resp(&["FCALL", "double", "1", "counter"])].concat()).await;
+    raw.expect(b"$4\r\neden\r\n:14\r\n").await;
+    raw.send(&resp(&["WAIT", "0", "100"])).await;
+    raw.expect(b":0\r\n").await;
+    raw.send(&[resp(&["SELECT", "2"]), resp(&["RESET"]), resp(&["SET", "after-reset", "db0"])].concat()).await;
+    raw.expect(b"+OK\r\n+RESET\r\n+OK\r\n").await;
+    let mut db0 = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    assert_eq!(db0.get::<_, String>("after-reset").await.unwrap(), "db0", "RESET returned the connection to db 0");
+}
+
+#[tokio::test]
+async fn clients_can_connect_over_a_unix_socket() {
+    use eden_sidecar::server::{self, Listener};
+    use eden_sidecar::upstream::Upstream;
+
+    let server = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eden.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let upstream = Upstream::new(&server.url(), &TlsSettings::default(), Duration::from_secs(1)).unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let served = tokio::spawn(server::serve(Listener::Unix(listener), upstream, Default::default(), shutdown));
+
+    let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut client, &[resp(&["SET", "via", "unix"]), resp(&["GET", "via"])].concat())
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 15];
+    tokio::io::AsyncReadExt::read_exact(&mut client, &mut reply).await.unwrap();
+    assert_eq!(reply, b"+OK\r\n$4\r\nunix\r\n");
+    stop.send(true).unwrap();
+    served.await.unwrap();
+}
