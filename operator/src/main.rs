@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use eden_operator::leader::{LeaderElector, Timing};
 use eden_operator::{context::Context, endpoint, metrics::Metrics};
 use eden_sidecar::admin;
+use eden_sidecar::telemetry::{LogFormat, init_logging};
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::sync::watch;
 
@@ -28,23 +29,10 @@ struct Args {
     leader_election_namespace: String,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match args.log_format {
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-        LogFormat::Text => logs.init(),
-    }
+    init_logging(args.log_format, "info,kube=warn");
     if let Err(err) = run(args).await {
         tracing::error!(%err, "eden-operator stopped");
         std::process::exit(1);

@@ -14,4 +14,5 @@ pub mod lease;
 pub mod metrics;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 pub mod upstream;

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use eden_sidecar::admin;
 use eden_sidecar::metrics::ProxyMetrics;
 use eden_sidecar::server::{self, Listener};
+use eden_sidecar::telemetry::{LogFormat, init_logging};
 use eden_sidecar::upstream::{TlsSettings, Upstream};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
@@ -50,24 +51,10 @@ struct Args {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-        LogFormat::Text => logs.init(),
-    }
+    init_logging(args.log_format, "info");
     if let Err(err) = run(args).await {
         tracing::error!("eden-sidecar: {err}");
         std::process::exit(1);

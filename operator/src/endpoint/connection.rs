@@ -3,31 +3,17 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
+use eden_sidecar::upstream::{Credentials, TlsSettings};
+
 use crate::crd::EndpointSpec;
 
-/// An Endpoint's address, credentials and TLS material, resolved from its Secrets.
-#[derive(Clone, Default, PartialEq)]
+/// An Endpoint's address, credentials and TLS material, resolved from its Secrets: what the
+/// data plane's [`Upstream`](eden_sidecar::upstream::Upstream) needs to connect.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConnectionSettings {
     pub uri: String,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub ca_pem: Option<Vec<u8>>,
-    pub server_name: Option<String>,
-    pub insecure_skip_verify: bool,
-}
-
-// Never print credentials, even in debug logs.
-impl std::fmt::Debug for ConnectionSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectionSettings")
-            .field("uri", &self.uri)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("ca_pem", &self.ca_pem.as_ref().map(|pem| pem.len()))
-            .field("server_name", &self.server_name)
-            .field("insecure_skip_verify", &self.insecure_skip_verify)
-            .finish()
-    }
+    pub credentials: Option<Credentials>,
+    pub tls: TlsSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,15 +32,17 @@ impl ConnectionSettings {
         let mut settings = ConnectionSettings { uri: spec.uri.clone(), ..Default::default() };
         if let Some(reference) = &spec.credentials_secret_ref {
             let secret = read(secrets, &reference.name).await?;
-            settings.password = Some(text(&secret, &reference.name, "password")?);
-            settings.username = text(&secret, &reference.name, "username").ok();
+            settings.credentials = Some(Credentials {
+                username: text(&secret, &reference.name, "username").ok(),
+                password: text(&secret, &reference.name, "password")?,
+            });
         }
         if let Some(tls) = &spec.tls {
-            settings.server_name = tls.server_name.clone();
-            settings.insecure_skip_verify = tls.insecure_skip_verify;
+            settings.tls.server_name = tls.server_name.clone();
+            settings.tls.insecure_skip_verify = tls.insecure_skip_verify;
             if let Some(reference) = &tls.ca_secret_ref {
                 let secret = read(secrets, &reference.name).await?;
-                settings.ca_pem = Some(bytes(&secret, &reference.name, "ca.crt")?.to_vec());
+                settings.tls.ca_pem = Some(bytes(&secret, &reference.name, "ca.crt")?.to_vec());
             }
         }
         Ok(settings)

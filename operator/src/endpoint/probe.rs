@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use eden_sidecar::upstream::{Credentials, TlsSettings, Upstream, UpstreamError, UpstreamStream};
+use eden_sidecar::upstream::{Upstream, UpstreamError, UpstreamStream};
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,14 +39,8 @@ pub enum ProbeError {
 
 /// Probes the server `settings` describe.
 pub async fn probe(settings: &ConnectionSettings) -> Result<ProbeReport, ProbeError> {
-    let tls = TlsSettings {
-        ca_pem: settings.ca_pem.clone(),
-        server_name: settings.server_name.clone(),
-        insecure_skip_verify: settings.insecure_skip_verify,
-    };
-    let credentials =
-        settings.password.clone().map(|password| Credentials { username: settings.username.clone(), password });
-    let upstream = Upstream::new(&settings.uri, &tls, PROBE_TIMEOUT)?.with_credentials(credentials);
+    let upstream =
+        Upstream::new(&settings.uri, &settings.tls, PROBE_TIMEOUT)?.with_credentials(settings.credentials.clone());
     let addr = upstream.addr().to_string();
     tokio::time::timeout(PROBE_TIMEOUT, async {
         let stream = upstream.connect().await?;
