@@ -84,7 +84,7 @@ impl ControlPlane {
         if let Some(path) = std::env::var_os("EDEN_CONTROL_PLANE") {
             return Ok(PathBuf::from(path));
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("control-plane/build.sh");
+        let script = crate::repo_root().join("e2e/control-plane/build.sh");
         let output = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output()?;
         if !output.status.success() {
             return Err(FixtureError::Build { what: script.display().to_string(), status: output.status });
@@ -115,7 +115,7 @@ impl ControlPlane {
     /// Applies `crds/eden.yaml` (server-side, so repeated calls are no-ops) and waits until
     /// every Eden CRD is established.
     pub fn install_eden_crds(&self) -> Result<(), FixtureError> {
-        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/eden.yaml");
+        let crds = crate::repo_root().join("crds/eden.yaml");
         let crds = crds.to_str().expect("repository paths are UTF-8");
         self.run_kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crds])?;
         self.run_kubectl(&["wait", "--for=condition=Established", "-f", crds, "--timeout=30s"])?;

@@ -9,6 +9,7 @@ mod redis;
 mod tls;
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 
 pub use control_plane::ControlPlane;
 pub use redis::{RedisConfig, RedisServer};
@@ -29,6 +30,15 @@ pub enum FixtureError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Kube(#[from] kube::Error),
+}
+
+/// The repository root. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test or `cargo run`, and
+/// that runtime value wins over the compile-time one: a target directory shared between clones
+/// can hold a binary built in another checkout, whose baked-in path may no longer exist.
+pub fn repo_root() -> PathBuf {
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from);
+    manifest_dir.join("..")
 }
 
 /// A loopback port that was free a moment ago. Another process may take it before the caller

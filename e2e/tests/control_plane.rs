@@ -1,7 +1,7 @@
 //! The local control plane is a real Kubernetes API server: CRDs install and validate, kubectl
 //! and kube-rs see the same objects, and admission webhooks on loopback URLs are called.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
 
 fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
+    eden_e2e::repo_root().join(relative)
 }
 
 #[tokio::test]
