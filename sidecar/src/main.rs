@@ -84,24 +84,27 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let (metrics, ready) = (metrics.clone(), ready.clone());
         Arc::new(move |path| admin::standard(path, ready.load(Ordering::Relaxed), || metrics.render()))
     };
-    tokio::spawn(admin::serve(admin_listener, handler));
 
     let (stop, shutdown) = watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let tcp = TcpListener::bind(args.listen).await.map_err(|e| format!("listener {}: {e}", args.listen))?;
+    // The bound addresses, not the flags: port 0 picks a free port.
+    let (listen, admin) = (tcp.local_addr()?, admin_listener.local_addr()?);
     servers.spawn(server::serve(Listener::Tcp(tcp), source.clone(), metrics.clone(), shutdown.clone()));
     if let Some(path) = &args.unix_socket {
         let _ = std::fs::remove_file(path);
         let unix = UnixListener::bind(path).map_err(|e| format!("unix socket {}: {e}", path.display()))?;
         servers.spawn(server::serve(Listener::Unix(unix), source.clone(), metrics.clone(), shutdown.clone()));
     }
+    // Handlers before readiness: a SIGTERM right after "ready" must drain, not kill.
+    let (mut terminate, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    tokio::spawn(admin::serve(admin_listener, handler));
     ready.store(true, Ordering::Relaxed);
-    tracing::info!(listen = %args.listen, admin = %args.admin_listen, source = source.addr(), "eden-sidecar ready");
+    tracing::info!(%listen, %admin, source = source.addr(), "eden-sidecar ready");
 
-    let mut terminate = signal(SignalKind::terminate())?;
     tokio::select! {
         _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
     }
     ready.store(false, Ordering::Relaxed);
     let _ = stop.send(true);

@@ -36,7 +36,7 @@ pub enum ErrorKind {
 pub struct ProxyMetrics {
     registry: Registry,
     connections_active: Gauge,
-    commands: [Counter; 3],
+    commands: [Counter; CommandKind::ALL.len()],
     errors: [Counter; 3],
     latency: Histogram,
 }

@@ -14,7 +14,9 @@
 //! The upstream is connected on the first request, so idle clients cost no upstream
 //! connection. When that connect fails, every request of the batch gets
 //! `-ERR eden: upstream … unreachable: …` and the next request tries again. Once connected,
-//! the two connections live and die together: if either side closes, both close.
+//! the two connections live and die together: if either side closes, both close. A client's
+//! EOF closes the upstream at once (Redis frees a client on EOF, which unblocks its BLPOP);
+//! only shutdown and protocol errors wait for replies already due.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +26,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{oneshot, watch};
 
-use crate::command::CommandKind;
+use crate::command::Command;
 use crate::frame::{ProtocolError, RequestScanner};
 use crate::metrics::{ErrorKind, ProxyMetrics};
 use crate::upstream::{Upstream, UpstreamStream};
@@ -58,7 +60,10 @@ where
             }
         };
         match read {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => {
+                session.abandon();
+                break;
+            }
             Ok(_) => {
                 if !session.forward(&mut requests).await {
                     break;
@@ -122,7 +127,8 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
             match self.scanner.scan(&buffer[complete..]) {
                 Ok(Some(request)) => {
                     if request.argc > 0 {
-                        self.metrics.command(CommandKind::of(&buffer[complete..][request.name]));
+                        // The seam where routing will pick an upstream per command.
+                        self.metrics.command(Command::of(&buffer[complete..], &request).kind);
                         requests += 1;
                     }
                     complete += request.len;
@@ -196,6 +202,16 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
                 let _ = to_upstream.shutdown().await;
             }
             State::Closed => {}
+        }
+    }
+
+    /// The client is gone: drop the upstream now, as Redis frees a client on EOF. Nobody is
+    /// left to read replies, and a lingering upstream would let a blocked BLPOP pop an item
+    /// for a client that no longer exists.
+    fn abandon(&mut self) {
+        if let State::Connected { replies, .. } = std::mem::replace(&mut self.state, State::Closed) {
+            // The copy task owns the upstream's read half; the socket closes when both halves drop.
+            replies.abort();
         }
     }
 

@@ -10,7 +10,7 @@ use eden_e2e::{RedisConfig, RedisServer, TestPki};
 use eden_sidecar::upstream::TlsSettings;
 use futures::StreamExt;
 use redis::AsyncCommands;
-use support::{Proxy, resp};
+use support::{Proxy, RawClient, resp};
 
 #[tokio::test]
 async fn commands_and_a_large_pipeline_round_trip_in_order() {
@@ -248,11 +248,34 @@ async fn malformed_input_closes_only_that_connection() {
 
     let mut unconnected = proxy.raw().await;
     unconnected.send(b"*2\r\n:1\r\n").await;
-    assert_eq!(unconnected.read_to_close().await, "-ERR Protocol error: expected '$'\r\n");
+    assert_eq!(unconnected.read_to_close().await, "-ERR Protocol error: expected '$', got ':'\r\n");
 
     bystander.send(&resp(&["INCR", "k"])).await;
     bystander.expect(b":3\r\n").await;
     assert!(proxy.metrics.render().contains("eden_errors_total{kind=\"protocol\"} 2"));
+}
+
+#[tokio::test]
+async fn protocol_errors_read_exactly_as_redis_server_writes_them() {
+    let server = RedisServer::start().unwrap();
+    let proxy = Proxy::start(&server.url()).await;
+    let inputs: [&[u8]; 6] = [
+        b"*2\r\n:1\r\n",
+        b"*x\r\n",
+        b"*1\r\n$-5\r\n",
+        b"*1\r\n$03\r\nGET\r\n",
+        b"*01\r\n$4\r\nPING\r\n",
+        b"*1\r\n$536870913\r\n",
+    ];
+    for input in inputs {
+        let mut direct = RawClient::connect(server.addr()).await;
+        direct.send(input).await;
+        let mut proxied = proxy.raw().await;
+        proxied.send(input).await;
+        let expected = direct.read_to_close().await;
+        assert!(expected.starts_with("-ERR Protocol error"), "{expected}");
+        assert_eq!(proxied.read_to_close().await, expected, "for {:?}", String::from_utf8_lossy(input));
+    }
 }
 
 #[tokio::test]
@@ -275,7 +298,8 @@ async fn metrics_count_commands_by_kind_and_connections() {
     for line in [
         "eden_commands_total{route=\"source\",kind=\"read\"} 2",
         "eden_commands_total{route=\"source\",kind=\"write\"} 1",
-        "eden_commands_total{route=\"source\",kind=\"other\"} 1",
+        "eden_commands_total{route=\"source\",kind=\"connection\"} 1",
+        "eden_commands_total{route=\"source\",kind=\"blocking\"} 0",
         "eden_connections_active 1",
         "eden_proxy_latency_seconds_count 1",
     ] {
@@ -338,4 +362,20 @@ async fn clients_can_connect_over_a_unix_socket() {
     assert_eq!(reply, b"+OK\r\n$4\r\nunix\r\n");
     stop.send(true).unwrap();
     served.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_while_blocked_consumes_nothing() {
+    let server = RedisServer::start().unwrap();
+    let proxy = Proxy::start(&server.url()).await;
+    let mut gone = proxy.raw().await;
+    gone.send(&resp(&["BLPOP", "jobs", "0"])).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut pusher = proxy.client().await;
+    let _: i64 = pusher.rpush("jobs", "job-1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(pusher.llen::<_, i64>("jobs").await.unwrap(), 1, "the job waits for a live consumer, as on Redis");
 }

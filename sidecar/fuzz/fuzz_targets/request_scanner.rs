@@ -1,8 +1,10 @@
 //! Feeds arbitrary client bytes to the request scanner the way a session does: in chunks of
 //! arbitrary size, resuming after each partial read. It must never panic, never claim bytes it
-//! was not given, and find the same requests however the bytes were split.
+//! was not given, and find the same requests however the bytes were split; every request it
+//! finds must walk back into exactly `argc` arguments and classify without panicking.
 #![no_main]
 
+use eden_sidecar::command::Command;
 use eden_sidecar::frame::{Request, RequestScanner};
 use libfuzzer_sys::fuzz_target;
 
@@ -17,6 +19,10 @@ fn scan(input: &[u8], chunk: usize) -> (Vec<Request>, bool) {
                 Ok(Some(request)) => {
                     assert!(request.len > 0 && start + request.len <= available, "claimed bytes it was not given");
                     assert!(request.name.end <= request.len);
+                    let bytes = &input[start..available];
+                    assert!(request.args(bytes).all(|arg| arg.end <= request.len));
+                    assert_eq!(request.args(bytes).count(), request.argc);
+                    let _ = Command::of(bytes, &request);
                     start += request.len;
                     requests.push(request);
                 }

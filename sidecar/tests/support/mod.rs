@@ -46,7 +46,7 @@ impl Proxy {
     }
 
     pub async fn raw(&self) -> RawClient {
-        RawClient { stream: TcpStream::connect(self.addr).await.unwrap(), buffer: Vec::new() }
+        RawClient::connect(self.addr).await
     }
 
     /// Signals shutdown and waits for the server to finish draining.
@@ -63,6 +63,10 @@ pub struct RawClient {
 }
 
 impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> RawClient {
+        RawClient { stream: TcpStream::connect(addr).await.unwrap(), buffer: Vec::new() }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }

@@ -1,0 +1,95 @@
+//! The `eden-sidecar` binary as Kubernetes runs it: flags, the ready log line, the admin port,
+//! and SIGTERM draining in-flight replies before a clean exit.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use eden_e2e::RedisServer;
+use support::{RawClient, resp};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+fn sidecar() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_eden-sidecar"));
+    for var in ["EDEN_LISTEN", "EDEN_ADMIN_LISTEN", "EDEN_SOURCE", "EDEN_TARGET", "RUST_LOG"] {
+        command.env_remove(var);
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+/// One HTTP/1.1 GET; the status code and body.
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head[9..12].parse().unwrap(), body.to_string())
+}
+
+#[tokio::test]
+async fn bad_flags_are_explained_and_exit_2() {
+    for args in [&["--source", "redis://127.0.0.1:1", "--listen", "not-an-address"][..], &["--listen", "127.0.0.1:0"]] {
+        let output = sidecar().args(args).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--listen") || stderr.contains("--source"), "names the flag: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn the_binary_proxies_reports_on_its_admin_port_and_drains_on_sigterm() {
+    let server = RedisServer::start().unwrap();
+    let started = Instant::now();
+    let mut child = sidecar()
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--source", &server.url()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = logs.next_line().await.unwrap().expect("a ready line before exit");
+            let line: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
+            if line["message"] == "eden-sidecar ready" {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("ready within 10 s");
+    // Debug build on a shared machine: generous, but still catches a start-up that blocks.
+    assert!(started.elapsed() < Duration::from_secs(2), "ready after {:?}", started.elapsed());
+    let (listen, admin) = (ready["listen"].as_str().unwrap(), ready["admin"].as_str().unwrap());
+
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+    let mut client = RawClient::connect(listen.parse().unwrap()).await;
+    client.send(&[resp(&["SET", "k", "v"]), resp(&["GET", "k"])].concat()).await;
+    client.expect(b"+OK\r\n$1\r\nv\r\n").await;
+    let (status, metrics) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "eden_connections_active 1",
+        "eden_commands_total{route=\"source\",kind=\"read\"} 1",
+        "eden_commands_total{route=\"source\",kind=\"write\"} 1",
+        "eden_proxy_latency_seconds_count 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+
+    client.send(&resp(&["BLPOP", "nothing", "0.5"])).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let kill = std::process::Command::new("kill").args(["-TERM", &child.id().unwrap().to_string()]).status().unwrap();
+    assert!(kill.success());
+    assert_eq!(client.read_to_close().await, "*-1\r\n", "the blocked command's reply was delivered");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits").unwrap();
+    assert_eq!(status.code(), Some(0), "a drained shutdown is a clean exit");
+}
