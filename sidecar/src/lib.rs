@@ -12,6 +12,7 @@ pub mod config;
 pub mod frame;
 pub mod lease;
 pub mod metrics;
+pub mod replicate;
 pub mod server;
 pub mod session;
 pub mod telemetry;

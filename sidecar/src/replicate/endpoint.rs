@@ -1,0 +1,107 @@
+//! One connection to the source or the target, with every failure mapped to an error that names
+//! the server ("source 10.0.1.50:6379") and the command.
+//!
+//! A multiplexed connection is cheap to clone, so callers pass `&Endpoint` around and pipelines
+//! from different tasks share one socket. The response timeout is raised from the client's
+//! 500 ms default because a DUMP of a large value or a long MULTI legitimately takes longer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, Value};
+
+use super::ReplicateError;
+
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A named connection to one Redis server.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    label: Arc<str>,
+    client: Client,
+    conn: MultiplexedConnection,
+}
+
+impl Endpoint {
+    /// Connects to `url` (`redis://` or `rediss://`); `role` is "source" or "target".
+    pub(crate) async fn connect(role: &str, url: &str) -> Result<Self, ReplicateError> {
+        let label: Arc<str> = Arc::from(format!("{role} {url}").as_str());
+        let connect_error = |source| ReplicateError::Connect { server: label.clone(), source };
+        let client = Client::open(url).map_err(connect_error)?;
+        let label: Arc<str> = Arc::from(format!("{role} {}", client.get_connection_info().addr()).as_str());
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|source| ReplicateError::Connect { server: label.clone(), source })?;
+        Ok(Endpoint { label, client, conn })
+    }
+
+    pub(crate) fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The logical database the URL selected (`redis://host/3` → 3).
+    pub(crate) fn db(&self) -> i64 {
+        self.client.get_connection_info().redis_settings().db()
+    }
+
+    /// Runs one command.
+    pub(crate) async fn cmd<T: FromRedisValue>(&self, command: &'static str, cmd: &Cmd) -> Result<T, ReplicateError> {
+        cmd.query_async(&mut self.conn.clone()).await.map_err(|source| self.error(command, source))
+    }
+
+    /// Runs a pipeline and returns one reply per command; a command's server error comes back
+    /// as [`Value::ServerError`] so callers decide per key (BUSYKEY, WRONGTYPE...). An empty
+    /// pipeline costs no round trip.
+    pub(crate) async fn pipe(&self, command: &'static str, pipe: &mut Pipeline) -> Result<Vec<Value>, ReplicateError> {
+        if pipe.is_empty() {
+            return Ok(Vec::new());
+        }
+        pipe.ignore_errors().query_async(&mut self.conn.clone()).await.map_err(|source| self.error(command, source))
+    }
+
+    pub(crate) fn error(&self, command: &'static str, source: redis::RedisError) -> ReplicateError {
+        ReplicateError::Command { server: self.label.clone(), command, source }
+    }
+
+    pub(crate) fn unexpected(&self, command: &'static str, reply: &Value) -> ReplicateError {
+        ReplicateError::Reply { server: self.label.clone(), command, reply: format!("{reply:?}") }
+    }
+
+    /// A reply that must not be a server error: returns it, or the error naming this server.
+    pub(crate) fn ok(&self, command: &'static str, reply: Value) -> Result<Value, ReplicateError> {
+        match reply {
+            Value::ServerError(err) => Err(self.error(command, err.into())),
+            other => Ok(other),
+        }
+    }
+}
+
+/// The bytes of a bulk or simple string reply.
+pub(crate) fn as_bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        Value::Okay => Some(b"OK"),
+        _ => None,
+    }
+}
+
+/// An integer reply (RESP2 may send integers as strings).
+pub(crate) fn as_int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        other => as_bytes(other).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()),
+    }
+}
+
+/// A key for log lines and error messages: UTF-8 where it is, escaped bytes otherwise.
+pub(crate) fn printable(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}

@@ -1,0 +1,117 @@
+//! Finding keys (SCAN) and learning what they are (TYPE, MEMORY USAGE) in pipelined batches.
+//!
+//! Both the replicator and the verifier decide per key whether the value is small enough to move
+//! as one DUMP payload or must be walked in chunks; that decision needs the type and an estimate of
+//! the size before the value itself is read.
+
+use redis::{Value, cmd, pipe};
+use serde::{Deserialize, Serialize};
+
+use super::endpoint::{Endpoint, as_bytes, as_int};
+use super::{Key, ReplicateError};
+
+/// The Redis data types the engine understands; module types are `Other` and always move as
+/// DUMP payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyType {
+    String,
+    List,
+    Hash,
+    Set,
+    ZSet,
+    Stream,
+    Other,
+}
+
+impl KeyType {
+    /// Parses a TYPE reply; `None` for "none" (the key does not exist).
+    fn parse(reply: &[u8]) -> Option<KeyType> {
+        Some(match reply {
+            b"none" => return None,
+            b"string" => KeyType::String,
+            b"list" => KeyType::List,
+            b"hash" => KeyType::Hash,
+            b"set" => KeyType::Set,
+            b"zset" => KeyType::ZSet,
+            b"stream" => KeyType::Stream,
+            _ => KeyType::Other,
+        })
+    }
+
+    /// The O(1) command that counts a collection's elements (bytes for strings).
+    pub(crate) fn len_command(self) -> Option<&'static str> {
+        match self {
+            KeyType::String => Some("STRLEN"),
+            KeyType::List => Some("LLEN"),
+            KeyType::Hash => Some("HLEN"),
+            KeyType::Set => Some("SCARD"),
+            KeyType::ZSet => Some("ZCARD"),
+            KeyType::Stream => Some("XLEN"),
+            KeyType::Other => None,
+        }
+    }
+
+    /// Whether values of this type can be copied element by element ([`super::chunks`]).
+    pub(crate) fn chunkable(self) -> bool {
+        matches!(self, KeyType::List | KeyType::Hash | KeyType::Set | KeyType::ZSet)
+    }
+}
+
+/// What one key is, as of one pipelined round trip.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyInfo {
+    /// `None` when the key does not exist.
+    pub(crate) kind: Option<KeyType>,
+    /// MEMORY USAGE estimate; `None` when the server refuses the command.
+    pub(crate) bytes: Option<u64>,
+    /// PTTL: -1 without expiry, -2 when missing.
+    pub(crate) pttl: i64,
+}
+
+impl KeyInfo {
+    /// A value to walk in chunks rather than DUMP whole.
+    pub(crate) fn is_big(&self, threshold: u64) -> bool {
+        self.kind.is_some_and(KeyType::chunkable) && self.bytes.is_some_and(|b| b > threshold)
+    }
+}
+
+/// One SCAN step: the next cursor (0 when the iteration is complete) and the keys found.
+pub(crate) async fn scan(ep: &Endpoint, cursor: u64, count: usize) -> Result<(u64, Vec<Key>), ReplicateError> {
+    ep.cmd("SCAN", cmd("SCAN").arg(cursor).arg("COUNT").arg(count)).await
+}
+
+/// TYPE, PTTL and MEMORY USAGE (sampled, so O(1)-ish) for each key, in one round trip.
+pub(crate) async fn inspect(ep: &Endpoint, keys: &[Key]) -> Result<Vec<KeyInfo>, ReplicateError> {
+    let mut p = pipe();
+    for key in keys {
+        p.cmd("TYPE").arg(key).cmd("PTTL").arg(key).cmd("MEMORY").arg("USAGE").arg(key);
+    }
+    let replies = ep.pipe("TYPE/PTTL/MEMORY USAGE", &mut p).await?;
+    replies
+        .chunks(3)
+        .map(|r| {
+            let kind = parse_type(ep, &ep.ok("TYPE", r[0].clone())?)?;
+            let pttl = as_int(&r[1]).ok_or_else(|| ep.unexpected("PTTL", &r[1]))?;
+            Ok(KeyInfo { kind, bytes: as_int(&r[2]).map(|n| n.max(0) as u64), pttl })
+        })
+        .collect()
+}
+
+/// Which of `keys` exist on `ep`, in one round trip.
+pub(crate) async fn exists(ep: &Endpoint, keys: &[Key]) -> Result<Vec<bool>, ReplicateError> {
+    let mut p = pipe();
+    for key in keys {
+        p.cmd("EXISTS").arg(key);
+    }
+    ep.pipe("EXISTS", &mut p)
+        .await?
+        .into_iter()
+        .map(|reply| as_int(&reply).map(|n| n > 0).ok_or_else(|| ep.unexpected("EXISTS", &reply)))
+        .collect()
+}
+
+fn parse_type(ep: &Endpoint, reply: &Value) -> Result<Option<KeyType>, ReplicateError> {
+    let name = as_bytes(reply).ok_or_else(|| ep.unexpected("TYPE", reply))?;
+    Ok(KeyType::parse(name))
+}

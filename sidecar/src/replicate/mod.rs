@@ -1,0 +1,40 @@
+//! The replication engine's `scan` mode and the verifier (DESIGN.md §5).
+//!
+//! `scan` mode is for managed services that refuse PSYNC: [`ScanReplicator`] subscribes to the
+//! source's keyspace notifications *first*, then backfills with SCAN + DUMP/RESTORE (absolute
+//! TTLs), and re-copies every key a notification names. Because the subscription predates every
+//! read, any write the backfill could have missed produces a notification that re-copies the key,
+//! so the target converges exactly. [`Verifier`] compares the two servers key by key and is what
+//! the operator and the CLI run before cutover.
+//!
+//! Rooms: [`endpoint`] (connections and error mapping), [`keys`] (SCAN and key inspection),
+//! [`chunks`] (bounded-memory iteration over big collections), [`copy`] (one batch of keys,
+//! source → target), [`dirty`] (keys waiting for a re-copy), [`notify`] (keyspace notifications),
+//! [`flush`] (FLUSHDB/FLUSHALL detection), [`checkpoint`], [`progress`], [`scan`] (the replicator
+//! loop), [`compare`] and [`verify`] (the verifier), [`pace`] (rate limiting).
+
+mod checkpoint;
+mod chunks;
+mod compare;
+mod copy;
+mod dirty;
+mod endpoint;
+mod error;
+mod flush;
+mod keys;
+mod notify;
+mod pace;
+mod progress;
+mod scan;
+mod verify;
+
+pub use checkpoint::{Checkpoint, Pass};
+pub use copy::ReplacePolicy;
+pub use error::ReplicateError;
+pub use keys::KeyType;
+pub use progress::Progress;
+pub use scan::{ScanOptions, ScanReplicator};
+pub use verify::{Difference, DifferenceKind, Verifier, VerifyOptions, VerifyReport};
+
+/// A Redis key as raw bytes: keys are binary-safe and are never assumed to be UTF-8.
+pub type Key = Vec<u8>;

@@ -1,0 +1,161 @@
+//! Scan-mode replication scenarios against real redis-server processes, each ending with the
+//! verifier reporting zero differences.
+
+mod support_replicate;
+
+use std::time::{Duration, Instant};
+
+use eden_sidecar::replicate::{ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator};
+use redis::AsyncCommands;
+use support_replicate::{Pair, assert_clean, caught_up, seed_strings};
+
+/// Writers hammer hot keys with every kind of write while a 50k-key backfill runs; once they stop
+/// and the replicator has caught up, the servers are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_writes_during_backfill_converge() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 50_000).await;
+    let mut replicator = pair.replicate(ScanOptions { batch: 200, ..Default::default() }).await;
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut con = source.clone();
+            tokio::spawn(async move {
+                for i in 0..400u64 {
+                    let hot = format!("key:{}", (i * 7919 + w) % 50_000);
+                    let mut p = redis::pipe();
+                    p.incr(format!("counter:{w}"), 1)
+                        .append(format!("log:{w}"), "x")
+                        .lpush(format!("list:{}", i % 5), i)
+                        .hincr("hash", format!("f{}", i % 50), 1)
+                        .zincr("zset", format!("m{}", i % 20), 1.5)
+                        .cmd("XADD")
+                        .arg("stream")
+                        .arg("*")
+                        .arg("w")
+                        .arg(w)
+                        .del(&hot)
+                        .set(format!("new:{w}:{i}"), i)
+                        .expire(format!("new:{w}:{}", i / 2), 600)
+                        .set_ex(format!("short:{w}:{i}"), i, 1);
+                    p.exec_async(&mut con).await.expect("write");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect();
+    let mut progress = replicator.progress();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert!(progress.borrow_and_update().checkpoint.copied > 0, "writes overlapped the backfill");
+    // Let the one-second keys expire so their expiry notifications are part of the run.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    caught_up(&mut replicator).await;
+    assert_clean(&pair.verify().await);
+}
+
+/// A hash with a million fields is copied in chunks through a temporary key and verifies equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn million_element_hash_copies_in_chunks() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    for start in (0..1_000_000).step_by(10_000) {
+        let fields: Vec<(String, u32)> = (start..start + 10_000).map(|i| (format!("f{i}"), i)).collect();
+        let _: () = source.hset_multiple("big", &fields).await.unwrap();
+    }
+    let _: () = source.pexpire("big", 900_000).await.unwrap();
+    let mut replicator = pair.replicate(ScanOptions { chunk: 5000, ..Default::default() }).await;
+    caught_up(&mut replicator).await;
+    let mut target = pair.target().await;
+    let len: usize = target.hlen("big").await.unwrap();
+    assert_eq!(len, 1_000_000);
+    let tmp: bool = target.exists("eden:tmp:big").await.unwrap();
+    assert!(!tmp, "the temporary key was renamed over the real one");
+    assert_clean(&pair.verify().await);
+}
+
+/// A replicator dropped mid-backfill resumes from its checkpoint and still ends exact, even
+/// though keys it had already copied changed while it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_from_checkpoint_after_being_killed() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 20_000).await;
+    let replicator = pair.replicate(ScanOptions { batch: 100, ..Default::default() }).await;
+    let mut progress = replicator.progress();
+    progress.wait_for(|p| p.checkpoint.copied >= 3_000).await.unwrap();
+    let checkpoint = progress.borrow().checkpoint.clone();
+    drop(replicator);
+    assert!(!checkpoint.backfill_done());
+
+    // While down: change, delete and add keys, some surely already copied.
+    let mut p = redis::pipe();
+    for i in 0..20_000 {
+        match i % 100 {
+            0 => p.set(format!("key:{i}"), "changed").ignore(),
+            1 => p.del(format!("key:{i}")).ignore(),
+            _ => continue,
+        };
+    }
+    p.set("added-while-down", 1).ignore();
+    p.exec_async(&mut source).await.unwrap();
+
+    let json = checkpoint.to_json();
+    let checkpoint = eden_sidecar::replicate::Checkpoint::from_json(&json).unwrap();
+    let mut replicator =
+        ScanReplicator::resume(&pair.source.url(), &pair.target.url(), Default::default(), checkpoint).await.unwrap();
+    caught_up(&mut replicator).await;
+    assert_clean(&pair.verify().await);
+}
+
+/// FLUSHDB on the source is noticed; the target is flushed and ends with only the new keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_flush_is_replicated() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 2_000).await;
+    let mut replicator = pair.replicate(Default::default()).await;
+    caught_up(&mut replicator).await;
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut source).await.unwrap();
+    let _: () = source.set("after-flush", 1).await.unwrap();
+    caught_up(&mut replicator).await;
+    assert_eq!(replicator.progress().borrow().flushes, 1);
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut pair.target().await).await.unwrap();
+    assert_eq!(size, 1);
+    assert_clean(&pair.verify().await);
+}
+
+/// `skip` keeps a key that already exists on the target and counts it; `fail` stops naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_policies_skip_and_fail() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    let _: () = source.set("shared", "from source").await.unwrap();
+    let _: () = source.set("only-source", 1).await.unwrap();
+    let _: () = target.set("shared", "from target").await.unwrap();
+
+    let mut replicator = pair.replicate(ScanOptions { replace: ReplacePolicy::Skip, ..Default::default() }).await;
+    let progress = caught_up_progress(&mut replicator).await;
+    assert_eq!((progress.checkpoint.copied, progress.checkpoint.skipped), (1, 1));
+    let kept: String = target.get("shared").await.unwrap();
+    assert_eq!(kept, "from target");
+    drop(replicator);
+
+    let _: () = target.del("only-source").await.unwrap();
+    let mut replicator = pair.replicate(ScanOptions { replace: ReplacePolicy::Fail, ..Default::default() }).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match replicator.caught_up(Duration::from_secs(1)).await {
+            Err(err) => break err,
+            Ok(_) if Instant::now() < deadline => continue,
+            Ok(p) => panic!("fail policy did not stop: {p:?}"),
+        }
+    };
+    assert!(matches!(err, ReplicateError::TargetKeyExists { ref key, .. } if key == "shared"), "{err}");
+    assert!(err.to_string().contains("shared"));
+}
+
+async fn caught_up_progress(replicator: &mut ScanReplicator) -> eden_sidecar::replicate::Progress {
+    replicator.caught_up(Duration::from_secs(30)).await.unwrap().expect("caught up")
+}
