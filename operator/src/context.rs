@@ -7,6 +7,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 
 use crate::metrics::Metrics;
+use crate::migration::replication::Replications;
 
 /// The field manager for everything the operator writes with server-side apply.
 pub const FIELD_MANAGER: &str = "eden-operator";
@@ -14,13 +15,20 @@ pub const FIELD_MANAGER: &str = "eden-operator";
 pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
+    /// The replication runs of the migrations this replica leads.
+    pub replications: Replications,
     recorder: Recorder,
 }
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Arc<Self> {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance };
-        Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client, metrics })
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            replications: Replications::default(),
+        })
     }
 
     /// Publishes an Event on `object`. A failure to record is logged, never fatal: the status

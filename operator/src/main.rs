@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use eden_operator::leader::{LeaderElector, Timing};
-use eden_operator::{context::Context, endpoint, metrics::Metrics};
+use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
 use eden_sidecar::admin;
 use eden_sidecar::telemetry::{LogFormat, init_logging};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -27,6 +27,9 @@ struct Args {
     /// Namespace of the leader-election Lease (the operator's own namespace in a cluster).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     leader_election_namespace: String,
+    /// Reconcile Migrations in this namespace only (all namespaces when absent).
+    #[arg(long, env = "EDEN_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
 }
 
 #[tokio::main]
@@ -67,7 +70,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let ctx = Context::new(client, metrics, Some(identity.clone()));
     tokio::select! {
-        () = endpoint::run(ctx) => {}
+        ((), ()) = futures::future::join(endpoint::run(ctx.clone()), migration::run(ctx, args.watch_namespace.clone())) => {}
         // Another replica may take over once our lease expires: stop before it does.
         lost = leading.wait_for(|leads| !*leads) => {
             lost?;

@@ -6,7 +6,7 @@
 //! variant payloads, so the schema stays structural and the API server can validate it with
 //! CEL rules instead of leaving bad combinations for the operator to discover.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -264,6 +264,9 @@ pub struct MigrationStatus {
     /// The replication engine's resume point, so a new leader continues rather than restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// When the cutover paused writes; it aborts `maxWritePauseMillis` later unless flipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_started_at: Option<MicroTime>,
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]

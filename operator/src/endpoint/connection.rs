@@ -47,7 +47,27 @@ impl ConnectionSettings {
         }
         Ok(settings)
     }
+
+    /// The URI with the credentials written into it, for clients that take only a URL (the
+    /// replication engine). It holds the password: never log it.
+    pub fn url_with_credentials(&self) -> Result<String, InvalidUri> {
+        let mut url = url::Url::parse(&self.uri).map_err(|err| InvalidUri(format!("{}: {err}", self.uri)))?;
+        if let Some(credentials) = &self.credentials {
+            // `set_*` fail only for URLs that cannot have credentials, which `parse` of a
+            // redis:// URI with a host never yields.
+            let username = credentials.username.as_deref().unwrap_or("");
+            url.set_username(username).map_err(|()| InvalidUri(format!("{}: cannot hold a username", self.uri)))?;
+            url.set_password(Some(&credentials.password))
+                .map_err(|()| InvalidUri(format!("{}: cannot hold a password", self.uri)))?;
+        }
+        Ok(url.into())
+    }
 }
+
+/// An Endpoint URI the replication engine cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Redis URI {0}")]
+pub struct InvalidUri(String);
 
 async fn read(secrets: &Api<Secret>, name: &str) -> Result<Secret, CredentialsError> {
     secrets.get(name).await.map_err(|source| CredentialsError::Read { name: name.to_string(), source })
@@ -65,4 +85,21 @@ fn bytes<'a>(secret: &'a Secret, name: &str, key: &'static str) -> Result<&'a [u
 fn text(secret: &Secret, name: &str, key: &'static str) -> Result<String, CredentialsError> {
     let value = bytes(secret, name, key)?;
     String::from_utf8(value.to_vec()).map_err(|_| CredentialsError::NotUtf8 { name: name.to_string(), key })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_written_into_the_url_escaped() {
+        let settings = ConnectionSettings {
+            uri: "redis://10.0.0.5:6379/2".into(),
+            credentials: Some(Credentials { username: Some("app".into()), password: "p@ss:w/rd".into() }),
+            ..Default::default()
+        };
+        assert_eq!(settings.url_with_credentials().unwrap(), "redis://app:p%40ss%3Aw%2Frd@10.0.0.5:6379/2");
+        let anonymous = ConnectionSettings { uri: "redis://10.0.0.5:6379".into(), ..Default::default() };
+        assert_eq!(anonymous.url_with_credentials().unwrap(), "redis://10.0.0.5:6379");
+    }
 }

@@ -19,7 +19,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use connection::{ConnectionSettings, CredentialsError};
+pub use connection::{ConnectionSettings, CredentialsError, InvalidUri};
 pub use probe::{ProbeError, ProbeReport, probe};
 
 use crate::conditions;

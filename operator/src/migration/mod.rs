@@ -1,7 +1,326 @@
 //! The Migration controller: the phase machine ([`phase`]) decides, the reconciler carries
 //! decisions out.
+//!
+//! One reconcile: observe ([`observe`]: the Endpoints, the ConfigMap the sidecars read, their
+//! Leases, the replication run), decide ([`phase::next`]), act (start or stop replication,
+//! verify, push the strategy with a new generation when it changed), and report ([`status`]:
+//! status with server-side apply, an Event for every transition). Nothing is remembered between
+//! reconciles except in the API server and in the leader's replication runs
+//! ([`replication`]), so a restarted or new leader picks up where the last one was.
 
+mod observe;
 pub mod phase;
+pub mod replication;
+mod status;
 
 #[cfg(test)]
 mod phase_tests;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::configmap;
+use crate::context::{Context, FIELD_MANAGER};
+use crate::crd::{DataCopy, Endpoint, Migration, Phase};
+use observe::Observation;
+use phase::{Decision, Writes};
+use status::Notice;
+
+/// The finalizer that lets the operator stop replication and delete the ConfigMap before a
+/// Migration goes (there may be no garbage collector; see DESIGN §9).
+pub const FINALIZER: &str = "eden.io/cleanup";
+const CONTROLLER: &str = "migration";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Migration {0} has no namespace; Migrations are namespaced")]
+    NotNamespaced(String),
+    #[error("Migration {0} has no uid yet")]
+    NoUid(String),
+    #[error("reading {what}: {source}")]
+    Read { what: String, source: kube::Error },
+    #[error("writing {what}: {source}")]
+    Write { what: String, source: kube::Error },
+    #[error("the strategy payload could not be built: {0}")]
+    Payload(#[from] eden_sidecar::config::ConfigError),
+    #[error("finalizer: {0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Error::NotNamespaced(_) => "not_namespaced",
+            Error::NoUid(_) => "no_uid",
+            Error::Read { .. } => "read",
+            Error::Write { .. } => "write",
+            Error::Payload(_) => "payload",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// Runs the Migration controller until the stream of watch events ends, for Migrations in
+/// `namespace` or, with `None`, in every namespace.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let migrations: Api<Migration> = scoped(&client, namespace.as_deref());
+    let (reader, writer) = reflector::store();
+    // Only spec changes and finalizer edits wake the reconciler: the status it writes itself
+    // must not, or every status write would start another reconcile at once.
+    let triggers = watcher(migrations, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
+    let store = reader.clone();
+    Controller::for_stream(triggers, reader)
+        .owns(
+            scoped::<ConfigMap>(&client, namespace.as_deref()),
+            watcher::Config::default().labels("eden.io/migration"),
+        )
+        .watches(scoped::<Endpoint>(&client, namespace.as_deref()), watcher::Config::default(), move |endpoint| {
+            let namespace = endpoint.namespace();
+            let name = endpoint.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|m| m.namespace() == namespace && observe::references(m, &name))
+                .map(|m| ObjectRef::from_obj(m.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(migration = %migration.name_any(), namespace = migration.namespace()))]
+pub async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let name = migration.name_any();
+    let namespace = migration.namespace().ok_or_else(|| Error::NotNamespaced(name.clone()))?;
+    let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &namespace);
+    let action = finalizer(&api, FINALIZER, migration, |event| async {
+        match event {
+            Finalizer::Apply(migration) => apply(migration, &ctx).await,
+            Finalizer::Cleanup(migration) => cleanup(migration, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| Error::Finalizer(Box::new(err)))?;
+    ctx.metrics.reconciled(CONTROLLER, started.elapsed());
+    Ok(action)
+}
+
+pub fn error_policy(migration: Arc<Migration>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(migration = %migration.name_any(), %error, "reconcile failed; retrying");
+    ctx.metrics.failed(CONTROLLER, error.metric_label());
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error> {
+    // The phase machine starts from the phase in status, so it reads the object fresh: the
+    // watch cache can lag behind this controller's own last status write, and a stale phase
+    // would repeat a transition (and its Events).
+    let name = migration.name_any();
+    let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    let migration = api.get(&name).await.map_err(|source| Error::Read { what: format!("Migration {name}"), source })?;
+    let uid = migration.uid().ok_or_else(|| Error::NoUid(name.clone()))?;
+    let observation = Observation::gather(&migration, ctx).await?;
+    let decision = phase::next(&migration.spec, &observation.observed, observation.phase);
+    let mut events = Vec::new();
+
+    // The flip happens only once the engine has provably applied every write made before the
+    // hold; after it, replication stops so that writes mirrored to the source do not come back.
+    let flip = decision.effective.is_some_and(|e| matches!(e.writes, Writes::Target { .. } | Writes::Split { .. }))
+        && decision.phase == Phase::CuttingOver
+        && !observation.observed.cutover.flip_pushed;
+    let drained = !flip || migration.spec.data.type_ == DataCopy::None || {
+        let remaining =
+            migration.spec.cutover.max_write_pause_millis - observation.observed.cutover.paused_for_millis.max(0);
+        ctx.replications.drain(&uid, Duration::from_millis(remaining.max(0) as u64)).await
+    };
+
+    drive_replication(&migration, ctx, &uid, &observation, &decision, &mut events).await;
+
+    let mut generation = observation.configured_generation();
+    if drained
+        && let Some(effective) = &decision.effective
+        && let Some(payload) = observation.payload(&migration, effective)
+    {
+        let next = configmap::next_generation(observation.config.as_ref(), &payload);
+        if Some(next) != observation.config.as_ref().map(|c| c.generation) {
+            let payload = eden_sidecar::config::EdenConfig { generation: next, ..payload };
+            push_config(&migration, ctx, &payload).await?;
+            let note = status::describe_strategy(&payload);
+            events.push(Notice::new(EventType::Normal, "StrategyPushed", format!("PushGeneration{next}"), note));
+            generation = next;
+        }
+    }
+
+    let snapshot = ctx.replications.observe(&uid).await;
+    if migration.spec.cutover.require_verification
+        && decision.replicate
+        && snapshot.as_ref().is_some_and(|s| {
+            s.failure.is_none() && s.backfill_done && s.lag_millis <= migration.spec.cutover.max_lag_millis
+        })
+        && ctx.replications.verify_if_due(&uid)
+    {
+        tracing::info!("verifying the copy");
+    }
+
+    let cutover_started_at = match (decision.phase, observation.phase) {
+        (Phase::CuttingOver, Phase::CuttingOver) => observation.status.cutover_started_at.clone(),
+        (Phase::CuttingOver, _) => Some(MicroTime(Timestamp::now())),
+        _ => None,
+    };
+    let report = status::Report {
+        migration: &migration,
+        previous: &observation.status,
+        decision: &decision,
+        observation: &observation,
+        snapshot: snapshot.as_ref(),
+        configured_generation: generation,
+        cutover_started_at,
+    };
+    let new_status = report.status();
+    events.extend(report.events(&new_status));
+    write_status(&migration, ctx, &new_status).await?;
+    for notice in events {
+        ctx.event(&migration, notice.type_, notice.reason, &notice.action, notice.note).await;
+    }
+    Ok(Action::requeue(requeue_after(decision.phase)))
+}
+
+/// Starts, restarts or stops the replication run so that it matches the decision.
+async fn drive_replication(
+    migration: &Migration,
+    ctx: &Context,
+    uid: &str,
+    observation: &Observation,
+    decision: &Decision,
+    events: &mut Vec<Notice>,
+) {
+    let running = ctx.replications.contains(uid);
+    if !decision.replicate {
+        if running {
+            ctx.replications.stop(uid).await;
+            events.push(Notice::new(
+                EventType::Normal,
+                "ReplicationStopped",
+                "Replicate",
+                format!("replication stopped in phase {:?}", decision.phase),
+            ));
+        }
+        return;
+    }
+    if running && !decision.fresh_copy && !ctx.replications.retry_due(uid) {
+        return;
+    }
+    let plan = match observation.plan(migration, ctx).await {
+        Ok(plan) => plan,
+        Err(message) => {
+            events.push(Notice::new(EventType::Warning, "ReplicationFailed", "Replicate", message));
+            return;
+        }
+    };
+    let plan = &plan;
+    // A fresh copy ignores the checkpoint: the target diverged from the source.
+    let checkpoint = (!decision.fresh_copy).then_some(observation.status.checkpoint.as_deref()).flatten();
+    match ctx.replications.start(uid, plan, checkpoint).await {
+        Ok(()) => {
+            let (action, how) = match checkpoint {
+                Some(_) => ("Resume", "resumed from its checkpoint"),
+                None => ("FullCopy", "started with a full copy"),
+            };
+            tracing::info!(mode = ?migration.spec.data.type_, how, "replication running");
+            events.push(Notice::new(
+                EventType::Normal,
+                "ReplicationStarted",
+                action,
+                format!("{:?} replication {how}", plan.mode),
+            ));
+        }
+        Err(err) => {
+            tracing::warn!(%err, "replication could not start");
+            events.push(Notice::new(EventType::Warning, "ReplicationFailed", "Replicate", err.to_string()));
+            ctx.replications.failed_to_start(uid, plan, err.to_string());
+        }
+    }
+}
+
+async fn push_config(
+    migration: &Migration,
+    ctx: &Context,
+    payload: &eden_sidecar::config::EdenConfig,
+) -> Result<(), Error> {
+    let config_map = configmap::build(migration, payload)?;
+    let name = configmap::name(migration);
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&config_map))
+        .await
+        .map_err(|source| Error::Write { what: format!("ConfigMap {name}"), source })?;
+    tracing::info!(generation = payload.generation, "strategy pushed to the sidecars");
+    Ok(())
+}
+
+async fn write_status(migration: &Migration, ctx: &Context, status: &crate::crd::MigrationStatus) -> Result<(), Error> {
+    let name = migration.name_any();
+    let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": Migration::api_version(&()), "kind": Migration::kind(&()), "status": status});
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::Write { what: format!("status of Migration {name}"), source })?;
+    Ok(())
+}
+
+/// Stops replication and deletes the ConfigMap. The data on both servers is left alone.
+async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error> {
+    if let Some(uid) = migration.uid() {
+        ctx.replications.stop(&uid).await;
+    }
+    let name = configmap::name(&migration);
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    match api.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(source) => return Err(Error::Write { what: format!("deleting ConfigMap {name}"), source }),
+    }
+    let note = format!("replication stopped and ConfigMap {name} deleted; data on both servers left as it is");
+    tracing::info!(%note, "cleaned up");
+    ctx.event(migration.as_ref(), EventType::Normal, "CleanedUp", "Delete", note).await;
+    Ok(Action::await_change())
+}
+
+/// How soon to look again: often while something moves, rarely when at rest.
+fn requeue_after(phase: Phase) -> Duration {
+    match phase {
+        Phase::CuttingOver => Duration::from_millis(200),
+        Phase::Pending | Phase::Syncing | Phase::Ready | Phase::RollingBack | Phase::CutOver => Duration::from_secs(1),
+        Phase::Completed | Phase::RolledBack | Phase::Paused | Phase::Failed => Duration::from_secs(10),
+    }
+}

@@ -174,8 +174,11 @@ impl ScanReplicator {
         let barrier = self.publish_barrier().await?;
         let mut progress = self.progress.clone();
         let wait = progress.wait_for(|p| p.barrier >= barrier && p.caught_up());
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(Ok(snapshot)) => Ok(Some(snapshot.clone())),
+        // The snapshot is cloned at once: a borrowed watch value held across the await below
+        // would make this future !Send, unusable from a spawned task.
+        let outcome = tokio::time::timeout(timeout, wait).await.map(|waited| waited.map(|snapshot| snapshot.clone()));
+        match outcome {
+            Ok(Ok(snapshot)) => Ok(Some(snapshot)),
             Ok(Err(_stopped)) => (&mut self.copier).await.unwrap_or(Ok(())).map(|()| None),
             Err(_elapsed) => Ok(None),
         }

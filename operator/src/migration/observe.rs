@@ -1,0 +1,186 @@
+//! Everything one reconcile looks at, gathered before anything is decided.
+
+use eden_sidecar::config::{EdenConfig, UpstreamConfig, WriteMode, WritePolicy, WritesState};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, ResourceExt};
+
+use super::Error;
+use super::phase::{CutoverProgress, Effective, Held, Observed, Replication};
+use super::replication::Plan;
+use crate::conditions;
+use crate::configmap;
+use crate::context::Context;
+use crate::crd::{Endpoint, Migration, MigrationStatus, Phase};
+use crate::endpoint::ConnectionSettings;
+use crate::sidecars::{self, SidecarReport};
+
+/// Where the sidecars find the target's password: the webhook mounts the target Endpoint's
+/// Secret here (DESIGN §6).
+pub const TARGET_CREDENTIALS_FILE: &str = "/var/run/eden/target/password";
+
+/// Whether `migration` names the Endpoint `endpoint` as its source or target.
+pub fn references(migration: &Migration, endpoint: &str) -> bool {
+    migration.spec.source.endpoint_ref.name == endpoint || migration.spec.target.endpoint_ref.name == endpoint
+}
+
+/// One side of the migration as found in the API.
+pub struct Side {
+    pub role: &'static str,
+    pub name: String,
+    pub endpoint: Option<Endpoint>,
+}
+
+impl Side {
+    fn ready(&self) -> bool {
+        self.endpoint
+            .as_ref()
+            .and_then(|e| e.status.as_ref())
+            .is_some_and(|status| conditions::is_true(&status.conditions, "Ready"))
+    }
+
+    /// The address the sidecars are given: no secret in it, the password comes from a file.
+    fn upstream(&self) -> Option<UpstreamConfig> {
+        let endpoint = self.endpoint.as_ref()?;
+        let credentials_file = (self.role == "target" && endpoint.spec.credentials_secret_ref.is_some())
+            .then(|| TARGET_CREDENTIALS_FILE.into());
+        Some(UpstreamConfig { uri: endpoint.spec.uri.clone(), credentials_file })
+    }
+}
+
+pub struct Observation {
+    /// The phase in status: where the last reconcile left the migration.
+    pub phase: Phase,
+    pub status: MigrationStatus,
+    pub source: Side,
+    pub target: Side,
+    /// The payload in the ConfigMap now, if there is a valid one.
+    pub config: Option<EdenConfig>,
+    pub sidecars: SidecarReport,
+    pub observed: Observed,
+    /// Why the spec cannot be acted on at all (an Endpoint that does not exist).
+    pub missing: Vec<Held>,
+}
+
+impl Observation {
+    pub async fn gather(migration: &Migration, ctx: &Context) -> Result<Self, Error> {
+        let namespace = migration.namespace().unwrap_or_default();
+        let status = migration.status.clone().unwrap_or_default();
+        let phase = status.phase.unwrap_or_default();
+        let endpoints: Api<Endpoint> = Api::namespaced(ctx.client.clone(), &namespace);
+        let source = side(&endpoints, "source", &migration.spec.source.endpoint_ref.name).await?;
+        let target = side(&endpoints, "target", &migration.spec.target.endpoint_ref.name).await?;
+        let missing = [&source, &target]
+            .into_iter()
+            .filter(|side| side.endpoint.is_none())
+            .map(|side| Held {
+                reason: "EndpointNotFound",
+                message: format!("the {} Endpoint {:?} does not exist in namespace {namespace}", side.role, side.name),
+            })
+            .collect();
+
+        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+        let config_name = configmap::name(migration);
+        let config = config_maps
+            .get_opt(&config_name)
+            .await
+            .map_err(|source| Error::Read { what: format!("ConfigMap {config_name}"), source })?
+            .as_ref()
+            .and_then(configmap::read);
+        let configured_generation = config.as_ref().map_or(0, |c| c.generation) as i64;
+
+        let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
+        let leases = sidecars::list(&leases, &migration.name_any())
+            .await
+            .map_err(|source| Error::Read { what: "sidecar Leases".into(), source })?;
+        let sidecars = sidecars::report(&leases, configured_generation, Timestamp::now());
+
+        let snapshot = match migration.uid() {
+            Some(uid) => ctx.replications.observe(&uid).await,
+            None => None,
+        };
+        let observed = Observed {
+            source_ready: source.ready(),
+            target_ready: target.ready(),
+            replication: snapshot.as_ref().map(|s| Replication {
+                backfill_done: s.backfill_done,
+                lag_millis: s.lag_millis,
+                failed: s.failure.is_some(),
+            }),
+            verification_differences: snapshot
+                .as_ref()
+                .and_then(|s| s.verification.as_ref())
+                .map(|v| v.report.differences() as i64),
+            // Mirror failures are reported by the sidecars' metrics; the Lease does not carry
+            // them yet, so none are known here.
+            unrepaired_mirror_failures: 0,
+            sidecars_acked: sidecars.all_acknowledged(),
+            cutover: cutover_progress(phase, config.as_ref(), &sidecars, &status),
+        };
+        Ok(Observation { phase, status, source, target, config, sidecars, observed, missing })
+    }
+
+    pub fn configured_generation(&self) -> u64 {
+        self.config.as_ref().map_or(0, |c| c.generation)
+    }
+
+    /// The sidecars' payload for `effective`, when both Endpoints exist.
+    pub fn payload(&self, migration: &Migration, effective: &Effective) -> Option<EdenConfig> {
+        Some(configmap::payload(migration, self.source.upstream()?, self.target.upstream()?, effective))
+    }
+
+    /// What the replication engine needs, with the Endpoints' Secrets read.
+    pub async fn plan(&self, migration: &Migration, ctx: &Context) -> Result<Plan, String> {
+        let (Some(source), Some(target)) = (&self.source.endpoint, &self.target.endpoint) else {
+            return Err("an Endpoint is missing".into());
+        };
+        let data = &migration.spec.data;
+        Ok(Plan {
+            mode: data.type_,
+            replace: data.replace,
+            source_url: url(ctx, source).await?,
+            target_url: url(ctx, target).await?,
+        })
+    }
+}
+
+/// The Endpoint's URL with its Secret's credentials in it.
+async fn url(ctx: &Context, endpoint: &Endpoint) -> Result<String, String> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &endpoint.namespace().unwrap_or_default());
+    let settings = ConnectionSettings::resolve(&endpoint.spec, &secrets).await.map_err(|e| e.to_string())?;
+    settings.url_with_credentials().map_err(|e| e.to_string())
+}
+
+async fn side(endpoints: &Api<Endpoint>, role: &'static str, name: &str) -> Result<Side, Error> {
+    let endpoint =
+        endpoints.get_opt(name).await.map_err(|source| Error::Read { what: format!("Endpoint {name}"), source })?;
+    Ok(Side { role, name: name.to_string(), endpoint })
+}
+
+/// Where the cutover protocol stands, read from the ConfigMap (what was pushed) and the Leases
+/// (what the sidecars did with it).
+fn cutover_progress(
+    phase: Phase,
+    config: Option<&EdenConfig>,
+    sidecars: &SidecarReport,
+    status: &MigrationStatus,
+) -> CutoverProgress {
+    if phase != Phase::CuttingOver {
+        return CutoverProgress::default();
+    }
+    let Some(config) = config else { return CutoverProgress::default() };
+    let all_acked = sidecars.all_acknowledged();
+    let flip_pushed = config.writes == WritesState::Flowing
+        && (config.write_policy == WritePolicy::NewAuthoritative || config.write_mode == WriteMode::Cutover);
+    let paused_for_millis = status
+        .cutover_started_at
+        .as_ref()
+        .map_or(0, |started| Timestamp::now().duration_since(started.0).as_millis() as i64);
+    CutoverProgress {
+        writes_held: config.writes == WritesState::Paused && all_acked && sidecars.holding_writes == sidecars.live,
+        flip_pushed,
+        flipped: flip_pushed && all_acked,
+        paused_for_millis,
+    }
+}

@@ -1,0 +1,350 @@
+//! The Migration controller against a real API server and real redis-servers: a migration
+//! applied with kubectl walks Pending → Syncing → Ready with the data copied and verified,
+//! pushes its strategy to the sidecars and counts their acks, cuts over and rolls back, says
+//! why when it holds a request, survives an operator restart, and cleans up when deleted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
+use eden_operator::crd::{Migration, Phase};
+use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
+use eden_sidecar::config::{Applier, EdenConfig, WritePolicy};
+use eden_sidecar::lease::LeaseReporter;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, DeleteParams};
+use redis::AsyncCommands;
+use tokio::task::JoinHandle;
+
+/// A namespace with both controllers reconciling it, as the operator's leader would.
+struct Harness {
+    control_plane: &'static ControlPlane,
+    namespace: String,
+    client: kube::Client,
+    controllers: Vec<JoinHandle<()>>,
+}
+
+impl Harness {
+    async fn start(prefix: &str) -> Harness {
+        let control_plane = ControlPlane::shared();
+        control_plane.install_eden_crds().unwrap();
+        let namespace = control_plane.namespace(prefix).await.unwrap();
+        let client = control_plane.client().await.unwrap();
+        let mut harness = Harness { control_plane, namespace, client, controllers: Vec::new() };
+        harness.start_operator();
+        harness
+    }
+
+    /// Starts the controllers with a fresh context: a restarted operator knows only what the
+    /// API server holds.
+    fn start_operator(&mut self) {
+        let ctx = Context::new(self.client.clone(), Arc::new(Metrics::default()), None);
+        self.controllers.push(tokio::spawn(endpoint::run(ctx.clone())));
+        self.controllers.push(tokio::spawn(migration::run(ctx, Some(self.namespace.clone()))));
+    }
+
+    /// Stops the controllers; their replication runs stop with the context.
+    async fn stop_operator(&mut self) {
+        for controller in self.controllers.drain(..) {
+            controller.abort();
+            let _ = controller.await;
+        }
+    }
+
+    fn apply(&self, manifest: &str) {
+        self.control_plane.apply_manifest(&self.namespace, manifest).unwrap();
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.namespace.as_str()];
+        all.extend_from_slice(args);
+        self.control_plane.run_kubectl(&all).unwrap()
+    }
+
+    fn migrations(&self) -> Api<Migration> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn config_maps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Polls the Migration until `done` holds; panics with its status otherwise.
+    async fn wait(&self, name: &str, what: &str, done: impl Fn(&Migration) -> bool) -> Migration {
+        for _ in 0..1200 {
+            if let Some(migration) = self.migrations().get_opt(name).await.unwrap()
+                && done(&migration)
+            {
+                return migration;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let status = self.migrations().get(name).await.unwrap().status;
+        panic!("Migration {name} never reached {what}: {status:#?}");
+    }
+
+    async fn wait_phase(&self, name: &str, phase: Phase) -> Migration {
+        self.wait(name, &format!("{phase:?}"), |m| phase_of(m) == Some(phase)).await
+    }
+
+    async fn payload(&self, name: &str) -> EdenConfig {
+        let config_map = self.config_maps().get(&format!("eden-{name}")).await.unwrap();
+        EdenConfig::from_yaml(&config_map.data.unwrap()["eden.yaml"]).unwrap()
+    }
+
+    async fn wait_payload(&self, name: &str, done: impl Fn(&EdenConfig) -> bool) -> EdenConfig {
+        for _ in 0..300 {
+            if let Some(config_map) = self.config_maps().get_opt(&format!("eden-{name}")).await.unwrap() {
+                let payload = EdenConfig::from_yaml(&config_map.data.unwrap()["eden.yaml"]).unwrap();
+                if done(&payload) {
+                    return payload;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("ConfigMap eden-{name} never reached the expected payload: {:?}", self.payload(name).await);
+    }
+}
+
+fn phase_of(migration: &Migration) -> Option<Phase> {
+    migration.status.as_ref().and_then(|s| s.phase)
+}
+
+fn condition<'a>(
+    migration: &'a Migration,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let status = migration.status.as_ref().expect("status");
+    status.conditions.iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} condition"))
+}
+
+fn endpoints(source: &RedisServer, target: &RedisServer) -> String {
+    format!(
+        "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: source}}\nspec: {{uri: \"{}\"}}\n---\n\
+         apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: target}}\nspec: {{uri: \"{}\"}}\n",
+        source.url(),
+        target.url()
+    )
+}
+
+fn migration(name: &str, read_percentage: u32, policy: &str) -> String {
+    format!(
+        "apiVersion: eden.io/v1alpha1
+kind: Migration
+metadata: {{name: {name}}}
+spec:
+  source: {{endpointRef: {{name: source}}}}
+  target: {{endpointRef: {{name: target}}}}
+  strategy:
+    readPercentage: {read_percentage}
+    writeMode: {{mode: dualWrite, policy: {policy}}}
+  data: {{type: scan}}
+"
+    )
+}
+
+async fn connect(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    // DEBUG POPULATE of many keys takes longer than the client's default response timeout.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
+    let client = redis::Client::open(server.url()).unwrap();
+    client.get_multiplexed_async_connection_with_config(&config).await.unwrap()
+}
+
+/// Polls `server` until `key` holds `value`.
+async fn wait_value(server: &mut redis::aio::MultiplexedConnection, key: &str, value: Option<&str>) {
+    for _ in 0..100 {
+        let found: Option<String> = server.get(key).await.unwrap();
+        if found.as_deref() == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{key} never became {value:?}");
+}
+
+#[tokio::test]
+async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_up() {
+    let harness = Harness::start("migration").await;
+    let (source, target) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
+    let (mut on_source, mut on_target) = (connect(&source).await, connect(&target).await);
+    for i in 0..2_000 {
+        let _: () = on_source.set(format!("user:{i}"), format!("profile {i}")).await.unwrap();
+    }
+    let _: () = on_source.hset("cart:7", "apples", 3).await.unwrap();
+
+    harness.apply(&endpoints(&source, &target));
+    let shop = migration("shop", 10, "oldAuthoritative");
+    harness.apply(&shop);
+    let ready = harness.wait_phase("shop", Phase::Ready).await;
+    let status = ready.status.as_ref().unwrap();
+    assert!(status.ready_for_cutover);
+    let verification = status.last_verification.as_ref().expect("verified before Ready");
+    assert_eq!((verification.checked, verification.missing, verification.mismatched), (2_001, 0, 0));
+    assert_eq!(status.progress.as_ref().unwrap().keys_copied, 2_001);
+    let copied: Option<String> = on_target.get("user:1999").await.unwrap();
+    assert_eq!(copied.as_deref(), Some("profile 1999"));
+
+    // Live writes keep flowing to the target through replication.
+    let _: () = on_source.set("user:new", "arrived after the backfill").await.unwrap();
+    wait_value(&mut on_target, "user:new", Some("arrived after the backfill")).await;
+
+    // The strategy reaches the sidecars' ConfigMap; a sidecar's ack is counted.
+    let first = harness.wait_payload("shop", |p| p.read_percentage == 10).await;
+    let (applier, current) = Applier::new();
+    let sidecar_config = tokio::spawn(applier.clone().watch_config_map(harness.config_maps(), "eden-shop".into()));
+    let leases = Api::namespaced(harness.client.clone(), &harness.namespace);
+    let lease =
+        tokio::spawn(LeaseReporter::new(leases, "app-0".into(), "shop".into(), current, applier.status()).run());
+    harness.apply(&migration("shop", 25, "oldAuthoritative"));
+    let second = harness.wait_payload("shop", |p| p.read_percentage == 25).await;
+    assert_eq!(second.generation, first.generation + 1, "a strategy change bumps the generation once");
+    harness
+        .wait("shop", "the sidecar's ack", |m| {
+            m.status
+                .as_ref()
+                .and_then(|s| s.sidecars.as_ref())
+                .is_some_and(|s| s.summary == "1/1" && s.configured_generation == second.generation as i64)
+        })
+        .await;
+
+    let describe = harness.kubectl(&["describe", "migration", "shop"]);
+    for expected in [
+        "Phase:",
+        "Ready",
+        "ReadyForCutover",
+        "InSync",
+        "PhaseChanged",
+        "Syncing → Ready",
+        "StrategyPushed",
+        "Verified",
+    ] {
+        assert!(describe.contains(expected), "kubectl describe lacks {expected:?}:\n{describe}");
+    }
+    // GitOps: the operator never writes the spec, so the applied manifest shows no drift.
+    assert_no_drift(&harness, &migration("shop", 25, "oldAuthoritative"));
+
+    // Cutover: writes pause in the sidecars, replication drains and stops, writes flip to the
+    // target and are mirrored back to the source.
+    harness.apply(&migration("shop", 25, "newAuthoritative"));
+    let cut_over = harness.wait_phase("shop", Phase::CutOver).await;
+    assert_eq!(condition(&cut_over, "Replicating").reason, "NotRunning");
+    let flipped = harness.payload("shop").await;
+    assert_eq!((flipped.write_policy, flipped.mirror_writes), (WritePolicy::NewAuthoritative, true));
+    let _: () = on_source.set("after-cutover", "not replicated").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leaked: Option<String> = on_target.get("after-cutover").await.unwrap();
+    assert_eq!(leaked, None, "replication stopped at the flip");
+
+    // Rollback: the source is authoritative again once the sidecar acknowledged.
+    harness.apply(&migration("shop", 25, "oldAuthoritative"));
+    harness.wait_phase("shop", Phase::RolledBack).await;
+    let rolled_back = harness.payload("shop").await;
+    assert_eq!(rolled_back.write_policy, WritePolicy::OldAuthoritative);
+
+    // Deleting the Migration removes the ConfigMap and stops replication; data stays.
+    harness.migrations().delete("shop", &DeleteParams::default()).await.unwrap();
+    harness.wait_gone("shop").await;
+    assert!(harness.config_maps().get_opt("eden-shop").await.unwrap().is_none());
+    let kept: Option<String> = on_target.get("user:0").await.unwrap();
+    assert_eq!(kept.as_deref(), Some("profile 0"), "cleanup never touches user data");
+    lease.abort();
+    sidecar_config.abort();
+}
+
+fn assert_no_drift(harness: &Harness, manifest: &str) {
+    use std::io::Write;
+    let mut diff = harness
+        .control_plane
+        .kubectl()
+        .args(["-n", &harness.namespace, "diff", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    diff.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
+    let output = diff.wait_with_output().unwrap();
+    assert!(
+        output.status.success() && output.stdout.is_empty(),
+        "kubectl diff shows drift:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Harness {
+    async fn wait_gone(&self, name: &str) {
+        for _ in 0..100 {
+            if self.migrations().get_opt(name).await.unwrap().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("Migration {name} was never deleted: the finalizer did not finish");
+    }
+}
+
+#[tokio::test]
+async fn requests_the_data_cannot_honour_are_held_with_the_reason() {
+    let harness = Harness::start("migration-held").await;
+    // A missing Endpoint: the migration waits in Pending and says which one.
+    harness.apply(&migration("orphan", 0, "oldAuthoritative"));
+    let pending = harness
+        .wait("orphan", "a Held condition", |m| {
+            m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Held" && c.status == "True"))
+        })
+        .await;
+    assert_eq!(phase_of(&pending), Some(Phase::Pending));
+    let held = condition(&pending, "Held");
+    assert_eq!(held.reason, "EndpointNotFound,EndpointsNotReady");
+    assert!(held.message.contains("the source Endpoint \"source\" does not exist"), "{}", held.message);
+    let describe = harness.kubectl(&["describe", "migration", "orphan"]);
+    assert!(describe.contains("does not exist in namespace"), "{describe}");
+
+    // Cutover requested while the copy is still running: held, writes stay on the source.
+    let source = RedisServer::with_config(RedisConfig::default().directive("enable-debug-command", "yes")).unwrap();
+    let target = RedisServer::start().unwrap();
+    let _: () =
+        redis::cmd("DEBUG").arg("POPULATE").arg(200_000).query_async(&mut connect(&source).await).await.unwrap();
+    harness.apply(&endpoints(&source, &target));
+    harness.apply(&migration("early", 0, "newAuthoritative"));
+    let syncing = harness
+        .wait("early", "CutoverHeld while syncing", |m| {
+            phase_of(m) == Some(Phase::Syncing)
+                && m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.reason.contains("CutoverHeld")))
+        })
+        .await;
+    assert!(condition(&syncing, "Held").message.contains("the target is not in sync yet"));
+    assert_eq!(harness.payload("early").await.write_policy, WritePolicy::OldAuthoritative);
+}
+
+#[tokio::test]
+async fn a_restarted_operator_resumes_the_copy_from_the_checkpoint_in_status() {
+    let mut harness = Harness::start("migration-restart").await;
+    let source = RedisServer::with_config(RedisConfig::default().directive("enable-debug-command", "yes")).unwrap();
+    let target = RedisServer::start().unwrap();
+    let _: () =
+        redis::cmd("DEBUG").arg("POPULATE").arg(200_000).query_async(&mut connect(&source).await).await.unwrap();
+    harness.apply(&endpoints(&source, &target));
+    harness.apply(&migration("big", 0, "oldAuthoritative"));
+    let mid_copy = harness
+        .wait("big", "a checkpoint mid-backfill", |m| {
+            m.status.as_ref().is_some_and(|s| {
+                s.checkpoint.is_some()
+                    && s.progress.as_ref().is_some_and(|p| p.keys_copied > 0 && p.keys_copied < 200_000)
+            })
+        })
+        .await;
+    harness.stop_operator().await;
+    let copied_before = mid_copy.status.unwrap().progress.unwrap().keys_copied;
+
+    harness.start_operator();
+    let ready = harness.wait_phase("big", Phase::Ready).await;
+    let verification = ready.status.as_ref().unwrap().last_verification.clone().unwrap();
+    assert_eq!((verification.checked, verification.missing, verification.mismatched), (200_000, 0, 0));
+    let describe = harness.kubectl(&["describe", "migration", "big"]);
+    assert!(
+        describe.contains("resumed from its checkpoint"),
+        "the new operator resumed (copied {copied_before} before):\n{describe}"
+    );
+}
