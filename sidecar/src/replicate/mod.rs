@@ -25,15 +25,19 @@ mod keys;
 mod notify;
 mod pace;
 mod progress;
+mod replicator;
 mod scan;
+mod sync;
 mod verify;
 
-pub use checkpoint::{Checkpoint, Pass};
+pub use checkpoint::{Checkpoint, Pass, SyncPosition};
 pub use copy::ReplacePolicy;
 pub use error::ReplicateError;
 pub use keys::KeyType;
 pub use progress::Progress;
+pub use replicator::{Mode, Replicator, ReplicatorOptions};
 pub use scan::{ScanOptions, ScanReplicator};
+pub use sync::{POSITION_KEY, SyncOptions, SyncReplicator};
 pub use verify::{Difference, DifferenceKind, Verifier, VerifyOptions, VerifyReport};
 
 /// A Redis key as raw bytes: keys are binary-safe and are never assumed to be UTF-8.
