@@ -5,8 +5,11 @@ mod support_replicate;
 
 use std::time::Duration;
 
-use eden_e2e::RedisConfig;
-use eden_sidecar::replicate::{Checkpoint, POSITION_KEY, Replicator, SyncOptions};
+use eden_e2e::{RedisConfig, RedisServer, TestPki};
+use eden_sidecar::replicate::{
+    Checkpoint, Mode, POSITION_KEY, ReplacePolicy, Replicator, ReplicatorOptions, SyncOptions, VerifyOptions,
+};
+use eden_sidecar::upstream::TlsSettings;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use support_replicate::{Pair, assert_clean, caught_up, seed_big_hash, seed_every_type, seed_strings, spawn_writers};
@@ -157,6 +160,35 @@ async fn source_flushes_are_replicated() {
     let exists: bool = target.exists("after-flush").await.unwrap();
     assert!(!exists);
     assert_clean(&pair.verify().await);
+}
+
+/// Both modes and the verifier reach `rediss://` servers, trusting a CA from a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_modes_and_the_verifier_work_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&["127.0.0.1"]).unwrap();
+    let files = pki.write_to(dir.path()).unwrap();
+    let tls = || diskless().tls(&files.ca, &files.cert, &files.key);
+    let pair =
+        Pair { source: RedisServer::with_config(tls()).unwrap(), target: RedisServer::with_config(tls()).unwrap() };
+    let trust = TlsSettings { ca_pem: Some(pki.ca_pem.into_bytes()), ..Default::default() };
+    let mut source = redis::Client::build_with_tls(
+        pair.source.url().as_str(),
+        redis::TlsCertificates { client_tls: None, root_cert: trust.ca_pem.clone() },
+    )
+    .unwrap()
+    .get_multiplexed_async_connection()
+    .await
+    .unwrap();
+    seed_every_type(&mut source).await;
+    for mode in [Mode::Sync, Mode::Scan] {
+        let options = ReplicatorOptions::new(ReplacePolicy::Replace, trust.clone());
+        let mut replicator = pair.replicator(mode, options, None).await;
+        let _: () = source.set(format!("written-during-{mode}"), 1).await.unwrap();
+        caught_up(&mut replicator).await;
+        replicator.stop().await.unwrap();
+        assert_clean(&pair.verify_with(VerifyOptions { tls: trust.clone(), ..Default::default() }).await);
+    }
 }
 
 /// The last checkpoint of a replicator that is then dropped (killed).

@@ -61,7 +61,11 @@ impl Pair {
     }
 
     pub async fn verify(&self) -> VerifyReport {
-        Verifier::connect(&self.source.url(), &self.target.url(), VerifyOptions::default())
+        self.verify_with(VerifyOptions::default()).await
+    }
+
+    pub async fn verify_with(&self, options: VerifyOptions) -> VerifyReport {
+        Verifier::connect(&self.source.url(), &self.target.url(), options)
             .await
             .expect("verifier connects")
             .run()
