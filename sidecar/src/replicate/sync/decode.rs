@@ -254,4 +254,78 @@ mod tests {
         assert_eq!(ziplist(&zl).unwrap(), [b"x".to_vec(), b"3".to_vec(), b"-1".to_vec()]);
         assert!(listpack(&lp[..8]).is_err() && ziplist(&zl[..12]).is_err() && intset(&set[..9]).is_err());
     }
+
+    /// Values in each encoding a Redis 7 server picks (listpack, intset, hashtable, skiplist,
+    /// quicklist, int and raw strings) decode into commands that rebuild them equal.
+    #[tokio::test]
+    async fn values_dumped_by_a_real_server_rebuild_equal() {
+        let server = eden_e2e::RedisServer::start().unwrap();
+        let mut con = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let many: Vec<u32> = (0..300).collect();
+        let mut p = redis::pipe();
+        p.set("int", 12345).set("raw", "x".repeat(100));
+        p.rpush("small-list", &[1, 2, 3]).rpush("list", &many);
+        p.sadd("intset", &[5, -7]).sadd("set", many.iter().map(|i| format!("m{i}")).collect::<Vec<_>>());
+        p.sadd("small-set", &["a", "b"]).hset_multiple("small-hash", &[("f", "v"), ("n", "-3")]);
+        p.hset_multiple("hash", &many.iter().map(|i| (format!("f{i}"), i)).collect::<Vec<_>>());
+        p.zadd_multiple("small-zset", &[(1.5, "a"), (-2.0, "b")]);
+        p.zadd_multiple("zset", &many.iter().map(|i| (f64::from(*i) / 7.0, format!("m{i}"))).collect::<Vec<_>>());
+        p.exec_async(&mut con).await.unwrap();
+        let keys = [
+            "int",
+            "raw",
+            "small-list",
+            "list",
+            "intset",
+            "set",
+            "small-set",
+            "small-hash",
+            "hash",
+            "small-zset",
+            "zset",
+        ];
+        for key in keys {
+            let dump: Vec<u8> = redis::cmd("DUMP").arg(key).query_async(&mut con).await.unwrap();
+            let object = &dump[..dump.len() - 10];
+            let rebuilt = format!("rebuilt:{key}");
+            for args in commands(rebuilt.as_bytes(), object, Some(4_000_000_000_000)).await.unwrap() {
+                let mut command = redis::cmd(std::str::from_utf8(&args[0]).unwrap());
+                command.arg(&args[1..]);
+                let _: redis::Value = command.query_async(&mut con).await.unwrap();
+            }
+            let read = |k: &str| {
+                let mut con = con.clone();
+                let k = k.to_string();
+                async move {
+                    let kind: String = redis::cmd("TYPE").arg(&k).query_async(&mut con).await.unwrap();
+                    let mut read = match kind.as_str() {
+                        "string" => redis::cmd("GET"),
+                        "list" => redis::cmd("LRANGE"),
+                        "set" => redis::cmd("SMEMBERS"),
+                        "hash" => redis::cmd("HGETALL"),
+                        _ => redis::cmd("ZRANGE"),
+                    };
+                    read.arg(&k);
+                    match kind.as_str() {
+                        "list" | "zset" => read.arg(0).arg(-1),
+                        _ => &mut read,
+                    };
+                    if kind == "zset" {
+                        read.arg("WITHSCORES");
+                    }
+                    let mut value: Vec<Vec<u8>> = match read.query_async::<redis::Value>(&mut con).await.unwrap() {
+                        redis::Value::BulkString(b) => vec![b],
+                        other => redis::from_redis_value(other).unwrap(),
+                    };
+                    if kind == "set" || kind == "hash" {
+                        value.sort();
+                    }
+                    (kind, value)
+                }
+            };
+            assert_eq!(read(key).await, read(&rebuilt).await, "{key}");
+            let ttl: i64 = redis::cmd("PEXPIRETIME").arg(&rebuilt).query_async(&mut con).await.unwrap();
+            assert_eq!(ttl, 4_000_000_000_000, "{key}");
+        }
+    }
 }
