@@ -4,9 +4,11 @@
 //! request boundaries with [`frame`], classifies each request with [`command`], and forwards
 //! whole batches to the [`upstream`]; replies are copied back as bytes. [`admin`] serves health
 //! and [`metrics`] on a separate port. The strategy the operator pushes arrives through
-//! [`config`], and [`lease`] acknowledges it.
+//! [`config`], and [`lease`] acknowledges it. [`replicate`] is the replication engine and the
+//! verifier; [`cli`] holds the binary's `replicate` and `verify` verbs.
 
 pub mod admin;
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod frame;

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use eden_sidecar::admin;
+use eden_sidecar::cli::{self, Verb};
 use eden_sidecar::metrics::ProxyMetrics;
 use eden_sidecar::server::{self, Listener};
 use eden_sidecar::telemetry::{LogFormat, init_logging};
@@ -52,13 +53,22 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() {
-    let args = Args::parse();
+async fn main() -> std::process::ExitCode {
+    // The `replicate` and `verify` verbs live in the library's `cli`; without one, this is the proxy.
+    let command =
+        Verb::augment_subcommands(Args::command()).args_conflicts_with_subcommands(true).subcommand_negates_reqs(true);
+    let matches = command.get_matches();
+    if matches.subcommand().is_some() {
+        init_logging(LogFormat::Text, "info");
+        return cli::run(Verb::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())).await;
+    }
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(args.log_format, "info");
     if let Err(err) = run(args).await {
         tracing::error!("eden-sidecar: {err}");
         std::process::exit(1);
     }
+    std::process::ExitCode::SUCCESS
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -5,9 +5,9 @@ mod support_replicate;
 
 use std::time::{Duration, Instant};
 
-use eden_sidecar::replicate::{ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator};
+use eden_sidecar::replicate::{Checkpoint, Mode, ReplacePolicy, ReplicateError, Replicator, ScanOptions};
 use redis::AsyncCommands;
-use support_replicate::{Pair, assert_clean, caught_up, seed_strings};
+use support_replicate::{Pair, assert_clean, caught_up, seed_big_hash, seed_strings, spawn_writers};
 
 /// Writers hammer hot keys with every kind of write while a 50k-key backfill runs; once they stop
 /// and the replicator has caught up, the servers are equal.
@@ -17,33 +17,7 @@ async fn live_writes_during_backfill_converge() {
     let mut source = pair.source().await;
     seed_strings(&mut source, 50_000).await;
     let mut replicator = pair.replicate(ScanOptions { batch: 200, ..Default::default() }).await;
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let mut con = source.clone();
-            tokio::spawn(async move {
-                for i in 0..400u64 {
-                    let hot = format!("key:{}", (i * 7919 + w) % 50_000);
-                    let mut p = redis::pipe();
-                    p.incr(format!("counter:{w}"), 1)
-                        .append(format!("log:{w}"), "x")
-                        .lpush(format!("list:{}", i % 5), i)
-                        .hincr("hash", format!("f{}", i % 50), 1)
-                        .zincr("zset", format!("m{}", i % 20), 1.5)
-                        .cmd("XADD")
-                        .arg("stream")
-                        .arg("*")
-                        .arg("w")
-                        .arg(w)
-                        .del(&hot)
-                        .set(format!("new:{w}:{i}"), i)
-                        .expire(format!("new:{w}:{}", i / 2), 600)
-                        .set_ex(format!("short:{w}:{i}"), i, 1);
-                    p.exec_async(&mut con).await.expect("write");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            })
-        })
-        .collect();
+    let writers = spawn_writers(&source, 4, 400, 50_000);
     let mut progress = replicator.progress();
     for writer in writers {
         writer.await.unwrap();
@@ -60,11 +34,7 @@ async fn live_writes_during_backfill_converge() {
 async fn million_element_hash_copies_in_chunks() {
     let pair = Pair::start();
     let mut source = pair.source().await;
-    for start in (0..1_000_000).step_by(10_000) {
-        let fields: Vec<(String, u32)> = (start..start + 10_000).map(|i| (format!("f{i}"), i)).collect();
-        let _: () = source.hset_multiple("big", &fields).await.unwrap();
-    }
-    let _: () = source.pexpire("big", 900_000).await.unwrap();
+    seed_big_hash(&mut source, "big", 1_000_000).await;
     let mut replicator = pair.replicate(ScanOptions { chunk: 5000, ..Default::default() }).await;
     caught_up(&mut replicator).await;
     let mut target = pair.target().await;
@@ -102,9 +72,8 @@ async fn resumes_from_checkpoint_after_being_killed() {
     p.exec_async(&mut source).await.unwrap();
 
     let json = checkpoint.to_json();
-    let checkpoint = eden_sidecar::replicate::Checkpoint::from_json(&json).unwrap();
-    let mut replicator =
-        ScanReplicator::resume(&pair.source.url(), &pair.target.url(), Default::default(), checkpoint).await.unwrap();
+    let checkpoint = Checkpoint::from_json(&json).unwrap();
+    let mut replicator = pair.replicator(Mode::Scan, Default::default(), Some(checkpoint)).await;
     caught_up(&mut replicator).await;
     assert_clean(&pair.verify().await);
 }
@@ -156,6 +125,6 @@ async fn replace_policies_skip_and_fail() {
     assert!(err.to_string().contains("shared"));
 }
 
-async fn caught_up_progress(replicator: &mut ScanReplicator) -> eden_sidecar::replicate::Progress {
+async fn caught_up_progress(replicator: &mut Replicator) -> eden_sidecar::replicate::Progress {
     replicator.caught_up(Duration::from_secs(30)).await.unwrap().expect("caught up")
 }

@@ -1,4 +1,5 @@
-//! The replicator's resumable state: which SCAN passes remain and where the current one stands.
+//! The replicator's resumable state: which SCAN passes remain and where the current one stands
+//! (scan mode), or where the target stands in the source's replication stream (sync mode).
 //!
 //! A restarted replicator missed every notification sent while it was down, so resuming is only
 //! exact with a second look at the keys already copied. The choice here: finish the interrupted
@@ -26,16 +27,35 @@ pub enum Pass {
 }
 
 /// Serializable progress of the backfill; store it (e.g. in the Migration status) and pass it to
-/// [`super::ScanReplicator::resume`].
+/// [`super::Replicator::start`]. One shape for both modes: a scan checkpoint has no `sync`, a sync
+/// checkpoint has no `passes`, and checkpoints written before `sync` existed still parse.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Checkpoint {
     /// Passes still to run, the current one first, with its cursor.
     pub passes: VecDeque<Pass>,
     pub copied: u64,
     pub deleted: u64,
     pub skipped: u64,
-    /// DBSIZE of the source when the current pass began.
+    /// DBSIZE of the source when the current pass began; in sync mode, the key count the
+    /// snapshot announced.
     pub total: u64,
+    /// Sync mode only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncPosition>,
+}
+
+/// Where a sync-mode target stands in the source's replication stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPosition {
+    /// The source's replication ID the offset belongs to.
+    pub replid: String,
+    /// Stream offset the target has applied through (the snapshot's offset plus every stream
+    /// byte applied since).
+    pub offset: u64,
+    /// The snapshot is still loading: the target holds a partial copy, so a restart needs a
+    /// full resync.
+    pub loading: bool,
 }
 
 impl Checkpoint {
@@ -55,9 +75,9 @@ impl Checkpoint {
         }
     }
 
-    /// Whether the backfill and any re-passes are complete.
+    /// Whether the backfill (scan passes, or the sync snapshot) is complete.
     pub fn backfill_done(&self) -> bool {
-        self.passes.is_empty()
+        self.passes.is_empty() && !self.sync.as_ref().is_some_and(|s| s.loading)
     }
 
     /// Serializes to JSON.
@@ -68,5 +88,26 @@ impl Checkpoint {
     /// Parses a checkpoint written by [`Checkpoint::to_json`].
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_checkpoints_from_before_sync_mode_still_parse() {
+        let old = r#"{"passes":[{"pass":"backfill","cursor":42}],"copied":3,"deleted":0,"skipped":1,"total":9}"#;
+        let checkpoint = Checkpoint::from_json(old).unwrap();
+        assert_eq!(checkpoint.passes, [Pass::Backfill { cursor: 42 }]);
+        assert_eq!((checkpoint.copied, checkpoint.total, checkpoint.sync.as_ref()), (3, 9, None));
+        assert!(!checkpoint.to_json().contains("sync"), "scan checkpoints keep their shape");
+
+        let sync = Checkpoint {
+            sync: Some(SyncPosition { replid: "abc".into(), offset: 7, loading: true }),
+            ..Default::default()
+        };
+        assert!(!sync.backfill_done(), "a loading snapshot is not a finished backfill");
+        assert_eq!(Checkpoint::from_json(&sync.to_json()).unwrap(), sync);
     }
 }

@@ -1,6 +1,9 @@
 //! One connection to the source or the target, with every failure mapped to an error that names
 //! the server ("source 10.0.1.50:6379") and the command.
 //!
+//! `rediss://` URLs use rustls with the CA bundle from [`TlsSettings`] (the system roots when it
+//! has none); a server-name override is not supported here and is refused.
+//!
 //! A multiplexed connection is cheap to clone, so callers pass `&Endpoint` around and pipelines
 //! from different tasks share one socket. The response timeout is raised from the client's
 //! 500 ms default because a DUMP of a large value or a long MULTI legitimately takes longer.
@@ -9,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, Value};
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, TlsCertificates, Value};
 
 use super::ReplicateError;
+use crate::upstream::TlsSettings;
 
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -25,10 +29,22 @@ pub(crate) struct Endpoint {
 
 impl Endpoint {
     /// Connects to `url` (`redis://` or `rediss://`); `role` is "source" or "target".
-    pub(crate) async fn connect(role: &str, url: &str) -> Result<Self, ReplicateError> {
+    pub(crate) async fn connect(role: &str, url: &str, tls: &TlsSettings) -> Result<Self, ReplicateError> {
         let label: Arc<str> = Arc::from(format!("{role} {url}").as_str());
         let connect_error = |source| ReplicateError::Connect { server: label.clone(), source };
-        let client = Client::open(url).map_err(connect_error)?;
+        let client = if url.starts_with("rediss://") {
+            if tls.server_name.is_some() {
+                return Err(ReplicateError::Usage(format!(
+                    "{label}: a TLS server name override is supported by sync mode only; connect by that name instead"
+                )));
+            }
+            // The client reads `#insecure` at the end of the URL as "skip verification".
+            let url = if tls.insecure_skip_verify { format!("{url}#insecure") } else { url.to_string() };
+            let certificates = TlsCertificates { client_tls: None, root_cert: tls.ca_pem.clone() };
+            Client::build_with_tls(url.as_str(), certificates).map_err(connect_error)?
+        } else {
+            Client::open(url).map_err(connect_error)?
+        };
         let label: Arc<str> = Arc::from(format!("{role} {}", client.get_connection_info().addr()).as_str());
         let config = AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
         let conn = client

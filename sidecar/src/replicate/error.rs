@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use redis::RedisError;
 
-/// A failure of the scan replicator or the verifier.
+use crate::upstream::UpstreamError;
+
+/// A failure of a replicator or the verifier.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicateError {
     #[error(
@@ -26,4 +28,18 @@ pub enum ReplicateError {
         "keyspace notifications are off on {server} and cannot be enabled ({detail}); scan mode would miss live writes, so it does not start: set notify-keyspace-events to `KEA` in the provider's settings and retry"
     )]
     NotificationsOff { server: Arc<str>, detail: String },
+    #[error("cannot connect to {server}: {source}; nothing was copied by this attempt")]
+    Unreachable { server: Arc<str>, source: UpstreamError },
+    #[error("{server}: {detail}; this run stops (a restarted replicator resumes from its checkpoint)")]
+    Link { server: Arc<str>, detail: String },
+    #[error(
+        "{server} refused `{command}` ({reply}); sync mode needs the source to accept a replica: use scan mode for servers that block PSYNC"
+    )]
+    SyncRefused { server: Arc<str>, command: &'static str, reply: String },
+    #[error(
+        "the source's RDB snapshot is unreadable at byte {offset}: {detail}; this run stops, and a restart begins a full resync"
+    )]
+    Rdb { offset: u64, detail: String },
+    #[error("{0}")]
+    Usage(String),
 }

@@ -1,4 +1,10 @@
-//! The replication engine's `scan` mode and the verifier (DESIGN.md §5).
+//! The replication engine (`sync` and `scan` modes) and the verifier (DESIGN.md §5).
+//!
+//! [`Replicator`] is the one handle the operator and the CLI hold, whatever the mode: start
+//! (with an optional [`Checkpoint`] from an earlier run), watch [`Progress`], wait until caught
+//! up, stop. `sync` mode ([`SyncReplicator`], in [`sync`]) makes Eden a replica of the source:
+//! the RDB snapshot, each value RESTOREd as encoded, then the command stream applied exactly
+//! once.
 //!
 //! `scan` mode is for managed services that refuse PSYNC: [`ScanReplicator`] subscribes to the
 //! source's keyspace notifications *first*, then backfills with SCAN + DUMP/RESTORE (absolute
@@ -11,7 +17,8 @@
 //! [`chunks`] (bounded-memory iteration over big collections), [`copy`] (one batch of keys,
 //! source → target), [`dirty`] (keys waiting for a re-copy), [`notify`] (keyspace notifications),
 //! [`flush`] (FLUSHDB/FLUSHALL detection), [`checkpoint`], [`progress`], [`scan`] (the replicator
-//! loop), [`compare`] and [`verify`] (the verifier), [`pace`] (rate limiting).
+//! loop), [`compare`] and [`verify`] (the verifier), [`pace`] (rate limiting), [`sync`] (the
+//! replica), [`replicator`] (the handle over both).
 
 mod checkpoint;
 mod chunks;
@@ -25,15 +32,19 @@ mod keys;
 mod notify;
 mod pace;
 mod progress;
+mod replicator;
 mod scan;
+mod sync;
 mod verify;
 
-pub use checkpoint::{Checkpoint, Pass};
+pub use checkpoint::{Checkpoint, Pass, SyncPosition};
 pub use copy::ReplacePolicy;
 pub use error::ReplicateError;
 pub use keys::KeyType;
 pub use progress::Progress;
+pub use replicator::{Mode, Replicator, ReplicatorOptions};
 pub use scan::{ScanOptions, ScanReplicator};
+pub use sync::{POSITION_KEY, SyncOptions, SyncReplicator};
 pub use verify::{Difference, DifferenceKind, Verifier, VerifyOptions, VerifyReport};
 
 /// A Redis key as raw bytes: keys are binary-safe and are never assumed to be UTF-8.

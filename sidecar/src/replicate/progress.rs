@@ -8,14 +8,22 @@ use super::Checkpoint;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Progress {
     /// Age in ms of the oldest change not yet on the target: the oldest dirty key, or the time
-    /// since the current pass began while a pass is running; 0 when caught up.
+    /// since the current pass began while a pass is running (scan); the age of the oldest stream
+    /// byte received but not applied, or the time since the snapshot began while it loads
+    /// (sync); 0 when caught up.
     pub lag_ms: u64,
+    /// Sync mode: bytes of the source's replication stream not yet applied to the target (the
+    /// source's `master_repl_offset` minus the applied offset). Always 0 in scan mode.
+    pub lag_bytes: u64,
     /// Keys waiting for a re-copy.
     pub dirty: usize,
-    /// Keys copied per second since the replicator started.
+    /// Keys copied per second since the replicator started (sync: snapshot keys while loading).
     pub rate: f64,
     /// Full re-passes forced by lost notifications, dirty-set overflow or a source flush.
     pub resyncs: u64,
+    /// Sync mode: replicated commands the target answered with an error (each logged); the
+    /// keys they touched may differ until rewritten.
+    pub stream_errors: u64,
     /// Source flushes seen (each one flushes the target and rescans).
     pub flushes: u64,
     /// The last barrier ([`super::ScanReplicator::caught_up`]) whose notifications are all
@@ -27,8 +35,8 @@ pub struct Progress {
 
 impl Progress {
     /// Backfill done and nothing waiting: the target equals the source as of the last
-    /// notification processed.
+    /// notification processed (scan) or stream byte received (sync).
     pub fn caught_up(&self) -> bool {
-        self.checkpoint.backfill_done() && self.dirty == 0
+        self.checkpoint.backfill_done() && self.dirty == 0 && self.lag_bytes == 0
     }
 }

@@ -32,6 +32,7 @@ use super::endpoint::Endpoint;
 use super::flush::FlushWatch;
 use super::notify::{self, Shared};
 use super::{Checkpoint, Key, Progress, ReplacePolicy, ReplicateError, keys};
+use crate::upstream::TlsSettings;
 
 /// Tuning for [`ScanReplicator`].
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct ScanOptions {
     pub dirty_capacity: usize,
     /// How often the source is checked for FLUSHDB/FLUSHALL.
     pub flush_check: Duration,
+    /// Trust for `rediss://` servers.
+    pub tls: TlsSettings,
 }
 
 impl Default for ScanOptions {
@@ -59,6 +62,7 @@ impl Default for ScanOptions {
             chunk: 1000,
             dirty_capacity: 100_000,
             flush_check: Duration::from_millis(500),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -103,8 +107,8 @@ impl ScanReplicator {
         options: ScanOptions,
         checkpoint: Checkpoint,
     ) -> Result<Self, ReplicateError> {
-        let source = Endpoint::connect("source", source_url).await?;
-        let target = Endpoint::connect("target", target_url).await?;
+        let source = Endpoint::connect("source", source_url, &options.tls).await?;
+        let target = Endpoint::connect("target", target_url, &options.tls).await?;
         let span = info_span!("scan_replicator", source = %source.label(), target = %target.label());
         let verified = notify::enable(&source).instrument(span.clone()).await?;
 

@@ -5,7 +5,8 @@
 //! equal values); differing payloads and big values get a semantic, chunked comparison
 //! ([`super::compare`]). Pass two SCANs the target for keys the source lacks. Data keeps changing
 //! under live writes, so a report lists the differing keys and [`Verifier::recheck`] looks at just
-//! those again.
+//! those again. Sync mode's position record on the target ([`super::POSITION_KEY`]) is Eden's
+//! bookkeeping, not data, and is not reported.
 
 use redis::pipe;
 use serde::Serialize;
@@ -14,7 +15,8 @@ use tracing::{Instrument, info, info_span};
 use super::endpoint::{Endpoint, as_bytes, printable};
 use super::keys;
 use super::pace::Pace;
-use super::{Key, KeyType, ReplicateError, compare};
+use super::{Key, KeyType, POSITION_KEY, ReplicateError, compare};
+use crate::upstream::TlsSettings;
 
 /// Tuning for [`Verifier`].
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct VerifyOptions {
     pub big_key_bytes: u64,
     /// Elements per chunk for big values.
     pub chunk: usize,
+    /// Trust for `rediss://` servers.
+    pub tls: TlsSettings,
 }
 
 impl Default for VerifyOptions {
@@ -45,6 +49,7 @@ impl Default for VerifyOptions {
             max_recheck: 10_000,
             big_key_bytes: 16 << 20,
             chunk: 1000,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -131,8 +136,8 @@ pub struct Verifier {
 impl Verifier {
     pub async fn connect(source: &str, target: &str, options: VerifyOptions) -> Result<Self, ReplicateError> {
         Ok(Verifier {
-            source: Endpoint::connect("source", source).await?,
-            target: Endpoint::connect("target", target).await?,
+            source: Endpoint::connect("source", source, &options.tls).await?,
+            target: Endpoint::connect("target", target, &options.tls).await?,
             options,
         })
     }
@@ -154,7 +159,8 @@ impl Verifier {
                 }
             }
             loop {
-                let (next, found) = keys::scan(&self.target, cursor, self.options.batch).await?;
+                let (next, mut found) = keys::scan(&self.target, cursor, self.options.batch).await?;
+                found.retain(|key| key != POSITION_KEY.as_bytes());
                 let on_source = keys::exists(&self.source, &found).await?;
                 for (key, _) in found.iter().zip(on_source).filter(|(_, on)| !on) {
                     report.record(&self.options, key, DifferenceKind::Extra, "not on the source".into());

@@ -6,8 +6,10 @@
 
 use std::time::Duration;
 
-use eden_e2e::RedisServer;
-use eden_sidecar::replicate::{ScanOptions, ScanReplicator, Verifier, VerifyOptions, VerifyReport};
+use eden_e2e::{RedisConfig, RedisServer};
+use eden_sidecar::replicate::{
+    Checkpoint, Mode, Replicator, ReplicatorOptions, ScanOptions, SyncOptions, Verifier, VerifyOptions, VerifyReport,
+};
 use redis::aio::MultiplexedConnection;
 
 pub struct Pair {
@@ -18,7 +20,15 @@ pub struct Pair {
 impl Pair {
     /// Two empty servers; the source has notifications off so the replicator must enable them.
     pub fn start() -> Pair {
-        Pair { source: RedisServer::start().expect("source"), target: RedisServer::start().expect("target") }
+        Pair::with_source(RedisConfig::default())
+    }
+
+    /// A source with the given configuration (e.g. how it sends snapshots) and a plain target.
+    pub fn with_source(config: RedisConfig) -> Pair {
+        Pair {
+            source: RedisServer::with_config(config).expect("source"),
+            target: RedisServer::start().expect("target"),
+        }
     }
 
     pub async fn source(&self) -> MultiplexedConnection {
@@ -29,12 +39,33 @@ impl Pair {
         connect(&self.target).await
     }
 
-    pub async fn replicate(&self, options: ScanOptions) -> ScanReplicator {
-        ScanReplicator::start(&self.source.url(), &self.target.url(), options).await.expect("replicator starts")
+    /// A scan-mode replicator.
+    pub async fn replicate(&self, options: ScanOptions) -> Replicator {
+        self.replicator(Mode::Scan, ReplicatorOptions { scan: options, ..Default::default() }, None).await
+    }
+
+    /// A sync-mode replicator, restarting from `checkpoint` when given.
+    pub async fn sync(&self, options: SyncOptions, checkpoint: Option<Checkpoint>) -> Replicator {
+        self.replicator(Mode::Sync, ReplicatorOptions { sync: options, ..Default::default() }, checkpoint).await
+    }
+
+    pub async fn replicator(
+        &self,
+        mode: Mode,
+        options: ReplicatorOptions,
+        checkpoint: Option<Checkpoint>,
+    ) -> Replicator {
+        Replicator::start(&self.source.url(), &self.target.url(), mode, options, checkpoint)
+            .await
+            .expect("replicator starts")
     }
 
     pub async fn verify(&self) -> VerifyReport {
-        Verifier::connect(&self.source.url(), &self.target.url(), VerifyOptions::default())
+        self.verify_with(VerifyOptions::default()).await
+    }
+
+    pub async fn verify_with(&self, options: VerifyOptions) -> VerifyReport {
+        Verifier::connect(&self.source.url(), &self.target.url(), options)
             .await
             .expect("verifier connects")
             .run()
@@ -50,7 +81,7 @@ pub async fn connect(server: &RedisServer) -> MultiplexedConnection {
 }
 
 /// Waits for the replicator to have every write made so far on the target.
-pub async fn caught_up(replicator: &mut ScanReplicator) {
+pub async fn caught_up(replicator: &mut Replicator) {
     let progress = replicator.caught_up(Duration::from_secs(60)).await.expect("replicator healthy");
     let progress = progress.expect("caught up within 60s");
     assert_eq!(progress.lag_ms, 0);
@@ -108,4 +139,56 @@ pub async fn seed_strings(con: &mut MultiplexedConnection, n: usize) {
         }
         p.exec_async(con).await.expect("seed strings");
     }
+}
+
+/// A hash of `n` fields `f<i>` = `i`, with a TTL: big enough to need chunking (scan) and
+/// streaming (sync).
+pub async fn seed_big_hash(con: &mut MultiplexedConnection, key: &str, n: u32) {
+    for start in (0..n).step_by(10_000) {
+        let fields: Vec<(String, u32)> = (start..(start + 10_000).min(n)).map(|i| (format!("f{i}"), i)).collect();
+        let mut p = redis::pipe();
+        p.hset_multiple(key, &fields).ignore();
+        p.exec_async(con).await.expect("seed big hash");
+    }
+    let mut p = redis::pipe();
+    p.pexpire(key, 900_000).ignore();
+    p.exec_async(con).await.expect("expire big hash");
+}
+
+/// `writers` tasks each making `rounds` pipelines of every kind of write on hot keys (INCR,
+/// APPEND, LPUSH, HINCRBY, ZINCRBY, XADD, DEL of a seeded `key:<i>` below `keys`, SET, EXPIRE,
+/// one-second keys), one millisecond apart.
+pub fn spawn_writers(
+    source: &MultiplexedConnection,
+    writers: u64,
+    rounds: u64,
+    keys: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..writers)
+        .map(|w| {
+            let mut con = source.clone();
+            tokio::spawn(async move {
+                for i in 0..rounds {
+                    let hot = format!("key:{}", (i * 7919 + w) % keys);
+                    let mut p = redis::pipe();
+                    p.incr(format!("counter:{w}"), 1)
+                        .append(format!("log:{w}"), "x")
+                        .lpush(format!("list:{}", i % 5), i)
+                        .hincr("hash", format!("f{}", i % 50), 1)
+                        .zincr("zset", format!("m{}", i % 20), 1.5)
+                        .cmd("XADD")
+                        .arg("stream")
+                        .arg("*")
+                        .arg("w")
+                        .arg(w)
+                        .del(&hot)
+                        .set(format!("new:{w}:{i}"), i)
+                        .expire(format!("new:{w}:{}", i / 2), 600)
+                        .set_ex(format!("short:{w}:{i}"), i, 1);
+                    p.exec_async(&mut con).await.expect("write");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect()
 }

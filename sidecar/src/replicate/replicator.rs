@@ -1,0 +1,133 @@
+//! One handle over both modes, for the operator (which stores the checkpoint in the Migration's
+//! status) and the CLI: start, watch progress, wait for catch-up, stop.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{
+    Checkpoint, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions, SyncReplicator,
+};
+use crate::upstream::TlsSettings;
+
+/// How the data moves (the Migration's `spec.data.type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Eden is a replica of the source: snapshot, then the command stream.
+    #[default]
+    Sync,
+    /// SCAN + DUMP/RESTORE and keyspace notifications, for servers that refuse PSYNC.
+    Scan,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sync" => Ok(Mode::Sync),
+            "scan" => Ok(Mode::Scan),
+            other => Err(format!("unknown mode `{other}`: use sync or scan")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Sync => "sync",
+            Mode::Scan => "scan",
+        })
+    }
+}
+
+/// Options for each mode; [`Replicator::start`] uses the one its mode needs.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicatorOptions {
+    pub scan: ScanOptions,
+    pub sync: SyncOptions,
+}
+
+impl ReplicatorOptions {
+    /// Defaults with one replace policy and TLS trust for both modes.
+    pub fn new(replace: ReplacePolicy, tls: TlsSettings) -> Self {
+        ReplicatorOptions {
+            scan: ScanOptions { replace, tls: tls.clone(), ..Default::default() },
+            sync: SyncOptions { replace, tls, ..Default::default() },
+        }
+    }
+}
+
+/// A running replication in either mode. Dropping it stops replication.
+pub struct Replicator {
+    engine: Engine,
+}
+
+enum Engine {
+    Sync(SyncReplicator),
+    Scan(ScanReplicator),
+}
+
+impl Replicator {
+    /// Starts replicating `source` into `target`. With a checkpoint from an earlier run (of
+    /// either mode) this is a restart: scan mode resumes its passes, sync mode continues the
+    /// stream from the target's recorded position when the source still can.
+    pub async fn start(
+        source: &str,
+        target: &str,
+        mode: Mode,
+        options: ReplicatorOptions,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Self, ReplicateError> {
+        let engine = match mode {
+            Mode::Sync => Engine::Sync(SyncReplicator::start(source, target, options.sync, checkpoint).await?),
+            Mode::Scan => Engine::Scan(match checkpoint {
+                None => ScanReplicator::start(source, target, options.scan).await?,
+                Some(checkpoint) => ScanReplicator::resume(source, target, options.scan, checkpoint).await?,
+            }),
+        };
+        Ok(Replicator { engine })
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self.engine {
+            Engine::Sync(_) => Mode::Sync,
+            Engine::Scan(_) => Mode::Scan,
+        }
+    }
+
+    /// Progress snapshots: lag (ms, and bytes in sync mode), keys copied of total, rate, and
+    /// the checkpoint.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        match &self.engine {
+            Engine::Sync(r) => r.progress(),
+            Engine::Scan(r) => r.progress(),
+        }
+    }
+
+    /// The latest checkpoint, to store and pass to [`Replicator::start`] after a restart.
+    pub fn checkpoint(&self) -> Checkpoint {
+        self.progress().borrow().checkpoint.clone()
+    }
+
+    /// Waits until every write the source acknowledged before this call is on the target.
+    /// `Ok(None)` on timeout; the replicator's error if it stopped.
+    pub async fn caught_up(&mut self, timeout: Duration) -> Result<Option<Progress>, ReplicateError> {
+        match &mut self.engine {
+            Engine::Sync(r) => r.caught_up(timeout).await,
+            Engine::Scan(r) => r.caught_up(timeout).await,
+        }
+    }
+
+    /// Stops replicating; returns the replicator's error if it had already failed.
+    pub async fn stop(self) -> Result<(), ReplicateError> {
+        match self.engine {
+            Engine::Sync(r) => r.stop().await,
+            Engine::Scan(r) => r.stop().await,
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The target side of sync mode: one connection, the database it has selected, and the
+//! position record that makes the stream's application exactly-once.
+//!
+//! Why a record on the target. Stream commands are not idempotent (INCR, LPUSH...), so after a
+//! crash Eden must know exactly which of them the target has applied. Every batch of stream
+//! commands runs in one MULTI/EXEC that also sets [`POSITION_KEY`] to the replication ID and
+//! offset the batch ends at: the target holds the commands and the record together or
+//! neither. A restart reads the record and asks the source to continue from there. The record
+//! lives in database 0; the verifier ignores it, and it can be deleted once replication is over.
+
+use redis_protocol::resp2::types::BytesFrame;
+
+use super::link::{Link, encode_into, text};
+use crate::replicate::ReplicateError;
+
+/// The key on the target that records how far the stream has been applied.
+pub const POSITION_KEY: &str = "eden:sync:position";
+
+/// A replication ID, the offset applied through, and the database the stream had selected
+/// there (a continued stream does not repeat its SELECT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub(crate) replid: String,
+    pub(crate) offset: u64,
+    pub(crate) db: u64,
+}
+
+impl Position {
+    fn encode(&self) -> String {
+        format!("{} {} {}", self.replid, self.offset, self.db)
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let mut words = text.split(' ');
+        let replid = words.next()?.to_string();
+        Some(Position { replid, offset: words.next()?.parse().ok()?, db: words.next()?.parse().ok()? })
+    }
+}
+
+/// The connection to the target and the database it has selected.
+pub(crate) struct Target {
+    pub(crate) link: Link,
+    pub(crate) db: u64,
+}
+
+impl Target {
+    pub(crate) fn new(link: Link) -> Self {
+        Target { link, db: 0 }
+    }
+
+    /// Appends a SELECT to `out` when `db` is not the selected database, and returns how many
+    /// commands it appended (0 or 1).
+    pub(crate) fn select(&mut self, out: &mut Vec<u8>, db: u64) -> usize {
+        if db == self.db {
+            return 0;
+        }
+        encode_into(out, &[b"SELECT", db.to_string().as_bytes()]);
+        self.db = db;
+        1
+    }
+
+    /// Appends the commands that record `position` (in database 0); returns how many.
+    pub(crate) fn record(&mut self, out: &mut Vec<u8>, position: &Position) -> usize {
+        let selects = self.select(out, 0);
+        encode_into(out, &[b"SET", POSITION_KEY.as_bytes(), position.encode().as_bytes()]);
+        selects + 1
+    }
+
+    /// The recorded position, if a previous run left one.
+    pub(crate) async fn recorded(&mut self) -> Result<Option<Position>, ReplicateError> {
+        let mut request = Vec::new();
+        let selects = self.select(&mut request, 0);
+        encode_into(&mut request, &[b"GET", POSITION_KEY.as_bytes()]);
+        self.link.send(&request).await?;
+        for _ in 0..selects {
+            self.expect_ok("SELECT").await?;
+        }
+        match self.link.reply().await? {
+            BytesFrame::Null => Ok(None),
+            BytesFrame::Error(err) => Err(self.link.error(format!("`GET {POSITION_KEY}` failed: {err}"))),
+            reply => Ok(text(&reply).and_then(Position::decode)),
+        }
+    }
+
+    /// Empties the target before a full resync: it holds an earlier copy of this source, and
+    /// keys deleted on the source since would otherwise survive.
+    pub(crate) async fn flush(&mut self) -> Result<(), ReplicateError> {
+        self.link.call(&[b"FLUSHALL"]).await?;
+        self.link.call(&[b"FUNCTION", b"FLUSH"]).await?;
+        Ok(())
+    }
+
+    /// Writes `position` on its own (after a snapshot has loaded).
+    pub(crate) async fn write_position(&mut self, position: &Position) -> Result<(), ReplicateError> {
+        let mut request = Vec::new();
+        let n = self.record(&mut request, position);
+        self.exchange(&request, n, "SET").await
+    }
+
+    /// Sends `request` (`replies` commands) and requires every reply to be a success.
+    pub(crate) async fn exchange(&mut self, request: &[u8], replies: usize, what: &str) -> Result<(), ReplicateError> {
+        self.link.send(request).await?;
+        for _ in 0..replies {
+            self.expect_ok(what).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads one reply that must not be an error.
+    pub(crate) async fn expect_ok(&mut self, command: &str) -> Result<BytesFrame, ReplicateError> {
+        match self.link.reply().await? {
+            BytesFrame::Error(err) => Err(self.link.error(format!("`{command}` failed: {err}"))),
+            reply => Ok(reply),
+        }
+    }
+}

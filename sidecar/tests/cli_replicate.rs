@@ -1,0 +1,55 @@
+//! The `replicate` and `verify` verbs of the `eden-sidecar` binary, run as a user would.
+
+mod support_replicate;
+
+use std::process::Output;
+
+use eden_sidecar::replicate::Checkpoint;
+use redis::AsyncCommands;
+use support_replicate::{Pair, seed_every_type, seed_strings};
+use tokio::process::Command;
+
+async fn eden(args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_eden-sidecar"));
+    command.args(args).env_remove("EDEN_SOURCE").env_remove("RUST_LOG").kill_on_drop(true);
+    command.output().await.expect("eden-sidecar runs")
+}
+
+/// `replicate --once` copies, shows progress, keeps a checkpoint and exits 0; `verify` agrees,
+/// then finds a difference and exits 1; a second `replicate` resumes from the checkpoint file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_then_verify_from_the_command_line() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_every_type(&mut source).await;
+    seed_strings(&mut source, 1_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint.json");
+    let (src, dst, file) = (pair.source.url(), pair.target.url(), checkpoint.display().to_string());
+    let replicate =
+        ["replicate", "--source", &src, "--target", &dst, "--mode", "sync", "--checkpoint", &file, "--once"];
+
+    let run = eden(&replicate).await;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("1008/1008 keys (100%)") && stderr.contains("caught up"), "{stderr}");
+    let saved = Checkpoint::from_json(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
+    assert!(saved.sync.is_some_and(|s| !s.loading && !s.replid.is_empty()), "a loaded sync position");
+
+    let verify = ["verify", "--source", &src, "--target", &dst];
+    let clean = eden(&verify).await;
+    let stdout = String::from_utf8_lossy(&clean.stdout);
+    assert!(clean.status.success(), "{stdout}");
+    assert!(stdout.contains("checked 1008 keys: 0 missing, 0 extra, 0 type, 0 value, 0 TTL"), "{stdout}");
+
+    let _: () = pair.target().await.del("key:7").await.unwrap();
+    let dirty = eden(&verify).await;
+    assert_eq!(dirty.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&dirty.stdout).contains("Missing key:7"));
+
+    let _: () = source.set("key:7", "again").await.unwrap();
+    let resumed = eden(&replicate).await;
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success() && stderr.contains("resuming from the checkpoint"), "{stderr}");
+    assert!(eden(&verify).await.status.success());
+}

@@ -1,0 +1,199 @@
+//! Sync-mode replication scenarios against real redis-server processes: Eden is the source's
+//! replica, and each scenario ends with the verifier reporting zero differences.
+
+mod support_replicate;
+
+use std::time::Duration;
+
+use eden_e2e::{RedisConfig, RedisServer, TestPki};
+use eden_sidecar::replicate::{
+    Checkpoint, Mode, POSITION_KEY, ReplacePolicy, Replicator, ReplicatorOptions, SyncOptions, VerifyOptions,
+};
+use eden_sidecar::upstream::TlsSettings;
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use support_replicate::{Pair, assert_clean, caught_up, seed_big_hash, seed_every_type, seed_strings, spawn_writers};
+
+/// A source that sends its snapshot at once, without a socket-free disk write (diskless).
+fn diskless() -> RedisConfig {
+    RedisConfig::default().directive("repl-diskless-sync", "yes").directive("repl-diskless-sync-delay", "0")
+}
+
+/// A source that writes its snapshot to disk first and sends it with a length (`$<len>`).
+fn disk_based() -> RedisConfig {
+    RedisConfig::default().directive("repl-diskless-sync", "no")
+}
+
+async fn info_stat(con: &mut MultiplexedConnection, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg(section).query_async(con).await.unwrap();
+    let prefix = format!("{field}:");
+    info.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap()
+}
+
+/// Every type and encoding, with and without TTLs, a function library, a key in another
+/// database, and a million-field hash all arrive through the snapshot; writes after it arrive
+/// through the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_and_a_million_element_key_through_the_snapshot() {
+    let pair = Pair::with_source(disk_based());
+    let mut source = pair.source().await;
+    seed_every_type(&mut source).await;
+    seed_big_hash(&mut source, "big", 1_000_000).await;
+    let mut p = redis::pipe();
+    p.set("long", "abcdefgh".repeat(100)) // LZF-compressed in the RDB
+        .sadd("intset", &[1, 2, 300_000])
+        .sadd("bigset", (0..200).collect::<Vec<_>>())
+        .zadd_multiple("bigzset", &(0..200).map(|i| (f64::from(i) / 3.0, i)).collect::<Vec<_>>())
+        .rpush("biglist", (0..20_000).collect::<Vec<_>>())
+        .set_ex("ttl:int", 42, 600)
+        .cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("#!lua name=edenlib\nredis.register_function('eden_echo', function(keys, args) return args[1] end)")
+        .cmd("SELECT")
+        .arg(3)
+        .set("in-db-3", "three")
+        .cmd("SELECT")
+        .arg(0);
+    p.exec_async(&mut source).await.unwrap();
+
+    let mut replicator = pair.sync(SyncOptions::default(), None).await;
+    caught_up(&mut replicator).await;
+    let progress = replicator.progress().borrow().clone();
+    assert_eq!(progress.checkpoint.total, 16, "RESIZEDB counts every key of every database");
+    assert_eq!(progress.checkpoint.copied, 16);
+    assert!(progress.checkpoint.backfill_done() && progress.lag_bytes == 0, "{progress:?}");
+
+    let _: () = source.set("after-snapshot", 1).await.unwrap();
+    let _: () = source.hset("big", "f-new", 1).await.unwrap();
+    caught_up(&mut replicator).await;
+    assert_clean(&pair.verify().await);
+
+    let mut target = pair.target().await;
+    let echoed: String = redis::cmd("FCALL").arg("eden_echo").arg(0).arg("hi").query_async(&mut target).await.unwrap();
+    assert_eq!(echoed, "hi");
+    let _: () = redis::cmd("SELECT").arg(3).query_async(&mut target).await.unwrap();
+    let three: String = target.get("in-db-3").await.unwrap();
+    assert_eq!(three, "three");
+    let recorded: String = {
+        let _: () = redis::cmd("SELECT").arg(0).query_async(&mut target).await.unwrap();
+        target.get(POSITION_KEY).await.unwrap()
+    };
+    let checkpoint = replicator.progress().borrow().checkpoint.sync.clone().unwrap();
+    assert!(recorded.starts_with(&checkpoint.replid), "{recorded} vs {checkpoint:?}");
+}
+
+/// Writers hammer hot keys while the snapshot loads and after; when they stop and the lag is
+/// 0, the servers are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_writes_during_the_snapshot_converge() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 50_000).await;
+    let writers = spawn_writers(&source, 4, 400, 50_000);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut replicator = pair.sync(SyncOptions { batch_keys: 200, ..Default::default() }, None).await;
+    let mut progress = replicator.progress();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert!(progress.borrow_and_update().checkpoint.copied > 0, "writes overlapped the load");
+    // Let the one-second keys expire so their expiry DELs are part of the stream.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    caught_up(&mut replicator).await;
+    assert_eq!(replicator.progress().borrow().stream_errors, 0);
+    assert_clean(&pair.verify().await);
+}
+
+/// Killed while the snapshot loads, the replicator restarts with a full copy into a flushed
+/// target; killed again while following the stream under writes, it continues the stream
+/// (PSYNC continue, no second snapshot) without applying any write twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_it_resumes_and_ends_equal() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 50_000).await;
+
+    let replicator = pair.sync(SyncOptions { batch_keys: 100, ..Default::default() }, None).await;
+    let mut progress = replicator.progress();
+    progress.wait_for(|p| p.checkpoint.copied >= 2_000).await.unwrap();
+    let checkpoint = checkpoint_of(replicator);
+    assert!(!checkpoint.backfill_done(), "killed mid-snapshot");
+    // While it is down, a key it already copied is deleted: only a flush removes it.
+    let _: () = source.del("key:0").await.unwrap();
+
+    let mut replicator = pair.sync(SyncOptions::default(), Some(checkpoint)).await;
+    caught_up(&mut replicator).await;
+    assert_clean(&pair.verify().await);
+
+    let partial_before = info_stat(&mut source, "stats", "sync_partial_ok").await;
+    let writers = spawn_writers(&source, 2, 300, 50_000);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let checkpoint = checkpoint_of(replicator);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await; // one-second keys gone on both sides
+    let mut replicator = pair.sync(SyncOptions::default(), Some(checkpoint)).await;
+    caught_up(&mut replicator).await;
+    assert_eq!(info_stat(&mut source, "stats", "sync_partial_ok").await, partial_before + 1, "PSYNC continued");
+    assert_clean(&pair.verify().await);
+}
+
+/// FLUSHDB and FLUSHALL on the source arrive in the stream and empty the target too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_flushes_are_replicated() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 2_000).await;
+    let mut replicator = pair.sync(SyncOptions::default(), None).await;
+    caught_up(&mut replicator).await;
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut source).await.unwrap();
+    let _: () = source.set("after-flush", 1).await.unwrap();
+    caught_up(&mut replicator).await;
+    let mut target = pair.target().await;
+    let keys: Vec<String> = target.keys("*").await.unwrap();
+    assert_eq!(keys.len(), 2, "the new key and the position record: {keys:?}");
+    assert_clean(&pair.verify().await);
+
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut source).await.unwrap();
+    caught_up(&mut replicator).await;
+    let exists: bool = target.exists("after-flush").await.unwrap();
+    assert!(!exists);
+    assert_clean(&pair.verify().await);
+}
+
+/// Both modes and the verifier reach `rediss://` servers, trusting a CA from a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_modes_and_the_verifier_work_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&["127.0.0.1"]).unwrap();
+    let files = pki.write_to(dir.path()).unwrap();
+    let tls = || diskless().tls(&files.ca, &files.cert, &files.key);
+    let pair =
+        Pair { source: RedisServer::with_config(tls()).unwrap(), target: RedisServer::with_config(tls()).unwrap() };
+    let trust = TlsSettings { ca_pem: Some(pki.ca_pem.into_bytes()), ..Default::default() };
+    let mut source = redis::Client::build_with_tls(
+        pair.source.url().as_str(),
+        redis::TlsCertificates { client_tls: None, root_cert: trust.ca_pem.clone() },
+    )
+    .unwrap()
+    .get_multiplexed_async_connection()
+    .await
+    .unwrap();
+    seed_every_type(&mut source).await;
+    for mode in [Mode::Sync, Mode::Scan] {
+        let options = ReplicatorOptions::new(ReplacePolicy::Replace, trust.clone());
+        let mut replicator = pair.replicator(mode, options, None).await;
+        let _: () = source.set(format!("written-during-{mode}"), 1).await.unwrap();
+        caught_up(&mut replicator).await;
+        replicator.stop().await.unwrap();
+        assert_clean(&pair.verify_with(VerifyOptions { tls: trust.clone(), ..Default::default() }).await);
+    }
+}
+
+/// The last checkpoint of a replicator that is then dropped (killed).
+fn checkpoint_of(replicator: Replicator) -> Checkpoint {
+    let checkpoint = replicator.checkpoint();
+    drop(replicator);
+    Checkpoint::from_json(&checkpoint.to_json()).unwrap()
+}
