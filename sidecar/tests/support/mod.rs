@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eden_sidecar::metrics::ProxyMetrics;
-use eden_sidecar::server::{self, Listener};
+use eden_sidecar::server::{self, Backend, Listener};
 use eden_sidecar::upstream::{TlsSettings, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,7 +33,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(ProxyMetrics::default());
         let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(server::serve(Listener::Tcp(listener), upstream, metrics.clone(), shutdown));
+        let task =
+            tokio::spawn(server::serve(Listener::Tcp(listener), Backend::Plain(upstream), metrics.clone(), shutdown));
         Proxy { addr, metrics, stop, task }
     }
 
