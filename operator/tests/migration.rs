@@ -127,7 +127,7 @@ fn endpoints(source: &RedisServer, target: &RedisServer) -> String {
     )
 }
 
-fn migration(name: &str, read_percentage: u32, policy: &str) -> String {
+fn migration(name: &str, data: &str, read_percentage: u32, policy: &str) -> String {
     format!(
         "apiVersion: eden.io/v1alpha1
 kind: Migration
@@ -138,7 +138,7 @@ spec:
   strategy:
     readPercentage: {read_percentage}
     writeMode: {{mode: dualWrite, policy: {policy}}}
-  data: {{type: scan}}
+  data: {{type: {data}}}
 "
     )
 }
@@ -173,7 +173,7 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
     let _: () = on_source.hset("cart:7", "apples", 3).await.unwrap();
 
     harness.apply(&endpoints(&source, &target));
-    let shop = migration("shop", 10, "oldAuthoritative");
+    let shop = migration("shop", "sync", 10, "oldAuthoritative");
     harness.apply(&shop);
     let ready = harness.wait_phase("shop", Phase::Ready).await;
     let status = ready.status.as_ref().unwrap();
@@ -195,7 +195,7 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
     let leases = Api::namespaced(harness.client.clone(), &harness.namespace);
     let lease =
         tokio::spawn(LeaseReporter::new(leases, "app-0".into(), "shop".into(), current, applier.status()).run());
-    harness.apply(&migration("shop", 25, "oldAuthoritative"));
+    harness.apply(&migration("shop", "sync", 25, "oldAuthoritative"));
     let second = harness.wait_payload("shop", |p| p.read_percentage == 25).await;
     assert_eq!(second.generation, first.generation + 1, "a strategy change bumps the generation once");
     harness
@@ -221,11 +221,11 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
         assert!(describe.contains(expected), "kubectl describe lacks {expected:?}:\n{describe}");
     }
     // GitOps: the operator never writes the spec, so the applied manifest shows no drift.
-    assert_no_drift(&harness, &migration("shop", 25, "oldAuthoritative"));
+    assert_no_drift(&harness, &migration("shop", "sync", 25, "oldAuthoritative"));
 
     // Cutover: writes pause in the sidecars, replication drains and stops, writes flip to the
     // target and are mirrored back to the source.
-    harness.apply(&migration("shop", 25, "newAuthoritative"));
+    harness.apply(&migration("shop", "sync", 25, "newAuthoritative"));
     let cut_over = harness.wait_phase("shop", Phase::CutOver).await;
     assert_eq!(condition(&cut_over, "Replicating").reason, "NotRunning");
     let flipped = harness.payload("shop").await;
@@ -236,7 +236,7 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
     assert_eq!(leaked, None, "replication stopped at the flip");
 
     // Rollback: the source is authoritative again once the sidecar acknowledged.
-    harness.apply(&migration("shop", 25, "oldAuthoritative"));
+    harness.apply(&migration("shop", "sync", 25, "oldAuthoritative"));
     harness.wait_phase("shop", Phase::RolledBack).await;
     let rolled_back = harness.payload("shop").await;
     assert_eq!(rolled_back.write_policy, WritePolicy::OldAuthoritative);
@@ -288,7 +288,7 @@ impl Harness {
 async fn requests_the_data_cannot_honour_are_held_with_the_reason() {
     let harness = Harness::start("migration-held").await;
     // A missing Endpoint: the migration waits in Pending and says which one.
-    harness.apply(&migration("orphan", 0, "oldAuthoritative"));
+    harness.apply(&migration("orphan", "scan", 0, "oldAuthoritative"));
     let pending = harness
         .wait("orphan", "a Held condition", |m| {
             m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Held" && c.status == "True"))
@@ -307,7 +307,7 @@ async fn requests_the_data_cannot_honour_are_held_with_the_reason() {
     let _: () =
         redis::cmd("DEBUG").arg("POPULATE").arg(200_000).query_async(&mut connect(&source).await).await.unwrap();
     harness.apply(&endpoints(&source, &target));
-    harness.apply(&migration("early", 0, "newAuthoritative"));
+    harness.apply(&migration("early", "scan", 0, "newAuthoritative"));
     let syncing = harness
         .wait("early", "CutoverHeld while syncing", |m| {
             phase_of(m) == Some(Phase::Syncing)
@@ -319,32 +319,28 @@ async fn requests_the_data_cannot_honour_are_held_with_the_reason() {
 }
 
 #[tokio::test]
-async fn a_restarted_operator_resumes_the_copy_from_the_checkpoint_in_status() {
+async fn a_restarted_operator_continues_the_replication_stream_without_a_new_copy() {
     let mut harness = Harness::start("migration-restart").await;
     let source = RedisServer::with_config(RedisConfig::default().directive("enable-debug-command", "yes")).unwrap();
     let target = RedisServer::start().unwrap();
-    let _: () =
-        redis::cmd("DEBUG").arg("POPULATE").arg(200_000).query_async(&mut connect(&source).await).await.unwrap();
+    let (mut on_source, mut on_target) = (connect(&source).await, connect(&target).await);
+    let _: () = redis::cmd("DEBUG").arg("POPULATE").arg(50_000).query_async(&mut on_source).await.unwrap();
     harness.apply(&endpoints(&source, &target));
-    harness.apply(&migration("big", 0, "oldAuthoritative"));
-    let mid_copy = harness
-        .wait("big", "a checkpoint mid-backfill", |m| {
-            m.status.as_ref().is_some_and(|s| {
-                s.checkpoint.is_some()
-                    && s.progress.as_ref().is_some_and(|p| p.keys_copied > 0 && p.keys_copied < 200_000)
-            })
-        })
-        .await;
-    harness.stop_operator().await;
-    let copied_before = mid_copy.status.unwrap().progress.unwrap().keys_copied;
+    harness.apply(&migration("big", "sync", 0, "oldAuthoritative"));
+    harness.wait_phase("big", Phase::Ready).await;
 
+    harness.stop_operator().await;
+    let _: () = on_source.set("written-while-the-operator-was-down", "kept").await.unwrap();
     harness.start_operator();
-    let ready = harness.wait_phase("big", Phase::Ready).await;
-    let verification = ready.status.as_ref().unwrap().last_verification.clone().unwrap();
-    assert_eq!((verification.checked, verification.missing, verification.mismatched), (200_000, 0, 0));
+    wait_value(&mut on_target, "written-while-the-operator-was-down", Some("kept")).await;
     let describe = harness.kubectl(&["describe", "migration", "big"]);
-    assert!(
-        describe.contains("resumed from its checkpoint"),
-        "the new operator resumed (copied {copied_before} before):\n{describe}"
-    );
+    assert!(describe.contains("resumed from its checkpoint"), "{describe}");
+    // The source served the new leader from its backlog: a partial resync, not a second copy.
+    let stats: String = redis::cmd("INFO").arg("stats").query_async(&mut on_source).await.unwrap();
+    let stat =
+        |name: &str| stats.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).map(str::trim).map(String::from);
+    assert_eq!(stat("sync_partial_ok").as_deref(), Some("1"), "{stats}");
+    assert_eq!(stat("sync_full").as_deref(), Some("1"), "{stats}");
+    let ready = harness.wait_phase("big", Phase::Ready).await;
+    assert!(ready.status.unwrap().ready_for_cutover);
 }

@@ -15,6 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 
 use crate::config::{ConfigStatus, CurrentConfig, writes_paused};
+use crate::hold::CurrentHold;
 
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(3);
 /// A Lease not renewed for this long belongs to a dead sidecar.
@@ -28,12 +29,14 @@ pub const LABEL_MIGRATION: &str = "eden.io/migration";
 const FIELD_MANAGER: &str = "eden-sidecar";
 
 /// Keeps this sidecar's Lease current.
+#[derive(Clone)]
 pub struct LeaseReporter {
     api: Api<Lease>,
     pod: String,
     migration: String,
     config: CurrentConfig,
     status: Arc<ConfigStatus>,
+    hold: Option<CurrentHold>,
 }
 
 impl LeaseReporter {
@@ -45,7 +48,14 @@ impl LeaseReporter {
         config: CurrentConfig,
         status: Arc<ConfigStatus>,
     ) -> Self {
-        LeaseReporter { api, pod, migration, config, status }
+        LeaseReporter { api, pod, migration, config, status, hold: None }
+    }
+
+    /// Reports the sidecar's actual write hold (`flowing`, `paused` while holding, `expired`
+    /// once the deadline passed without a flip) instead of what the payload asks for.
+    pub fn with_hold(mut self, hold: CurrentHold) -> Self {
+        self.hold = Some(hold);
+        self
     }
 
     /// The Lease's name: one per pod.
@@ -62,9 +72,17 @@ impl LeaseReporter {
             if let Err(err) = self.renew().await {
                 tracing::warn!(%err, lease = %self.lease_name(), "could not renew Lease; retrying");
             }
+            let hold = &mut self.hold;
+            let hold_changed = async move {
+                match hold {
+                    Some(hold) => hold.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = ticker.tick() => {}
                 changed = self.config.changed() => if changed.is_err() { return },
+                changed = hold_changed => if changed.is_err() { return },
             }
         }
     }
@@ -73,7 +91,7 @@ impl LeaseReporter {
     pub async fn renew(&self) -> Result<Lease, kube::Error> {
         let mut annotations = BTreeMap::from([
             (ANNOTATION_GENERATION.to_string(), self.status.applied_generation().to_string()),
-            (ANNOTATION_WRITES.to_string(), if writes_paused(&self.config) { "paused" } else { "flowing" }.to_string()),
+            (ANNOTATION_WRITES.to_string(), self.writes().to_string()),
         ]);
         if let Some(error) = self.status.last_error() {
             annotations.insert(ANNOTATION_CONFIG_ERROR.to_string(), error);
@@ -96,6 +114,14 @@ impl LeaseReporter {
         value["apiVersion"] = "coordination.k8s.io/v1".into();
         value["kind"] = "Lease".into();
         self.api.patch(&self.lease_name(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value)).await
+    }
+
+    fn writes(&self) -> &'static str {
+        match &self.hold {
+            Some(hold) => hold.borrow().as_str(),
+            None if writes_paused(&self.config) => "paused",
+            None => "flowing",
+        }
     }
 
     /// Deletes the Lease on a clean shutdown, so the operator stops counting this sidecar at

@@ -6,15 +6,25 @@
 //! and [`metrics`] on a separate port. The strategy the operator pushes arrives through
 //! [`config`], and [`lease`] acknowledges it. [`replicate`] is the replication engine and the
 //! verifier; [`cli`] holds the binary's `replicate` and `verify` verbs.
+//!
+//! Under a strategy, [`plan`] turns each applied generation into upstreams, [`route`] decides
+//! per command, [`session::routed`] carries the decisions out with [`reply`] boundaries to keep
+//! replies in order, [`mirror`] sends what the other side must also see, and [`hold`] is the
+//! cutover pause.
 
 pub mod admin;
 pub mod cli;
 pub mod command;
 pub mod config;
 pub mod frame;
+pub mod hold;
 pub mod lease;
 pub mod metrics;
+pub mod mirror;
+pub mod plan;
 pub mod replicate;
+pub mod reply;
+pub mod route;
 pub mod server;
 pub mod session;
 pub mod telemetry;

@@ -1,5 +1,7 @@
-//! `eden-sidecar`: the RESP proxy's command line. Wires the listener, the upstream, the admin
-//! endpoint and signal handling together; everything else lives in the library.
+//! `eden-sidecar`: the RESP proxy's command line. Wires the listener, the upstreams, the
+//! strategy's sources (`--configmap` through the Kubernetes API, `--config` from a file), the
+//! Lease, the admin endpoint and signal handling together; everything else lives in the library.
+//! With neither config flag it is a plain proxy to `--source`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,13 +12,20 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use eden_sidecar::admin;
 use eden_sidecar::cli::{self, Verb};
+use eden_sidecar::config::{Applier, ConfigStatus};
+use eden_sidecar::lease::LeaseReporter;
 use eden_sidecar::metrics::ProxyMetrics;
-use eden_sidecar::server::{self, Listener};
+use eden_sidecar::plan::{Routing, UpstreamSettings};
+use eden_sidecar::server::{self, Backend, Listener};
 use eden_sidecar::telemetry::{LogFormat, init_logging};
 use eden_sidecar::upstream::{TlsSettings, Upstream};
+use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+
+/// How often `--config` is re-read.
+const FILE_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Parser, Debug)]
 #[command(name = "eden-sidecar", version, about = "Eden's RESP proxy: applications talk to it on localhost")]
@@ -33,9 +42,27 @@ struct Args {
     /// The source Redis: redis://host:port[/db] or rediss://…
     #[arg(long, env = "EDEN_SOURCE")]
     source: String,
-    /// The target Redis (used once a migration strategy routes traffic to it).
+    /// The target Redis (used once a migration strategy routes traffic to it); when absent,
+    /// the strategy's target URI.
     #[arg(long, env = "EDEN_TARGET")]
     target: Option<String>,
+    /// Follow the strategy in this ConfigMap (key `eden.yaml`) through the Kubernetes API
+    /// (in-cluster config, or KUBECONFIG), and acknowledge it in a Lease.
+    #[arg(long, env = "EDEN_CONFIGMAP", conflicts_with = "config")]
+    configmap: Option<String>,
+    /// Follow the strategy in this file (a mounted ConfigMap), polled.
+    #[arg(long, env = "EDEN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Namespace of the ConfigMap and the Lease (default: the pod's, or the kubeconfig's).
+    #[arg(long, env = "EDEN_NAMESPACE")]
+    namespace: Option<String>,
+    /// This pod's name: the Lease's holder (default: $HOSTNAME).
+    #[arg(long, env = "EDEN_POD_NAME")]
+    pod_name: Option<String>,
+    /// Longest a cutover pause may hold writes before they go to the source, in milliseconds.
+    /// Set it above the Migration's maxWritePauseMillis, so the operator decides first.
+    #[arg(long, env = "EDEN_MAX_WRITE_PAUSE_MS", default_value_t = 5000)]
+    max_write_pause_ms: u64,
     /// PEM CA bundle for rediss:// upstreams (system roots when absent).
     #[arg(long, env = "EDEN_UPSTREAM_CA_FILE")]
     upstream_ca_file: Option<PathBuf>,
@@ -86,7 +113,24 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Upstream::new(target, &tls, timeout).map_err(|e| format!("--target: {e}"))?;
     }
 
-    let metrics = Arc::new(ProxyMetrics::default());
+    let mut metrics = ProxyMetrics::default();
+    let strategy = Strategy::start(&args, metrics.registry_mut()).await?;
+    let metrics = Arc::new(metrics);
+    let backend = match &strategy {
+        None => Backend::Plain(source.clone()),
+        Some(strategy) => {
+            let settings = UpstreamSettings { tls, connect_timeout: timeout, target: args.target.clone() };
+            let max_pause = Duration::from_millis(args.max_write_pause_ms);
+            Backend::Routed(Routing::follow(source.clone(), settings, strategy.applier.subscribe(), max_pause))
+        }
+    };
+    let lease = match (&strategy, &backend) {
+        (Some(Strategy { lease: Some(reporter), .. }), Backend::Routed(routing)) => {
+            let reporter = reporter.clone().with_hold(routing.hold());
+            Some((tokio::spawn(reporter.clone().run()), reporter))
+        }
+        _ => None,
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let admin_listener =
         TcpListener::bind(args.admin_listen).await.map_err(|e| format!("admin listener {}: {e}", args.admin_listen))?;
@@ -100,17 +144,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let tcp = TcpListener::bind(args.listen).await.map_err(|e| format!("listener {}: {e}", args.listen))?;
     // The bound addresses, not the flags: port 0 picks a free port.
     let (listen, admin) = (tcp.local_addr()?, admin_listener.local_addr()?);
-    servers.spawn(server::serve(Listener::Tcp(tcp), source.clone(), metrics.clone(), shutdown.clone()));
+    servers.spawn(server::serve(Listener::Tcp(tcp), backend.clone(), metrics.clone(), shutdown.clone()));
     if let Some(path) = &args.unix_socket {
         let _ = std::fs::remove_file(path);
         let unix = UnixListener::bind(path).map_err(|e| format!("unix socket {}: {e}", path.display()))?;
-        servers.spawn(server::serve(Listener::Unix(unix), source.clone(), metrics.clone(), shutdown.clone()));
+        servers.spawn(server::serve(Listener::Unix(unix), backend.clone(), metrics.clone(), shutdown.clone()));
     }
     // Handlers before readiness: a SIGTERM right after "ready" must drain, not kill.
     let (mut terminate, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     tokio::spawn(admin::serve(admin_listener, handler));
     ready.store(true, Ordering::Relaxed);
-    tracing::info!(%listen, %admin, source = source.addr(), "eden-sidecar ready");
+    let routed = matches!(backend, Backend::Routed(_));
+    tracing::info!(%listen, %admin, source = source.addr(), routed, "eden-sidecar ready");
 
     tokio::select! {
         _ = terminate.recv() => {}
@@ -119,6 +164,49 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     ready.store(false, Ordering::Relaxed);
     let _ = stop.send(true);
     while servers.join_next().await.is_some() {}
+    if let Some((renewing, reporter)) = lease {
+        renewing.abort();
+        reporter.release().await;
+    }
     tracing::info!("eden-sidecar stopped");
     Ok(())
+}
+
+/// Where the strategy comes from, when the sidecar follows one.
+struct Strategy {
+    applier: Applier,
+    /// Only with `--configmap`: acks need the API.
+    lease: Option<LeaseReporter>,
+}
+
+impl Strategy {
+    /// Starts the configured source of `eden.yaml`; `None` for a plain proxy.
+    async fn start(args: &Args, registry: &mut Registry) -> Result<Option<Strategy>, Box<dyn std::error::Error>> {
+        if args.configmap.is_none() && args.config.is_none() {
+            return Ok(None);
+        }
+        let (applier, _) = Applier::new();
+        let status: Arc<ConfigStatus> = applier.status();
+        status.register(registry);
+        if let Some(path) = &args.config {
+            tokio::spawn(applier.clone().watch_file(path.clone(), FILE_POLL));
+            return Ok(Some(Strategy { applier, lease: None }));
+        }
+        let name = args.configmap.clone().unwrap_or_default();
+        let client =
+            kube::Client::try_default().await.map_err(|e| format!("--configmap {name}: no Kubernetes API: {e}"))?;
+        let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+        let pod = args
+            .pod_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .ok_or("--pod-name (or HOSTNAME) is needed to name this sidecar's Lease")?;
+        let config_maps = kube::Api::namespaced(client.clone(), &namespace);
+        tokio::spawn(applier.clone().watch_config_map(config_maps, name.clone()));
+        // The ConfigMap is `eden-<migration>`; the Lease is labelled with the migration.
+        let migration = name.strip_prefix("eden-").unwrap_or(&name).to_string();
+        let leases = kube::Api::namespaced(client, &namespace);
+        let lease = LeaseReporter::new(leases, pod, migration, applier.subscribe(), status);
+        Ok(Some(Strategy { applier, lease: Some(lease) }))
+    }
 }

@@ -2,6 +2,10 @@
 //!
 //! Every series the hot path touches is created once up front and held as a handle, so
 //! counting a command is one atomic add: no label lookup, no lock, no allocation.
+//!
+//! Besides the request path: mirrored writes by side and outcome, shadow-read comparisons,
+//! held connections, and (registered by [`ConfigStatus`](crate::config::ConfigStatus)) the
+//! applied configuration generation and rejected payloads.
 
 use std::time::Duration;
 
@@ -13,6 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::command::CommandKind;
+use crate::route::Side;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabels {
@@ -23,6 +28,37 @@ struct CommandLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorLabels {
+    to: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// What became of a request mirrored to the side that does not answer the client.
+#[derive(Debug, Clone, Copy)]
+pub enum MirrorOutcome {
+    /// The server accepted it.
+    Applied,
+    /// Refused, or the connection failed: the two sides may now differ.
+    Failed,
+    /// The link's queue was full: never sent.
+    Dropped,
+}
+
+/// How a shadow read compared with the reply the client got.
+#[derive(Debug, Clone, Copy)]
+pub enum ShadowOutcome {
+    Match,
+    Mismatch,
+    /// Not compared: dropped, no connection, or no answer in time.
+    Failed,
 }
 
 /// Why a client saw an error, or a connection was closed, because of the proxy.
@@ -36,9 +72,13 @@ pub enum ErrorKind {
 pub struct ProxyMetrics {
     registry: Registry,
     connections_active: Gauge,
-    commands: [Counter; CommandKind::ALL.len()],
+    commands: [[Counter; CommandKind::ALL.len()]; 2],
     errors: [Counter; 3],
     latency: Histogram,
+    mirror: [[Counter; 3]; 2],
+    shadow: [Counter; 3],
+    holding: Gauge,
+    held: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -56,22 +96,61 @@ impl Default for ProxyMetrics {
             "From forwarding a batch of requests to the first reply byte from the upstream",
             latency.clone(),
         );
-        let command =
-            |kind: CommandKind| commands.get_or_create(&CommandLabels { route: "source", kind: kind.as_str() }).clone();
+        let mirror = Family::<MirrorLabels, Counter>::default();
+        let shadow = Family::<OutcomeLabels, Counter>::default();
+        let (holding, held) = (Gauge::default(), Counter::default());
+        registry.register(
+            "mirror_writes",
+            "Writes also sent to the side that does not answer the client, by side and outcome",
+            mirror.clone(),
+        );
+        registry.register("shadow_reads", "Reads also sent to the other side and compared, by outcome", shadow.clone());
+        registry.register("writes_holding", "Client connections whose next write is held (cutover)", holding.clone());
+        registry.register("writes_held", "Writes held during a cutover pause", held.clone());
+        let command = |side: Side| {
+            CommandKind::ALL.map(|kind| {
+                commands.get_or_create(&CommandLabels { route: side.as_str(), kind: kind.as_str() }).clone()
+            })
+        };
         let error = |kind: &'static str| errors.get_or_create(&ErrorLabels { kind }).clone();
+        let mirror = |side: Side| {
+            ["applied", "failed", "dropped"]
+                .map(|outcome| mirror.get_or_create(&MirrorLabels { to: side.as_str(), outcome }).clone())
+        };
         ProxyMetrics {
-            commands: CommandKind::ALL.map(command),
+            commands: Side::BOTH.map(command),
             errors: ["upstream_unreachable", "protocol", "io"].map(error),
             registry,
             connections_active,
             latency,
+            mirror: Side::BOTH.map(mirror),
+            shadow: ["match", "mismatch", "failed"]
+                .map(|outcome| shadow.get_or_create(&OutcomeLabels { outcome }).clone()),
+            holding,
+            held,
         }
     }
 }
 
 impl ProxyMetrics {
-    pub fn command(&self, kind: CommandKind) {
-        self.commands[kind as usize].inc();
+    /// A command sent to `side`, whose reply the client gets.
+    pub fn command(&self, side: Side, kind: CommandKind) {
+        self.commands[side as usize][kind as usize].inc();
+    }
+
+    pub fn mirror(&self, side: Side, outcome: MirrorOutcome) {
+        self.mirror[side as usize][outcome as usize].inc();
+    }
+
+    pub fn shadow(&self, outcome: ShadowOutcome) {
+        self.shadow[outcome as usize].inc();
+    }
+
+    /// A connection's write is held; returns a guard that counts it until released.
+    pub fn hold_started(&self) -> HoldGuard<'_> {
+        self.held.inc();
+        self.holding.inc();
+        HoldGuard(&self.holding)
     }
 
     pub fn error(&self, kind: ErrorKind) {
@@ -100,5 +179,14 @@ impl ProxyMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Counts a held connection in `eden_writes_holding` while it lives.
+pub struct HoldGuard<'a>(&'a Gauge);
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -1,5 +1,7 @@
 //! The accept loop: one [`session`](crate::session) per client, on TCP or a Unix socket, until
-//! shutdown. Shutdown stops accepting at once, then waits for every session to let the replies
+//! shutdown. A [`Backend`] says whether sessions are plain (one upstream, bytes copied) or
+//! routed by a migration strategy; the choice is made once, so the plain proxy pays nothing
+//! for routing. Shutdown stops accepting at once, then waits for every session to let the replies
 //! it owes arrive (each bounded by [`DRAIN_TIMEOUT`](crate::session::DRAIN_TIMEOUT)).
 
 use std::sync::Arc;
@@ -10,8 +12,18 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::metrics::ProxyMetrics;
+use crate::plan::Routing;
 use crate::session;
 use crate::upstream::Upstream;
+
+/// What sessions forward to.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A plain proxy to one server.
+    Plain(Upstream),
+    /// Source and target, command by command, as the strategy says.
+    Routed(Routing),
+}
 
 /// Where clients connect.
 pub enum Listener {
@@ -37,23 +49,28 @@ impl Listener {
     }
 }
 
-/// Serves clients on `listener`, forwarding to `upstream`, until `shutdown` turns true.
-pub async fn serve(
-    listener: Listener,
-    upstream: Upstream,
-    metrics: Arc<ProxyMetrics>,
-    shutdown: watch::Receiver<bool>,
-) {
+/// Serves clients on `listener`, forwarding to `backend`, until `shutdown` turns true.
+pub async fn serve(listener: Listener, backend: Backend, metrics: Arc<ProxyMetrics>, shutdown: watch::Receiver<bool>) {
     let mut sessions = JoinSet::new();
     let mut stop = shutdown.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (upstream, metrics, shutdown) = (upstream.clone(), metrics.clone(), shutdown.clone());
-                match accepted {
-                    Ok(Client::Tcp(client)) => sessions.spawn(session::serve(client, upstream, metrics, shutdown)),
-                    Ok(Client::Unix(client)) => sessions.spawn(session::serve(client, upstream, metrics, shutdown)),
-                    Err(err) => {
+                let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+                match (accepted, &backend) {
+                    (Ok(Client::Tcp(client)), Backend::Plain(upstream)) => {
+                        sessions.spawn(session::serve(client, upstream.clone(), metrics, shutdown))
+                    }
+                    (Ok(Client::Unix(client)), Backend::Plain(upstream)) => {
+                        sessions.spawn(session::serve(client, upstream.clone(), metrics, shutdown))
+                    }
+                    (Ok(Client::Tcp(client)), Backend::Routed(routing)) => {
+                        sessions.spawn(session::routed::serve(client, routing.clone(), metrics, shutdown))
+                    }
+                    (Ok(Client::Unix(client)), Backend::Routed(routing)) => {
+                        sessions.spawn(session::routed::serve(client, routing.clone(), metrics, shutdown))
+                    }
+                    (Err(err), _) => {
                         // Usually out of file descriptors: back off instead of spinning.
                         tracing::warn!(%err, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -17,6 +17,13 @@
 //! the two connections live and die together: if either side closes, both close. A client's
 //! EOF closes the upstream at once (Redis frees a client on EOF, which unblocks its BLPOP);
 //! only shutdown and protocol errors wait for replies already due.
+//!
+//! This is the plain proxy, which pays nothing for routing. With a migration strategy,
+//! [`routed`] serves the client instead: the same request scanning, but each request goes to
+//! the side the strategy picks, and [`replies`] puts replies from both back in request order.
+
+mod replies;
+pub mod routed;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,10 +36,11 @@ use tokio::sync::{oneshot, watch};
 use crate::command::Command;
 use crate::frame::{ProtocolError, RequestScanner};
 use crate::metrics::{ErrorKind, ProxyMetrics};
-use crate::upstream::{Upstream, UpstreamStream};
+use crate::route::Side;
+use crate::upstream::{Upstream, UpstreamError, UpstreamStream};
 
 /// Read buffer size for each direction.
-const BUFFER: usize = 16 * 1024;
+pub(crate) const BUFFER: usize = 16 * 1024;
 /// After shutdown is signalled, how long replies to requests already forwarded may take.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -75,6 +83,43 @@ where
     metrics.connection_closed();
 }
 
+/// When the oldest unanswered batch was forwarded, for `eden_proxy_latency_seconds`: the time
+/// from forwarding to the upstream's first reply byte. Shared by a session's two directions.
+#[derive(Debug)]
+pub(crate) struct Latency {
+    /// Nanoseconds since `epoch`; 0 when nothing is waiting.
+    since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency { since: AtomicU64::new(0), epoch: Instant::now() }
+    }
+}
+
+impl Latency {
+    /// A batch went out; the clock starts unless an older batch is still unanswered.
+    pub(crate) fn forwarded(&self) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let _ = self.since.compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The upstream started answering: the oldest batch's latency is known.
+    pub(crate) fn answered(&self, metrics: &ProxyMetrics) {
+        let since = self.since.swap(0, Ordering::Relaxed);
+        if since != 0 {
+            let now = self.epoch.elapsed().as_nanos() as u64;
+            metrics.observe_latency(Duration::from_nanos(now.saturating_sub(since)));
+        }
+    }
+
+    /// Whether every forwarded batch has started to be answered.
+    fn quiet(&self) -> bool {
+        self.since.load(Ordering::Relaxed) == 0
+    }
+}
+
 struct Session<C> {
     upstream: Upstream,
     metrics: Arc<ProxyMetrics>,
@@ -91,9 +136,7 @@ enum State<C> {
         replies: tokio::task::JoinHandle<()>,
         /// Tells the reply copy to finish: let due replies arrive, write these bytes, close.
         finish: oneshot::Sender<Vec<u8>>,
-        /// Nanoseconds since `epoch` when the oldest unanswered batch was forwarded; 0 when none.
-        waiting_since: Arc<AtomicU64>,
-        epoch: Instant,
+        latency: Arc<Latency>,
     },
     Closed,
 }
@@ -127,8 +170,7 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
             match self.scanner.scan(&buffer[complete..]) {
                 Ok(Some(request)) => {
                     if request.argc > 0 {
-                        // The seam where routing will pick an upstream per command.
-                        self.metrics.command(Command::of(&buffer[complete..], &request).kind);
+                        self.metrics.command(Side::Source, Command::of(&buffer[complete..], &request).kind);
                         requests += 1;
                     }
                     complete += request.len;
@@ -145,7 +187,7 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
         {
             self.metrics.error(ErrorKind::UpstreamUnreachable);
             tracing::warn!(%error, "upstream unreachable; answering with an error, retrying on the next request");
-            let reply = format!("-ERR eden: {error}\r\n");
+            let reply = unreachable_reply(&error);
             let State::Idle(writer) = &mut self.state else { return false };
             for _ in 0..requests {
                 if writer.write_all(reply.as_bytes()).await.is_err() {
@@ -154,9 +196,8 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
             }
             return true;
         }
-        let State::Connected { to_upstream, waiting_since, epoch, .. } = &mut self.state else { return false };
-        let now = epoch.elapsed().as_nanos() as u64;
-        let _ = waiting_since.compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
+        let State::Connected { to_upstream, latency, .. } = &mut self.state else { return false };
+        latency.forwarded();
         if to_upstream.write_all(batch).await.is_err() {
             self.metrics.error(ErrorKind::Io);
             return false;
@@ -168,12 +209,11 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
         let stream = self.upstream.connect().await?;
         let State::Idle(to_client) = std::mem::replace(&mut self.state, State::Closed) else { unreachable!() };
         let (from_upstream, to_upstream) = tokio::io::split(stream);
-        let waiting_since = Arc::new(AtomicU64::new(0));
-        let epoch = Instant::now();
+        let latency = Arc::new(Latency::default());
         let (finish, finishing) = oneshot::channel();
-        let copy = ReplyCopy { to_client, waiting_since: waiting_since.clone(), epoch, metrics: self.metrics.clone() };
+        let copy = ReplyCopy { to_client, latency: latency.clone(), metrics: self.metrics.clone() };
         let replies = tokio::spawn(copy.run(from_upstream, finishing));
-        self.state = State::Connected { to_upstream, replies, finish, waiting_since, epoch };
+        self.state = State::Connected { to_upstream, replies, finish, latency };
         Ok(())
     }
 
@@ -224,9 +264,7 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
 /// The reply direction of a session.
 struct ReplyCopy<C> {
     to_client: WriteHalf<C>,
-    /// Nanoseconds since `epoch` when the oldest unanswered batch was forwarded; 0 when none.
-    waiting_since: Arc<AtomicU64>,
-    epoch: Instant,
+    latency: Arc<Latency>,
     metrics: Arc<ProxyMetrics>,
 }
 
@@ -244,7 +282,7 @@ impl<C: AsyncWrite> ReplyCopy<C> {
                 read = from_upstream.read_buf(&mut buffer) => match read {
                     Ok(0) => break,
                     Ok(_) => {
-                        self.answered();
+                        self.latency.answered(&self.metrics);
                         if self.to_client.write_all(&buffer).await.is_err() {
                             break;
                         }
@@ -260,7 +298,7 @@ impl<C: AsyncWrite> ReplyCopy<C> {
                 }
                 () = tokio::time::sleep(quiet), if closing.is_some() => {
                     let (words, deadline) = closing.as_ref().expect("guarded");
-                    if self.waiting_since.load(Ordering::Relaxed) == 0 || Instant::now() > *deadline {
+                    if self.latency.quiet() || Instant::now() > *deadline {
                         let _ = self.to_client.write_all(words).await;
                         break;
                     }
@@ -269,13 +307,9 @@ impl<C: AsyncWrite> ReplyCopy<C> {
         }
         let _ = self.to_client.shutdown().await;
     }
+}
 
-    /// The upstream started answering: the oldest batch's latency is known.
-    fn answered(&self) {
-        let since = self.waiting_since.swap(0, Ordering::Relaxed);
-        if since != 0 {
-            let now = self.epoch.elapsed().as_nanos() as u64;
-            self.metrics.observe_latency(Duration::from_nanos(now.saturating_sub(since)));
-        }
-    }
+/// What each request gets while its upstream is unreachable.
+fn unreachable_reply(error: &UpstreamError) -> String {
+    format!("-ERR eden: {error}\r\n")
 }

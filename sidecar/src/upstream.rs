@@ -129,6 +129,11 @@ impl Upstream {
         self
     }
 
+    /// Whether Eden authenticates connections itself (then the client's AUTH is not replayed).
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
     /// `host:port`.
     pub fn addr(&self) -> &str {
         &self.addr

@@ -13,7 +13,9 @@ use tokio::process::Command;
 
 fn sidecar() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_eden-sidecar"));
-    for var in ["EDEN_LISTEN", "EDEN_ADMIN_LISTEN", "EDEN_SOURCE", "EDEN_TARGET", "RUST_LOG"] {
+    for var in
+        ["EDEN_LISTEN", "EDEN_ADMIN_LISTEN", "EDEN_SOURCE", "EDEN_TARGET", "EDEN_CONFIG", "EDEN_CONFIGMAP", "RUST_LOG"]
+    {
         command.env_remove(var);
     }
     command.kill_on_drop(true);
@@ -92,4 +94,57 @@ async fn the_binary_proxies_reports_on_its_admin_port_and_drains_on_sigterm() {
     assert_eq!(client.read_to_close().await, "*-1\r\n", "the blocked command's reply was delivered");
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits").unwrap();
     assert_eq!(status.code(), Some(0), "a drained shutdown is a clean exit");
+}
+
+#[tokio::test]
+async fn with_a_config_file_the_binary_routes_by_its_strategy() {
+    let (source, target) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
+    for (server, value) in [(&source, "source"), (&target, "target")] {
+        let mut direct = RawClient::connect(server.addr()).await;
+        direct.send(&resp(&["SET", "where", value])).await;
+        direct.expect(b"+OK\r\n").await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("eden.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "generation: 3\nmigration: shop/cache\nsource: {{uri: '{}'}}\ntarget: {{uri: '{}'}}\nread_percentage: 100\n",
+            source.url(),
+            target.url()
+        ),
+    )
+    .unwrap();
+    let mut child = sidecar()
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--source", &source.url(), "--config", config.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    // The file may be applied before or after the listeners are ready.
+    let (mut ready, mut applied) = (None, false);
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        while ready.is_none() || !applied {
+            let line = logs.next_line().await.unwrap().expect("logs before exit");
+            let line: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
+            applied |= line["message"] == "applied configuration";
+            if line["message"] == "eden-sidecar ready" {
+                assert_eq!(line["routed"], true);
+                ready = Some(line);
+            }
+        }
+        ready.unwrap()
+    })
+    .await
+    .expect("ready and configured within 10 s");
+    let (listen, admin) = (ready["listen"].as_str().unwrap(), ready["admin"].as_str().unwrap());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut client = RawClient::connect(listen.parse().unwrap()).await;
+    client.send(&resp(&["GET", "where"])).await;
+    client.expect(b"$6\r\ntarget\r\n").await;
+    let metrics = get(admin, "/metrics").await.1;
+    for line in ["eden_config_applied_generation 3", "eden_commands_total{route=\"target\",kind=\"read\"} 1"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }

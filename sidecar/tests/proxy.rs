@@ -342,7 +342,7 @@ async fn scripting_wait_and_reset_pass_through() {
 
 #[tokio::test]
 async fn clients_can_connect_over_a_unix_socket() {
-    use eden_sidecar::server::{self, Listener};
+    use eden_sidecar::server::{self, Backend, Listener};
     use eden_sidecar::upstream::Upstream;
 
     let server = RedisServer::start().unwrap();
@@ -351,7 +351,8 @@ async fn clients_can_connect_over_a_unix_socket() {
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let upstream = Upstream::new(&server.url(), &TlsSettings::default(), Duration::from_secs(1)).unwrap();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let served = tokio::spawn(server::serve(Listener::Unix(listener), upstream, Default::default(), shutdown));
+    let served =
+        tokio::spawn(server::serve(Listener::Unix(listener), Backend::Plain(upstream), Default::default(), shutdown));
 
     let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut client, &[resp(&["SET", "via", "unix"]), resp(&["GET", "via"])].concat())

@@ -136,20 +136,24 @@ impl Observation {
             return Err("an Endpoint is missing".into());
         };
         let data = &migration.spec.data;
+        let (source, target) = (connection(ctx, source).await?, connection(ctx, target).await?);
+        // The engine takes one TLS trust for both servers: the target's when it uses TLS (the
+        // usual managed-service case), else the source's.
+        let tls = if target.uri.starts_with("rediss://") { target.tls.clone() } else { source.tls.clone() };
         Ok(Plan {
             mode: data.type_,
             replace: data.replace,
-            source_url: url(ctx, source).await?,
-            target_url: url(ctx, target).await?,
+            source_url: source.url_with_credentials().map_err(|e| e.to_string())?,
+            target_url: target.url_with_credentials().map_err(|e| e.to_string())?,
+            tls,
         })
     }
 }
 
-/// The Endpoint's URL with its Secret's credentials in it.
-async fn url(ctx: &Context, endpoint: &Endpoint) -> Result<String, String> {
+/// The Endpoint's connection settings, its Secrets read.
+async fn connection(ctx: &Context, endpoint: &Endpoint) -> Result<ConnectionSettings, String> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &endpoint.namespace().unwrap_or_default());
-    let settings = ConnectionSettings::resolve(&endpoint.spec, &secrets).await.map_err(|e| e.to_string())?;
-    settings.url_with_credentials().map_err(|e| e.to_string())
+    ConnectionSettings::resolve(&endpoint.spec, &secrets).await.map_err(|e| e.to_string())
 }
 
 async fn side(endpoints: &Api<Endpoint>, role: &'static str, name: &str) -> Result<Side, Error> {

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eden_sidecar::replicate::{
-    Checkpoint, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, Verifier, VerifyOptions,
+    Checkpoint, Mode, Progress, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, Verifier, VerifyOptions,
     VerifyReport,
 };
+use eden_sidecar::upstream::TlsSettings;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -31,14 +32,8 @@ pub struct Plan {
     /// URLs with credentials: never logged.
     pub source_url: String,
     pub target_url: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Engine(#[from] ReplicateError),
-    #[error("data.type sync is not built yet; use data.type scan")]
-    SyncUnavailable,
+    /// Trust for `rediss://` (the engine takes one set for both servers).
+    pub tls: TlsSettings,
 }
 
 /// What a run looks like from outside, for status and the phase machine.
@@ -70,9 +65,10 @@ pub struct Replications {
 }
 
 struct Run {
-    replicator: Option<ScanReplicator>,
+    replicator: Option<Replicator>,
     progress: watch::Receiver<Progress>,
     plan_urls: (String, String),
+    tls: TlsSettings,
     failure: Option<(String, Instant)>,
     verification: Verification,
 }
@@ -92,29 +88,27 @@ impl Replications {
 
     /// Starts a run: from `checkpoint` when there is one, else a full copy. A run already there
     /// is replaced (stopped first).
-    pub async fn start(&self, uid: &str, plan: &Plan, checkpoint: Option<&str>) -> Result<(), StartError> {
+    pub async fn start(&self, uid: &str, plan: &Plan, checkpoint: Option<&str>) -> Result<(), ReplicateError> {
         self.stop(uid).await;
-        let options = ScanOptions { replace: replace_policy(plan.replace), ..ScanOptions::default() };
-        let replicator = match plan.mode {
-            DataCopy::Scan => match checkpoint.map(Checkpoint::from_json) {
-                Some(Ok(checkpoint)) => {
-                    ScanReplicator::resume(&plan.source_url, &plan.target_url, options, checkpoint).await?
-                }
-                Some(Err(err)) => {
-                    tracing::warn!(%err, "the checkpoint in status is unreadable; copying everything again");
-                    ScanReplicator::start(&plan.source_url, &plan.target_url, options).await?
-                }
-                None => ScanReplicator::start(&plan.source_url, &plan.target_url, options).await?,
-            },
-            DataCopy::Sync => {
-                return Err(StartError::SyncUnavailable);
-            }
+        let mode = match plan.mode {
+            DataCopy::Sync => Mode::Sync,
+            DataCopy::Scan => Mode::Scan,
             DataCopy::None => return Ok(()),
         };
+        let checkpoint = checkpoint.and_then(|text| match Checkpoint::from_json(text) {
+            Ok(checkpoint) => Some(checkpoint),
+            Err(err) => {
+                tracing::warn!(%err, "the checkpoint in status is unreadable; copying everything again");
+                None
+            }
+        });
+        let options = ReplicatorOptions::new(replace_policy(plan.replace), plan.tls.clone());
+        let replicator = Replicator::start(&plan.source_url, &plan.target_url, mode, options, checkpoint).await?;
         let run = Run {
             progress: replicator.progress(),
             replicator: Some(replicator),
             plan_urls: (plan.source_url.clone(), plan.target_url.clone()),
+            tls: plan.tls.clone(),
             failure: None,
             verification: Verification::NotRun,
         };
@@ -129,6 +123,7 @@ impl Replications {
             replicator: None,
             progress,
             plan_urls: (plan.source_url.clone(), plan.target_url.clone()),
+            tls: plan.tls.clone(),
             failure: Some((error, Instant::now())),
             verification: Verification::NotRun,
         };
@@ -237,9 +232,10 @@ impl Replications {
             _ => return false,
         };
         let (source, target) = run.plan_urls.clone();
+        let options = VerifyOptions { tls: run.tls.clone(), ..VerifyOptions::default() };
         let recheck = previous.is_some();
         let task = tokio::spawn(async move {
-            let verifier = Verifier::connect(&source, &target, VerifyOptions::default()).await?;
+            let verifier = Verifier::connect(&source, &target, options).await?;
             match previous {
                 Some(previous) => verifier.recheck(&previous).await,
                 None => verifier.run().await,

@@ -8,7 +8,7 @@
 //! `Arc` snapshot from a `watch` channel, so a change never tears a command in half.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +16,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use super::{EdenConfig, WritesState};
@@ -29,18 +32,28 @@ pub type CurrentConfig = watch::Receiver<Option<Arc<EdenConfig>>>;
 /// Counters and the last rejection, shared with the Lease reporter and metrics.
 #[derive(Debug, Default)]
 pub struct ConfigStatus {
-    applied_generation: AtomicU64,
-    rejected_total: AtomicU64,
+    applied_generation: Gauge<u64, AtomicU64>,
+    rejected_total: Counter,
     last_error: Mutex<Option<String>>,
 }
 
 impl ConfigStatus {
     pub fn applied_generation(&self) -> u64 {
-        self.applied_generation.load(Ordering::Relaxed)
+        self.applied_generation.get()
     }
 
     pub fn rejected_total(&self) -> u64 {
-        self.rejected_total.load(Ordering::Relaxed)
+        self.rejected_total.get()
+    }
+
+    /// Exposes the applied generation and the rejections as Prometheus series.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "config_applied_generation",
+            "Generation of the eden.yaml in force",
+            self.applied_generation.clone(),
+        );
+        registry.register("config_rejected", "Payloads rejected as invalid", self.rejected_total.clone());
     }
 
     /// Why the most recent payload was rejected, if it was.
@@ -89,13 +102,13 @@ impl Applier {
                     true
                 });
                 if changed {
-                    self.status.applied_generation.store(generation, Ordering::Relaxed);
+                    self.status.applied_generation.set(generation);
                     tracing::info!(generation, origin, "applied configuration");
                 }
                 true
             }
             Err(err) => {
-                self.status.rejected_total.fetch_add(1, Ordering::Relaxed);
+                self.status.rejected_total.inc();
                 let kept = self.status.applied_generation();
                 tracing::error!(%err, origin, kept_generation = kept, "rejected configuration; keeping the last good one");
                 self.status.set_error(Some(err.to_string()));

@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eden_sidecar::config::CurrentConfig;
 use eden_sidecar::metrics::ProxyMetrics;
-use eden_sidecar::server::{self, Listener};
+use eden_sidecar::plan::{Routing, UpstreamSettings};
+use eden_sidecar::server::{self, Backend, Listener};
 use eden_sidecar::upstream::{TlsSettings, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,12 +31,34 @@ impl Proxy {
 
     pub async fn with_tls(upstream: &str, tls: TlsSettings) -> Proxy {
         let upstream = Upstream::new(upstream, &tls, Duration::from_millis(500)).expect("valid upstream");
+        Proxy::serve(Backend::Plain(upstream)).await
+    }
+
+    /// A proxy routing between `source` and the target the configuration names, following
+    /// `config`; a write pause lasts at most `max_pause`. Also returns the routing, whose hold
+    /// the Lease reports.
+    pub async fn routed(source: &str, config: CurrentConfig, max_pause: Duration) -> (Proxy, Routing) {
+        let timeout = Duration::from_millis(500);
+        let source = Upstream::new(source, &TlsSettings::default(), timeout).expect("valid upstream");
+        let settings = UpstreamSettings { tls: TlsSettings::default(), connect_timeout: timeout, target: None };
+        let routing = Routing::follow(source, settings, config, max_pause);
+        (Proxy::serve(Backend::Routed(routing.clone())).await, routing)
+    }
+
+    async fn serve(backend: Backend) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(ProxyMetrics::default());
         let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(server::serve(Listener::Tcp(listener), upstream, metrics.clone(), shutdown));
+        let task = tokio::spawn(server::serve(Listener::Tcp(listener), backend, metrics.clone(), shutdown));
         Proxy { addr, metrics, stop, task }
+    }
+
+    /// The value of one metric line (`name{labels}`), 0 when absent.
+    pub fn metric(&self, series: &str) -> u64 {
+        let rendered = self.metrics.render();
+        let value = rendered.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' '));
+        value.map_or(0, |v| v.parse().unwrap())
     }
 
     pub fn url(&self) -> String {

@@ -122,9 +122,11 @@ impl SyncReplicator {
         let wait = progress.wait_for(|p| {
             p.checkpoint.sync.as_ref().is_some_and(|s| !s.loading && s.offset >= target) && p.lag_ms == 0
         });
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(Ok(snapshot)) => {
-                let mut snapshot = snapshot.clone();
+        // Cloned at once: a borrowed watch value held across the await below would make this
+        // future !Send, unusable from a spawned task.
+        let outcome = tokio::time::timeout(timeout, wait).await.map(|waited| waited.map(|snapshot| snapshot.clone()));
+        match outcome {
+            Ok(Ok(mut snapshot)) => {
                 // The source is no further than the barrier and the target has it all.
                 snapshot.lag_bytes = 0;
                 Ok(Some(snapshot))

@@ -1,0 +1,143 @@
+//! What routed sessions share: each applied generation of `eden.yaml` turned into a [`Plan`]
+//! (the strategy and the upstreams it names), and the write hold.
+//!
+//! Upstreams are built here, once per change, not per session: a session takes one `Arc<Plan>`
+//! snapshot per batch and finds everything it needs in it. Addresses come from the command
+//! line when given (`--source`, `--target`: the pod's view of the network, with its TLS
+//! settings); the payload's target URI fills in a target the flags do not name. Credentials
+//! come from the payload's `credentials_file` (a mounted Secret: `password`, and `username`
+//! beside it when present), read whenever a new generation is applied, so a rotated Secret is
+//! picked up with the next change.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::{CurrentConfig, EdenConfig, UpstreamConfig};
+use crate::hold::{self, CurrentHold, HoldState};
+use crate::route::{Side, Strategy};
+use crate::upstream::{Credentials, TlsSettings, Upstream};
+
+/// One generation's routing.
+#[derive(Debug)]
+pub struct Plan {
+    pub config: Option<Arc<EdenConfig>>,
+    /// Client connections to the source: the client's AUTH passes through.
+    pub source: Upstream,
+    /// Eden's own connections to the source (mirrored writes after cutover): the source's
+    /// credentials file when there is one, else the client's AUTH replayed.
+    pub source_mirror: Upstream,
+    /// Every connection to the target; `None` while the strategy names none.
+    pub target: Option<Upstream>,
+}
+
+impl Plan {
+    /// Where a session's own connection to `side` goes.
+    pub fn upstream(&self, side: Side) -> Option<&Upstream> {
+        match side {
+            Side::Source => Some(&self.source),
+            Side::Target => self.target.as_ref(),
+        }
+    }
+
+    /// Where a mirror link to `side` goes.
+    pub fn mirror_upstream(&self, side: Side) -> Option<&Upstream> {
+        match side {
+            Side::Source => Some(&self.source_mirror),
+            Side::Target => self.target.as_ref(),
+        }
+    }
+}
+
+/// Settings for upstreams the payload names.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub tls: TlsSettings,
+    pub connect_timeout: Duration,
+    /// `--target`, which wins over the payload's target URI.
+    pub target: Option<String>,
+}
+
+/// The current plan and hold, cheap to clone into every session.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    plan: watch::Receiver<Arc<Plan>>,
+    hold: CurrentHold,
+}
+
+impl Routing {
+    /// Follows `config`: plans are rebuilt on every applied generation; a pause holds writes for
+    /// at most `max_pause`.
+    pub fn follow(source: Upstream, settings: UpstreamSettings, config: CurrentConfig, max_pause: Duration) -> Routing {
+        let hold = hold::follow(config.clone(), max_pause);
+        let initial = Plan { config: None, source_mirror: source.clone(), source, target: None };
+        let (plans, plan) = watch::channel(Arc::new(initial));
+        tokio::spawn(rebuild(plans, config, settings));
+        Routing { plan, hold }
+    }
+
+    /// One consistent snapshot: the strategy to decide with and the plan it came from.
+    pub fn snapshot(&self) -> (Strategy, Arc<Plan>) {
+        let plan = self.plan.borrow().clone();
+        let hold = *self.hold.borrow();
+        (Strategy::new(plan.config.clone(), hold), plan)
+    }
+
+    /// Resolves once writes are no longer held.
+    pub async fn released(&mut self) {
+        let _ = self.hold.wait_for(|state| *state != HoldState::Holding).await;
+    }
+
+    /// The hold as the Lease reports it.
+    pub fn hold(&self) -> CurrentHold {
+        self.hold.clone()
+    }
+}
+
+async fn rebuild(plans: watch::Sender<Arc<Plan>>, mut config: CurrentConfig, settings: UpstreamSettings) {
+    loop {
+        let current = config.borrow_and_update().clone();
+        if let Some(payload) = &current {
+            let previous = plans.borrow().clone();
+            let plan = Plan {
+                source_mirror: previous.source.clone().with_credentials(credentials(&payload.source)),
+                target: payload.target.as_ref().and_then(|target| {
+                    let uri = settings.target.as_deref().unwrap_or(&target.uri);
+                    match Upstream::new(uri, &settings.tls, settings.connect_timeout) {
+                        Ok(upstream) => Some(upstream.with_credentials(credentials(target))),
+                        Err(err) => {
+                            tracing::error!(%err, "target unusable; everything stays on the source");
+                            None
+                        }
+                    }
+                }),
+                source: previous.source.clone(),
+                config: current.clone(),
+            };
+            plans.send_replace(Arc::new(plan));
+        }
+        if config.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads a mounted Secret: `credentials_file` holds the password, a `username` file beside it
+/// the user (ACL), when present. An unreadable file is logged and the client's AUTH is
+/// replayed instead.
+fn credentials(config: &UpstreamConfig) -> Option<Credentials> {
+    let path = config.credentials_file.as_deref()?;
+    let read = |path: &Path| std::fs::read_to_string(path).map(|text| text.trim_end_matches(['\r', '\n']).to_string());
+    match read(path) {
+        Ok(password) => {
+            let username = path.parent().and_then(|dir| read(&dir.join("username")).ok()).filter(|u| !u.is_empty());
+            Some(Credentials { username, password })
+        }
+        Err(err) => {
+            tracing::error!(%err, file = %path.display(), "credentials unreadable; replaying the client's AUTH instead");
+            None
+        }
+    }
+}

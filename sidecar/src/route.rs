@@ -1,0 +1,342 @@
+//! Strategy → upstream, command by command (DESIGN §4, §6).
+//!
+//! Everything here is a pure function of one configuration snapshot, the command's kind and
+//! key, and a die roll: no I/O, no allocation, no locks. A session takes one [`Strategy`] per
+//! batch of requests, so a configuration change never tears a pipeline or a transaction in
+//! half, and asks it where each request goes.
+//!
+//! The rules, in one place:
+//! - Writes go to their **owner**: the side `write_policy` names in `dual_write`, or, in
+//!   `cutover`, the side the key's hash bucket falls on (`write_percentage` of the buckets are
+//!   the target's), so one key always has one owner. They are **mirrored** (asynchronously) to
+//!   the other side only when `mirror_writes` says so; in `cutover` only target-owned keys are
+//!   mirrored, back to the source, because source-owned keys reach the target through
+//!   replication (DESIGN §9).
+//! - Reads go to the target with probability `read_percentage`, per command or by key hash
+//!   (`read_routing`). A shadowed read (`shadow_read_percentage`) is answered by the key's
+//!   owner and also sent to the other side for comparison.
+//! - Blocking commands go to the owner and are never mirrored (a second BLPOP would pop a
+//!   second item). Connection state, admin and pub/sub commands stay on the source.
+//! - While writes are held ([`HoldState::Holding`]) a write is not routed at all; once the
+//!   hold has expired without a flip, writes go to the source whatever the payload says.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::command::CommandKind;
+use crate::config::{EdenConfig, ReadRouting, WriteMode, WritePolicy};
+use crate::hold::HoldState;
+
+/// One of the two servers a migration moves between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    Source = 0,
+    Target = 1,
+}
+
+impl Side {
+    pub const BOTH: [Side; 2] = [Side::Source, Side::Target];
+
+    pub fn other(self) -> Side {
+        match self {
+            Side::Source => Side::Target,
+            Side::Target => Side::Source,
+        }
+    }
+
+    /// The `route` label in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        }
+    }
+}
+
+/// Where one request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Send it to `answer`, whose reply the client gets; also send it to `mirror` (replies
+    /// discarded, failures counted) and, for a shadowed read, to `answer.other()` to compare.
+    Send { answer: Side, mirror: Option<Side>, shadow: bool },
+    /// Writes are held: stop here until the hold ends, then ask again.
+    Hold,
+}
+
+impl Route {
+    const SOURCE: Route = Route::Send { answer: Side::Source, mirror: None, shadow: false };
+
+    fn to(answer: Side) -> Route {
+        Route::Send { answer, mirror: None, shadow: false }
+    }
+}
+
+/// One consistent view of the strategy: the configuration in force and the hold state.
+#[derive(Debug, Clone, Default)]
+pub struct Strategy {
+    /// `None` before a first payload, or when the payload has no target: everything to the source.
+    config: Option<Arc<EdenConfig>>,
+    hold: HoldState,
+}
+
+impl Strategy {
+    pub fn new(config: Option<Arc<EdenConfig>>, hold: HoldState) -> Self {
+        let config = config.filter(|config| config.target.is_some());
+        Strategy { config, hold }
+    }
+
+    /// Where a request of `kind` whose first key is `key` goes, outside a transaction.
+    pub fn route(&self, kind: CommandKind, key: Option<&[u8]>, dice: &mut Dice) -> Route {
+        if writes(kind) {
+            match self.hold {
+                HoldState::Holding => return Route::Hold,
+                HoldState::Expired => return Route::SOURCE,
+                HoldState::Flowing => {}
+            }
+        }
+        let Some(config) = &self.config else { return Route::SOURCE };
+        match kind {
+            CommandKind::Write | CommandKind::Other => {
+                let owner = owner(config, key);
+                Route::Send { answer: owner, mirror: mirror(config, owner), shadow: false }
+            }
+            CommandKind::Blocking => Route::to(owner(config, key)),
+            CommandKind::Read => {
+                if dice.percent() < config.shadow_read_percentage {
+                    return Route::Send { answer: owner(config, key), mirror: None, shadow: true };
+                }
+                let roll = match (config.read_routing, key) {
+                    (ReadRouting::KeyHash, Some(key)) => key_bucket(key),
+                    _ => dice.percent(),
+                };
+                Route::to(if roll < config.read_percentage { Side::Target } else { Side::Source })
+            }
+            CommandKind::Transaction | CommandKind::PubSub | CommandKind::Connection | CommandKind::Admin => {
+                Route::SOURCE
+            }
+        }
+    }
+
+    /// The side a transaction (MULTI…EXEC, or what follows a WATCH) runs on, decided by its
+    /// first key, and where its requests are mirrored. Transactions are never held part-way:
+    /// once started they finish on their side.
+    pub fn transaction(&self, key: Option<&[u8]>) -> (Side, Option<Side>) {
+        if self.hold == HoldState::Expired {
+            return (Side::Source, None);
+        }
+        match &self.config {
+            Some(config) => {
+                let owner = owner(config, key);
+                (owner, mirror(config, owner))
+            }
+            None => (Side::Source, None),
+        }
+    }
+
+    /// Whether writes are held right now.
+    pub fn holding(&self) -> bool {
+        self.hold == HoldState::Holding
+    }
+
+    pub fn generation(&self) -> Option<u64> {
+        self.config.as_ref().map(|config| config.generation)
+    }
+}
+
+/// Kinds that change data, or may (a name the table does not know is treated as a write: the
+/// safe side). These go to the owner and are held during a pause.
+pub fn writes(kind: CommandKind) -> bool {
+    matches!(kind, CommandKind::Write | CommandKind::Other | CommandKind::Blocking)
+}
+
+/// The side that owns writes to `key` (keyless writes: the side that owns every key, else the source).
+fn owner(config: &EdenConfig, key: Option<&[u8]>) -> Side {
+    match config.write_mode {
+        WriteMode::DualWrite => match config.write_policy {
+            WritePolicy::OldAuthoritative => Side::Source,
+            WritePolicy::NewAuthoritative => Side::Target,
+        },
+        WriteMode::Cutover => {
+            let bucket = key.map_or(if config.write_percentage == 100 { 0 } else { 100 }, key_bucket);
+            if bucket < config.write_percentage { Side::Target } else { Side::Source }
+        }
+    }
+}
+
+/// Where writes owned by `owner` are mirrored.
+fn mirror(config: &EdenConfig, owner: Side) -> Option<Side> {
+    match (config.mirror_writes, config.write_mode, owner) {
+        (false, _, _) => None,
+        (true, WriteMode::DualWrite, owner) => Some(owner.other()),
+        (true, WriteMode::Cutover, Side::Target) => Some(Side::Source),
+        (true, WriteMode::Cutover, Side::Source) => None,
+    }
+}
+
+/// A key's bucket, 0–99: its Redis Cluster hash slot (hash tags included, so `{user:1}:cart`
+/// and `{user:1}:orders` share an owner) scaled to a percentage. A key is the target's when
+/// its bucket is below the percentage, so raising a percentage only ever moves keys one way.
+/// This is the one definition of key ownership; anything that splits keys by owner uses it.
+pub fn key_bucket(key: &[u8]) -> u32 {
+    u32::from(hash_slot(key)) * 100 / 16384
+}
+
+/// `CLUSTER KEYSLOT`: CRC16 (XMODEM) of the key, or of its `{tag}` when it has a non-empty one.
+pub fn hash_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    crc16(tagged.unwrap_or(key)) % 16384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |crc, &byte| (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ byte)])
+}
+
+const CRC16_TABLE: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = (i as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// A session's random numbers for percentage splits: xorshift64*, a few instructions per roll.
+/// Not for secrets; it only has to spread reads evenly.
+#[derive(Debug)]
+pub struct Dice(u64);
+
+impl Dice {
+    /// Seeded from the clock and a process-wide counter, so sessions do not roll in step.
+    pub fn new() -> Dice {
+        static SESSIONS: AtomicU64 = AtomicU64::new(0);
+        let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let seed = (clock as u64) ^ SESSIONS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Dice(seed | 1)
+    }
+
+    /// Uniform in 0..100.
+    pub fn percent(&mut self) -> u32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32 % 100
+    }
+}
+
+impl Default for Dice {
+    fn default() -> Self {
+        Dice::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{UpstreamConfig, WritesState};
+
+    fn config(edit: impl FnOnce(&mut EdenConfig)) -> Strategy {
+        let mut config = EdenConfig {
+            generation: 1,
+            migration: "shop/cache".into(),
+            source: UpstreamConfig { uri: "redis://source:6379".into(), credentials_file: None },
+            target: Some(UpstreamConfig { uri: "redis://target:6379".into(), credentials_file: None }),
+            read_percentage: 0,
+            read_routing: ReadRouting::Random,
+            write_mode: WriteMode::DualWrite,
+            write_policy: WritePolicy::OldAuthoritative,
+            write_percentage: 100,
+            mirror_writes: false,
+            shadow_read_percentage: 0,
+            writes: WritesState::Flowing,
+        };
+        edit(&mut config);
+        Strategy::new(Some(Arc::new(config)), HoldState::Flowing)
+    }
+
+    fn send(answer: Side, mirror: Option<Side>) -> Route {
+        Route::Send { answer, mirror, shadow: false }
+    }
+
+    #[test]
+    fn slots_match_redis_cluster() {
+        // Values from CLUSTER KEYSLOT.
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(hash_slot(b"user:1000"), 1649);
+        assert_eq!(hash_slot(b"{user:1000}:cart"), hash_slot(b"user:1000"));
+        assert_eq!(hash_slot(b"{}x"), hash_slot(b"{}x"), "an empty tag hashes the whole key");
+        assert!((0..10_000).all(|i| key_bucket(format!("k{i}").as_bytes()) < 100));
+    }
+
+    #[test]
+    fn writes_follow_the_write_mode() {
+        use CommandKind::*;
+        let dice = &mut Dice::new();
+        let old = config(|c| c.mirror_writes = true);
+        assert_eq!(old.route(Write, Some(b"k"), dice), send(Side::Source, Some(Side::Target)));
+        assert_eq!(old.route(Blocking, Some(b"k"), dice), send(Side::Source, None), "blocking: never mirrored");
+        let quiet = config(|_| {});
+        assert_eq!(quiet.route(Write, Some(b"k"), dice), send(Side::Source, None), "replication feeds the target");
+        let new = config(|c| (c.write_policy, c.mirror_writes) = (WritePolicy::NewAuthoritative, true));
+        assert_eq!(new.route(Other, None, dice), send(Side::Target, Some(Side::Source)));
+
+        let split = config(|c| (c.write_mode, c.write_percentage, c.mirror_writes) = (WriteMode::Cutover, 30, true));
+        for i in 0..1000 {
+            let key = format!("key:{i}");
+            let expected = if key_bucket(key.as_bytes()) < 30 {
+                send(Side::Target, Some(Side::Source))
+            } else {
+                send(Side::Source, None)
+            };
+            assert_eq!(split.route(Write, Some(key.as_bytes()), dice), expected, "{key}");
+        }
+        assert_eq!(split.route(Write, None, dice), send(Side::Source, None), "keyless writes stay on the source");
+        let all = config(|c| (c.write_mode, c.write_percentage) = (WriteMode::Cutover, 100));
+        assert_eq!(all.route(Write, None, dice), send(Side::Target, None));
+    }
+
+    #[test]
+    fn reads_split_by_percentage_or_key_and_shadows_go_to_the_owner() {
+        let dice = &mut Dice::new();
+        for percentage in [0, 5, 25, 75, 100] {
+            let strategy = config(|c| c.read_percentage = percentage);
+            let target = (0..100_000)
+                .filter(|_| strategy.route(CommandKind::Read, Some(b"k"), dice) == send(Side::Target, None))
+                .count();
+            let expected = percentage as usize * 1000;
+            assert!(target.abs_diff(expected) < 1000, "{percentage}%: {target} of 100000");
+        }
+        let by_key = config(|c| (c.read_percentage, c.read_routing) = (50, ReadRouting::KeyHash));
+        let first = by_key.route(CommandKind::Read, Some(b"stable"), dice);
+        assert!((0..100).all(|_| by_key.route(CommandKind::Read, Some(b"stable"), dice) == first));
+
+        let shadowed = config(|c| (c.read_percentage, c.shadow_read_percentage) = (100, 100));
+        assert_eq!(
+            shadowed.route(CommandKind::Read, Some(b"k"), dice),
+            Route::Send { answer: Side::Source, mirror: None, shadow: true }
+        );
+        assert_eq!(shadowed.route(CommandKind::Connection, None, dice), send(Side::Source, None));
+    }
+
+    #[test]
+    fn a_hold_stops_writes_only_and_its_expiry_sends_them_to_the_source() {
+        let dice = &mut Dice::new();
+        let new = config(|c| c.write_policy = WritePolicy::NewAuthoritative);
+        let holding = Strategy { hold: HoldState::Holding, ..new.clone() };
+        assert_eq!(holding.route(CommandKind::Write, Some(b"k"), dice), Route::Hold);
+        assert_eq!(holding.route(CommandKind::Read, Some(b"k"), dice), send(Side::Source, None));
+        let expired = Strategy { hold: HoldState::Expired, ..new };
+        assert_eq!(expired.route(CommandKind::Write, Some(b"k"), dice), send(Side::Source, None));
+        assert_eq!(expired.transaction(Some(b"k")), (Side::Source, None));
+        assert_eq!(Strategy::default().route(CommandKind::Write, Some(b"k"), dice), send(Side::Source, None));
+    }
+}

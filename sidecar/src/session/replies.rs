@@ -1,0 +1,343 @@
+//! The reply direction of a routed session: replies from two upstreams, put back in the order
+//! the client sent its requests.
+//!
+//! The request side tells this task, in request order, what is due ([`Due`]): so many replies
+//! from one side, a reply the proxy makes itself, a new connection. Each side's bytes are
+//! scanned for reply boundaries ([`ReplyScanner`]) and passed on as they arrive while that
+//! side is at the head of the queue (a large value streams through instead of being
+//! buffered); a side that answers early waits in its buffer. RESP3 pushes answer no request
+//! and are passed on between replies. Replies to requests the proxy sent on its own (the
+//! connection state replayed on a new connection) are read and dropped.
+//!
+//! The source connection lives and dies with the client, as in a plain session. A target
+//! connection that closes fails only the requests waiting on it (`-ERR eden: …`), and the
+//! next request to the target reconnects.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BUFFER, DRAIN_TIMEOUT, Latency};
+use crate::metrics::{ErrorKind, ProxyMetrics};
+use crate::reply::{Frame, ReplyScanner};
+use crate::route::Side;
+use crate::upstream::UpstreamStream;
+
+/// A side that answered ahead of its turn is not read further past this many buffered bytes.
+const EARLY_LIMIT: usize = 1024 * 1024;
+
+/// What comes next on the client's connection, in request order.
+pub(super) enum Due {
+    /// `count` replies from `side`; to the client unless `discard`.
+    Replies { side: Side, count: u32, discard: bool },
+    /// One reply from `side` to the client, and a copy of it for a shadow comparison.
+    Copied { side: Side, copy: oneshot::Sender<Bytes> },
+    /// A reply the proxy makes itself.
+    Made(Bytes),
+    /// A new connection to `side` (at `addr`); what is due after this comes from it.
+    Opened { side: Side, from: ReadHalf<UpstreamStream>, addr: Arc<str> },
+    /// From here on the client gets `side`'s bytes as they come (subscribers, MONITOR).
+    Pin(Side),
+    /// Deliver everything due, then these bytes, then close.
+    Finish(Vec<u8>),
+}
+
+/// State both directions of a routed session see.
+#[derive(Debug, Default)]
+pub(super) struct Shared {
+    /// A side whose connection has closed; the request side reconnects before using it again.
+    pub lost: [AtomicBool; 2],
+    pub latency: Latency,
+}
+
+struct SideReader {
+    from: ReadHalf<UpstreamStream>,
+    buf: BytesMut,
+    scanner: ReplyScanner,
+    closed: bool,
+}
+
+pub(super) struct Replies<C> {
+    to_client: WriteHalf<C>,
+    dues: mpsc::UnboundedReceiver<Due>,
+    queue: VecDeque<Due>,
+    sides: [Option<SideReader>; 2],
+    out: BytesMut,
+    copy: BytesMut,
+    shared: Arc<Shared>,
+    metrics: Arc<ProxyMetrics>,
+    /// Each side's address, for the errors clients see.
+    addrs: [Option<Arc<str>>; 2],
+}
+
+enum Event {
+    Due(Option<Due>),
+    /// A side was read; true when it closed.
+    Read(Side, bool),
+    Deadline,
+}
+
+/// How delivering what is due ended.
+enum Next {
+    /// Waiting for more bytes or more dues.
+    Wait,
+    /// Copy one side's bytes from now on.
+    Pinned(Side),
+    /// Close the client after these bytes.
+    Close(Vec<u8>),
+}
+
+impl<C: AsyncWrite> Replies<C> {
+    pub fn new(
+        to_client: WriteHalf<C>,
+        dues: mpsc::UnboundedReceiver<Due>,
+        shared: Arc<Shared>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
+        Replies {
+            to_client,
+            dues,
+            queue: VecDeque::new(),
+            sides: [None, None],
+            out: BytesMut::with_capacity(BUFFER),
+            copy: BytesMut::new(),
+            shared,
+            metrics,
+            addrs: [None, None],
+        }
+    }
+
+    /// Runs until the client or the source closes, or the session finishes.
+    pub async fn run(mut self) {
+        let mut finishing: Option<tokio::time::Instant> = None;
+        let next = loop {
+            let next = self.deliver();
+            if !self.out.is_empty() {
+                if self.to_client.write_all(&self.out).await.is_err() {
+                    break Next::Close(Vec::new());
+                }
+                self.out.clear();
+            }
+            match next {
+                Ok(Next::Wait) => {}
+                Ok(next) => break next,
+                Err(()) => break Next::Close(Vec::new()),
+            }
+            let head = self.head_side();
+            let [source, target] = &mut self.sides;
+            let event = tokio::select! {
+                due = self.dues.recv(), if finishing.is_none() => Event::Due(due),
+                closed = read(source, head == Some(Side::Source), &self.shared.latency, &self.metrics) => {
+                    Event::Read(Side::Source, closed)
+                }
+                closed = read(target, head == Some(Side::Target), &self.shared.latency, &self.metrics) => {
+                    Event::Read(Side::Target, closed)
+                }
+                () = sleep_until(finishing) => Event::Deadline,
+            };
+            match event {
+                Event::Due(Some(Due::Finish(closing))) => {
+                    finishing = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                    self.queue.push_back(Due::Finish(closing));
+                }
+                Event::Due(Some(due)) => self.queue.push_back(due),
+                // The request side is gone without finishing: the client is gone.
+                Event::Due(None) => return,
+                Event::Read(side, true) => {
+                    self.shared.lost[side as usize].store(true, Ordering::Relaxed);
+                    if side == Side::Source {
+                        // The source lives and dies with the client: let what arrived go out.
+                        let _ = self.deliver();
+                        let _ = self.to_client.write_all(&self.out).await;
+                        break Next::Close(Vec::new());
+                    }
+                }
+                Event::Read(_, false) => {}
+                Event::Deadline => break Next::Close(Vec::new()),
+            }
+        };
+        if let Next::Pinned(side) = next {
+            self.copy_from(side).await;
+        } else if let Next::Close(closing) = next {
+            let _ = self.to_client.write_all(&closing).await;
+        }
+        let _ = self.to_client.shutdown().await;
+    }
+
+    fn head_side(&self) -> Option<Side> {
+        match self.queue.front() {
+            Some(Due::Replies { side, .. } | Due::Copied { side, .. }) => Some(*side),
+            _ => None,
+        }
+    }
+
+    /// Moves everything that can go out now into `out`.
+    fn deliver(&mut self) -> Result<Next, ()> {
+        loop {
+            let Some(due) = self.queue.pop_front() else {
+                self.pass_pushes(None);
+                return Ok(Next::Wait);
+            };
+            match due {
+                Due::Made(reply) => self.out.extend_from_slice(&reply),
+                Due::Opened { side, from, addr } => {
+                    self.addrs[side as usize] = Some(addr);
+                    self.sides[side as usize] = Some(SideReader {
+                        from,
+                        buf: BytesMut::new(),
+                        scanner: ReplyScanner::default(),
+                        closed: false,
+                    });
+                }
+                Due::Pin(side) => return Ok(Next::Pinned(side)),
+                Due::Finish(closing) => return Ok(Next::Close(closing)),
+                Due::Replies { side, count, discard } => {
+                    let left = self.take(side, count, !discard, false)?;
+                    if left > 0 {
+                        self.queue.push_front(Due::Replies { side, count: left, discard });
+                        self.pass_pushes(Some(side));
+                        return Ok(Next::Wait);
+                    }
+                }
+                Due::Copied { side, copy } => {
+                    if self.take(side, 1, true, true)? > 0 {
+                        self.queue.push_front(Due::Copied { side, copy });
+                        self.pass_pushes(Some(side));
+                        return Ok(Next::Wait);
+                    }
+                    let _ = copy.send(self.copy.split().freeze());
+                }
+            }
+        }
+    }
+
+    /// Takes up to `count` replies from `side`'s buffer; returns how many are still missing.
+    /// A side without a live connection answers each with an error.
+    fn take(&mut self, side: Side, mut count: u32, deliver: bool, copy: bool) -> Result<u32, ()> {
+        let Some(reader) = self.sides[side as usize].as_mut() else {
+            self.fail(side, count, deliver);
+            return Ok(0);
+        };
+        while count > 0 {
+            let (n, frame) = match reader.scanner.scan(&reader.buf) {
+                Ok(scanned) => scanned,
+                Err(err) => {
+                    self.metrics.error(ErrorKind::Io);
+                    tracing::warn!(%err, side = side.as_str(), "unreadable reply; closing the client connection");
+                    return Err(());
+                }
+            };
+            if deliver {
+                self.out.extend_from_slice(&reader.buf[..n]);
+            }
+            if copy {
+                self.copy.extend_from_slice(&reader.buf[..n]);
+            }
+            reader.buf.advance(n);
+            match frame {
+                Some(Frame::Reply) => count -= 1,
+                Some(Frame::Push) => {}
+                None if reader.closed => {
+                    self.sides[side as usize] = None;
+                    self.fail(side, count, deliver);
+                    return Ok(0);
+                }
+                None => break,
+            }
+        }
+        Ok(count)
+    }
+
+    fn fail(&mut self, side: Side, count: u32, deliver: bool) {
+        if deliver {
+            let addr = self.addrs[side as usize].as_deref().unwrap_or(side.as_str());
+            let error = format!("-ERR eden: upstream {addr} closed the connection\r\n");
+            for _ in 0..count {
+                self.out.extend_from_slice(error.as_bytes());
+            }
+        }
+    }
+
+    /// Passes on complete RESP3 pushes waiting at the front of a side's buffer, when the client
+    /// is between replies: from every side when nothing is due, else from the other sides.
+    fn pass_pushes(&mut self, head: Option<Side>) {
+        if let Some(side) = head
+            && self.sides[side as usize].as_ref().is_some_and(|reader| !reader.scanner.at_boundary())
+        {
+            return;
+        }
+        for side in Side::BOTH.into_iter().filter(|&side| Some(side) != head) {
+            let Some(reader) = self.sides[side as usize].as_mut() else { continue };
+            while reader.buf.first() == Some(&b'>') {
+                let mut probe = reader.scanner.clone();
+                let Ok((n, Some(Frame::Push))) = probe.scan(&reader.buf) else { break };
+                self.out.extend_from_slice(&reader.buf[..n]);
+                reader.buf.advance(n);
+                reader.scanner = probe;
+            }
+        }
+    }
+
+    /// Pinned: the client gets `side`'s bytes as they come, until either closes.
+    async fn copy_from(&mut self, side: Side) {
+        let Some(mut reader) = self.sides[side as usize].take() else { return };
+        self.sides = [None, None];
+        let mut buf = std::mem::take(&mut reader.buf);
+        loop {
+            if !buf.is_empty() {
+                self.shared.latency.answered(&self.metrics);
+                if self.to_client.write_all(&buf).await.is_err() {
+                    return;
+                }
+                buf.clear();
+            }
+            buf.reserve(BUFFER);
+            tokio::select! {
+                read = reader.from.read_buf(&mut buf) => if !matches!(read, Ok(n) if n > 0) { return },
+                due = self.dues.recv() => match due {
+                    Some(Due::Finish(closing)) => {
+                        let _ = self.to_client.write_all(&closing).await;
+                        return;
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+/// Reads more of one side; true when it has closed. Pending while there is no connection,
+/// after it closed, or while it is not at the head and has answered far ahead.
+async fn read(reader: &mut Option<SideReader>, head: bool, latency: &Latency, metrics: &ProxyMetrics) -> bool {
+    let Some(reader) = reader.as_mut().filter(|r| !r.closed && (head || r.buf.len() < EARLY_LIMIT)) else {
+        return std::future::pending().await;
+    };
+    reader.buf.reserve(BUFFER);
+    match reader.from.read_buf(&mut reader.buf).await {
+        Ok(n) if n > 0 => {
+            latency.answered(metrics);
+            false
+        }
+        Ok(_) => {
+            reader.closed = true;
+            true
+        }
+        Err(_) => {
+            metrics.error(ErrorKind::Io);
+            reader.closed = true;
+            true
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

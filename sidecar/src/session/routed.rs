@@ -1,0 +1,464 @@
+//! One client connection under a migration strategy: each request goes where
+//! [`Strategy::route`] says, replies come back in request order through [`Replies`].
+//!
+//! Per client there is at most one connection to each side, opened on first use, and at most
+//! one [`MirrorLink`] per side for requests the client does not wait for. The strategy is read
+//! once per batch of requests (one `Arc` snapshot), so a configuration change applies between
+//! batches and never inside one. Per-connection semantics survive the split:
+//!
+//! - AUTH, HELLO and SELECT are answered by the source and replayed to every other connection
+//!   of the session, including ones opened later ([`ConnectionState`]).
+//! - A transaction runs on one side, the owner of its first key: MULTI is held back until the
+//!   first command inside it names a key, and WATCH picks the side for what follows it. Reads
+//!   after WATCH and inside MULTI go to that side.
+//! - SUBSCRIBE and friends, MONITOR and CLIENT REPLY make replies unpredictable in number: the
+//!   session pins itself to the source and becomes a plain byte copy from then on.
+//! - While writes are held, the session stops at the first held request and reads nothing more
+//!   from the client; replies to earlier requests still flow. When the hold ends the rest is
+//!   routed with the strategy then in force, so held writes go to the new owner after a flip,
+//!   to the source after the deadline, and always in the client's order.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::replies::{Due, Replies, Shared};
+use super::{BUFFER, unreachable_reply};
+use crate::command::{Command, CommandKind};
+use crate::frame::{Request, RequestScanner};
+use crate::metrics::{ErrorKind, MirrorOutcome, ProxyMetrics};
+use crate::mirror::{ConnectionState, Job, MirrorLink, hashed_key};
+use crate::plan::{Plan, Routing};
+use crate::route::{Dice, Route, Side, Strategy, writes};
+use crate::upstream::UpstreamStream;
+
+/// Serves one client until either side closes or shutdown completes.
+pub async fn serve<C>(client: C, routing: Routing, metrics: Arc<ProxyMetrics>, mut shutdown: watch::Receiver<bool>)
+where
+    C: AsyncRead + AsyncWrite + Send + 'static,
+{
+    metrics.connection_opened();
+    let (mut client_reader, to_client) = tokio::io::split(client);
+    let (dues, queue) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared::default());
+    let mut replies = tokio::spawn(Replies::new(to_client, queue, shared.clone(), metrics.clone()).run());
+    let mut session = Session {
+        routing,
+        metrics: metrics.clone(),
+        dues,
+        shared,
+        scanner: RequestScanner::default(),
+        dice: Dice::new(),
+        conns: [None, None],
+        eden_authenticated: [false, false],
+        out: [BytesMut::new(), BytesMut::new()],
+        pending: Vec::new(),
+        unreachable: [None, None],
+        links: [None, None],
+        state: ConnectionState::default(),
+        txn: Txn::None,
+        pinned: false,
+    };
+    let mut requests = BytesMut::with_capacity(BUFFER);
+    'session: loop {
+        let read = tokio::select! {
+            read = client_reader.read_buf(&mut requests) => read,
+            _ = &mut replies => break,
+            () = crate::server::stopped(&mut shutdown) => {
+                session.finish(Vec::new());
+                let _ = replies.await;
+                break;
+            }
+        };
+        if !matches!(read, Ok(n) if n > 0) {
+            // The client is gone: drop its upstreams now, as Redis frees a client on EOF.
+            replies.abort();
+            break;
+        }
+        loop {
+            match session.forward(&mut requests).await {
+                Forwarded::All => break,
+                Forwarded::Close => {
+                    let _ = replies.await;
+                    break 'session;
+                }
+                Forwarded::Held => {
+                    let _holding = metrics.hold_started();
+                    tokio::select! {
+                        () = session.routing.released() => {}
+                        _ = &mut replies => break 'session,
+                        () = crate::server::stopped(&mut shutdown) => {
+                            session.finish(Vec::new());
+                            let _ = replies.await;
+                            break 'session;
+                        }
+                    }
+                }
+            }
+        }
+        requests.reserve(BUFFER);
+    }
+    metrics.connection_closed();
+}
+
+enum Forwarded {
+    /// Every complete request went out.
+    All,
+    /// Stopped at a held write, which is still at the front of the buffer.
+    Held,
+    /// The session is over once the replies due are delivered.
+    Close,
+}
+
+/// Where the session is in a transaction.
+enum Txn {
+    None,
+    /// MULTI arrived; it goes out with the first command that says which side to use.
+    Multi(Bytes),
+    /// Running on `side`: after WATCH (`multi` false) or inside MULTI.
+    On {
+        side: Side,
+        mirror: Option<Side>,
+        multi: bool,
+    },
+}
+
+/// What a request's reply is for.
+enum Reply {
+    Client,
+    /// To the client, with a copy for a shadow comparison.
+    Copied(oneshot::Sender<Bytes>),
+}
+
+struct Session {
+    routing: Routing,
+    metrics: Arc<ProxyMetrics>,
+    dues: mpsc::UnboundedSender<Due>,
+    shared: Arc<Shared>,
+    scanner: RequestScanner,
+    dice: Dice,
+    conns: [Option<WriteHalf<UpstreamStream>>; 2],
+    /// Whether Eden authenticated the connection to each side itself.
+    eden_authenticated: [bool; 2],
+    /// This batch's bytes for each side: one write per side per batch.
+    out: [BytesMut; 2],
+    /// This batch's dues, in request order; sent before the batch is written.
+    pending: Vec<Due>,
+    /// A side whose connect failed in this batch, with the reply its requests get.
+    unreachable: [Option<Bytes>; 2],
+    links: [Option<MirrorLink>; 2],
+    state: ConnectionState,
+    txn: Txn,
+    /// A subscriber or monitor: everything goes to the source as bytes.
+    pinned: bool,
+}
+
+impl Session {
+    async fn forward(&mut self, buffer: &mut BytesMut) -> Forwarded {
+        let (strategy, plan) = self.routing.snapshot();
+        let (mut done, mut outcome) = (0, Forwarded::All);
+        loop {
+            match self.scanner.scan(&buffer[done..]) {
+                Ok(Some(request)) => {
+                    let bytes = &buffer[done..done + request.len];
+                    // An empty request (`*0`, a blank line) gets no reply from Redis either.
+                    if request.argc > 0 && !self.dispatch(&strategy, &plan, bytes, &request).await {
+                        outcome = Forwarded::Held;
+                        break;
+                    }
+                    done += request.len;
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    self.metrics.error(ErrorKind::Protocol);
+                    tracing::debug!(%error, "malformed request; closing the connection");
+                    self.flush().await;
+                    self.finish(error.to_resp().into_bytes());
+                    return Forwarded::Close;
+                }
+            }
+        }
+        buffer.advance(done);
+        if !self.flush().await {
+            self.finish(Vec::new());
+            return Forwarded::Close;
+        }
+        outcome
+    }
+
+    /// Routes one request; false when it is held.
+    async fn dispatch(&mut self, strategy: &Strategy, plan: &Plan, bytes: &[u8], request: &Request) -> bool {
+        let command = Command::of(bytes, request);
+        let kind = command.kind;
+        if self.pinned {
+            self.out[Side::Source as usize].extend_from_slice(bytes);
+            self.metrics.command(Side::Source, kind);
+            return true;
+        }
+        let name = &bytes[request.name.clone()];
+        let key = command.key.map(|key| &bytes[key]);
+        if kind == CommandKind::Connection
+            && let Some(name) = ConnectionState::changed_by(name)
+        {
+            self.connection_state(plan, name, bytes).await;
+            return true;
+        }
+        if pins(kind, name, bytes, request) {
+            self.pin(plan, bytes, kind).await;
+            return true;
+        }
+        if kind == CommandKind::Transaction {
+            self.transaction(strategy, plan, name, key, bytes).await;
+            return true;
+        }
+        match self.txn {
+            Txn::Multi(_) => {
+                if strategy.holding() && writes(kind) {
+                    return false;
+                }
+                let (side, mirror) = strategy.transaction(key);
+                self.start_multi(plan, side, mirror).await;
+                self.in_transaction(plan, side, mirror, bytes, kind).await;
+            }
+            Txn::On { side, mirror, multi: true } => self.in_transaction(plan, side, mirror, bytes, kind).await,
+            Txn::On { side, multi: false, .. } if kind == CommandKind::Read => {
+                self.send(plan, side, bytes, kind, Reply::Client).await;
+            }
+            _ => match strategy.route(kind, key, &mut self.dice) {
+                Route::Hold => return false,
+                Route::Send { answer, shadow: true, .. } => {
+                    let (copy, answered) = oneshot::channel();
+                    if self.send(plan, answer, bytes, kind, Reply::Copied(copy)).await {
+                        let job =
+                            Job::Shadow { request: Bytes::copy_from_slice(bytes), answered, key: hashed_key(key) };
+                        self.mirror(plan, answer.other(), job);
+                    }
+                }
+                Route::Send { answer, mirror, shadow: false } => {
+                    if self.send(plan, answer, bytes, kind, Reply::Client).await
+                        && let Some(mirror) = mirror
+                    {
+                        self.mirror(plan, mirror, Job::Write(Bytes::copy_from_slice(bytes)));
+                    }
+                }
+            },
+        }
+        true
+    }
+
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.
+    async fn transaction(&mut self, strategy: &Strategy, plan: &Plan, name: &[u8], key: Option<&[u8]>, bytes: &[u8]) {
+        let kind = CommandKind::Transaction;
+        let is = |expected: &str| name.eq_ignore_ascii_case(expected.as_bytes());
+        if is("MULTI") && matches!(self.txn, Txn::None) {
+            self.txn = Txn::Multi(Bytes::copy_from_slice(bytes));
+            return;
+        }
+        if matches!(self.txn, Txn::Multi(_)) {
+            // Nothing inside the transaction named a key: it runs where keyless writes go.
+            let (side, mirror) = strategy.transaction(if is("WATCH") { key } else { None });
+            self.start_multi(plan, side, mirror).await;
+        }
+        let Txn::On { side, mirror, multi } = self.txn else {
+            // Not in a transaction: WATCH starts one; anything else is Redis's to answer.
+            if is("WATCH") {
+                let (side, mirror) = strategy.transaction(key);
+                self.txn = Txn::On { side, mirror, multi: false };
+                self.send(plan, side, bytes, kind, Reply::Client).await;
+            } else {
+                self.send(plan, Side::Source, bytes, kind, Reply::Client).await;
+            }
+            return;
+        };
+        if multi {
+            self.in_transaction(plan, side, mirror, bytes, kind).await;
+        } else {
+            self.send(plan, side, bytes, kind, Reply::Client).await;
+        }
+        if is("MULTI") && !multi {
+            self.txn = Txn::On { side, mirror, multi: true };
+            if let Some(mirror) = mirror {
+                self.mirror(plan, mirror, Job::Write(Bytes::copy_from_slice(bytes)));
+            }
+        } else if (multi && (is("EXEC") || is("DISCARD"))) || (!multi && is("UNWATCH")) {
+            self.txn = Txn::None;
+        }
+    }
+
+    /// Sends the held-back MULTI to `side`.
+    async fn start_multi(&mut self, plan: &Plan, side: Side, mirror: Option<Side>) {
+        let Txn::Multi(multi) = std::mem::replace(&mut self.txn, Txn::On { side, mirror, multi: true }) else {
+            return;
+        };
+        self.in_transaction(plan, side, mirror, &multi, CommandKind::Transaction).await;
+    }
+
+    /// A request inside MULTI: to the transaction's side, and all of it to the mirror, so the
+    /// mirror runs the same transaction.
+    async fn in_transaction(&mut self, plan: &Plan, side: Side, mirror: Option<Side>, bytes: &[u8], kind: CommandKind) {
+        if self.send(plan, side, bytes, kind, Reply::Client).await
+            && let Some(mirror) = mirror
+        {
+            self.mirror(plan, mirror, Job::Write(Bytes::copy_from_slice(bytes)));
+        }
+    }
+
+    /// AUTH, HELLO, SELECT, RESET: answered by the source, replayed everywhere else.
+    async fn connection_state(&mut self, plan: &Plan, name: &'static str, bytes: &[u8]) {
+        self.send(plan, Side::Source, bytes, CommandKind::Connection, Reply::Client).await;
+        let target = Side::Target as usize;
+        if self.conns[target].is_some() && ConnectionState::forward_to(name, self.eden_authenticated[target]) {
+            self.out[target].extend_from_slice(bytes);
+            self.expect(Side::Target, true);
+        }
+        let request = Bytes::copy_from_slice(bytes);
+        for link in self.links.iter().flatten() {
+            link.send(Job::State { name, request: request.clone() });
+        }
+        self.state.record(name, request);
+    }
+
+    /// From this request on, the client talks to the source alone, as bytes.
+    async fn pin(&mut self, plan: &Plan, bytes: &[u8], kind: CommandKind) {
+        if !self.connected(plan, Side::Source).await {
+            self.send(plan, Side::Source, bytes, kind, Reply::Client).await;
+            return;
+        }
+        self.pending.push(Due::Pin(Side::Source));
+        self.out[Side::Source as usize].extend_from_slice(bytes);
+        self.metrics.command(Side::Source, kind);
+        self.pinned = true;
+        self.links = [None, None];
+    }
+
+    /// Queues `request` for `side`; false when `side` is unreachable (the client gets an error).
+    async fn send(&mut self, plan: &Plan, side: Side, request: &[u8], kind: CommandKind, reply: Reply) -> bool {
+        if !self.connected(plan, side).await {
+            if let Some(error) = &self.unreachable[side as usize] {
+                self.pending.push(Due::Made(error.clone()));
+            }
+            return false;
+        }
+        self.out[side as usize].extend_from_slice(request);
+        self.metrics.command(side, kind);
+        match reply {
+            Reply::Client => self.expect(side, false),
+            Reply::Copied(copy) => self.pending.push(Due::Copied { side, copy }),
+        }
+        true
+    }
+
+    /// One more reply due from `side`, merged with the previous due when it is the same kind.
+    fn expect(&mut self, side: Side, discard: bool) {
+        if let Some(Due::Replies { side: last, count, discard: dropped }) = self.pending.last_mut()
+            && *last == side
+            && *dropped == discard
+        {
+            *count += 1;
+            return;
+        }
+        self.pending.push(Due::Replies { side, count: 1, discard });
+    }
+
+    /// Makes sure the session has a connection to `side`, opening it (and replaying the
+    /// client's connection state) when needed.
+    async fn connected(&mut self, plan: &Plan, side: Side) -> bool {
+        let index = side as usize;
+        if self.shared.lost[index].swap(false, Ordering::Relaxed) {
+            self.conns[index] = None;
+        }
+        if self.conns[index].is_some() {
+            return true;
+        }
+        if self.unreachable[index].is_some() {
+            return false;
+        }
+        let Some(upstream) = plan.upstream(side) else {
+            self.unreachable[index] = Some(Bytes::from_static(b"-ERR eden: no target configured\r\n"));
+            return false;
+        };
+        match upstream.connect().await {
+            Ok(stream) => {
+                let (from, to) = tokio::io::split(stream);
+                self.pending.push(Due::Opened { side, from, addr: upstream.addr().into() });
+                self.conns[index] = Some(to);
+                self.eden_authenticated[index] = upstream.has_credentials();
+                let replay: Vec<Bytes> = self.state.replay(upstream.has_credentials()).cloned().collect();
+                for request in replay {
+                    self.out[index].extend_from_slice(&request);
+                    self.expect(side, true);
+                }
+                true
+            }
+            Err(error) => {
+                self.metrics.error(ErrorKind::UpstreamUnreachable);
+                tracing::warn!(%error, side = side.as_str(), "upstream unreachable; answering with an error, retrying on the next batch");
+                self.unreachable[index] = Some(Bytes::from(unreachable_reply(&error)));
+                false
+            }
+        }
+    }
+
+    /// Hands `job` to the mirror link for `side`, opening it when needed.
+    fn mirror(&mut self, plan: &Plan, side: Side, job: Job) {
+        if self.links[side as usize].is_none() {
+            let Some(upstream) = plan.mirror_upstream(side) else {
+                self.metrics.mirror(side, MirrorOutcome::Failed);
+                return;
+            };
+            let link = MirrorLink::open(side, upstream.clone(), self.state.clone(), self.metrics.clone());
+            self.links[side as usize] = Some(link);
+        }
+        if let Some(link) = &self.links[side as usize] {
+            link.send(job);
+        }
+    }
+
+    /// Sends this batch's dues, then its bytes (one write per side); false when the source
+    /// connection failed.
+    async fn flush(&mut self) -> bool {
+        for due in self.pending.drain(..) {
+            let _ = self.dues.send(due);
+        }
+        self.unreachable = [None, None];
+        let mut source_ok = true;
+        for side in Side::BOTH {
+            let index = side as usize;
+            if self.out[index].is_empty() {
+                continue;
+            }
+            if let Some(conn) = self.conns[index].as_mut() {
+                self.shared.latency.forwarded();
+                if conn.write_all(&self.out[index]).await.is_err() {
+                    self.metrics.error(ErrorKind::Io);
+                    self.conns[index] = None;
+                    source_ok &= side != Side::Source;
+                }
+            }
+            self.out[index].clear();
+        }
+        source_ok
+    }
+
+    /// Ends the session after the replies already due, with `closing` as the client's last bytes.
+    fn finish(&mut self, closing: Vec<u8>) {
+        let _ = self.dues.send(Due::Finish(closing));
+    }
+}
+
+/// Whether this request makes the number of replies unpredictable: subscriptions, MONITOR,
+/// CLIENT REPLY.
+fn pins(kind: CommandKind, name: &[u8], bytes: &[u8], request: &Request) -> bool {
+    let is = |expected: &str| name.eq_ignore_ascii_case(expected.as_bytes());
+    match kind {
+        CommandKind::PubSub => !(is("PUBLISH") || is("SPUBLISH") || is("PUBSUB")),
+        CommandKind::Admin => is("MONITOR"),
+        CommandKind::Connection => {
+            is("CLIENT") && request.args(bytes).nth(1).is_some_and(|arg| bytes[arg].eq_ignore_ascii_case(b"REPLY"))
+        }
+        _ => false,
+    }
+}
