@@ -77,54 +77,180 @@ async fn demo() -> Result<()> {
     let events = described.split("Events:").nth(1).unwrap_or_default();
     print!("    kubectl describe endpoints.eden.io source (events):{}", indent(events));
 
-    step("Starting eden-sidecar as a proxy to the source");
-    let (listen, admin) = (free_port()?, free_port()?);
-    let _sidecar = Process::spawn(
-        Command::new(sibling_binary("eden-sidecar")?).args([
-            "--listen",
-            &format!("127.0.0.1:{listen}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-            "--source",
-            &source.url(),
-            "--target",
-            &target.url(),
-        ]),
-        &logs.join("sidecar.log"),
-    )?;
-    wait_http_ok(admin, "/readyz").await?;
-    done(&format!("listening on 127.0.0.1:{listen}, admin on 127.0.0.1:{admin}"));
-
-    step(&format!("An application writes {KEYS} keys through the sidecar"));
-    let mut app =
-        redis::Client::open(format!("redis://127.0.0.1:{listen}"))?.get_multiplexed_async_connection().await?;
+    step("The application's existing data: 1000 keys on the source");
+    let mut on_source = redis::Client::open(source.url())?.get_multiplexed_async_connection().await?;
+    let mut on_target = redis::Client::open(target.url())?.get_multiplexed_async_connection().await?;
     let mut pipeline = redis::pipe();
     for i in 0..KEYS {
         pipeline.set(format!("user:{i}"), format!("profile-{i}")).ignore();
     }
-    pipeline.query_async::<()>(&mut app).await?;
-    let mut direct = redis::Client::open(source.url())?.get_multiplexed_async_connection().await?;
-    let on_source: usize = redis::cmd("DBSIZE").query_async(&mut direct).await?;
-    let sample: String = direct.get("user:42").await?;
-    if on_source != KEYS || sample != "profile-42" {
-        return Err(format!("expected {KEYS} keys on the source, found {on_source} (user:42 = {sample:?})").into());
-    }
-    done(&format!("source holds {on_source} keys; user:42 = {sample:?}, read directly from the source"));
-    let mut target_conn = redis::Client::open(target.url())?.get_multiplexed_async_connection().await?;
-    let on_target: usize = redis::cmd("DBSIZE").query_async(&mut target_conn).await?;
-    if on_target != 0 {
-        return Err(format!("a plain proxy must not touch the target, which holds {on_target} keys").into());
-    }
-    done("target untouched (0 keys): with no Migration the sidecar is a plain proxy to the source");
+    pipeline.hset("cart:7", "apples", 3).ignore().rpush("queue:emails", "welcome").ignore();
+    pipeline.query_async::<()>(&mut on_source).await?;
+    done(&format!("source holds {} keys; the target is empty", dbsize(&mut on_source).await?));
 
-    step("The sidecar's metrics");
-    let metrics = http_get(admin, "/metrics").await?;
-    for line in
-        metrics.lines().filter(|l| l.starts_with("eden_commands_total") || l.starts_with("eden_connections_active"))
-    {
-        println!("    {line}");
+    step("Starting eden-sidecar in the application's pod, following the Migration's ConfigMap");
+    let (listen, admin) = (free_port()?, free_port()?);
+    let _sidecar = Process::spawn(
+        Command::new(sibling_binary("eden-sidecar")?)
+            .args(["--listen", &format!("127.0.0.1:{listen}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(["--source", &source.url(), "--configmap", "eden-shop", "--namespace", NAMESPACE])
+            .args(["--pod-name", "shop-app-0"])
+            .env("KUBECONFIG", control_plane.kubeconfig()),
+        &logs.join("sidecar.log"),
+    )?;
+    wait_http_ok(admin, "/readyz").await?;
+    let mut app =
+        redis::Client::open(format!("redis://127.0.0.1:{listen}"))?.get_multiplexed_async_connection().await?;
+    done(&format!("the application talks to 127.0.0.1:{listen}; admin and metrics on 127.0.0.1:{admin}"));
+
+    step("kubectl apply a Migration: sync the data, then send 25% of reads to the target");
+    control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: oldAuthoritative", false))?;
+    wait_phase(&control_plane, "Ready", "120s")?;
+    print!("{}", indent(&control_plane.run_kubectl(&["get", "-n", NAMESPACE, "migrations"])?));
+    let verified = control_plane.run_kubectl(&[
+        "get",
+        "-n",
+        NAMESPACE,
+        "migration/shop",
+        "-o",
+        "jsonpath={.status.lastVerification.checked} keys verified, {.status.lastVerification.missing} missing, {.status.lastVerification.mismatched} different",
+    ])?;
+    done(&format!("copied by Eden acting as the source's replica; {verified}"));
+
+    step("The application keeps writing through the sidecar; replication carries every write");
+    for i in 0..KEYS {
+        let _: () = app.incr(format!("visits:{}", i % 10), 1).await?;
+    }
+    let _: () = app.set("last-order", "order-1001").await?;
+    wait_until("the target to have every write", || async {
+        let visits: Option<i64> = on_target.clone().get("visits:3").await?;
+        let order: Option<String> = on_target.clone().get("last-order").await?;
+        Ok(visits == Some(100) && order.as_deref() == Some("order-1001"))
+    })
+    .await?;
+    done("visits:3 = 100 and last-order = order-1001 on the target, written only through the sidecar");
+    let (mut from_target, reads) = (0, 400);
+    let before = routed_reads(admin).await?;
+    for _ in 0..reads {
+        let _: Option<String> = app.get("user:42").await?;
+    }
+    from_target += routed_reads(admin).await? - before;
+    done(&format!("{from_target} of {reads} reads of user:42 were served by the target (readPercentage 25)"));
+
+    step("Cut over: the target becomes authoritative; writes are mirrored back to the source");
+    control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: newAuthoritative", false))?;
+    wait_phase(&control_plane, "CutOver", "60s")?;
+    wait_until("the sidecar to apply the flip", || async {
+        Ok(sidecar_generation(admin).await? >= configmap_generation(&control_plane)?)
+    })
+    .await?;
+    let _: () = app.set("last-order", "order-1002").await?;
+    wait_until("the write to reach both servers", || async {
+        let on_target: Option<String> = on_target.clone().get("last-order").await?;
+        let on_source: Option<String> = on_source.clone().get("last-order").await?;
+        Ok(on_target.as_deref() == Some("order-1002") && on_source.as_deref() == Some("order-1002"))
+    })
+    .await?;
+    done("last-order = order-1002 answered by the target and mirrored to the source: a rollback would lose nothing");
+
+    step("Complete: the source is detached, every read and write goes to the target");
+    control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: newAuthoritative", true))?;
+    wait_phase(&control_plane, "Completed", "60s")?;
+    let (on_both_source, on_both_target) = (dbsize(&mut on_source).await?, dbsize(&mut on_target).await?);
+    if on_both_source != on_both_target {
+        return Err(format!("source holds {on_both_source} keys but the target {on_both_target}").into());
+    }
+    done(&format!("target and source both hold {on_both_target} keys: nothing lost, no Eden bookkeeping left behind"));
+    print!("{}", indent(&control_plane.run_kubectl(&["get", "-n", NAMESPACE, "migrations"])?));
+    let described = control_plane.run_kubectl(&["describe", "-n", NAMESPACE, "migration", "shop"])?;
+    let events = described.split("Events:").nth(1).unwrap_or_default();
+    print!("    kubectl describe migration shop (events):{}", indent(events));
+
+    step("Deleting the Migration: Eden removes what it created and leaves the data alone");
+    control_plane.run_kubectl(&["delete", "-n", NAMESPACE, "migration", "shop", "--timeout=30s"])?;
+    let left = control_plane.run_kubectl(&["get", "-n", NAMESPACE, "configmaps", "-o", "name"])?;
+    if left.contains("eden-shop") {
+        return Err("the ConfigMap eden-shop outlived its Migration".into());
+    }
+    done(&format!("ConfigMap eden-shop deleted; the target still holds its {} keys", dbsize(&mut on_target).await?));
+    Ok(())
+}
+
+fn migration(read_percentage: u32, write_mode: &str, complete: bool) -> String {
+    format!(
+        "apiVersion: eden.io/v1alpha1
+kind: Migration
+metadata: {{name: shop}}
+spec:
+  source: {{endpointRef: {{name: source}}}}
+  target: {{endpointRef: {{name: target}}}}
+  strategy:
+    readPercentage: {read_percentage}
+    writeMode: {{mode: {write_mode}}}
+  data: {{type: sync}}
+  complete: {complete}
+"
+    )
+}
+
+fn wait_phase(control_plane: &ControlPlane, phase: &str, timeout: &str) -> Result<()> {
+    let condition = format!("--for=jsonpath={{.status.phase}}={phase}");
+    let timeout = format!("--timeout={timeout}");
+    control_plane.run_kubectl(&["wait", "-n", NAMESPACE, "migration/shop", &condition, &timeout])?;
+    done(&format!("migration/shop is {phase}"));
+    Ok(())
+}
+
+async fn wait_until<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await? {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+async fn dbsize(connection: &mut redis::aio::MultiplexedConnection) -> Result<usize> {
+    Ok(redis::cmd("DBSIZE").query_async(connection).await?)
+}
+
+/// Reads the sidecar sent to the target, from its metrics.
+async fn routed_reads(admin: u16) -> Result<u64> {
+    let metrics = http_get(admin, "/metrics").await?;
+    Ok(metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("eden_commands_total") && l.contains("kind=\"read\"") && l.contains("route=\"target\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+async fn sidecar_generation(admin: u16) -> Result<u64> {
+    let metrics = http_get(admin, "/metrics").await?;
+    let value =
+        metrics.lines().find(|l| l.starts_with("eden_config_applied_generation")).and_then(|l| l.rsplit(' ').next());
+    Ok(value.and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64)
+}
+
+fn configmap_generation(control_plane: &ControlPlane) -> Result<u64> {
+    let payload = control_plane.run_kubectl(&[
+        "get",
+        "-n",
+        NAMESPACE,
+        "configmap",
+        "eden-shop",
+        "-o",
+        "jsonpath={.data.eden\\.yaml}",
+    ])?;
+    let generation = payload.lines().find_map(|l| l.strip_prefix("generation:")).map(str::trim).unwrap_or("0");
+    Ok(generation.parse()?)
 }
 
 fn step(what: &str) {

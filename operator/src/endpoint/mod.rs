@@ -20,7 +20,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 pub use connection::{ConnectionSettings, CredentialsError, InvalidUri};
-pub use probe::{ProbeError, ProbeReport, probe};
+pub use probe::{ProbeError, ProbeReport, forget_sync_position, probe};
 
 use crate::conditions;
 use crate::context::{Context, FIELD_MANAGER};

@@ -60,6 +60,24 @@ pub async fn probe(settings: &ConnectionSettings) -> Result<ProbeReport, ProbeEr
     .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: addr.clone() }))
 }
 
+/// Deletes the record the `sync` engine keeps on the target (its stream position), once the
+/// migration no longer needs it: it is Eden's, not the application's.
+pub async fn forget_sync_position(settings: &ConnectionSettings) -> Result<(), ProbeError> {
+    let upstream =
+        Upstream::new(&settings.uri, &settings.tls, PROBE_TIMEOUT)?.with_credentials(settings.credentials.clone());
+    let addr = upstream.addr().to_string();
+    tokio::time::timeout(PROBE_TIMEOUT, async {
+        let stream = upstream.connect().await?;
+        let mut conversation = Conversation { stream, addr: &addr, buffer: Vec::with_capacity(64) };
+        // The engine keeps the record in database 0 whatever database the URI names.
+        conversation.ask("SELECT", &["SELECT", "0"]).await?;
+        conversation.ask("DEL", &["DEL", eden_sidecar::replicate::POSITION_KEY]).await?;
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: addr.clone() }))
+}
+
 struct Conversation<'a> {
     stream: UpstreamStream,
     addr: &'a str,

@@ -182,6 +182,10 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         }
     }
 
+    if decision.phase == Phase::Completed && observation.phase != Phase::Completed {
+        forget_sync_position(&migration, ctx).await;
+    }
+
     let snapshot = ctx.replications.observe(&uid).await;
     if migration.spec.cutover.require_verification
         && decision.replicate
@@ -303,6 +307,7 @@ async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Err
     if let Some(uid) = migration.uid() {
         ctx.replications.stop(&uid).await;
     }
+    forget_sync_position(&migration, ctx).await;
     let name = configmap::name(&migration);
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
     match api.delete(&name, &DeleteParams::default()).await {
@@ -314,6 +319,30 @@ async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Err
     tracing::info!(%note, "cleaned up");
     ctx.event(migration.as_ref(), EventType::Normal, "CleanedUp", "Delete", note).await;
     Ok(Action::await_change())
+}
+
+/// Removes the `sync` engine's position record from the target once nothing will resume from
+/// it. Best effort: a target that cannot be reached keeps one small key, which is logged.
+async fn forget_sync_position(migration: &Migration, ctx: &Context) {
+    if migration.spec.data.type_ != DataCopy::Sync {
+        return;
+    }
+    let endpoints: Api<Endpoint> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    let outcome = match endpoints.get(&migration.spec.target.endpoint_ref.name).await {
+        Ok(target) => match observe::connection(ctx, &target).await {
+            Ok(settings) => crate::endpoint::forget_sync_position(&settings).await.map_err(|e| e.to_string()),
+            Err(err) => Err(err),
+        },
+        Err(err) => Err(err.to_string()),
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!(key = eden_sidecar::replicate::POSITION_KEY, "removed the sync record from the target")
+        }
+        Err(err) => {
+            tracing::warn!(%err, key = eden_sidecar::replicate::POSITION_KEY, "could not remove the sync record from the target")
+        }
+    }
 }
 
 /// How soon to look again: often while something moves, rarely when at rest.

@@ -151,7 +151,7 @@ impl Observation {
 }
 
 /// The Endpoint's connection settings, its Secrets read.
-async fn connection(ctx: &Context, endpoint: &Endpoint) -> Result<ConnectionSettings, String> {
+pub(super) async fn connection(ctx: &Context, endpoint: &Endpoint) -> Result<ConnectionSettings, String> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &endpoint.namespace().unwrap_or_default());
     ConnectionSettings::resolve(&endpoint.spec, &secrets).await.map_err(|e| e.to_string())
 }

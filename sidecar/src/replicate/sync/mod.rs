@@ -99,8 +99,13 @@ impl SyncReplicator {
         let link = source.connect().await?;
         let info = source.connect().await?;
         let restart = checkpoint.is_some();
-        let (tx, progress) =
-            watch::channel(Progress { checkpoint: checkpoint.unwrap_or_default(), ..Default::default() });
+        // Until the source answers PSYNC nothing is known to be on the target: a first run
+        // reports "loading", so nobody mistakes the empty start for a finished copy.
+        let checkpoint = checkpoint.unwrap_or_else(|| Checkpoint {
+            sync: Some(SyncPosition { replid: String::new(), offset: 0, loading: true }),
+            ..Default::default()
+        });
+        let (tx, progress) = watch::channel(Progress { checkpoint, ..Default::default() });
         let reporter = Reporter { tx, started: Instant::now(), progress: progress.borrow().clone() };
         let session = Session { link, info, target, options, reporter, restart };
         let task = tokio::spawn(session.run().instrument(span));
