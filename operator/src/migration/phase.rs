@@ -105,6 +105,9 @@ pub fn next(spec: &MigrationSpec, observed: &Observed, current: Phase) -> Decisi
     let in_sync = in_sync(spec, observed, &mut held);
     let phase = next_phase(spec, observed, current, in_sync, &mut held);
     let effective = (phase != Phase::Paused).then(|| effective(spec, observed, phase, &mut held));
+    if phase == Phase::CutOver && split_needs_key_filter(spec) {
+        held.push(split_held());
+    }
     let flipping = phase == Phase::CuttingOver && flip_due(spec, observed);
     Decision {
         phase,
@@ -212,6 +215,9 @@ fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync
                     held.push(Held { reason: "CutoverHeld", message: "the target is not in sync yet".into() });
                 }
                 Syncing
+            } else if wants_target && split_needs_key_filter(spec) {
+                held.push(split_held());
+                Ready
             } else if wants_target {
                 CuttingOver
             } else {
@@ -219,6 +225,26 @@ fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync
             }
         }
         Paused => unreachable!("resolved above"),
+    }
+}
+
+/// A split (`writePercentage` 1–99) lets the sidecars write target-owned keys to the target
+/// directly while replication keeps copying the source. Replication would then have to skip
+/// target-owned keys (the source receives them too, mirrored), or they would reach the target
+/// twice; the engine cannot skip keys yet, so with a copy running the split is held.
+fn split_needs_key_filter(spec: &MigrationSpec) -> bool {
+    let mode = &spec.strategy.write_mode;
+    spec.data.type_ != DataCopy::None
+        && mode.mode == WriteModeKind::Cutover
+        && mode.write_percentage.is_some_and(|p| (1..100).contains(&p))
+}
+
+fn split_held() -> Held {
+    Held {
+        reason: "SplitHeld",
+        message: "writePercentage between 1 and 99 needs replication to skip target-owned keys, which it cannot \
+                  do yet; use 0 or 100, or data.type none"
+            .into(),
     }
 }
 
@@ -276,7 +302,9 @@ fn endpoints_not_ready(observed: &Observed) -> Held {
 fn target_writes(spec: &MigrationSpec, phase: Phase) -> Writes {
     let mode = &spec.strategy.write_mode;
     match (mode.mode, mode.write_percentage) {
-        (WriteModeKind::Cutover, Some(percentage)) if percentage < 100 => Writes::Split { percentage },
+        (WriteModeKind::Cutover, Some(percentage)) if percentage < 100 && !split_needs_key_filter(spec) => {
+            Writes::Split { percentage }
+        }
         _ => Writes::Target { mirror_to_source: phase == Phase::CutOver },
     }
 }

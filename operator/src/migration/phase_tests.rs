@@ -213,11 +213,29 @@ fn complete_detaches_the_source_only_when_the_target_owns_every_key() {
     );
 
     complete.strategy.write_mode = WriteMode { mode: WriteModeKind::Cutover, policy: None, write_percentage: Some(60) };
+    complete.data.type_ = DataCopy::None;
     let split = next(&complete, &flipped, Phase::CutOver);
     assert_eq!(split.phase, Phase::CutOver);
     assert_eq!(writes(&split), Writes::Split { percentage: 60 });
-    assert!(split.replicate, "source-owned keys keep flowing to the target");
     assert_eq!(reasons(&split), ["CompleteHeld"]);
+}
+
+#[test]
+fn a_split_is_held_while_replication_cannot_skip_target_owned_keys() {
+    let mut split = spec();
+    split.strategy.write_mode = WriteMode { mode: WriteModeKind::Cutover, policy: None, write_percentage: Some(60) };
+    let before = next(&split, &in_sync(), Phase::Ready);
+    assert_eq!(before.phase, Phase::Ready, "the cutover does not start");
+    assert_eq!(reasons(&before), ["SplitHeld"]);
+    assert_eq!(writes(&before), Writes::Source { mirror_to_target: false });
+
+    let flipped =
+        Observed { cutover: CutoverProgress { flip_pushed: true, flipped: true, ..Default::default() }, ..in_sync() };
+    let after = next(&split, &flipped, Phase::CutOver);
+    assert_eq!(after.phase, Phase::CutOver, "lowering the share after a cutover is not a rollback");
+    assert_eq!(writes(&after), Writes::Target { mirror_to_source: true });
+    assert!(!after.replicate, "no second writer to the target");
+    assert_eq!(reasons(&after), ["SplitHeld"]);
 }
 
 #[test]
