@@ -2,6 +2,8 @@
 //! rejected while the last good configuration stays in force, and the Lease tells the operator
 //! what was applied.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use eden_sidecar::lease::{
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use support::wait_for_lease;
 
 fn payload(generation: u64, read_percentage: &str, writes: &str) -> String {
     format!(
@@ -103,20 +106,6 @@ async fn config_map_changes_apply_live_and_bad_payloads_are_rejected() {
         !lease.metadata.annotations.unwrap().contains_key(ANNOTATION_CONFIG_ERROR),
         "a good payload clears the error"
     );
-}
-
-async fn wait_for_lease(leases: &Api<Lease>, name: &str, done: impl Fn(&BTreeMap<String, String>) -> bool) -> Lease {
-    let mut last = None;
-    for _ in 0..200 {
-        if let Some(lease) = leases.get_opt(name).await.unwrap() {
-            if lease.metadata.annotations.as_ref().is_some_and(&done) {
-                return lease;
-            }
-            last = Some(lease);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("Lease {name} never matched: {:?}", last.map(|l| l.metadata.annotations));
 }
 
 #[tokio::test]

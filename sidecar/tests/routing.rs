@@ -16,7 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use redis::AsyncCommands;
-use support::{Proxy, resp};
+use support::{Proxy, resp, wait_for_lease};
 
 /// Two servers and a strategy fed straight to an [`Applier`].
 struct Migration {
@@ -151,20 +151,6 @@ async fn target_share(app: &mut redis::aio::MultiplexedConnection, reads: usize)
     let answers: Vec<String> = pipeline.query_async(app).await.unwrap();
     assert_eq!(answers.len(), reads);
     answers.iter().filter(|answer| *answer == "target").count()
-}
-
-async fn wait_for_lease(leases: &Api<Lease>, name: &str, done: impl Fn(&BTreeMap<String, String>) -> bool) -> Lease {
-    let mut last = None;
-    for _ in 0..200 {
-        if let Some(lease) = leases.get_opt(name).await.unwrap() {
-            if lease.metadata.annotations.as_ref().is_some_and(&done) {
-                return lease;
-            }
-            last = Some(lease);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("Lease {name} never matched: {:?}", last.map(|l| l.metadata.annotations));
 }
 
 #[tokio::test]

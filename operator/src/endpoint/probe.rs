@@ -39,12 +39,8 @@ pub enum ProbeError {
 
 /// Probes the server `settings` describe.
 pub async fn probe(settings: &ConnectionSettings) -> Result<ProbeReport, ProbeError> {
-    let upstream =
-        Upstream::new(&settings.uri, &settings.tls, PROBE_TIMEOUT)?.with_credentials(settings.credentials.clone());
-    let addr = upstream.addr().to_string();
-    tokio::time::timeout(PROBE_TIMEOUT, async {
-        let stream = upstream.connect().await?;
-        let mut conversation = Conversation { stream, addr: &addr, buffer: Vec::with_capacity(4096) };
+    within_timeout(settings, async {
+        let mut conversation = Conversation::open(settings).await?;
         let started = Instant::now();
         conversation.ask("PING", &["PING"]).await?;
         let latency = started.elapsed();
@@ -57,41 +53,53 @@ pub async fn probe(settings: &ConnectionSettings) -> Result<ProbeReport, ProbeEr
         })
     })
     .await
-    .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: addr.clone() }))
 }
 
 /// Deletes the record the `sync` engine keeps on the target (its stream position), once the
 /// migration no longer needs it: it is Eden's, not the application's.
 pub async fn forget_sync_position(settings: &ConnectionSettings) -> Result<(), ProbeError> {
-    let upstream =
-        Upstream::new(&settings.uri, &settings.tls, PROBE_TIMEOUT)?.with_credentials(settings.credentials.clone());
-    let addr = upstream.addr().to_string();
-    tokio::time::timeout(PROBE_TIMEOUT, async {
-        let stream = upstream.connect().await?;
-        let mut conversation = Conversation { stream, addr: &addr, buffer: Vec::with_capacity(64) };
+    within_timeout(settings, async {
+        let mut conversation = Conversation::open(settings).await?;
         // The engine keeps the record in database 0 whatever database the URI names.
         conversation.ask("SELECT", &["SELECT", "0"]).await?;
         conversation.ask("DEL", &["DEL", eden_sidecar::replicate::POSITION_KEY]).await?;
         Ok(())
     })
     .await
-    .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: addr.clone() }))
 }
 
-struct Conversation<'a> {
+/// Bounds a whole conversation, connecting included, by [`PROBE_TIMEOUT`].
+async fn within_timeout<T>(
+    settings: &ConnectionSettings,
+    conversation: impl Future<Output = Result<T, ProbeError>>,
+) -> Result<T, ProbeError> {
+    tokio::time::timeout(PROBE_TIMEOUT, conversation)
+        .await
+        .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: settings.uri.clone() }))
+}
+
+/// One connection to an Endpoint, commands asked one at a time.
+struct Conversation {
     stream: UpstreamStream,
-    addr: &'a str,
+    addr: String,
     buffer: Vec<u8>,
 }
 
-impl Conversation<'_> {
+impl Conversation {
+    async fn open(settings: &ConnectionSettings) -> Result<Self, ProbeError> {
+        let upstream =
+            Upstream::new(&settings.uri, &settings.tls, PROBE_TIMEOUT)?.with_credentials(settings.credentials.clone());
+        let addr = upstream.addr().to_string();
+        Ok(Conversation { stream: upstream.connect().await?, addr, buffer: Vec::with_capacity(4096) })
+    }
+
     /// Sends one command and reads its reply; an error reply is a [`ProbeError::Refused`].
     async fn ask(&mut self, command: &'static str, args: &[&str]) -> Result<OwnedFrame, ProbeError> {
         let mut request = format!("*{}\r\n", args.len());
         for arg in args {
             request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
         }
-        let io_error = |source| ProbeError::Io { addr: self.addr.to_string(), command, source };
+        let io_error = |source| ProbeError::Io { addr: self.addr.clone(), command, source };
         self.stream.write_all(request.as_bytes()).await.map_err(io_error)?;
         loop {
             match decode(&self.buffer) {
@@ -99,22 +107,22 @@ impl Conversation<'_> {
                     self.buffer.drain(..used);
                     return match frame {
                         OwnedFrame::Error(reply) => {
-                            Err(ProbeError::Refused { addr: self.addr.to_string(), command, reply })
+                            Err(ProbeError::Refused { addr: self.addr.clone(), command, reply })
                         }
                         frame => Ok(frame),
                     };
                 }
                 Ok(None) => {}
-                Err(err) => return Err(ProbeError::Protocol { addr: self.addr.to_string(), reason: err.to_string() }),
+                Err(err) => return Err(ProbeError::Protocol { addr: self.addr.clone(), reason: err.to_string() }),
             }
             let read = self.stream.read_buf(&mut self.buffer).await;
             match read {
                 Ok(0) => {
                     let closed = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
-                    return Err(ProbeError::Io { addr: self.addr.to_string(), command, source: closed });
+                    return Err(ProbeError::Io { addr: self.addr.clone(), command, source: closed });
                 }
                 Ok(_) => {}
-                Err(source) => return Err(ProbeError::Io { addr: self.addr.to_string(), command, source }),
+                Err(source) => return Err(ProbeError::Io { addr: self.addr.clone(), command, source }),
             }
         }
     }
@@ -123,9 +131,7 @@ impl Conversation<'_> {
     async fn info(&mut self, section: &str) -> Result<String, ProbeError> {
         match self.ask("INFO", &["INFO", section]).await? {
             OwnedFrame::BulkString(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
-            other => {
-                Err(ProbeError::Protocol { addr: self.addr.to_string(), reason: format!("INFO replied {other:?}") })
-            }
+            other => Err(ProbeError::Protocol { addr: self.addr.clone(), reason: format!("INFO replied {other:?}") }),
         }
     }
 }

@@ -145,3 +145,22 @@ pub fn resp(args: &[&str]) -> Vec<u8> {
     }
     out
 }
+
+/// Polls the Lease `name` until its annotations satisfy `done`.
+pub async fn wait_for_lease(
+    leases: &kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    name: &str,
+    done: impl Fn(&std::collections::BTreeMap<String, String>) -> bool,
+) -> k8s_openapi::api::coordination::v1::Lease {
+    let mut last = None;
+    for _ in 0..200 {
+        if let Some(lease) = leases.get_opt(name).await.unwrap() {
+            if lease.metadata.annotations.as_ref().is_some_and(&done) {
+                return lease;
+            }
+            last = Some(lease);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("Lease {name} never matched: {:?}", last.map(|l| l.metadata.annotations));
+}
