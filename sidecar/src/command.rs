@@ -3,11 +3,14 @@
 //! Both are found inside the client's bytes without allocating: the name is upper-cased into a
 //! stack buffer and looked up in a built-in table, and the key is a range into the request.
 //! The table has the shape of what `COMMAND INFO` reports (flags give the kind; a first-key
-//! position, or "movable keys" for the few commands that say where their keys are), so it can
-//! later be filled from the server itself. A name the table does not know is
+//! position, or "movable keys" for the few commands that say where their keys are). Names the
+//! built-in table does not know (module commands, commands newer than this build) are looked
+//! up in what the upstream itself reported at start ([`learn`]); a name neither knows is
 //! [`CommandKind::Other`], which routing sends where writes go: the safe side.
 
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use crate::frame::Request;
 
@@ -64,6 +67,62 @@ impl CommandKind {
     }
 }
 
+/// One entry of the upstream's `COMMAND` reply: what classification needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandInfo {
+    pub name: String,
+    pub flags: Vec<String>,
+    /// Position of the first key; 0 for keyless commands and for movable keys.
+    pub first_key: i64,
+}
+
+impl CommandInfo {
+    fn classify(&self) -> (CommandKind, FirstKey) {
+        let has = |flag: &str| self.flags.iter().any(|f| f.eq_ignore_ascii_case(flag));
+        let kind = if has("pubsub") {
+            CommandKind::PubSub
+        } else if has("blocking") {
+            CommandKind::Blocking
+        } else if has("write") {
+            CommandKind::Write
+        } else if has("readonly") {
+            CommandKind::Read
+        } else if has("admin") {
+            CommandKind::Admin
+        } else {
+            CommandKind::Other
+        };
+        let first_key = match usize::try_from(self.first_key) {
+            Ok(position) if position > 0 && !has("movablekeys") => FirstKey::At(position),
+            _ => FirstKey::None,
+        };
+        (kind, first_key)
+    }
+}
+
+/// Commands learned from the upstream, by upper-case name. Written once: the command table of
+/// a server does not change while it runs, and a lookup must not take a lock.
+static LEARNED: OnceLock<CommandTable> = OnceLock::new();
+
+/// Kind and first-key position by upper-case command name.
+type CommandTable = HashMap<Box<[u8]>, (CommandKind, FirstKey)>;
+
+/// Adds what the upstream reported for the names the built-in table does not know; the
+/// built-in entries stay authoritative (they carry special cases `COMMAND` cannot express,
+/// such as XREAD's BLOCK). Returns how many commands were learned; the first call wins.
+pub fn learn(commands: impl IntoIterator<Item = CommandInfo>) -> usize {
+    let learned: CommandTable = commands
+        .into_iter()
+        .map(|info| (info.name.to_ascii_uppercase().into_bytes().into_boxed_slice(), info.classify()))
+        .filter(|(name, _)| builtin(name).is_none())
+        .collect();
+    let count = learned.len();
+    if LEARNED.set(learned).is_err() {
+        return 0;
+    }
+    count
+}
+
 /// Where a command's first key is. Argument indexes count the name as 0, as `COMMAND INFO`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FirstKey {
@@ -118,17 +177,22 @@ fn parse_count(digits: &[u8]) -> Option<usize> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-/// The built-in table: kind and first-key position by name.
+/// Kind and first-key position by name: the built-in table, then what the upstream reported.
 fn spec(name: &[u8]) -> (CommandKind, FirstKey) {
+    // Longer than any command name Redis or its common modules define.
+    let mut upper = [0u8; 64];
+    let Some(slot) = upper.get_mut(..name.len()) else { return (CommandKind::Other, FirstKey::None) };
+    slot.copy_from_slice(name);
+    slot.make_ascii_uppercase();
+    builtin(slot).or_else(|| LEARNED.get()?.get(&*slot).copied()).unwrap_or((CommandKind::Other, FirstKey::None))
+}
+
+/// The built-in table, for an upper-case `name`.
+fn builtin(name: &[u8]) -> Option<(CommandKind, FirstKey)> {
     use CommandKind::*;
     use FirstKey::*;
 
-    // Longer than any command name in the table.
-    let mut upper = [0u8; 24];
-    let Some(slot) = upper.get_mut(..name.len()) else { return (Other, None) };
-    slot.copy_from_slice(name);
-    slot.make_ascii_uppercase();
-    match &*slot {
+    Some(match name {
         b"SCAN" | b"KEYS" | b"RANDOMKEY" | b"DBSIZE" => (Read, None),
         b"FLUSHDB" | b"FLUSHALL" | b"SWAPDB" => (Write, None),
         b"OBJECT" | b"MEMORY" | b"XINFO" => (Read, At(2)),
@@ -233,14 +297,28 @@ fn spec(name: &[u8]) -> (CommandKind, FirstKey) {
         | b"ZINTERSTORE" | b"ZDIFFSTORE" | b"XADD" | b"XDEL" | b"XTRIM" | b"XACK" | b"XCLAIM" | b"XAUTOCLAIM"
         | b"XSETID" | b"SETBIT" | b"BITFIELD" | b"PFADD" | b"PFMERGE" | b"GEOADD" | b"GEOSEARCHSTORE"
         | b"GEORADIUS" | b"GEORADIUSBYMEMBER" => (Write, At(1)),
-        _ => (Other, None),
-    }
+        _ => return Option::None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::RequestScanner;
+
+    #[test]
+    fn server_flags_give_the_kind_and_the_first_key() {
+        let info = |name: &str, flags: &[&str], first_key| CommandInfo {
+            name: name.into(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
+            first_key,
+        };
+        assert_eq!(info("JSON.SET", &["write", "denyoom"], 1).classify(), (CommandKind::Write, FirstKey::At(1)));
+        assert_eq!(info("JSON.GET", &["readonly"], 1).classify(), (CommandKind::Read, FirstKey::At(1)));
+        assert_eq!(info("BF.WAIT", &["blocking", "write"], 1).classify().0, CommandKind::Blocking);
+        assert_eq!(info("FT.SEARCH", &["readonly", "movablekeys"], 0).classify(), (CommandKind::Read, FirstKey::None));
+        assert_eq!(info("MODULE.HELLO", &["fast"], 0).classify(), (CommandKind::Other, FirstKey::None));
+    }
 
     /// Classifies one request given as its arguments, or as an inline line.
     fn classify(args: &[&str]) -> (CommandKind, Option<String>) {

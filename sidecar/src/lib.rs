@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod cli;
 pub mod command;
+pub mod command_info;
 pub mod config;
 pub mod frame;
 pub mod hold;

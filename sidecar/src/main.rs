@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use eden_sidecar::admin;
 use eden_sidecar::cli::{self, Verb};
 use eden_sidecar::config::{Applier, ConfigStatus};
 use eden_sidecar::lease::LeaseReporter;
@@ -19,6 +18,7 @@ use eden_sidecar::plan::{Routing, UpstreamSettings};
 use eden_sidecar::server::{self, Backend, Listener};
 use eden_sidecar::telemetry::{LogFormat, init_logging};
 use eden_sidecar::upstream::{TlsSettings, Upstream};
+use eden_sidecar::{admin, command_info};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
@@ -156,6 +156,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     ready.store(true, Ordering::Relaxed);
     let routed = matches!(backend, Backend::Routed(_));
     tracing::info!(%listen, %admin, source = source.addr(), routed, "eden-sidecar ready");
+    // After readiness: the built-in table classifies until the source's own table arrives.
+    tokio::spawn(command_info::learn_from(source.clone()));
 
     tokio::select! {
         _ = terminate.recv() => {}

@@ -99,10 +99,12 @@ impl Applier {
                         return false;
                     }
                     *current = Some(Arc::new(config));
+                    // Before subscribers wake: the Lease reporter wakes on this change and must
+                    // read the new generation, or the ack waits for the next renewal.
+                    self.status.applied_generation.set(generation);
                     true
                 });
                 if changed {
-                    self.status.applied_generation.set(generation);
                     tracing::info!(generation, origin, "applied configuration");
                 }
                 true
