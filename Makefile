@@ -33,12 +33,16 @@ deps:
 control-plane:
 	@bash e2e/control-plane/build.sh >/dev/null
 
+# The chart carries its own copy of the CRDs (Helm installs charts/eden/crds/ before templates).
 crds:
 	cargo run -q -p eden-operator --bin crdgen > crds/eden.yaml
+	cp crds/eden.yaml charts/eden/crds/eden.yaml
 
 check-crds:
 	@cargo run -q -p eden-operator --bin crdgen | diff -u crds/eden.yaml - \
 	  || { echo "crds/eden.yaml is stale: run 'make crds'"; exit 1; }
+	@diff -u crds/eden.yaml charts/eden/crds/eden.yaml \
+	  || { echo "charts/eden/crds/eden.yaml is stale: run 'make crds'"; exit 1; }
 
 lint:
 	cargo fmt --all --check

@@ -105,6 +105,18 @@ impl ControlPlane {
         Ok(kube::Client::try_from(config)?)
     }
 
+    /// A kube-rs client that acts as `user` (impersonation by the admin), so that a test runs
+    /// code with exactly the permissions RBAC gives that user. A ServiceAccount's user name
+    /// (`system:serviceaccount:<ns>:<name>`) also gets its ServiceAccount groups.
+    pub async fn client_as(&self, user: &str) -> Result<kube::Client, FixtureError> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).map_err(kube::Error::from)?;
+        let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(kube::Error::from)?;
+        config.auth_info.impersonate = Some(user.to_string());
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// `kubectl` pointed at this control plane.
     pub fn kubectl(&self) -> Command {
         let mut command = Command::new("kubectl");

@@ -9,8 +9,7 @@ use std::collections::BTreeMap;
 
 use eden_sidecar::config::{EdenConfig, UpstreamConfig, WriteMode, WritePolicy, WritesState};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::ObjectMeta;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 
 use crate::crd::Migration;
 use crate::migration::phase::{Effective, Writes};
@@ -76,20 +75,10 @@ pub fn read(config_map: &ConfigMap) -> Option<EdenConfig> {
     EdenConfig::from_yaml(text).ok()
 }
 
-/// The ConfigMap object for `payload`, owned by `migration` so that it goes when the migration
-/// does (the operator's finalizer also deletes it, for clusters without garbage collection).
+/// The ConfigMap object for `payload`, owned by `migration` (see [`crate::owned`]).
 pub fn build(migration: &Migration, payload: &EdenConfig) -> Result<ConfigMap, eden_sidecar::config::ConfigError> {
     Ok(ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name(migration)),
-            namespace: migration.namespace(),
-            owner_references: migration.controller_owner_ref(&()).map(|owner| vec![owner]),
-            labels: Some(BTreeMap::from([
-                ("app.kubernetes.io/managed-by".to_string(), "eden-operator".to_string()),
-                ("eden.io/migration".to_string(), migration.name_any()),
-            ])),
-            ..Default::default()
-        },
+        metadata: crate::owned::metadata(migration, name(migration)),
         data: Some(BTreeMap::from([(PAYLOAD_KEY.to_string(), payload.to_yaml()?)])),
         ..Default::default()
     })

@@ -17,17 +17,20 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The replication runs of the migrations this replica leads.
     pub replications: Replications,
+    /// The eden-sidecar image for gateways that do not name one.
+    pub sidecar_image: String,
     recorder: Recorder,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Arc<Self> {
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>, sidecar_image: String) -> Arc<Self> {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance };
         Arc::new(Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
             replications: Replications::default(),
+            sidecar_image,
         })
     }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use eden_operator::leader::{LeaderElector, Timing};
-use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
+use eden_operator::{context::Context, endpoint, gateway, metrics::Metrics, migration};
 use eden_sidecar::admin;
 use eden_sidecar::telemetry::{LogFormat, init_logging};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -30,6 +30,9 @@ struct Args {
     /// Reconcile Migrations in this namespace only (all namespaces when absent).
     #[arg(long, env = "EDEN_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// The eden-sidecar image gateways run when their Migration does not name one.
+    #[arg(long, env = "EDEN_SIDECAR_IMAGE", default_value = gateway::DEFAULT_IMAGE)]
+    sidecar_image: String,
 }
 
 #[tokio::main]
@@ -68,7 +71,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     tracing::info!(%identity, "leading: reconciling");
 
-    let ctx = Context::new(client, metrics, Some(identity.clone()));
+    let ctx = Context::new(client, metrics, Some(identity.clone()), args.sidecar_image.clone());
     tokio::select! {
         ((), ()) = futures::future::join(endpoint::run(ctx.clone()), migration::run(ctx, args.watch_namespace.clone())) => {}
         // Another replica may take over once our lease expires: stop before it does.

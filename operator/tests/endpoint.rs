@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use eden_e2e::{ControlPlane, RedisConfig, RedisServer, TestPki};
 use eden_operator::crd::Endpoint;
+use eden_operator::gateway::DEFAULT_IMAGE;
 use eden_operator::{context::Context, endpoint, metrics::Metrics};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
@@ -14,7 +15,8 @@ use serde_json::json;
 
 async fn start_controller(control_plane: &ControlPlane) {
     control_plane.install_eden_crds().unwrap();
-    let ctx = Context::new(control_plane.client().await.unwrap(), Arc::new(Metrics::default()), None);
+    let ctx =
+        Context::new(control_plane.client().await.unwrap(), Arc::new(Metrics::default()), None, DEFAULT_IMAGE.into());
     tokio::spawn(endpoint::run(ctx));
 }
 

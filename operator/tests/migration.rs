@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
 use eden_operator::crd::{Migration, Phase};
+use eden_operator::gateway::DEFAULT_IMAGE;
 use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
 use eden_sidecar::config::{Applier, EdenConfig, WritePolicy};
 use eden_sidecar::lease::LeaseReporter;
@@ -38,7 +39,7 @@ impl Harness {
     /// Starts the controllers with a fresh context: a restarted operator knows only what the
     /// API server holds.
     fn start_operator(&mut self) {
-        let ctx = Context::new(self.client.clone(), Arc::new(Metrics::default()), None);
+        let ctx = Context::new(self.client.clone(), Arc::new(Metrics::default()), None, DEFAULT_IMAGE.into());
         self.controllers.push(tokio::spawn(endpoint::run(ctx.clone())));
         self.controllers.push(tokio::spawn(migration::run(ctx, Some(self.namespace.clone()))));
     }
@@ -343,4 +344,114 @@ async fn a_restarted_operator_continues_the_replication_stream_without_a_new_cop
     assert_eq!(stat("sync_full").as_deref(), Some("1"), "{stats}");
     let ready = harness.wait_phase("big", Phase::Ready).await;
     assert!(ready.status.unwrap().ready_for_cutover);
+}
+
+/// A Migration with `spec.gateway`, against Endpoints that need not answer: the gateway depends
+/// on their addresses and Secrets, not on the data.
+fn gateway_migration(name: &str, gateway: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Secret
+metadata: {{name: target-credentials}}
+stringData: {{password: s3cret}}
+---
+apiVersion: eden.io/v1alpha1
+kind: Endpoint
+metadata: {{name: source}}
+spec: {{uri: \"redis://redis-source.example:6379\"}}
+---
+apiVersion: eden.io/v1alpha1
+kind: Endpoint
+metadata: {{name: target}}
+spec: {{uri: \"redis://redis-target.example:6379\", credentialsSecretRef: {{name: target-credentials}}}}
+---
+apiVersion: eden.io/v1alpha1
+kind: Migration
+metadata: {{name: {name}}}
+spec:
+  source: {{endpointRef: {{name: source}}}}
+  target: {{endpointRef: {{name: target}}}}
+  data: {{type: none}}
+{gateway}"
+    )
+}
+
+impl Harness {
+    async fn wait_objects<K>(&self, names: &[&str], present: bool)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &self.namespace);
+        for _ in 0..100 {
+            let mut found = Vec::new();
+            for name in names {
+                found.push(api.get_opt(name).await.unwrap().is_some());
+            }
+            if found.iter().all(|f| *f == present) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{} {names:?} never became {}", K::kind(&()), if present { "present" } else { "absent" });
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_follows_its_spec_and_goes_with_its_migration() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+
+    let harness = Harness::start("gateway").await;
+    harness.apply(&gateway_migration("shop", "  gateway: {replicas: 3}\n"));
+    harness.wait_objects::<Deployment>(&["eden-shop-gateway"], true).await;
+    harness.wait_objects::<Service>(&["eden-shop"], true).await;
+
+    let deployments: Api<Deployment> = Api::namespaced(harness.client.clone(), &harness.namespace);
+    let deployment = deployments.get("eden-shop-gateway").await.unwrap();
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let pod = spec.template.spec.unwrap();
+    let args = pod.containers[0].args.clone().unwrap().join(" ");
+    assert!(args.contains("--source redis://redis-source.example:6379"), "{args}");
+    assert!(args.contains(&format!("--configmap eden-shop --namespace {}", harness.namespace)), "{args}");
+    assert_eq!(pod.containers[0].image.as_deref(), Some(DEFAULT_IMAGE));
+    let secret = pod.volumes.unwrap()[0].secret.clone().unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("target-credentials"));
+    let services: Api<Service> = Api::namespaced(harness.client.clone(), &harness.namespace);
+    let service = services.get("eden-shop").await.unwrap().spec.unwrap();
+    assert_eq!(service.ports.unwrap()[0].port, 6379);
+    assert_eq!(service.selector.unwrap().get("app.kubernetes.io/component").map(String::as_str), Some("gateway"));
+    let status =
+        harness.wait("shop", "the gateway in status", |m| m.status.as_ref().is_some_and(|s| s.gateway.is_some())).await;
+    assert_eq!(status.status.unwrap().gateway.unwrap().service, "eden-shop");
+    let describe = harness.kubectl(&["describe", "migration", "shop"]);
+    assert!(describe.contains("GatewayCreated"), "{describe}");
+    assert!(
+        describe.contains("Deployment eden-shop-gateway (3 replicas) serving on Service eden-shop:6379"),
+        "{describe}"
+    );
+
+    // A renamed Service replaces the old one; the Deployment stays.
+    harness.apply(&gateway_migration("shop", "  gateway: {replicas: 3, serviceName: redis, port: 6380}\n"));
+    harness.wait_objects::<Service>(&["redis"], true).await;
+    harness.wait_objects::<Service>(&["eden-shop"], false).await;
+    assert_eq!(services.get("redis").await.unwrap().spec.unwrap().ports.unwrap()[0].port, 6380);
+
+    // Removing spec.gateway removes both.
+    harness.apply(&gateway_migration("shop", ""));
+    harness.wait_objects::<Deployment>(&["eden-shop-gateway"], false).await;
+    harness.wait_objects::<Service>(&["redis"], false).await;
+    harness.wait("shop", "no gateway in status", |m| m.status.as_ref().is_some_and(|s| s.gateway.is_none())).await;
+    assert!(harness.kubectl(&["describe", "migration", "shop"]).contains("GatewayRemoved"));
+
+    // The finalizer deletes the gateway with the Migration (no garbage collector here).
+    harness.apply(&gateway_migration("shop", "  gateway: {}\n"));
+    harness.wait_objects::<Service>(&["eden-shop"], true).await;
+    harness.migrations().delete("shop", &DeleteParams::default()).await.unwrap();
+    harness.wait_gone("shop").await;
+    harness.wait_objects::<Deployment>(&["eden-shop-gateway"], false).await;
+    harness.wait_objects::<Service>(&["eden-shop"], false).await;
 }

@@ -7,6 +7,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 const EXAMPLE: &str = include_str!("../../examples/migration.yaml");
+const GATEWAY: &str = include_str!("../../examples/gateway.yaml");
 
 /// `kubectl apply` of `manifest`; Ok(stdout) or Err(what kubectl printed).
 fn apply(control_plane: &ControlPlane, namespace: &str, manifest: &str) -> Result<String, String> {
@@ -94,4 +95,34 @@ async fn endpoints_are_editable_while_pending_and_frozen_once_syncing() {
     apply(control_plane, &namespace, &completed).unwrap();
     let refused = apply(control_plane, &namespace, EXAMPLE.trim_end()).expect_err("complete cannot be unset");
     assert!(refused.contains("complete cannot be undone"), "{refused}");
+}
+
+#[tokio::test]
+async fn the_gateway_example_applies_and_bad_gateways_are_refused() {
+    let (control_plane, namespace) = setup("mig-gateway").await;
+    apply(control_plane, &namespace, GATEWAY).unwrap();
+    let minimal = GATEWAY.replace("name: shop-sessions", "name: minimal");
+    let minimal = format!("{}  gateway: {{}}\n", &minimal[..minimal.find("  gateway:").unwrap()]);
+    apply(control_plane, &namespace, &minimal).unwrap();
+    let migrations: Api<Migration> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
+    let gateway = migrations.get("minimal").await.unwrap().spec.gateway.expect("a gateway");
+    assert_eq!((gateway.replicas, gateway.port, gateway.service_name), (2, 6379, None));
+
+    let cases = [
+        ("replicas: 2", "replicas: 0", "spec.gateway.replicas"),
+        ("replicas: 2", "replicas: 21", "spec.gateway.replicas"),
+        ("port: 6379", "port: 9090", "port 9090 is the proxy's admin port"),
+        ("port: 6379", "port: 70000", "spec.gateway.port"),
+        ("serviceName: shop-redis", "serviceName: Shop_Redis", "spec.gateway.serviceName"),
+    ];
+    for (from, to, expected) in cases {
+        let refused =
+            apply(control_plane, &namespace, &GATEWAY.replace(from, to)).expect_err(&format!("{to} must be refused"));
+        assert!(refused.contains(expected), "refusing `{to}` should mention {expected:?}: {refused}");
+    }
+    // Without serviceName the Service is eden-<migration>, which must be a DNS label too.
+    let dotted =
+        GATEWAY.replace("name: shop-sessions", "name: shop.sessions").replace("    serviceName: shop-redis\n", "");
+    let refused = apply(control_plane, &namespace, &dotted).expect_err("eden-shop.sessions is no Service name");
+    assert!(refused.contains("set spec.gateway.serviceName"), "{refused}");
 }

@@ -25,6 +25,11 @@ use serde::{Deserialize, Serialize};
         "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' \
          || (self.spec.source == oldSelf.spec.source && self.spec.target == oldSelf.spec.target)"
     ).message("spec.source and spec.target cannot change once the migration has started syncing; create a new Migration").reason(Reason::FieldValueForbidden),
+    // The default Service name is `eden-<name>`, and Service names are DNS labels.
+    validation = Rule::new(
+        "!has(self.spec.gateway) || has(self.spec.gateway.serviceName) \
+         || (size(self.metadata.name) <= 58 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$'))"
+    ).message("this Migration's name cannot make a Service name eden-<name>: set spec.gateway.serviceName"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Read%","type":"integer","jsonPath":".spec.strategy.readPercentage"}"#,
     printcolumn = r#"{"name":"Write mode","type":"string","jsonPath":".spec.strategy.writeMode.mode"}"#,
@@ -53,6 +58,43 @@ pub struct MigrationSpec {
     #[serde(default)]
     #[x_kube(validation = Rule::new("oldSelf == false || self == true").message("complete cannot be undone: the source has been detached"))]
     pub complete: bool,
+    /// Run eden-sidecar as a shared proxy behind a Service, for applications that cannot take a
+    /// sidecar: they point their Redis address at the Service instead. Removing it removes the
+    /// proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Gateway>,
+}
+
+/// Gateway mode: a Deployment of eden-sidecar and a Service in front of it, following the same
+/// ConfigMap as every other sidecar of the migration.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.port != 9090").message("port 9090 is the proxy's admin port (health and metrics); choose another"))]
+pub struct Gateway {
+    /// Proxy pods; two by default so that one can restart while the other serves.
+    #[serde(default = "default_gateway_replicas")]
+    #[schemars(range(min = 1, max = 20))]
+    pub replicas: i32,
+    /// The Service applications connect to; `eden-<migration>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    pub service_name: Option<String>,
+    /// The Redis port of the Service and of the proxy.
+    #[serde(default = "default_gateway_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// The eden-sidecar image; the operator's `--sidecar-image` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+}
+
+fn default_gateway_replicas() -> i32 {
+    2
+}
+
+fn default_gateway_port() -> i32 {
+    6379
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -267,6 +309,20 @@ pub struct MigrationStatus {
     /// When the cutover paused writes; it aborts `maxWritePauseMillis` later unless flipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutover_started_at: Option<MicroTime>,
+    /// The gateway the operator runs for `spec.gateway`; also how it finds what to delete when
+    /// the gateway is removed or its Service renamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStatus>,
+}
+
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// The Service applications connect to.
+    pub service: String,
+    pub deployment: String,
+    /// Proxy pods passing their readiness probe.
+    pub ready_replicas: i32,
 }
 
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]

@@ -7,9 +7,9 @@ mod migration;
 
 pub use endpoint::{Endpoint, EndpointSpec, EndpointStatus, EndpointTls, SecretRef};
 pub use migration::{
-    CopyProgress, CutoverGuards, DataCopy, DataSpec, EndpointSelector, FailureHandling, LocalObjectRef, Migration,
-    MigrationSpec, MigrationStatus, Phase, ReplacePolicy, SidecarCounts, Strategy, StrategyType, Verification,
-    WriteMode, WriteModeKind, WritePolicy,
+    CopyProgress, CutoverGuards, DataCopy, DataSpec, EndpointSelector, FailureHandling, Gateway, GatewayStatus,
+    LocalObjectRef, Migration, MigrationSpec, MigrationStatus, Phase, ReplacePolicy, SidecarCounts, Strategy,
+    StrategyType, Verification, WriteMode, WriteModeKind, WritePolicy,
 };
 
 use kube::CustomResourceExt;

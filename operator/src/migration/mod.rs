@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -32,10 +33,11 @@ use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::configmap;
 use crate::context::{Context, FIELD_MANAGER};
-use crate::crd::{DataCopy, Endpoint, Migration, Phase};
+use crate::crd::{DataCopy, Endpoint, GatewayStatus, Migration, Phase};
+use crate::{configmap, gateway};
 use observe::Observation;
+pub use observe::{TARGET_CREDENTIALS_DIR, TARGET_CREDENTIALS_FILE};
 use phase::{Decision, Writes};
 use status::Notice;
 
@@ -197,6 +199,8 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         tracing::info!("verifying the copy");
     }
 
+    let gateway = sync_gateway(&migration, ctx, &observation, &mut events).await?;
+
     let cutover_started_at = match (decision.phase, observation.phase) {
         (Phase::CuttingOver, Phase::CuttingOver) => observation.status.cutover_started_at.clone(),
         (Phase::CuttingOver, _) => Some(MicroTime(Timestamp::now())),
@@ -210,6 +214,7 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         snapshot: snapshot.as_ref(),
         configured_generation: generation,
         cutover_started_at,
+        gateway,
     };
     let new_status = report.status();
     events.extend(report.events(&new_status));
@@ -282,14 +287,97 @@ async fn push_config(
     ctx: &Context,
     payload: &eden_sidecar::config::EdenConfig,
 ) -> Result<(), Error> {
-    let config_map = configmap::build(migration, payload)?;
-    let name = configmap::name(migration);
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&config_map))
-        .await
-        .map_err(|source| Error::Write { what: format!("ConfigMap {name}"), source })?;
+    apply_owned(ctx, &configmap::build(migration, payload)?).await?;
     tracing::info!(generation = payload.generation, "strategy pushed to the sidecars");
     Ok(())
+}
+
+/// Applies the gateway's Deployment and Service while `spec.gateway` asks for one, and deletes
+/// what an earlier reconcile made (as recorded in status) once it does not, or once the Service
+/// was renamed. Applied on every reconcile, so a deleted or edited object comes back as
+/// specified; an unchanged apply writes nothing.
+async fn sync_gateway(
+    migration: &Migration,
+    ctx: &Context,
+    observation: &Observation,
+    events: &mut Vec<Notice>,
+) -> Result<Option<GatewayStatus>, Error> {
+    let previous = observation.status.gateway.as_ref();
+    let Some(spec) = &migration.spec.gateway else {
+        if let Some(previous) = previous {
+            let namespace = migration.namespace().unwrap_or_default();
+            delete_owned::<Deployment>(ctx, &namespace, &previous.deployment).await?;
+            delete_owned::<Service>(ctx, &namespace, &previous.service).await?;
+            let note = format!(
+                "spec.gateway removed: Deployment {} and Service {} deleted",
+                previous.deployment, previous.service
+            );
+            events.push(Notice::new(EventType::Normal, "GatewayRemoved", "DeleteGateway", note));
+        }
+        return Ok(None);
+    };
+    // The proxies need the source's address and the target's Secret; a missing Endpoint is
+    // already reported as held.
+    let (Some(source), Some(target)) = (&observation.source.endpoint, &observation.target.endpoint) else {
+        return Ok(previous.cloned());
+    };
+    let upstreams = gateway::Upstreams {
+        source_uri: &source.spec.uri,
+        target_secret: target.spec.credentials_secret_ref.as_ref().map(|secret| secret.name.as_str()),
+    };
+    let service = gateway::service(migration, spec);
+    let service_name = service.name_any();
+    if let Some(previous) = previous.filter(|previous| previous.service != service_name) {
+        delete_owned::<Service>(ctx, &migration.namespace().unwrap_or_default(), &previous.service).await?;
+    }
+    let deployment = apply_owned(ctx, &gateway::deployment(migration, spec, &upstreams, &ctx.sidecar_image)).await?;
+    apply_owned(ctx, &service).await?;
+    let deployment_name = deployment.name_any();
+    if previous.is_none_or(|previous| previous.service != service_name) {
+        let note = format!(
+            "Deployment {deployment_name} ({} replicas) serving on Service {service_name}:{}",
+            spec.replicas, spec.port
+        );
+        events.push(Notice::new(EventType::Normal, "GatewayCreated", "CreateGateway", note));
+    }
+    Ok(Some(GatewayStatus {
+        service: service_name,
+        deployment: deployment_name,
+        ready_replicas: deployment.status.and_then(|s| s.ready_replicas).unwrap_or(0),
+    }))
+}
+
+/// Server-side applies an object the operator owns, in the namespace its metadata names, and
+/// returns what the API server holds after.
+async fn apply_owned<K>(ctx: &Context, object: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let name = object.name_any();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Write { what: format!("{} {name}", K::kind(&())), source })
+}
+
+/// Deletes an object the operator made; one that is already gone is fine.
+async fn delete_owned<K>(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Write { what: format!("deleting {} {name}", K::kind(&())), source }),
+    }
 }
 
 async fn write_status(migration: &Migration, ctx: &Context, status: &crate::crd::MigrationStatus) -> Result<(), Error> {
@@ -302,20 +390,36 @@ async fn write_status(migration: &Migration, ctx: &Context, status: &crate::crd:
     Ok(())
 }
 
-/// Stops replication and deletes the ConfigMap. The data on both servers is left alone.
+/// Stops replication and deletes the ConfigMap and the gateway. The data on both servers is left
+/// alone.
 async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error> {
     if let Some(uid) = migration.uid() {
         ctx.replications.stop(&uid).await;
     }
     forget_sync_position(&migration, ctx).await;
+    let namespace = migration.namespace().unwrap_or_default();
     let name = configmap::name(&migration);
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
-    match api.delete(&name, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(source) => return Err(Error::Write { what: format!("deleting ConfigMap {name}"), source }),
+    delete_owned::<ConfigMap>(ctx, &namespace, &name).await?;
+    // The gateway as specified and as last recorded: they differ after a rename that the
+    // Migration was deleted in the middle of.
+    let recorded = migration.status.as_ref().and_then(|s| s.gateway.as_ref()).map(|g| g.service.clone());
+    let specified = migration.spec.gateway.as_ref().map(|g| gateway::service_name(&migration, g));
+    let mut services: Vec<String> = recorded.into_iter().chain(specified).collect();
+    services.dedup();
+    if !services.is_empty() {
+        delete_owned::<Deployment>(ctx, &namespace, &gateway::deployment_name(&migration)).await?;
     }
-    let note = format!("replication stopped and ConfigMap {name} deleted; data on both servers left as it is");
+    for service in &services {
+        delete_owned::<Service>(ctx, &namespace, service).await?;
+    }
+    let gateway_note = match services.is_empty() {
+        true => String::new(),
+        false => {
+            format!(", gateway {} and Service {} deleted", gateway::deployment_name(&migration), services.join(", "))
+        }
+    };
+    let note =
+        format!("replication stopped and ConfigMap {name} deleted{gateway_note}; data on both servers left as it is");
     tracing::info!(%note, "cleaned up");
     ctx.event(migration.as_ref(), EventType::Normal, "CleanedUp", "Delete", note).await;
     Ok(Action::await_change())

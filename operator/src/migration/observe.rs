@@ -16,8 +16,9 @@ use crate::crd::{Endpoint, Migration, MigrationStatus, Phase};
 use crate::endpoint::ConnectionSettings;
 use crate::sidecars::{self, SidecarReport};
 
-/// Where the sidecars find the target's password: the webhook mounts the target Endpoint's
-/// Secret here (DESIGN §6).
+/// Where the target Endpoint's Secret is mounted into sidecars (by the webhook, or by the
+/// gateway's Deployment), and the password file in it that the payload names (DESIGN §6).
+pub const TARGET_CREDENTIALS_DIR: &str = "/var/run/eden/target";
 pub const TARGET_CREDENTIALS_FILE: &str = "/var/run/eden/target/password";
 
 /// Whether `migration` names the Endpoint `endpoint` as its source or target.

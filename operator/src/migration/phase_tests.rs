@@ -18,6 +18,7 @@ fn spec() -> MigrationSpec {
         cutover: Default::default(),
         paused: false,
         complete: false,
+        gateway: None,
     }
 }
 

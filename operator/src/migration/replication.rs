@@ -16,6 +16,7 @@ use eden_sidecar::replicate::{
 use eden_sidecar::upstream::TlsSettings;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::crd::{self, DataCopy};
 
@@ -234,13 +235,17 @@ impl Replications {
         let (source, target) = run.plan_urls.clone();
         let options = VerifyOptions { tls: run.tls.clone(), ..VerifyOptions::default() };
         let recheck = previous.is_some();
-        let task = tokio::spawn(async move {
-            let verifier = Verifier::connect(&source, &target, options).await?;
-            match previous {
-                Some(previous) => verifier.recheck(&previous).await,
-                None => verifier.run().await,
+        // In the reconcile's span, so that the verifier's lines name the migration too.
+        let task = tokio::spawn(
+            async move {
+                let verifier = Verifier::connect(&source, &target, options).await?;
+                match previous {
+                    Some(previous) => verifier.recheck(&previous).await,
+                    None => verifier.run().await,
+                }
             }
-        });
+            .in_current_span(),
+        );
         run.verification = Verification::Running { task, recheck };
         true
     }

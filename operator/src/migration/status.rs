@@ -16,7 +16,7 @@ use super::observe::Observation;
 use super::phase::{Decision, Held};
 use super::replication::Snapshot;
 use crate::conditions;
-use crate::crd::{CopyProgress, DataCopy, Migration, MigrationStatus, Phase, Verification};
+use crate::crd::{CopyProgress, DataCopy, GatewayStatus, Migration, MigrationStatus, Phase, Verification};
 
 /// An Event to record. The API folds Events with the same reason and action into one series
 /// that keeps its first note, so `action` names what tells one occurrence from another.
@@ -41,6 +41,7 @@ pub struct Report<'a> {
     pub snapshot: Option<&'a Snapshot>,
     pub configured_generation: u64,
     pub cutover_started_at: Option<MicroTime>,
+    pub gateway: Option<GatewayStatus>,
 }
 
 impl Report<'_> {
@@ -80,6 +81,7 @@ impl Report<'_> {
                 None => self.previous.checkpoint.clone(),
             },
             cutover_started_at: self.cutover_started_at.clone(),
+            gateway: self.gateway.clone(),
         }
     }
 
