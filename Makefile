@@ -55,11 +55,19 @@ demo: deps control-plane
 	cargo build -q --bins -p eden-operator -p eden-sidecar -p eden-e2e
 	"$(CARGO_TARGET_DIR)/debug/eden-demo"
 
-# The sidecar against direct Redis, HAProxy and twemproxy, in one run; results go to BENCHMARKS.md.
-# bench/proxy.py installs haproxy and nutcracker (Debian packages) when missing. A sidecar that does
-# not build is still reported (its row says so) and then fails the target.
-bench: deps
+# Three benchmarks in turn, each writing its own section of BENCHMARKS.md (helpers in bench/common.py):
+#   bench/proxy.py        the sidecar against direct Redis, HAProxy and twemproxy (installs haproxy
+#                         and nutcracker, Debian packages, when missing);
+#   bench/strategy.py     ConfigMap update -> applied on the local control plane, dual-write throughput;
+#   bench/replication.py  sync and scan backfill of 1M keys against native REPLICAOF, peak RSS.
+# Knobs (BENCH_ROUNDS, BENCH_REPLICATION_ROUNDS, BENCH_KEYS, ...) are in each script's header. A
+# sidecar that does not build is still reported and then fails the target; so does a benchmark that fails.
+bench: deps control-plane
 	@built=0; cargo build -q --release -p eden-sidecar --bin eden-sidecar || built=$$?; \
-	python3 bench/proxy.py $$([ $$built = 0 ] || echo --sidecar-build-failed) \
-	  "$(CARGO_TARGET_DIR)/release/eden-sidecar"; \
-	exit $$built
+	flag=$$([ $$built = 0 ] || echo --sidecar-build-failed); \
+	failed=""; \
+	for script in proxy strategy replication; do \
+	  python3 bench/$$script.py $$flag "$(CARGO_TARGET_DIR)/release/eden-sidecar" || failed="$$failed $$script"; \
+	done; \
+	[ -z "$$failed" ] || echo "benchmarks that failed:$$failed"; \
+	[ $$built = 0 ] && [ -z "$$failed" ]

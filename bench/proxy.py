@@ -28,36 +28,19 @@ BENCHMARKS.md is only rewritten when every target was measured. A MISS against a
 result, not a failure.
 """
 
-import argparse
-import contextlib
-import csv
-import ctypes
 import datetime
-import io
-import math
-import os
-import platform
-import re
 import resource
 import shlex
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-HOME = str(Path.home())
-
-
-def env_int(name, default):
-    return int(os.environ.get(name, default))
-
+from common import (BenchError, bench_main, check_binary, env_int, exited, free_port, geomean, invocation, launch_sidecar,
+                    log, machine_facts, output_path, parse_args, redis_benchmark, rss_kib, shown, socket_fds,
+                    start_redis, wait_serving, which, write_section)
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
@@ -81,236 +64,12 @@ LOADED_RSS_MAX_MIB = 40
 READY_MAX_MS = 50
 
 
-class BenchError(Exception):
-    """A target that could not be started or measured; the message goes into the report."""
-
-
-def log(message):
-    print(message, file=sys.stderr, flush=True)
-
-
-def shown(path):
-    """A path as the report may show it: never this machine's home directory."""
-    return str(path).replace(HOME, "$HOME", 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tools: Debian packages, installed when missing.
-
-# Command -> Debian package. haproxy and nutcracker live in /usr/sbin, which a non-root PATH lacks.
-TOOLS = {"redis-server": "redis-server", "redis-benchmark": "redis-tools", "haproxy": "haproxy",
-         "nutcracker": "nutcracker"}
-SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-# Daemons a package's maintainer scripts may start: each is also its package's and its service's
-# name, and its /proc/PID/comm.
-DAEMONS = {"redis-server", "haproxy", "nutcracker"}
-
-
-def which(command):
-    return shutil.which(command, path=SEARCH_PATH)
-
-
-def root_prefix():
-    return [] if os.geteuid() == 0 else ["sudo"]
-
-
-def daemon_pids():
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() in DAEMONS:
-                    pids.add(int(entry.name))
-    return pids
-
-
-def apt_lists_fresh():
-    """`make bench` runs `deps` first, which may just have run apt-get update: don't run it twice."""
-    with contextlib.suppress(OSError):
-        return time.time() - os.path.getmtime("/var/lib/apt/lists") < 3600
-    return False
-
-
-def ensure_tools():
-    """Install the missing tools, then stop whatever service the packages started on their own."""
-    packages = sorted({package for command, package in TOOLS.items() if not which(command)})
-    if not packages:
-        return
-    log(f"installing {' '.join(packages)} from Debian packages")
-    sudo = root_prefix()
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    before = daemon_pids()
-    if not apt_lists_fresh():
-        subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, timeout=900,
-                   stdout=subprocess.DEVNULL)
-    # The benchmark starts its own private instances; a system-wide one would only steal CPU.
-    services = [p for p in packages if p in DAEMONS]
-    if services and Path("/run/systemd/system").is_dir():
-        subprocess.run(sudo + ["systemctl", "disable", "--now", *services], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=60)
-    # Without systemd, an init script may have started a daemon anyway: stop exactly the ones that
-    # appeared during the install, nothing that was running before.
-    for pid in sorted(daemon_pids() - before):
-        log(f"stopping pid {pid}, started by the package install")
-        subprocess.run(sudo + ["kill", str(pid)], stderr=subprocess.DEVNULL, timeout=10)
-    missing = [command for command in TOOLS if not which(command)]
-    if missing:
-        raise SystemExit(f"still missing after the install: {', '.join(missing)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes: every one this benchmark starts is stopped however the run ends.
-
-def _die_with_parent():
-    """Runs in the child: SIGTERM it if this script dies without its cleanup (e.g. SIGKILL)."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Processes:
-    def __init__(self, scratch):
-        self.scratch = scratch
-        self.children = []
-
-    def start(self, name, args, env=None):
-        """Starts args with output to a log file in the scratch directory; returns the Popen."""
-        log_path = self.scratch / f"{name}.log"
-        with open(log_path, "ab") as log_file:
-            child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                     env=env, cwd=self.scratch, preexec_fn=_die_with_parent)
-        child.log_path = log_path
-        self.children.append(child)
-        return child
-
-    def stop(self, child):
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait(timeout=5)
-
-    def stop_all(self):
-        for child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self.children:
-            self.stop(child)
-
-
-def log_tail(child, lines=5):
-    with contextlib.suppress(OSError):
-        text = child.log_path.read_text(errors="replace").strip()
-        if text:
-            return " / ".join(text.splitlines()[-lines:])
-    return "no output"
-
-
-def exited(child, what):
-    return BenchError(f"{what} exited with status {child.returncode}: {log_tail(child)}")
-
-
-def raise_on_term(signum, _frame):
-    """SIGTERM and SIGHUP unwind like Ctrl-C does, so the cleanup in main() runs."""
-    raise SystemExit(128 + signum)
-
-
-# ---------------------------------------------------------------------------------------------
-# Talking to the targets.
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def resp(port, *args, timeout=1.0):
-    """One RESP command on a fresh connection; returns the raw reply (a simple line or a bulk)."""
-    command = b"".join([f"*{len(args)}\r\n".encode()] + [f"${len(a)}\r\n{a}\r\n".encode() for a in args])
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-        conn.sendall(command)
-        reply = b""
-        while chunk := conn.recv(4096):
-            reply += chunk
-            head, found, body = reply.partition(b"\r\n")
-            if found and (not head.startswith(b"$") or len(body) >= max(int(head[1:]) + 2, 0)):
-                break
-        return reply
-
-
-def wait_serving(port, child, what, timeout=10.0):
-    """Until a SET and GET through the port reach Redis: listening alone doesn't prove the path."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise exited(child, what)
-        with contextlib.suppress(OSError):
-            if resp(port, "SET", "eden-bench:probe", "1") == b"+OK\r\n" and \
-                    resp(port, "GET", "eden-bench:probe") == b"$1\r\n1\r\n":
-                return
-        time.sleep(0.01)
-    raise BenchError(f"{what} did not serve SET/GET within {timeout:.0f}s: {log_tail(child)}")
-
-
-def readyz(admin_port):
-    with contextlib.suppress(OSError):
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=0.5) as answer:
-            return answer.status == 200
-    return False
-
-
-def rss_kib(pid):
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-
-
-def socket_fds(pid):
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            count += os.readlink(fd).startswith("socket:")
-    return count
-
-
-# ---------------------------------------------------------------------------------------------
-# Starting the targets.
-
-def start_redis(procs, port):
-    child = procs.start("redis-server", [which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no", "--dir", str(procs.scratch)])
-    wait_serving(port, child, "redis-server")
-    return child
-
-
-def sidecar_env():
-    """The sidecar reads EDEN_* settings from the environment: keep the caller's out of the run,
-    and RUST_LOG too, so that every run logs (and pays for logging) the same."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("EDEN_") and k != "RUST_LOG"}
-
-
-def launch_sidecar(procs, binary, redis_port, name="eden-sidecar"):
-    """Starts a sidecar; returns (child, RESP port, admin port, ms from exec to /readyz 200)."""
-    port, admin = free_port(), free_port()
-    started = time.monotonic()
-    child = procs.start(name, [binary, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                               "--source", f"redis://127.0.0.1:{redis_port}"], env=sidecar_env())
-    while not readyz(admin):
-        if child.poll() is not None:
-            raise exited(child, "eden-sidecar")
-        if time.monotonic() - started > 10:
-            raise BenchError(f"eden-sidecar: /readyz not 200 within 10s: {log_tail(child)}")
-        time.sleep(0.001)
-    return child, port, admin, 1000 * (time.monotonic() - started)
-
-
 def start_sidecar(procs, binary, redis_port):
-    if not os.access(binary, os.X_OK):
-        raise BenchError(f"no sidecar binary at {shown(binary)} (cargo build --release -p eden-sidecar)")
+    check_binary(binary)
     child, port, _, _ = launch_sidecar(procs, binary, redis_port)
     wait_serving(port, child, "eden-sidecar")
     return child, port
+
 
 
 def start_haproxy(procs, port, redis_port):
@@ -374,27 +133,8 @@ def benchmark_args(port, clients, pipeline, requests):
 
 def run_benchmark(name, port, clients, pipeline, requests):
     """One redis-benchmark run; returns {"set_rps", "get_rps", "set_p50", ..., "get_p99"} (µs)."""
-    args = benchmark_args(port, clients, pipeline, requests)
-    # redis-benchmark waits forever when it cannot connect: bound every run.
-    timeout = 120 + requests / 500
-    try:
-        done = subprocess.run([which("redis-benchmark")] + args[1:], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{name}: redis-benchmark did not finish within {timeout:.0f}s: {shlex.join(args)}")
-    rows = {row.get("test"): row for row in csv.DictReader(io.StringIO(done.stdout))}
-    if done.returncode != 0 or "SET" not in rows or "GET" not in rows:
-        detail = " / ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
-        raise BenchError(f"{name}: redis-benchmark failed (status {done.returncode}): {detail}")
-    result = {}
-    for test in ("SET", "GET"):
-        row, key = rows[test], test.lower()
-        result[f"{key}_rps"] = float(row["rps"])
-        result[f"{key}_p50"] = 1000 * float(row["p50_latency_ms"])
-        result[f"{key}_p99"] = 1000 * float(row["p99_latency_ms"])
-        if result[f"{key}_rps"] <= 0:
-            raise BenchError(f"{name}: redis-benchmark reported no {test} throughput")
-    return result
+    return redis_benchmark(name, benchmark_args(port, clients, pipeline, requests))
+
 
 
 def run_rounds(ports, processes, failures):
@@ -473,10 +213,6 @@ def raise_fd_limit():
 # ---------------------------------------------------------------------------------------------
 # Summarising: within-round ratios, then the median over rounds.
 
-def geomean(values):
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def summarise(rounds, name):
     """Medians over rounds for one target; ratios against direct in the same round."""
     runs, direct = rounds[name], rounds["direct"]
@@ -508,42 +244,6 @@ def piped_vs(rounds, name, other):
 
 # ---------------------------------------------------------------------------------------------
 # Reporting.
-
-def first_match(args, pattern):
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        done = subprocess.run(args, capture_output=True, text=True, timeout=10)
-        found = re.search(pattern, done.stdout + done.stderr)
-        if found:
-            return found.group(1)
-    return "unknown"
-
-
-def machine_facts(sidecar, built):
-    cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    redis = first_match([which("redis-server"), "--version"], r"v=(\S+)")
-    benchmark = first_match([which("redis-benchmark"), "--version"], r"redis-benchmark (\S+)")
-    haproxy = first_match([which("haproxy"), "-v"], r"version (\S+)")
-    nutcracker = first_match([which("nutcracker"), "--version"], r"nutcracker-(\S+)")
-    eden = first_match([sidecar, "--version"], r"eden-sidecar (\S+)") if built else "(did not build)"
-    commit = first_match(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], r"(\w+)")
-    # Read-only: --no-optional-locks keeps `git status` from refreshing the index behind our back.
-    dirty = first_match(["git", "--no-optional-locks", "-C", str(REPO), "status", "--porcelain",
-                         "--untracked-files=no", "--", "sidecar", "Cargo.toml", "Cargo.lock"], r"(\S)")
-    if dirty != "unknown":
-        commit += " plus uncommitted changes to the sidecar"
-    return [
-        f"nproc {len(os.sched_getaffinity(0))} ({cpu.group(1) if cpu else 'unknown CPU'}), Linux {platform.release()}",
-        f"redis-server {redis}", f"redis-benchmark {benchmark}", f"HAProxy {haproxy}", f"nutcracker {nutcracker}",
-        f"eden-sidecar {eden}, repository at commit {commit}",
-    ]
-
-
-def invocation(sidecar):
-    overrides = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("BENCH_")]
-    if os.environ.get("MAKELEVEL"):
-        return shlex.join(overrides + ["make", "bench"])
-    return shlex.join(overrides + ["bench/proxy.py", shown(sidecar)])
-
 
 def throughput_table(rounds, failures):
     lines = [
@@ -641,9 +341,10 @@ def render(args, rounds, failures, footprint, elapsed_s):
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command_lines = [shlex.join(benchmark_args("PORT", c, p, n)) for _, c, p, n in TESTS]
     lines = [
-        f"Measured {date}, {elapsed_s / 60:.1f} minutes, with `{invocation(args.sidecar)}`.",
+        f"Measured {date}, {elapsed_s / 60:.1f} minutes, with `{invocation('proxy.py', args.sidecar)}`.",
         "",
-        "Machine: " + "; ".join(machine_facts(args.sidecar, not args.sidecar_build_failed)) + ".",
+        "Machine: " + "; ".join(machine_facts(args.sidecar, not args.sidecar_build_failed,
+                                        ("redis-server", "redis-benchmark", "haproxy", "nutcracker"))) + ".",
         "",
         f"{ROUNDS} interleaved rounds; each figure is the median over rounds, and each ratio is against "
         "direct Redis in the same round. Every target fronts one private redis-server (no persistence) "
@@ -674,26 +375,6 @@ def render(args, rounds, failures, footprint, elapsed_s):
         "</details>",
     ]
     return "\n".join(lines)
-
-
-BEGIN, END = "<!-- proxy:begin -->", "<!-- proxy:end -->"
-HEADER = """# Benchmarks
-
-Every figure here is measured on the project's machine (2 cores, shared and noisy) and reported
-against a baseline measured in the same run, as a ratio: absolute numbers move from run to run,
-ratios much less. Each section below belongs to one benchmark, which rewrites it between its own
-markers; other benchmarks add sections of their own.
-"""
-
-
-def write_section(path, report):
-    text = path.read_text() if path.exists() else HEADER
-    section = f"{BEGIN}\n## Sidecar proxy overhead (`make bench`, bench/proxy.py)\n\n{report}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,49 +414,20 @@ def run(args, procs):
     report = render(args, rounds, failures, footprint, time.monotonic() - started)
     print(report, flush=True)
 
-    output = os.environ.get("BENCH_OUTPUT", str(REPO / "BENCHMARKS.md"))
+    output = output_path()
     if failures:
         log(f"\n{len(failures)} target(s) failed: {', '.join(failures)}; BENCHMARKS.md left as it was")
         return 1
     if output != "-":
-        write_section(Path(output), report)
+        write_section(Path(output), "proxy", "Sidecar proxy overhead (`make bench`, bench/proxy.py)", report)
         log(f"\nwrote the proxy section of {shown(output)}")
     return 0
 
 
-def default_sidecar():
-    target_dir = os.environ.get("CARGO_TARGET_DIR") or os.path.join(HOME, ".cache", "eden", "target")
-    return os.path.join(target_dir, "release", "eden-sidecar")
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sidecar", nargs="?", default=default_sidecar(), help="the eden-sidecar binary")
-    parser.add_argument("--sidecar-build-failed", action="store_true",
-                        help="report the sidecar as failed to build (and exit non-zero) instead of running it")
-    args = parser.parse_args()
-    args.sidecar = os.path.abspath(args.sidecar)
-
-    # Unwind (and so clean up) on SIGTERM and SIGHUP as on Ctrl-C, unless the caller chose to
-    # ignore one (nohup ignores SIGHUP; a shell ignores SIGINT in background jobs).
-    for signum, handler in ((signal.SIGTERM, raise_on_term), (signal.SIGHUP, raise_on_term),
-                            (signal.SIGINT, signal.default_int_handler)):
-        if signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, handler)
-    ensure_tools()
+    args = parse_args(__doc__)
     raise_fd_limit()
-    with tempfile.TemporaryDirectory(prefix="eden-bench-") as scratch:
-        procs = Processes(Path(scratch))
-        try:
-            return run(args, procs)
-        except BenchError as error:  # direct Redis itself: nothing to measure against
-            log(f"FAILED {error}")
-            return 1
-        except KeyboardInterrupt:
-            log("interrupted")
-            return 130
-        finally:
-            procs.stop_all()
+    return bench_main(run, args, ["redis-server", "redis-benchmark", "haproxy", "nutcracker"])
 
 
 if __name__ == "__main__":
