@@ -1,12 +1,13 @@
 //! Loading the snapshot into the target: every key as `RESTORE key <expiry> <payload> ABSTTL`,
 //! every function library as `FUNCTION LOAD REPLACE`, in pipelined batches.
 //!
-//! Batches are bounded by keys and bytes, and one batch is in flight while the next is read
-//! from the source, so the source's link and the target's work overlap and memory stays at
-//! two batches. A payload the target refuses (an older server cannot read a newer RDB version)
+//! Batches are bounded by keys and bytes, and up to [`IN_FLIGHT`] batches are sent before the
+//! oldest one's replies are read, so the source's link, Eden and the target all work at once
+//! and memory stays at a few batches. The replies of that many batches (a few bytes per key)
+//! fit in the socket buffers, so not reading them yet cannot stall the target. A payload the target refuses (an older server cannot read a newer RDB version)
 //! is rebuilt with ordinary commands ([`super::decode`]), with one log line per value type.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 use redis_protocol::resp2::types::BytesFrame;
@@ -19,6 +20,10 @@ use super::rdb::{CRC64, Entry, Feed, KeyEntry, Snapshot};
 use super::target::Target;
 use crate::replicate::endpoint::printable;
 use crate::replicate::{ReplacePolicy, ReplicateError};
+
+/// Batches sent whose replies are not read yet, at most. One round trip per batch would leave
+/// the target idle while Eden parses the next batch, and Eden idle while the target restores.
+const IN_FLIGHT: usize = 4;
 
 /// Limits for one pipelined batch.
 #[derive(Debug, Clone, Copy)]
@@ -37,8 +42,6 @@ enum Sent {
 struct Batch {
     request: Vec<u8>,
     sent: Vec<Sent>,
-    /// The database selected after this batch, where a rebuild must return to.
-    end_db: u64,
 }
 
 /// Loads one snapshot.
@@ -56,20 +59,40 @@ pub(crate) struct Loader<'a> {
 impl Loader<'_> {
     pub(crate) async fn run<F: Feed>(&mut self, snapshot: &mut Snapshot<'_, F>) -> Result<(), ReplicateError> {
         let version = snapshot.version();
-        let mut in_flight: Option<Batch> = None;
+        let mut in_flight: VecDeque<Batch> = VecDeque::with_capacity(IN_FLIGHT);
         loop {
             let (batch, ended) = self.collect(snapshot, version).await?;
-            if let Some(previous) = in_flight.take() {
-                self.settle(previous).await?;
+            if in_flight.len() == IN_FLIGHT
+                && let Some(oldest) = in_flight.pop_front()
+            {
+                let refused = self.settle(oldest).await?;
+                if !refused.is_empty() {
+                    self.rebuild_all(refused, &mut in_flight).await?;
+                }
             }
             self.target.link.send(&batch.request).await?;
-            in_flight = Some(batch);
+            in_flight.push_back(batch);
             if ended {
                 break;
             }
         }
-        if let Some(last) = in_flight {
-            self.settle(last).await?;
+        self.rebuild_all(Vec::new(), &mut in_flight).await
+    }
+
+    /// Settles every batch still in flight, then rebuilds what the target refused: a rebuild's
+    /// replies must not interleave with those of batches sent before it.
+    async fn rebuild_all(
+        &mut self,
+        mut refused: Vec<KeyEntry>,
+        in_flight: &mut VecDeque<Batch>,
+    ) -> Result<(), ReplicateError> {
+        while let Some(batch) = in_flight.pop_front() {
+            refused.extend(self.settle(batch).await?);
+        }
+        // The connection is now in the database the last batch left selected.
+        let end_db = self.target.db;
+        for entry in refused {
+            self.rebuild(entry, end_db).await?;
         }
         Ok(())
     }
@@ -80,7 +103,7 @@ impl Loader<'_> {
         snapshot: &mut Snapshot<'_, F>,
         version: u16,
     ) -> Result<(Batch, bool), ReplicateError> {
-        let mut batch = Batch { request: Vec::new(), sent: Vec::new(), end_db: self.target.db };
+        let mut batch = Batch { request: Vec::new(), sent: Vec::new() };
         let mut keys = 0;
         let ended = loop {
             if keys >= self.limits.keys || batch.request.len() >= self.limits.bytes {
@@ -109,12 +132,11 @@ impl Loader<'_> {
                 }
             }
         };
-        batch.end_db = self.target.db;
         Ok((batch, ended))
     }
 
-    /// Reads a batch's replies in order and rebuilds what the target could not RESTORE.
-    async fn settle(&mut self, batch: Batch) -> Result<(), ReplicateError> {
+    /// Reads a batch's replies in order; returns the keys the target could not RESTORE.
+    async fn settle(&mut self, batch: Batch) -> Result<Vec<KeyEntry>, ReplicateError> {
         let mut refused = Vec::new();
         for sent in batch.sent {
             let reply = self.target.link.reply().await?;
@@ -148,12 +170,9 @@ impl Loader<'_> {
                 Sent::Select => return Err(self.target.link.error(format!("SELECT failed: {error}"))),
             }
         }
-        for entry in refused {
-            self.rebuild(entry, batch.end_db).await?;
-        }
         self.reporter.progress.lag_ms = self.started.elapsed().as_millis() as u64;
         self.reporter.publish();
-        Ok(())
+        Ok(refused)
     }
 
     /// Recreates a key the target could not RESTORE from its decoded value.
