@@ -89,6 +89,29 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the process (SIGSTOP): connections stay open but nothing is answered, like a
+    /// server stalled by its host. [`RedisServer::thaw`] resumes it.
+    pub fn freeze(&self) -> Result<(), FixtureError> {
+        self.signal("-STOP")
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) -> Result<(), FixtureError> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<(), FixtureError> {
+        let pid = self.child.as_ref().map(Child::id).ok_or_else(|| FixtureError::NotReady {
+            what: format!("redis-server on port {}", self.port),
+            detail: "it is stopped".into(),
+        })?;
+        let status = std::process::Command::new("kill").arg(signal).arg(pid.to_string()).status()?;
+        if !status.success() {
+            return Err(FixtureError::NotReady { what: format!("kill {signal} {pid}"), detail: status.to_string() });
+        }
+        Ok(())
+    }
+
     /// Starts the server again on the same port, with the same configuration and an empty
     /// dataset.
     pub fn restart(&mut self) -> Result<(), FixtureError> {

@@ -114,8 +114,7 @@ async fn endpoints_are_probed_with_secret_credentials_and_tls() {
     assert!(ready_message(&no_secret).contains("Secret absent"), "{}", ready_message(&no_secret));
 
     // What a user sees: the condition and the Event, in kubectl describe.
-    let described = control_plane.run_kubectl(&["describe", "-n", &namespace, "endpoints.eden.io", "down"]).unwrap();
-    assert!(described.contains("ProbeFailed"), "{described}");
+    let described = wait_for_text(control_plane, &namespace, "down", "ProbeFailed").await;
     assert!(described.contains("unreachable"), "{described}");
     let described = wait_for_text(control_plane, &namespace, "protected", "Ready").await;
     assert!(described.contains("answered in"), "the Ready Event says what the probe saw: {described}");

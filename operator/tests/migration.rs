@@ -208,7 +208,6 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
         })
         .await;
 
-    let describe = harness.kubectl(&["describe", "migration", "shop"]);
     for expected in [
         "Phase:",
         "Ready",
@@ -219,7 +218,7 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
         "StrategyPushed",
         "Verified",
     ] {
-        assert!(describe.contains(expected), "kubectl describe lacks {expected:?}:\n{describe}");
+        harness.wait_described("shop", expected).await;
     }
     // GitOps: the operator never writes the spec, so the applied manifest shows no drift.
     assert_no_drift(&harness, &migration("shop", "sync", 25, "oldAuthoritative"));
@@ -274,6 +273,19 @@ fn assert_no_drift(harness: &Harness, manifest: &str) {
 }
 
 impl Harness {
+    /// Polls `kubectl describe` until it shows `text` (Events are recorded after the status).
+    async fn wait_described(&self, name: &str, text: &str) {
+        let mut describe = String::new();
+        for _ in 0..100 {
+            describe = self.kubectl(&["describe", "migration", name]);
+            if describe.contains(text) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("kubectl describe migration {name} never showed {text:?}:\n{describe}");
+    }
+
     async fn wait_gone(&self, name: &str) {
         for _ in 0..100 {
             if self.migrations().get_opt(name).await.unwrap().is_none() {
@@ -299,8 +311,7 @@ async fn requests_the_data_cannot_honour_are_held_with_the_reason() {
     let held = condition(&pending, "Held");
     assert_eq!(held.reason, "EndpointNotFound,EndpointsNotReady");
     assert!(held.message.contains("the source Endpoint \"source\" does not exist"), "{}", held.message);
-    let describe = harness.kubectl(&["describe", "migration", "orphan"]);
-    assert!(describe.contains("does not exist in namespace"), "{describe}");
+    harness.wait_described("orphan", "does not exist in namespace").await;
 
     // Cutover requested while the copy is still running: held, writes stay on the source.
     let source = RedisServer::with_config(RedisConfig::default().directive("enable-debug-command", "yes")).unwrap();
@@ -320,6 +331,36 @@ async fn requests_the_data_cannot_honour_are_held_with_the_reason() {
 }
 
 #[tokio::test]
+async fn a_cutover_waits_while_replication_lags_behind_the_guard() {
+    let harness = Harness::start("migration-lag").await;
+    let (source, target) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
+    let mut on_source = connect(&source).await;
+    let _: () = on_source.set("balance", 100).await.unwrap();
+    harness.apply(&endpoints(&source, &target));
+    harness.apply(&migration("lagging", "sync", 0, "oldAuthoritative"));
+    harness.wait_phase("lagging", Phase::Ready).await;
+
+    // The target stalls: writes reach Eden but cannot be applied, so the lag grows.
+    target.freeze().unwrap();
+    let _: () = on_source.incr("balance", 1).await.unwrap();
+    harness.apply(&migration("lagging", "sync", 0, "newAuthoritative"));
+    let held = harness
+        .wait("lagging", "LagAboveGuard", |m| {
+            m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.reason == "LagAboveGuard"))
+        })
+        .await;
+    assert!(condition(&held, "ReadyForCutover").message.contains("above maxLagMillis 100"), "{held:?}");
+    assert_ne!(phase_of(&held), Some(Phase::CutOver));
+    assert_eq!(harness.payload("lagging").await.write_policy, WritePolicy::OldAuthoritative);
+
+    // Once the target catches up the held cutover goes ahead, with nothing lost.
+    target.thaw().unwrap();
+    harness.wait_phase("lagging", Phase::CutOver).await;
+    let balance: i64 = connect(&target).await.get("balance").await.unwrap();
+    assert_eq!(balance, 101);
+}
+
+#[tokio::test]
 async fn a_restarted_operator_continues_the_replication_stream_without_a_new_copy() {
     let mut harness = Harness::start("migration-restart").await;
     let source = RedisServer::with_config(RedisConfig::default().directive("enable-debug-command", "yes")).unwrap();
@@ -334,8 +375,7 @@ async fn a_restarted_operator_continues_the_replication_stream_without_a_new_cop
     let _: () = on_source.set("written-while-the-operator-was-down", "kept").await.unwrap();
     harness.start_operator();
     wait_value(&mut on_target, "written-while-the-operator-was-down", Some("kept")).await;
-    let describe = harness.kubectl(&["describe", "migration", "big"]);
-    assert!(describe.contains("resumed from its checkpoint"), "{describe}");
+    harness.wait_described("big", "resumed from its checkpoint").await;
     // The source served the new leader from its backlog: a partial resync, not a second copy.
     let stats: String = redis::cmd("INFO").arg("stats").query_async(&mut on_source).await.unwrap();
     let stat =
@@ -427,12 +467,8 @@ async fn a_gateway_follows_its_spec_and_goes_with_its_migration() {
     let status =
         harness.wait("shop", "the gateway in status", |m| m.status.as_ref().is_some_and(|s| s.gateway.is_some())).await;
     assert_eq!(status.status.unwrap().gateway.unwrap().service, "eden-shop");
-    let describe = harness.kubectl(&["describe", "migration", "shop"]);
-    assert!(describe.contains("GatewayCreated"), "{describe}");
-    assert!(
-        describe.contains("Deployment eden-shop-gateway (3 replicas) serving on Service eden-shop:6379"),
-        "{describe}"
-    );
+    harness.wait_described("shop", "GatewayCreated").await;
+    harness.wait_described("shop", "Deployment eden-shop-gateway (3 replicas) serving on Service eden-shop:6379").await;
 
     // A renamed Service replaces the old one; the Deployment stays.
     harness.apply(&gateway_migration("shop", "  gateway: {replicas: 3, serviceName: redis, port: 6380}\n"));
@@ -445,7 +481,7 @@ async fn a_gateway_follows_its_spec_and_goes_with_its_migration() {
     harness.wait_objects::<Deployment>(&["eden-shop-gateway"], false).await;
     harness.wait_objects::<Service>(&["redis"], false).await;
     harness.wait("shop", "no gateway in status", |m| m.status.as_ref().is_some_and(|s| s.gateway.is_none())).await;
-    assert!(harness.kubectl(&["describe", "migration", "shop"]).contains("GatewayRemoved"));
+    harness.wait_described("shop", "GatewayRemoved").await;
 
     // The finalizer deletes the gateway with the Migration (no garbage collector here).
     harness.apply(&gateway_migration("shop", "  gateway: {}\n"));

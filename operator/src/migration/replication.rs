@@ -203,7 +203,7 @@ impl Replications {
         let progress = run.progress.borrow();
         Some(Snapshot {
             backfill_done: progress.checkpoint.backfill_done(),
-            lag_millis: progress.lag_ms as i64,
+            lag_millis: progress.lag_ms_now() as i64,
             keys_copied: progress.checkpoint.copied as i64,
             keys_total: progress.checkpoint.total as i64,
             failure: run.failure.as_ref().map(|(error, _)| error.clone()),

@@ -1,5 +1,7 @@
 //! A snapshot of the replicator's state for the operator's status, metrics and tests.
 
+use std::time::Instant;
+
 use serde::Serialize;
 
 use super::Checkpoint;
@@ -31,9 +33,21 @@ pub struct Progress {
     pub(crate) barrier: u64,
     /// Resumable state: counts, `total` (DBSIZE at the start of the pass) and the cursor.
     pub checkpoint: Checkpoint,
+    /// When the oldest change not yet on the target arrived, if one is waiting. `lag_ms` is
+    /// as of the last publication; this keeps counting while the replicator is stuck (a stalled
+    /// target) and publishes nothing.
+    #[serde(skip)]
+    pub behind_since: Option<Instant>,
 }
 
 impl Progress {
+    /// The lag now: what was published, or longer if the oldest waiting change has waited
+    /// longer since.
+    pub fn lag_ms_now(&self) -> u64 {
+        let waited = self.behind_since.map_or(0, |since| since.elapsed().as_millis() as u64);
+        self.lag_ms.max(waited)
+    }
+
     /// Backfill done and nothing waiting: the target equals the source as of the last
     /// notification processed (scan) or stream byte received (sync).
     pub fn caught_up(&self) -> bool {

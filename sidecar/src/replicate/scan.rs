@@ -317,7 +317,9 @@ impl CopyLoop {
     fn publish(&self, snapshot: &mut Progress, state: &Checkpoint, barrier: u64, pass_started: Instant) {
         let dirty = self.shared.dirty();
         let pass_age = if state.passes.is_empty() { Duration::ZERO } else { pass_started.elapsed() };
-        snapshot.lag_ms = dirty.oldest_age().max(pass_age).as_millis() as u64;
+        let lag = dirty.oldest_age().max(pass_age);
+        snapshot.lag_ms = lag.as_millis() as u64;
+        snapshot.behind_since = (!lag.is_zero()).then(|| Instant::now() - lag);
         snapshot.dirty = dirty.len();
         drop(dirty);
         snapshot.rate = state.copied as f64 / self.started.elapsed().as_secs_f64().max(1e-3);

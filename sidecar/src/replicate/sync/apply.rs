@@ -83,7 +83,13 @@ impl Follower<'_> {
             tokio::select! {
                 read = self.source.fill(1) => {
                     read?;
-                    pending.arrivals.push_back((pending.offset + self.source.buf.len() as u64, Instant::now()));
+                    let now = Instant::now();
+                    pending.arrivals.push_back((pending.offset + self.source.buf.len() as u64, now));
+                    // Published before applying: if the target stalls, the lag keeps growing.
+                    if pending.arrivals.len() == 1 {
+                        self.reporter.progress.behind_since = Some(now);
+                        self.reporter.publish();
+                    }
                 }
                 _ = tick.tick() => {
                     self.ack().await?;
@@ -185,7 +191,8 @@ impl Follower<'_> {
         let received = pending.offset + self.source.buf.len() as u64;
         let progress = &mut self.reporter.progress;
         progress.lag_bytes = master.max(received).saturating_sub(applied);
-        progress.lag_ms = pending.arrivals.front().map_or(0, |(_, at)| at.elapsed().as_millis() as u64);
+        progress.behind_since = pending.arrivals.front().map(|(_, at)| *at);
+        progress.lag_ms = progress.behind_since.map_or(0, |at| at.elapsed().as_millis() as u64);
         progress.checkpoint.sync = Some(self.applied.clone().into());
         self.reporter.publish();
     }

@@ -207,6 +207,7 @@ impl Session {
                 checkpoint.sync = Some(SyncPosition { loading: true, ..position.clone().into() });
                 (checkpoint.copied, checkpoint.skipped, checkpoint.total) = (0, 0, 0);
                 self.reporter.progress.lag_ms = 0;
+                self.reporter.progress.behind_since = Some(loading_started);
                 self.reporter.publish();
                 let mut snapshot = Snapshot::open(&mut self.link, framing).await?;
                 // After a restart the target holds nothing of its own any more.
