@@ -75,27 +75,45 @@ struct Args {
     /// Connect timeout for upstreams, in milliseconds.
     #[arg(long, env = "EDEN_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
     connect_timeout_ms: u64,
+    /// Worker threads. One keeps each request and its reply on one core (the lowest added
+    /// latency); more serve many busy clients in parallel.
+    #[arg(long, env = "EDEN_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    worker_threads: u16,
     #[arg(long, env = "EDEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     // The `replicate` and `verify` verbs live in the library's `cli`; without one, this is the proxy.
     let command =
         Verb::augment_subcommands(Args::command()).args_conflicts_with_subcommands(true).subcommand_negates_reqs(true);
     let matches = command.get_matches();
     if matches.subcommand().is_some() {
         init_logging(LogFormat::Text, "info");
-        return cli::run(Verb::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())).await;
+        let verb = Verb::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        return runtime(None).block_on(cli::run(verb));
     }
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(args.log_format, "info");
-    if let Err(err) = run(args).await {
+    if let Err(err) = runtime(Some(args.worker_threads.into())).block_on(run(args)) {
         tracing::error!("eden-sidecar: {err}");
         std::process::exit(1);
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// The proxy runs on `workers` threads (the verbs on one per core). With one, a request and
+/// its reply are handled on the same core: with two, each reply is handed across cores, which
+/// costs a plain-proxy's worth of latency per request (BENCHMARKS.md).
+fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build().unwrap_or_else(|err| {
+        eprintln!("eden-sidecar: cannot start the async runtime: {err}");
+        std::process::exit(1)
+    })
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -139,20 +157,32 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Arc::new(move |path| admin::standard(path, ready.load(Ordering::Relaxed), || metrics.render()))
     };
 
+    // Signal handlers first: a SIGTERM while waiting or right after "ready" must not kill.
+    let (mut terminate, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let admin = admin_listener.local_addr()?;
+    tokio::spawn(admin::serve(admin_listener, handler));
+    if let Some(strategy) = &strategy {
+        // No client is served before the strategy is known: in a migration that has cut over,
+        // a write routed by default to the source would be lost. Clients are refused until
+        // then (the pod is not ready; a native sidecar holds the app's start).
+        tokio::select! {
+            () = first_config(strategy) => {}
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+        }
+    }
+
     let (stop, shutdown) = watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let tcp = TcpListener::bind(args.listen).await.map_err(|e| format!("listener {}: {e}", args.listen))?;
     // The bound addresses, not the flags: port 0 picks a free port.
-    let (listen, admin) = (tcp.local_addr()?, admin_listener.local_addr()?);
+    let listen = tcp.local_addr()?;
     servers.spawn(server::serve(Listener::Tcp(tcp), backend.clone(), metrics.clone(), shutdown.clone()));
     if let Some(path) = &args.unix_socket {
         let _ = std::fs::remove_file(path);
         let unix = UnixListener::bind(path).map_err(|e| format!("unix socket {}: {e}", path.display()))?;
         servers.spawn(server::serve(Listener::Unix(unix), backend.clone(), metrics.clone(), shutdown.clone()));
     }
-    // Handlers before readiness: a SIGTERM right after "ready" must drain, not kill.
-    let (mut terminate, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
-    tokio::spawn(admin::serve(admin_listener, handler));
     ready.store(true, Ordering::Relaxed);
     let routed = matches!(backend, Backend::Routed(_));
     tracing::info!(%listen, %admin, source = source.addr(), routed, "eden-sidecar ready");
@@ -172,6 +202,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     tracing::info!("eden-sidecar stopped");
     Ok(())
+}
+
+/// Waits until a valid `eden.yaml` has been applied, saying so every few seconds.
+async fn first_config(strategy: &Strategy) {
+    let mut current = strategy.applier.subscribe();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), current.wait_for(Option::is_some)).await {
+            Ok(_) => return,
+            Err(_) => tracing::warn!(
+                error = strategy.applier.status().last_error().unwrap_or_default(),
+                "no valid eden.yaml yet; clients are refused until one arrives"
+            ),
+        }
+    }
 }
 
 /// Where the strategy comes from, when the sidecar follows one.

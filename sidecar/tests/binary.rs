@@ -106,6 +106,28 @@ async fn with_a_config_file_the_binary_routes_by_its_strategy() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("eden.yaml");
+    let mut child = sidecar()
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--source", &source.url(), "--config", config.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_message = async || {
+        let line = logs.next_line().await.unwrap().expect("logs before exit");
+        serde_json::from_str::<serde_json::Value>(&line).expect("JSON logs")
+    };
+    // No strategy yet, so no client is served: a default route could send writes to the
+    // wrong server.
+    let early = tokio::time::timeout(Duration::from_millis(700), async {
+        loop {
+            if next_message().await["message"] == "eden-sidecar ready" {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(early.is_err(), "the sidecar became ready before it had a strategy");
     std::fs::write(
         &config,
         format!(
@@ -115,26 +137,17 @@ async fn with_a_config_file_the_binary_routes_by_its_strategy() {
         ),
     )
     .unwrap();
-    let mut child = sidecar()
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--source", &source.url(), "--config", config.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
-    // The file may be applied before or after the listeners are ready.
-    let (mut ready, mut applied) = (None, false);
     let ready = tokio::time::timeout(Duration::from_secs(10), async {
-        while ready.is_none() || !applied {
-            let line = logs.next_line().await.unwrap().expect("logs before exit");
-            let line: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
+        let mut applied = false;
+        loop {
+            let line = next_message().await;
             applied |= line["message"] == "applied configuration";
             if line["message"] == "eden-sidecar ready" {
+                assert!(applied, "ready only once the strategy is applied");
                 assert_eq!(line["routed"], true);
-                ready = Some(line);
+                return line;
             }
         }
-        ready.unwrap()
     })
     .await
     .expect("ready and configured within 10 s");

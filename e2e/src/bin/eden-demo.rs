@@ -88,7 +88,9 @@ async fn demo() -> Result<()> {
     pipeline.query_async::<()>(&mut on_source).await?;
     done(&format!("source holds {} keys; the target is empty", dbsize(&mut on_source).await?));
 
-    step("Starting eden-sidecar in the application's pod, following the Migration's ConfigMap");
+    step("kubectl apply a Migration: sync the data, then send 25% of reads to the target");
+    control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: oldAuthoritative", false))?;
+    step("The application's pod starts with eden-sidecar, which follows the Migration's ConfigMap");
     let (listen, admin) = (free_port()?, free_port()?);
     let _sidecar = Process::spawn(
         Command::new(sibling_binary("eden-sidecar")?)
@@ -103,8 +105,7 @@ async fn demo() -> Result<()> {
         redis::Client::open(format!("redis://127.0.0.1:{listen}"))?.get_multiplexed_async_connection().await?;
     done(&format!("the application talks to 127.0.0.1:{listen}; admin and metrics on 127.0.0.1:{admin}"));
 
-    step("kubectl apply a Migration: sync the data, then send 25% of reads to the target");
-    control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: oldAuthoritative", false))?;
+    step("Eden copies the data as the source's replica and verifies it");
     wait_phase(&control_plane, "Ready", "120s")?;
     print!("{}", indent(&control_plane.run_kubectl(&["get", "-n", NAMESPACE, "migrations"])?));
     let verified = control_plane.run_kubectl(&[
