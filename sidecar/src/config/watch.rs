@@ -94,19 +94,18 @@ impl Applier {
             Ok(config) => {
                 self.status.set_error(None);
                 let generation = config.generation;
-                let changed = self.sender.send_if_modified(|current| {
+                self.sender.send_if_modified(|current| {
                     if current.as_deref() == Some(&config) {
                         return false;
                     }
                     *current = Some(Arc::new(config));
                     // Before subscribers wake: the Lease reporter wakes on this change and must
-                    // read the new generation, or the ack waits for the next renewal.
+                    // read the new generation, or the ack waits for the next renewal; and the
+                    // log says "applied" before anything acts on it.
                     self.status.applied_generation.set(generation);
+                    tracing::info!(generation, origin, "applied configuration");
                     true
                 });
-                if changed {
-                    tracing::info!(generation, origin, "applied configuration");
-                }
                 true
             }
             Err(err) => {
