@@ -445,6 +445,24 @@ def write_section(path, marker, title, report):
     path.write_text(text)
 
 
+def publish(marker, title, report):
+    """Writes `report` as the MARKER section of the output file, unless BENCH_OUTPUT is "-"."""
+    output = output_path()
+    if output != "-":
+        write_section(Path(output), marker, title, report)
+        log(f"\nwrote the {marker} section of {shown(output)}")
+
+
+def benchmark_args(port, tests, clients, pipeline, requests):
+    """redis-benchmark's arguments for `tests` (e.g. "set,get") against 127.0.0.1:PORT."""
+    args = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", tests, "-n", str(requests),
+            "-c", str(clients)]
+    if pipeline > 1:
+        args += ["-P", str(pipeline)]
+    # -r: random keys over 100k, not one hot key; --csv: rps and p50/p99 in ms with µs digits.
+    return args + ["-r", "100000", "-q", "--csv"]
+
+
 def output_path():
     """BENCH_OUTPUT: the file to update, "-" for none; BENCHMARKS.md at the repository root by default."""
     return os.environ.get("BENCH_OUTPUT", str(REPO / "BENCHMARKS.md"))

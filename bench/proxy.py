@@ -36,11 +36,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from common import (BenchError, bench_main, check_binary, env_int, exited, free_port, geomean, invocation, launch_sidecar,
-                    log, machine_facts, output_path, parse_args, redis_benchmark, rss_kib, shown, socket_fds,
-                    start_redis, wait_serving, which, write_section)
+from common import (BenchError, bench_main, benchmark_args, check_binary, env_int, exited, free_port, geomean,
+                    invocation, launch_sidecar, log, machine_facts, parse_args, publish, redis_benchmark, rss_kib,
+                    shown, socket_fds, start_redis, wait_serving, which)
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
@@ -122,18 +121,9 @@ def start_twemproxy(procs, port, redis_port):
 # ---------------------------------------------------------------------------------------------
 # Measuring.
 
-def benchmark_args(port, clients, pipeline, requests):
-    args = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set,get", "-n", str(requests),
-            "-c", str(clients)]
-    if pipeline > 1:
-        args += ["-P", str(pipeline)]
-    # -r: random keys over 100k, not one hot key; --csv: rps and p50/p99 in ms with µs digits.
-    return args + ["-r", "100000", "-q", "--csv"]
-
-
 def run_benchmark(name, port, clients, pipeline, requests):
     """One redis-benchmark run; returns {"set_rps", "get_rps", "set_p50", ..., "get_p99"} (µs)."""
-    return redis_benchmark(name, benchmark_args(port, clients, pipeline, requests))
+    return redis_benchmark(name, benchmark_args(port, "set,get", clients, pipeline, requests))
 
 
 
@@ -339,7 +329,7 @@ def rounds_table(rounds):
 
 def render(args, rounds, failures, footprint, elapsed_s):
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command_lines = [shlex.join(benchmark_args("PORT", c, p, n)) for _, c, p, n in TESTS]
+    command_lines = [shlex.join(benchmark_args("PORT", "set,get", c, p, n)) for _, c, p, n in TESTS]
     lines = [
         f"Measured {date}, {elapsed_s / 60:.1f} minutes, with `{invocation('proxy.py', args.sidecar)}`.",
         "",
@@ -414,13 +404,10 @@ def run(args, procs):
     report = render(args, rounds, failures, footprint, time.monotonic() - started)
     print(report, flush=True)
 
-    output = output_path()
     if failures:
         log(f"\n{len(failures)} target(s) failed: {', '.join(failures)}; BENCHMARKS.md left as it was")
         return 1
-    if output != "-":
-        write_section(Path(output), "proxy", "Sidecar proxy overhead (`make bench`, bench/proxy.py)", report)
-        log(f"\nwrote the proxy section of {shown(output)}")
+    publish("proxy", "Sidecar proxy overhead (`make bench`, bench/proxy.py)", report)
     return 0
 
 

@@ -40,11 +40,9 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from common import (BenchError, Conn, bench_main, check_binary, env_int, exited, free_port, info_fields,
-                    invocation, log, log_tail, machine_facts, output_path, parse_args, passed, shown,
-                    sidecar_env, start_redis, vm_kib, write_section)
+from common import (BenchError, Conn, bench_main, check_binary, env_int, exited, free_port, info_fields, invocation,
+                    log, log_tail, machine_facts, parse_args, passed, publish, sidecar_env, start_redis, vm_kib)
 
 ROUNDS = env_int("BENCH_REPLICATION_ROUNDS", 3)
 KEYS = env_int("BENCH_KEYS", 1_000_000)
@@ -276,11 +274,8 @@ def run(args, procs):
 
     report = render(args, rounds, small, transfer, time.monotonic() - started)
     print(report, flush=True)
-    output = output_path()
-    if output != "-":
-        write_section(Path(output), "replication", "Replication backfill against native full sync (`make bench`, "
-                      "bench/replication.py)", report)
-        log(f"\nwrote the replication section of {shown(output)}")
+    publish("replication", "Replication backfill against native full sync (`make bench`, bench/replication.py)",
+            report)
     return 0
 
 

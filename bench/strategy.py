@@ -52,10 +52,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from common import (REPO, BenchError, Conn, _die_with_parent, bench_main, check_binary, env_int, exited, free_port,
-                    http_get, invocation, launch_sidecar, log, log_tail, machine_facts, output_path, parse_args,
-                    passed, percentile, redis_benchmark, shown, sidecar_env, start_redis, wait_serving,
-                    write_section)
+from common import (BenchError, Conn, REPO, _die_with_parent, bench_main, benchmark_args, check_binary, env_int, exited,
+                    free_port, http_get, invocation, launch_sidecar, log, log_tail, machine_facts, parse_args, passed,
+                    percentile, publish, redis_benchmark, sidecar_env, start_redis, wait_serving)
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
@@ -285,14 +284,6 @@ def config_latency(procs, binary, source_port, target_port):
 # ---------------------------------------------------------------------------------------------
 # 2. Dual-write throughput.
 
-def benchmark_args(port, clients, pipeline, requests):
-    args = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set", "-n", str(requests),
-            "-c", str(clients)]
-    if pipeline > 1:
-        args += ["-P", str(pipeline)]
-    return args + ["-r", "100000", "-q", "--csv"]
-
-
 def dual_write(procs, binary, source_port, target_port):
     """Returns (rounds, mirror outcomes): rounds[target][test] is a list of SET rps, one per round."""
     config = procs.scratch / "eden.yaml"
@@ -322,7 +313,7 @@ def dual_write(procs, binary, source_port, target_port):
                 log(f"round {number + 1}/{ROUNDS}: {name}, SET ({clients} clients, -P {pipeline}, -n {requests})")
                 if name in processes and processes[name].poll() is not None:
                     raise exited(processes[name], name)
-                result = redis_benchmark(name, benchmark_args(ports[name], clients, pipeline, requests), ("SET",))
+                result = redis_benchmark(name, benchmark_args(ports[name], "set", clients, pipeline, requests), ("SET",))
                 rounds[name][key].append(result["set_rps"])
     time.sleep(1)  # let the mirror queues drain before counting
     outcomes = {outcome: int(metric(dual_admin, "eden_mirror_writes", {"outcome": outcome}) or 0)
@@ -410,7 +401,7 @@ def render(args, samples, rounds, outcomes, elapsed_s):
         "Each round runs, for every target (PORT):",
         "",
         "```",
-        *[shlex.join(benchmark_args("PORT", c, p, n)) for _, c, p, n in TESTS],
+        *[shlex.join(benchmark_args("PORT", "set", c, p, n)) for _, c, p, n in TESTS],
         "```",
         "",
         "<details><summary>Every round (SET rps, ratio to plain proxy)</summary>",
@@ -443,11 +434,7 @@ def run(args, procs):
 
     report = render(args, samples, rounds, outcomes, time.monotonic() - started)
     print(report, flush=True)
-    output = output_path()
-    if output != "-":
-        write_section(Path(output), "strategy", "Sidecar strategy: config latency and dual-write (`make bench`, "
-                      "bench/strategy.py)", report)
-        log(f"\nwrote the strategy section of {shown(output)}")
+    publish("strategy", "Sidecar strategy: config latency and dual-write (`make bench`, bench/strategy.py)", report)
     return 0
 
 
