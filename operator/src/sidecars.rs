@@ -4,7 +4,9 @@
 //! acknowledged a generation when its Lease says it applied that generation (or a later one).
 //! The operator moves on only when every live sidecar has acknowledged.
 
-use eden_sidecar::lease::{ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_WRITES, LABEL_MIGRATION};
+use eden_sidecar::lease::{
+    ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_WRITES, LABEL_MIGRATION,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Api;
@@ -22,6 +24,9 @@ pub struct SidecarReport {
     pub holding_writes: i32,
     /// `pod: error` for each live sidecar that rejected a payload.
     pub config_errors: Vec<String>,
+    /// Writes mirrored to the source that never landed, summed over every sidecar's Lease,
+    /// live or not: a sidecar that exited keeps its Lease for exactly this.
+    pub lost_source_writes: u64,
 }
 
 impl SidecarReport {
@@ -44,10 +49,15 @@ impl SidecarReport {
 /// Reads the report from `leases` as of `now`.
 pub fn report(leases: &[Lease], configured_generation: i64, now: Timestamp) -> SidecarReport {
     let mut report = SidecarReport::default();
-    for lease in leases.iter().filter(|lease| is_live(lease, now)) {
-        report.live += 1;
+    for lease in leases {
         let annotations = lease.metadata.annotations.as_ref();
         let annotation = |key: &str| annotations.and_then(|a| a.get(key));
+        report.lost_source_writes +=
+            annotation(ANNOTATION_LOST_SOURCE_WRITES).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        if !is_live(lease, now) {
+            continue;
+        }
+        report.live += 1;
         let applied = annotation(ANNOTATION_GENERATION).and_then(|g| g.parse::<i64>().ok()).unwrap_or(0);
         if applied >= configured_generation {
             report.acknowledged += 1;
@@ -89,6 +99,7 @@ mod tests {
         let mut annotations = BTreeMap::from([
             (ANNOTATION_GENERATION.to_string(), generation.to_string()),
             (ANNOTATION_WRITES.to_string(), writes.to_string()),
+            (ANNOTATION_LOST_SOURCE_WRITES.to_string(), pod.len().to_string()),
         ]);
         if let Some(error) = error {
             annotations.insert(ANNOTATION_CONFIG_ERROR.to_string(), error.to_string());
@@ -118,6 +129,7 @@ mod tests {
         assert!(!report.all_acknowledged());
         assert_eq!(report.config_errors, ["c: eden.yaml read_percentage is 150: a percentage, 0 to 100"]);
         assert_eq!(report.counts(7).summary, "2/3");
+        assert_eq!(report.lost_source_writes, 1 + 1 + 1 + 4, "losses count from every Lease, the dead one's too");
     }
 
     #[test]

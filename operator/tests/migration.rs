@@ -12,6 +12,9 @@ use eden_operator::gateway::DEFAULT_IMAGE;
 use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
 use eden_sidecar::config::{Applier, EdenConfig, WritePolicy};
 use eden_sidecar::lease::LeaseReporter;
+use eden_sidecar::metrics::{MirrorOutcome, ProxyMetrics};
+use eden_sidecar::route::Side;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams};
 use redis::AsyncCommands;
@@ -194,8 +197,12 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
     let (applier, current) = Applier::new();
     let sidecar_config = tokio::spawn(applier.clone().watch_config_map(harness.config_maps(), "eden-shop".into()));
     let leases = Api::namespaced(harness.client.clone(), &harness.namespace);
-    let lease =
-        tokio::spawn(LeaseReporter::new(leases, "app-0".into(), "shop".into(), current, applier.status()).run());
+    let sidecar_metrics = Arc::new(ProxyMetrics::default());
+    let lease = tokio::spawn(
+        LeaseReporter::new(leases, "app-0".into(), "shop".into(), current, applier.status())
+            .with_mirror_losses(sidecar_metrics.clone())
+            .run(),
+    );
     harness.apply(&migration("shop", "sync", 25, "oldAuthoritative"));
     let second = harness.wait_payload("shop", |p| p.read_percentage == 25).await;
     assert_eq!(second.generation, first.generation + 1, "a strategy change bumps the generation once");
@@ -235,19 +242,43 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
     let leaked: Option<String> = on_target.get("after-cutover").await.unwrap();
     assert_eq!(leaked, None, "replication stopped at the flip");
 
-    // Rollback: the source is authoritative again once the sidecar acknowledged.
+    // Two writes the sidecar mirrored to the source never landed (its Lease reports them; the
+    // sidecar's own tests make a source refuse them for real): a rollback would lose them, so
+    // it is held until the user accepts exactly that.
+    sidecar_metrics.mirror(Side::Source, MirrorOutcome::Failed);
+    sidecar_metrics.mirror(Side::Source, MirrorOutcome::Dropped);
     harness.apply(&migration("shop", "sync", 25, "oldAuthoritative"));
+    let held = harness
+        .wait("shop", "RollbackNotLossless", |m| {
+            m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.reason.contains("RollbackNotLossless")))
+        })
+        .await;
+    assert_eq!(phase_of(&held), Some(Phase::CutOver));
+    assert!(condition(&held, "Held").message.contains("2 writes mirrored to the source never landed"));
+    harness.kubectl(&["annotate", "migration", "shop", "eden.io/accept-lost-writes=1"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        phase_of(&harness.migrations().get("shop").await.unwrap()),
+        Some(Phase::CutOver),
+        "1 of 2 is not enough"
+    );
+
+    // Rollback: the source is authoritative again once the sidecar acknowledged.
+    harness.kubectl(&["annotate", "--overwrite", "migration", "shop", "eden.io/accept-lost-writes=2"]);
     harness.wait_phase("shop", Phase::RolledBack).await;
     let rolled_back = harness.payload("shop").await;
     assert_eq!(rolled_back.write_policy, WritePolicy::OldAuthoritative);
 
-    // Deleting the Migration removes the ConfigMap and stops replication; data stays.
+    // Deleting the Migration removes the ConfigMap and the sidecars' Leases (this one would
+    // have outlived its sidecar for the losses it reports) and stops replication; data stays.
+    lease.abort();
     harness.migrations().delete("shop", &DeleteParams::default()).await.unwrap();
     harness.wait_gone("shop").await;
     assert!(harness.config_maps().get_opt("eden-shop").await.unwrap().is_none());
+    let leases: Api<Lease> = Api::namespaced(harness.client.clone(), &harness.namespace);
+    assert!(leases.get_opt("eden-sidecar-app-0").await.unwrap().is_none(), "sidecar Leases go with the Migration");
     let kept: Option<String> = on_target.get("user:0").await.unwrap();
     assert_eq!(kept.as_deref(), Some("profile 0"), "cleanup never touches user data");
-    lease.abort();
     sidecar_config.abort();
 }
 

@@ -107,6 +107,7 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
             ("get", "secrets"),
             ("list", "leases.coordination.k8s.io"),
             ("update", "leases.coordination.k8s.io"),
+            ("deletecollection", "leases.coordination.k8s.io"),
             ("create", "events.events.k8s.io"),
             ("patch", "events.events.k8s.io"),
             ("patch", "deployments.apps"),

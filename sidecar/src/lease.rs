@@ -4,6 +4,11 @@
 //! The operator counts a sidecar as live while its Lease is fresh, and as having acknowledged a
 //! strategy once the Lease's annotations show that generation applied. Renewal is a server-side
 //! apply of the whole Lease, so the first renewal creates it and a deleted Lease comes back.
+//!
+//! The Lease also carries how many writes mirrored to the source never landed there. After the
+//! flip the source is kept current only by those mirrors, so each lost one is a write a rollback
+//! would lose; the operator refuses to roll back while any are reported. A sidecar that lost
+//! some keeps its Lease when it exits, so the count outlives the pod.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,6 +21,8 @@ use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 
 use crate::config::{ConfigStatus, CurrentConfig, writes_paused};
 use crate::hold::CurrentHold;
+use crate::metrics::ProxyMetrics;
+use crate::route::Side;
 
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(3);
 /// A Lease not renewed for this long belongs to a dead sidecar.
@@ -24,6 +31,8 @@ pub const LEASE_DURATION: Duration = Duration::from_secs(10);
 pub const ANNOTATION_GENERATION: &str = "eden.io/applied-generation";
 pub const ANNOTATION_WRITES: &str = "eden.io/writes";
 pub const ANNOTATION_CONFIG_ERROR: &str = "eden.io/config-error";
+/// Writes mirrored to the source that failed or were dropped, since the sidecar started.
+pub const ANNOTATION_LOST_SOURCE_WRITES: &str = "eden.io/lost-source-writes";
 pub const LABEL_MIGRATION: &str = "eden.io/migration";
 
 const FIELD_MANAGER: &str = "eden-sidecar";
@@ -37,6 +46,7 @@ pub struct LeaseReporter {
     config: CurrentConfig,
     status: Arc<ConfigStatus>,
     hold: Option<CurrentHold>,
+    metrics: Option<Arc<ProxyMetrics>>,
 }
 
 impl LeaseReporter {
@@ -48,7 +58,7 @@ impl LeaseReporter {
         config: CurrentConfig,
         status: Arc<ConfigStatus>,
     ) -> Self {
-        LeaseReporter { api, pod, migration, config, status, hold: None }
+        LeaseReporter { api, pod, migration, config, status, hold: None, metrics: None }
     }
 
     /// Reports the sidecar's actual write hold (`flowing`, `paused` while holding, `expired`
@@ -56,6 +66,16 @@ impl LeaseReporter {
     pub fn with_hold(mut self, hold: CurrentHold) -> Self {
         self.hold = Some(hold);
         self
+    }
+
+    /// Reports the writes mirrored to the source that never landed, from the proxy's counters.
+    pub fn with_mirror_losses(mut self, metrics: Arc<ProxyMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn lost_source_writes(&self) -> u64 {
+        self.metrics.as_ref().map_or(0, |m| m.lost_mirror_writes(Side::Source))
     }
 
     /// The Lease's name: one per pod.
@@ -92,6 +112,7 @@ impl LeaseReporter {
         let mut annotations = BTreeMap::from([
             (ANNOTATION_GENERATION.to_string(), self.status.applied_generation().to_string()),
             (ANNOTATION_WRITES.to_string(), self.writes().to_string()),
+            (ANNOTATION_LOST_SOURCE_WRITES.to_string(), self.lost_source_writes().to_string()),
         ]);
         if let Some(error) = self.status.last_error() {
             annotations.insert(ANNOTATION_CONFIG_ERROR.to_string(), error);
@@ -125,8 +146,18 @@ impl LeaseReporter {
     }
 
     /// Deletes the Lease on a clean shutdown, so the operator stops counting this sidecar at
-    /// once instead of after [`LEASE_DURATION`].
+    /// once instead of after [`LEASE_DURATION`]. A sidecar that lost writes mirrored to the
+    /// source writes its final count instead and leaves the Lease to expire: the operator must
+    /// keep seeing those losses after the pod is gone.
     pub async fn release(&self) {
+        let lost = self.lost_source_writes();
+        if lost > 0 {
+            tracing::warn!(lost, lease = %self.lease_name(), "keeping the Lease: writes mirrored to the source were lost");
+            if let Err(err) = self.renew().await {
+                tracing::warn!(%err, lease = %self.lease_name(), "could not record the final count in the Lease");
+            }
+            return;
+        }
         if let Err(err) = self.api.delete(&self.lease_name(), &DeleteParams::default()).await {
             tracing::warn!(%err, lease = %self.lease_name(), "could not release Lease");
         }

@@ -144,7 +144,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let lease = match (&strategy, &backend) {
         (Some(Strategy { lease: Some(reporter), .. }), Backend::Routed(routing)) => {
-            let reporter = reporter.clone().with_hold(routing.hold());
+            let reporter = reporter.clone().with_hold(routing.hold()).with_mirror_losses(metrics.clone());
             Some((tokio::spawn(reporter.clone().run()), reporter))
         }
         _ => None,

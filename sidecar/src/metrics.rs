@@ -142,6 +142,12 @@ impl ProxyMetrics {
         self.mirror[side as usize][outcome as usize].inc();
     }
 
+    /// Writes mirrored to `side` that never landed there (failed or dropped) since start.
+    pub fn lost_mirror_writes(&self, side: Side) -> u64 {
+        let counts = &self.mirror[side as usize];
+        counts[MirrorOutcome::Failed as usize].get() + counts[MirrorOutcome::Dropped as usize].get()
+    }
+
     pub fn shadow(&self, outcome: ShadowOutcome) {
         self.shadow[outcome as usize].inc();
     }

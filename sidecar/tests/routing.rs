@@ -1,7 +1,7 @@
 //! The strategy in action, on real source and target redis-servers: the read share follows
 //! ConfigMap patches on a live connection, each write mode answers from the right side and
-//! mirrors exactly once, a dead mirror never fails a client, held writes survive a cutover
-//! pause in order, and shadow reads count what differs.
+//! mirrors exactly once, a dead mirror never fails a client, writes the source misses after the
+//! flip are reported in the Lease, held writes survive a cutover pause in order, and shadow reads count what differs.
 
 mod support;
 
@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
 use eden_sidecar::config::{Applier, CurrentConfig, PAYLOAD_KEY};
-use eden_sidecar::lease::{ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_WRITES, LeaseReporter};
+use eden_sidecar::lease::{
+    ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_WRITES, LeaseReporter,
+};
 use eden_sidecar::route::key_bucket;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -229,6 +231,50 @@ async fn a_dead_mirror_target_counts_failures_and_never_fails_clients() {
     })
     .await;
     assert_eq!(direct(&migration.source).await.get::<_, i64>("counter").await.unwrap(), 50);
+}
+
+#[tokio::test]
+async fn writes_the_source_refused_after_the_flip_are_reported_in_the_lease_and_outlive_the_sidecar() {
+    let control_plane = ControlPlane::shared();
+    let namespace = control_plane.namespace("sidecar-losses").await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let reporter = LeaseReporter::new(
+        leases.clone(),
+        "app-2".into(),
+        "cache".into(),
+        migration.applier.subscribe(),
+        migration.applier.status(),
+    )
+    .with_mirror_losses(proxy.metrics.clone());
+    let renewing = tokio::spawn(reporter.clone().run());
+    migration.apply(1, "write_policy: new_authoritative\nmirror_writes: true").await;
+    let mut app = proxy.client().await;
+    assert_eq!(app.incr::<_, _, i64>("counter", 1).await.unwrap(), 1);
+    eventually("the first write reached the source", || async {
+        direct(&migration.source).await.get::<_, Option<i64>>("counter").await.unwrap() == Some(1)
+    })
+    .await;
+    wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_LOST_SOURCE_WRITES] == "0").await;
+
+    // The source now refuses writes (it wants a replica it does not have); the client's own
+    // connection to it stays up.
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "min-replicas-to-write", "1"])
+        .query_async(&mut direct(&migration.source).await)
+        .await
+        .unwrap();
+    for expected in 2..=21 {
+        assert_eq!(app.incr::<_, _, i64>("counter", 1).await.unwrap(), expected, "the target answers");
+    }
+    wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_LOST_SOURCE_WRITES] == "20").await;
+
+    // A clean shutdown keeps this Lease, so the operator still sees the losses.
+    renewing.abort();
+    reporter.release().await;
+    let kept = leases.get_opt(&reporter.lease_name()).await.unwrap().expect("the Lease outlives the sidecar");
+    assert_eq!(kept.metadata.annotations.unwrap()[ANNOTATION_LOST_SOURCE_WRITES], "20");
 }
 
 /// Three connections pipelining writes while writes are held; returns their join handles.

@@ -19,12 +19,14 @@ mod phase_tests;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use eden_sidecar::lease::LABEL_MIGRATION;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -81,13 +83,16 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();
     let migrations: Api<Migration> = scoped(&client, namespace.as_deref());
     let (reader, writer) = reflector::store();
-    // Only spec changes and finalizer edits wake the reconciler: the status it writes itself
-    // must not, or every status write would start another reconcile at once.
+    // Only spec, annotation and finalizer edits wake the reconciler: the status it writes
+    // itself must not, or every status write would start another reconcile at once.
     let triggers = watcher(migrations, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
+            Default::default(),
+        );
     let store = reader.clone();
     Controller::for_stream(triggers, reader)
         .owns(
@@ -400,6 +405,14 @@ async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Err
     let namespace = migration.namespace().unwrap_or_default();
     let name = configmap::name(&migration);
     delete_owned::<ConfigMap>(ctx, &namespace, &name).await?;
+    // Sidecars that lost writes keep their Leases after exiting (see `sidecars`); a later
+    // Migration of the same name must not inherit them. Live sidecars recreate theirs.
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = ListParams::default().labels(&format!("{LABEL_MIGRATION}={}", migration.name_any()));
+    leases
+        .delete_collection(&DeleteParams::default(), &selector)
+        .await
+        .map_err(|source| Error::Write { what: "deleting sidecar Leases".into(), source })?;
     // The gateway as specified and as last recorded: they differ after a rename that the
     // Migration was deleted in the middle of.
     let recorded = migration.status.as_ref().and_then(|s| s.gateway.as_ref()).map(|g| g.service.clone());
@@ -418,8 +431,9 @@ async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Err
             format!(", gateway {} and Service {} deleted", gateway::deployment_name(&migration), services.join(", "))
         }
     };
-    let note =
-        format!("replication stopped and ConfigMap {name} deleted{gateway_note}; data on both servers left as it is");
+    let note = format!(
+        "replication stopped, ConfigMap {name} and sidecar Leases deleted{gateway_note}; data on both servers left as it is"
+    );
     tracing::info!(%note, "cleaned up");
     ctx.event(migration.as_ref(), EventType::Normal, "CleanedUp", "Delete", note).await;
     Ok(Action::await_change())

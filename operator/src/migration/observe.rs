@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt};
 
 use super::Error;
-use super::phase::{CutoverProgress, Effective, Held, Observed, Replication};
+use super::phase::{ANNOTATION_ACCEPT_LOST_WRITES, CutoverProgress, Effective, Held, Observed, Replication};
 use super::replication::Plan;
 use crate::conditions;
 use crate::configmap;
@@ -20,6 +20,12 @@ use crate::sidecars::{self, SidecarReport};
 /// gateway's Deployment), and the password file in it that the payload names (DESIGN §6).
 pub const TARGET_CREDENTIALS_DIR: &str = "/var/run/eden/target";
 pub const TARGET_CREDENTIALS_FILE: &str = "/var/run/eden/target/password";
+
+/// The lost writes the user accepted losing in a rollback ([`ANNOTATION_ACCEPT_LOST_WRITES`]);
+/// 0 when the annotation is absent or not a count.
+fn accepted_lost_writes(migration: &Migration) -> u64 {
+    migration.annotations().get(ANNOTATION_ACCEPT_LOST_WRITES).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
 
 /// Whether `migration` names the Endpoint `endpoint` as its source or target.
 pub fn references(migration: &Migration, endpoint: &str) -> bool {
@@ -113,9 +119,7 @@ impl Observation {
                 .as_ref()
                 .and_then(|s| s.verification.as_ref())
                 .map(|v| v.report.differences() as i64),
-            // Mirror failures are reported by the sidecars' metrics; the Lease does not carry
-            // them yet, so none are known here.
-            unrepaired_mirror_failures: 0,
+            lost_source_writes: sidecars.lost_source_writes.saturating_sub(accepted_lost_writes(migration)) as i64,
             sidecars_acked: sidecars.all_acknowledged(),
             cutover: cutover_progress(phase, config.as_ref(), &sidecars, &status),
         };

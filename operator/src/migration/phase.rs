@@ -12,6 +12,11 @@
 
 use crate::crd::{DataCopy, FailureHandling, MigrationSpec, Phase, WriteModeKind, WritePolicy};
 
+/// Migration annotation: how many lost writes (see [`Observed::lost_source_writes`]) the user
+/// accepts losing in a rollback. An explicit, recorded decision rather than a spec field,
+/// because it is about one incident, not the desired state.
+pub const ANNOTATION_ACCEPT_LOST_WRITES: &str = "eden.io/accept-lost-writes";
+
 /// What the operator saw this reconciliation.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observed {
@@ -21,8 +26,9 @@ pub struct Observed {
     pub replication: Option<Replication>,
     /// Differences found by the last verification of the current data, if one ran.
     pub verification_differences: Option<i64>,
-    /// Writes mirrored from the target back to the source that failed and were not repaired.
-    pub unrepaired_mirror_failures: i64,
+    /// Writes mirrored from the target back to the source that never landed there (the
+    /// sidecars' Leases), less those the user accepted losing.
+    pub lost_source_writes: i64,
     /// Every live sidecar applied the ConfigMap generation the operator last wrote.
     pub sidecars_acked: bool,
     pub cutover: CutoverProgress,
@@ -163,12 +169,13 @@ fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync
             }
         }
         CutOver if wants_target => CutOver,
-        CutOver if observed.unrepaired_mirror_failures > 0 => {
+        CutOver if observed.lost_source_writes > 0 => {
             held.push(Held {
                 reason: "RollbackNotLossless",
                 message: format!(
-                    "{} writes mirrored to the source failed and are not repaired; rolling back now would lose them",
-                    observed.unrepaired_mirror_failures
+                    "{} writes mirrored to the source never landed there; rolling back now would lose them. \
+                     To roll back anyway, annotate the Migration {ANNOTATION_ACCEPT_LOST_WRITES}=<that count or more>",
+                    observed.lost_source_writes
                 ),
             });
             CutOver

@@ -184,12 +184,13 @@ fn rollback_after_cutover_is_lossless_or_held() {
     let acked = Observed { sidecars_acked: true, ..flipped };
     assert_eq!(next(&back, &acked, Phase::RollingBack).phase, Phase::RolledBack);
 
-    let lossy = Observed { unrepaired_mirror_failures: 3, ..flipped };
+    let lossy = Observed { lost_source_writes: 3, ..flipped };
     let held = next(&back, &lossy, Phase::CutOver);
     assert_eq!(held.phase, Phase::CutOver, "writes stay on the target");
     assert_eq!(writes(&held), Writes::Target { mirror_to_source: true });
     assert_eq!(reasons(&held), ["RollbackNotLossless"]);
-    assert!(held.held[0].message.starts_with("3 writes mirrored to the source failed"));
+    assert!(held.held[0].message.starts_with("3 writes mirrored to the source never landed"));
+    assert!(held.held[0].message.contains("eden.io/accept-lost-writes"), "says how to go on");
 
     let retry = next(&new_authoritative(spec()), &acked, Phase::RolledBack);
     assert_eq!(retry.phase, Phase::Syncing);
@@ -334,7 +335,7 @@ fn invariants_hold_everywhere() {
         for (source_ready, target_ready) in [(true, true), (true, false), (false, true)] {
             for replication in replications {
                 for verification_differences in [None, Some(0), Some(4)] {
-                    for unrepaired_mirror_failures in [0, 2] {
+                    for lost_source_writes in [0, 2] {
                         for sidecars_acked in [true, false] {
                             for cutover in [
                                 CutoverProgress::default(),
@@ -364,7 +365,7 @@ fn invariants_hold_everywhere() {
                                     target_ready,
                                     replication,
                                     verification_differences,
-                                    unrepaired_mirror_failures,
+                                    lost_source_writes,
                                     sidecars_acked,
                                     cutover,
                                 };
@@ -441,7 +442,7 @@ fn check_invariants(spec: &MigrationSpec, observed: &Observed, current: Phase) {
         );
     }
     if current == Phase::CutOver && decision.phase == Phase::RollingBack {
-        assert_eq!(observed.unrepaired_mirror_failures, 0, "a rollback never loses mirrored writes: {}", context());
+        assert_eq!(observed.lost_source_writes, 0, "a rollback never loses mirrored writes: {}", context());
     }
     if decision.phase == Phase::Ready || decision.phase == Phase::CuttingOver && current != Phase::CuttingOver {
         assert!(decision.ready_for_cutover, "{}", context());
