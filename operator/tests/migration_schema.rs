@@ -54,6 +54,8 @@ async fn impossible_values_are_refused_with_a_message_that_names_them() {
         ),
         ("mode: dualWrite", "mode: sometimes", "spec.strategy.writeMode.mode"),
         ("type: sync", "type: rsync", "spec.data.type"),
+        ("type: sync", "type: sync\n    sourceOpsPerSecond: 500", "sourceOpsPerSecond applies to type scan only"),
+        ("type: sync", "type: scan\n    targetOpsPerSecond: 0", "spec.data.targetOpsPerSecond"),
         ("maxWritePauseMillis: 2000", "maxWritePauseMillis: 0", "spec.cutover.maxWritePauseMillis"),
     ];
     for (from, to, expected) in cases {

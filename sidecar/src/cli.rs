@@ -6,6 +6,7 @@
 //! runs until interrupted (SIGINT/SIGTERM), or with `--once` until the target has caught up.
 //! `verify` prints a summary and the first differences, and exits 1 when there are any.
 
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use clap::{Args, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::replicate::{
-    Checkpoint, Mode, Progress, ReplacePolicy, Replicator, ReplicatorOptions, Verifier, VerifyOptions,
+    Checkpoint, Mode, OpsLimits, Progress, ReplacePolicy, Replicator, ReplicatorOptions, Verifier, VerifyOptions,
 };
 use crate::upstream::TlsSettings;
 
@@ -73,6 +74,12 @@ pub struct ReplicateArgs {
     /// What to do with keys that already exist on the target.
     #[arg(long, default_value = "replace", value_parser = parse_policy)]
     replace: ReplacePolicy,
+    /// Commands per second to the source at most (scan mode; sync mode reads one stream).
+    #[arg(long)]
+    source_ops_per_sec: Option<NonZeroU32>,
+    /// Commands per second to the target at most.
+    #[arg(long)]
+    target_ops_per_sec: Option<NonZeroU32>,
     /// Where to keep the checkpoint; an existing file resumes the run it came from.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -118,7 +125,8 @@ pub async fn run(verb: Verb) -> ExitCode {
 }
 
 async fn replicate(args: ReplicateArgs) -> Result<ExitCode, String> {
-    let options = ReplicatorOptions::new(args.replace, args.servers.tls()?);
+    let limits = OpsLimits { source: args.source_ops_per_sec, target: args.target_ops_per_sec };
+    let options = ReplicatorOptions::new(args.replace, args.servers.tls()?).with_limits(limits);
     let checkpoint = match &args.checkpoint {
         Some(path) if path.exists() => Some(read_checkpoint(path)?),
         _ => None,

@@ -53,3 +53,26 @@ async fn replicate_then_verify_from_the_command_line() {
     assert!(resumed.status.success() && stderr.contains("resuming from the checkpoint"), "{stderr}");
     assert!(eden(&verify).await.status.success());
 }
+
+/// `--target-ops-per-sec` and `--source-ops-per-sec` bound the copy's commands per second; sync
+/// mode refuses a source limit with a usage error, before touching either server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_per_second_limits_slow_the_copy_down() {
+    let pair = Pair::start();
+    seed_strings(&mut pair.source().await, 6_000).await;
+    let (src, dst) = (pair.source.url(), pair.target.url());
+
+    let refused = eden(&["replicate", "--source", &src, "--target", &dst, "--source-ops-per-sec", "100"]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("use scan mode to limit the source"));
+
+    // 6,000 keys are at least 6,000 RESTOREs: at 2,000 per second, three seconds at the very
+    // least, whatever the machine. Unlimited, the same run (with `--once`'s one-second progress
+    // tick) ends in about one.
+    let started = std::time::Instant::now();
+    let args = ["replicate", "--source", &src, "--target", &dst, "--mode", "scan", "--once"];
+    let limited = eden(&[&args[..], &["--target-ops-per-sec", "2000"]].concat()).await;
+    assert!(limited.status.success(), "{}", String::from_utf8_lossy(&limited.stderr));
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(eden(&["verify", "--source", &src, "--target", &dst]).await.status.success());
+}

@@ -189,11 +189,23 @@ pub enum WritePolicy {
 /// How the data gets to the target.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type == 'scan' || !has(self.sourceOpsPerSecond)").message("sourceOpsPerSecond applies to type scan only: sync mode reads the source as one replication stream"))]
+#[x_kube(validation = Rule::new("self.type != 'none' || !has(self.targetOpsPerSecond)").message("targetOpsPerSecond needs a copy: type none copies nothing"))]
 pub struct DataSpec {
     #[serde(default, rename = "type")]
     pub type_: DataCopy,
     #[serde(default)]
     pub replace: ReplacePolicy,
+    /// Commands per second the copy may send to the source (scan mode), so it leaves room for
+    /// the application's own traffic. No limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub source_ops_per_second: Option<u32>,
+    /// Commands per second the copy may send to the target (the snapshot's keys and the
+    /// replicated writes). No limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_ops_per_second: Option<u32>,
 }
 
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]

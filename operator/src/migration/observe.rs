@@ -1,6 +1,9 @@
 //! Everything one reconcile looks at, gathered before anything is decided.
 
+use std::num::NonZeroU32;
+
 use eden_sidecar::config::{EdenConfig, UpstreamConfig, WriteMode, WritePolicy, WritesState};
+use eden_sidecar::replicate::OpsLimits;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
@@ -151,6 +154,10 @@ impl Observation {
             source_url: source.url_with_credentials().map_err(|e| e.to_string())?,
             target_url: target.url_with_credentials().map_err(|e| e.to_string())?,
             tls,
+            limits: OpsLimits {
+                source: data.source_ops_per_second.and_then(NonZeroU32::new),
+                target: data.target_ops_per_second.and_then(NonZeroU32::new),
+            },
         })
     }
 }

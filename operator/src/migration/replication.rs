@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eden_sidecar::replicate::{
-    Checkpoint, Mode, Progress, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, Verifier, VerifyOptions,
-    VerifyReport,
+    Checkpoint, Mode, OpsLimits, Progress, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, Verifier,
+    VerifyOptions, VerifyReport,
 };
 use eden_sidecar::upstream::TlsSettings;
 use tokio::sync::watch;
@@ -35,6 +35,7 @@ pub struct Plan {
     pub target_url: String,
     /// Trust for `rediss://` (the engine takes one set for both servers).
     pub tls: TlsSettings,
+    pub limits: OpsLimits,
 }
 
 /// What a run looks like from outside, for status and the phase machine.
@@ -103,7 +104,7 @@ impl Replications {
                 None
             }
         });
-        let options = ReplicatorOptions::new(replace_policy(plan.replace), plan.tls.clone());
+        let options = ReplicatorOptions::new(replace_policy(plan.replace), plan.tls.clone()).with_limits(plan.limits);
         let replicator = Replicator::start(&plan.source_url, &plan.target_url, mode, options, checkpoint).await?;
         let run = Run {
             progress: replicator.progress(),

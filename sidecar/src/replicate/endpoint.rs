@@ -7,7 +7,11 @@
 //! A multiplexed connection is cheap to clone, so callers pass `&Endpoint` around and pipelines
 //! from different tasks share one socket. The response timeout is raised from the client's
 //! 500 ms default because a DUMP of a large value or a long MULTI legitimately takes longer.
+//!
+//! An endpoint may be [`paced`](Endpoint::paced): every command through it, from any clone,
+//! counts against one operations-per-second limit for that server.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +19,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, TlsCertificates, Value};
 
 use super::ReplicateError;
+use super::pace::Pace;
 use crate::upstream::TlsSettings;
 
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,6 +30,7 @@ pub(crate) struct Endpoint {
     label: Arc<str>,
     client: Client,
     conn: MultiplexedConnection,
+    pace: Arc<Pace>,
 }
 
 impl Endpoint {
@@ -51,7 +57,13 @@ impl Endpoint {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|source| ReplicateError::Connect { server: label.clone(), source })?;
-        Ok(Endpoint { label, client, conn })
+        Ok(Endpoint { label, client, conn, pace: Arc::new(Pace::new(None)) })
+    }
+
+    /// Limits the commands sent to this server, per second, across every clone.
+    pub(crate) fn paced(mut self, per_second: Option<NonZeroU32>) -> Self {
+        self.pace = Arc::new(Pace::new(per_second));
+        self
     }
 
     pub(crate) fn label(&self) -> &Arc<str> {
@@ -69,6 +81,7 @@ impl Endpoint {
 
     /// Runs one command.
     pub(crate) async fn cmd<T: FromRedisValue>(&self, command: &'static str, cmd: &Cmd) -> Result<T, ReplicateError> {
+        self.pace.spend(1).await;
         cmd.query_async(&mut self.conn.clone()).await.map_err(|source| self.error(command, source))
     }
 
@@ -79,6 +92,7 @@ impl Endpoint {
         if pipe.is_empty() {
             return Ok(Vec::new());
         }
+        self.pace.spend(pipe.len()).await;
         pipe.ignore_errors().query_async(&mut self.conn.clone()).await.map_err(|source| self.error(command, source))
     }
 

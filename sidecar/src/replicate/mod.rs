@@ -41,6 +41,7 @@ pub use checkpoint::{Checkpoint, Pass, SyncPosition};
 pub use copy::ReplacePolicy;
 pub use error::ReplicateError;
 pub use keys::KeyType;
+pub use pace::OpsLimits;
 pub use progress::Progress;
 pub use replicator::{Mode, Replicator, ReplicatorOptions};
 pub use scan::{ScanOptions, ScanReplicator};

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
-    Checkpoint, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions, SyncReplicator,
+    Checkpoint, OpsLimits, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions,
+    SyncReplicator,
 };
 use crate::upstream::TlsSettings;
 
@@ -60,6 +61,13 @@ impl ReplicatorOptions {
             sync: SyncOptions { replace, tls, ..Default::default() },
         }
     }
+
+    /// The same operations-per-second limits for both modes (sync mode refuses a source limit).
+    pub fn with_limits(mut self, limits: OpsLimits) -> Self {
+        self.scan.limits = limits;
+        self.sync.limits = limits;
+        self
+    }
 }
 
 /// A running replication in either mode. Dropping it stops replication.
@@ -69,7 +77,8 @@ pub struct Replicator {
 
 enum Engine {
     Sync(SyncReplicator),
-    Scan(ScanReplicator),
+    // Boxed: the scan replicator carries two connections and is twice the sync one's size.
+    Scan(Box<ScanReplicator>),
 }
 
 impl Replicator {
@@ -85,10 +94,10 @@ impl Replicator {
     ) -> Result<Self, ReplicateError> {
         let engine = match mode {
             Mode::Sync => Engine::Sync(SyncReplicator::start(source, target, options.sync, checkpoint).await?),
-            Mode::Scan => Engine::Scan(match checkpoint {
+            Mode::Scan => Engine::Scan(Box::new(match checkpoint {
                 None => ScanReplicator::start(source, target, options.scan).await?,
                 Some(checkpoint) => ScanReplicator::resume(source, target, options.scan, checkpoint).await?,
-            }),
+            })),
         };
         Ok(Replicator { engine })
     }

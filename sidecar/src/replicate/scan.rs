@@ -31,7 +31,7 @@ use super::copy::{Copier, CopyStats, ExpiryCommand};
 use super::endpoint::Endpoint;
 use super::flush::FlushWatch;
 use super::notify::{self, Shared};
-use super::{Checkpoint, Key, Progress, ReplacePolicy, ReplicateError, keys};
+use super::{Checkpoint, Key, OpsLimits, Progress, ReplacePolicy, ReplicateError, keys};
 use crate::upstream::TlsSettings;
 
 /// Tuning for [`ScanReplicator`].
@@ -51,6 +51,8 @@ pub struct ScanOptions {
     pub flush_check: Duration,
     /// Trust for `rediss://` servers.
     pub tls: TlsSettings,
+    /// Commands per second to each server.
+    pub limits: OpsLimits,
 }
 
 impl Default for ScanOptions {
@@ -63,6 +65,7 @@ impl Default for ScanOptions {
             dirty_capacity: 100_000,
             flush_check: Duration::from_millis(500),
             tls: TlsSettings::default(),
+            limits: OpsLimits::default(),
         }
     }
 }
@@ -107,8 +110,8 @@ impl ScanReplicator {
         options: ScanOptions,
         checkpoint: Checkpoint,
     ) -> Result<Self, ReplicateError> {
-        let source = Endpoint::connect("source", source_url, &options.tls).await?;
-        let target = Endpoint::connect("target", target_url, &options.tls).await?;
+        let source = Endpoint::connect("source", source_url, &options.tls).await?.paced(options.limits.source);
+        let target = Endpoint::connect("target", target_url, &options.tls).await?.paced(options.limits.target);
         let span = info_span!("scan_replicator", source = %source.label(), target = %target.label());
         let verified = notify::enable(&source).instrument(span.clone()).await?;
 

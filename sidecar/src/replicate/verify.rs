@@ -17,6 +17,7 @@ use super::keys;
 use super::pace::Pace;
 use super::{Key, KeyType, POSITION_KEY, ReplicateError, compare};
 use crate::upstream::TlsSettings;
+use std::num::NonZeroU32;
 
 /// Tuning for [`Verifier`].
 #[derive(Debug, Clone)]
@@ -147,7 +148,7 @@ impl Verifier {
         let span = info_span!("verify", source = %self.source.label(), target = %self.target.label());
         async {
             let mut report = VerifyReport::default();
-            let mut pace = Pace::new(self.options.rate_limit);
+            let pace = Pace::new(self.options.rate_limit.and_then(NonZeroU32::new));
             let mut cursor = 0;
             loop {
                 let (next, found) = keys::scan(&self.source, cursor, self.options.batch).await?;

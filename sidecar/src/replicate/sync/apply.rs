@@ -156,6 +156,7 @@ impl Follower<'_> {
         if batch.writes > 0 {
             batch.queued += self.target.record(&mut batch.request, &position);
             batch.request.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
+            self.target.pace.spend(batch.writes).await;
             self.target.link.send(&batch.request).await?;
             for _ in 0..=batch.queued {
                 self.target.expect_ok("MULTI").await?;

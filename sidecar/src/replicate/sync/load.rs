@@ -70,6 +70,7 @@ impl Loader<'_> {
                     self.rebuild_all(refused, &mut in_flight).await?;
                 }
             }
+            self.target.pace.spend(batch.sent.len()).await;
             self.target.link.send(&batch.request).await?;
             in_flight.push_back(batch);
             if ended {

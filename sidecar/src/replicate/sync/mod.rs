@@ -40,7 +40,7 @@ use self::psync::Outcome;
 use self::rdb::Snapshot;
 use self::target::{Position, Target};
 use super::checkpoint::SyncPosition;
-use super::{Checkpoint, Progress, ReplacePolicy, ReplicateError};
+use super::{Checkpoint, OpsLimits, Progress, ReplacePolicy, ReplicateError};
 use crate::upstream::TlsSettings;
 
 /// Tuning for [`SyncReplicator`].
@@ -55,6 +55,9 @@ pub struct SyncOptions {
     pub batch_keys: usize,
     /// Bytes per pipelined batch (RESTOREs or stream commands), at most about.
     pub batch_bytes: usize,
+    /// Commands per second to the target. A source limit is refused: the source sends one
+    /// replication stream and has no per-key commands to pace.
+    pub limits: OpsLimits,
 }
 
 impl Default for SyncOptions {
@@ -64,6 +67,7 @@ impl Default for SyncOptions {
             tls: TlsSettings::default(),
             batch_keys: 1000,
             batch_bytes: 4 << 20,
+            limits: OpsLimits::default(),
         }
     }
 }
@@ -92,10 +96,17 @@ impl SyncReplicator {
         options: SyncOptions,
         checkpoint: Option<Checkpoint>,
     ) -> Result<Self, ReplicateError> {
+        if options.limits.source.is_some() {
+            return Err(ReplicateError::Usage(
+                "sync mode reads the source as one replication stream, with no per-key commands to limit; \
+                 limit the target, or use scan mode to limit the source"
+                    .into(),
+            ));
+        }
         let source = Address::parse("source", source, &options.tls)?;
         let target = Address::parse("target", target, &options.tls)?;
         let span = info_span!("sync_replicator", source = %source.label(), target = %target.label());
-        let target = Target::new(target.connect().await?);
+        let target = Target::new(target.connect().await?, options.limits.target);
         let link = source.connect().await?;
         let info = source.connect().await?;
         let restart = checkpoint.is_some();

@@ -8,10 +8,13 @@
 //! neither. A restart reads the record and asks the source to continue from there. The record
 //! lives in database 0; the verifier ignores it, and it can be deleted once replication is over.
 
+use std::num::NonZeroU32;
+
 use redis_protocol::resp2::types::BytesFrame;
 
 use super::link::{Link, encode_into, text};
 use crate::replicate::ReplicateError;
+use crate::replicate::pace::Pace;
 
 /// The key on the target that records how far the stream has been applied.
 pub const POSITION_KEY: &str = "eden:sync:position";
@@ -37,15 +40,17 @@ impl Position {
     }
 }
 
-/// The connection to the target and the database it has selected.
+/// The connection to the target, the database it has selected, and the operations-per-second
+/// limit every batch sent to it counts against.
 pub(crate) struct Target {
     pub(crate) link: Link,
     pub(crate) db: u64,
+    pub(crate) pace: Pace,
 }
 
 impl Target {
-    pub(crate) fn new(link: Link) -> Self {
-        Target { link, db: 0 }
+    pub(crate) fn new(link: Link, per_second: Option<NonZeroU32>) -> Self {
+        Target { link, db: 0, pace: Pace::new(per_second) }
     }
 
     /// Appends a SELECT to `out` when `db` is not the selected database, and returns how many
