@@ -6,14 +6,18 @@
 //! threshold are walked in chunks ([`super::chunks`]) into a temporary key on the target that is
 //! then RENAMEd over the real one, so memory stays bounded and readers never see half a value.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::{Value, cmd, pipe};
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use super::chunks::{Chunk, Chunks};
 use super::endpoint::{Endpoint, as_int, printable};
 use super::keys::{self, KeyInfo};
+use super::sync::decode;
 use super::{Key, KeyType, ReplicateError};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -96,6 +100,8 @@ pub(crate) struct Copier {
     pub(crate) big_key_bytes: u64,
     /// Elements per chunk for big keys.
     pub(crate) chunk: usize,
+    /// Value types already announced as rebuilt with commands.
+    pub(crate) rebuilt_types: Mutex<HashSet<u8>>,
 }
 
 impl Copier {
@@ -141,11 +147,59 @@ impl Copier {
         for ((key, pair), result) in keys.iter().zip(replies.chunks(2)).zip(results) {
             match result {
                 Value::ServerError(err) if err.code() == "BUSYKEY" => self.busy(key, policy, &mut stats)?,
+                Value::ServerError(err) if decode::unreadable_payload(&err.to_string()) => {
+                    let (Value::BulkString(payload), Some(expiry)) = (&pair[0], as_int(&pair[1])) else {
+                        return Err(self.target.error("RESTORE", err.into()));
+                    };
+                    stats += self.rebuild(key, payload, self.expiry.absolute_ms(expiry), policy).await?;
+                }
                 Value::ServerError(err) => return Err(self.target.error("RESTORE", err.into())),
                 _ if pair[0] == Value::Nil => stats.deleted += 1,
                 _ => stats.copied += 1,
             }
         }
+        Ok(stats)
+    }
+
+    /// The target cannot read the source's DUMP payload (it is an older Redis): recreates the
+    /// value from its decoded form with ordinary commands, in one MULTI with the DEL of the old
+    /// value, so readers never see it half built. Logged once per value type.
+    async fn rebuild(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+        expire_at_ms: u64,
+        policy: ReplacePolicy,
+    ) -> Result<CopyStats, ReplicateError> {
+        let mut stats = CopyStats::default();
+        if policy != ReplacePolicy::Replace && keys::exists(&self.target, &[key.to_vec()]).await?[0] {
+            self.busy(key, policy, &mut stats)?;
+            return Ok(stats);
+        }
+        let object = decode::dumped_object(payload);
+        let value_type = object.first().copied().unwrap_or_default();
+        if self.rebuilt_types.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(value_type) {
+            warn!(
+                value_type,
+                key = %printable(key),
+                "the target cannot read this server's DUMP payloads for this value type (it is probably an older \
+                 Redis); rebuilding such keys with ordinary commands"
+            );
+        }
+        let commands = decode::commands(key, object, (expire_at_ms > 0).then_some(expire_at_ms))
+            .await
+            .map_err(|err| decode::unrebuildable(self.target.label(), key, err))?;
+        let mut rebuild = pipe();
+        rebuild.atomic().cmd("DEL").arg(key);
+        for args in &commands {
+            let mut command = cmd(&String::from_utf8_lossy(&args[0]));
+            command.arg(&args[1..]);
+            rebuild.add_command(command);
+        }
+        for reply in self.target.pipe("rebuilding a refused value", &mut rebuild).await? {
+            self.target.ok("rebuilding a refused value", reply)?;
+        }
+        stats.copied += 1;
         Ok(stats)
     }
 

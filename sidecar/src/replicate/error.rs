@@ -40,6 +40,10 @@ pub enum ReplicateError {
         "the source's RDB snapshot is unreadable at byte {offset}: {detail}; this run stops, and a restart begins a full resync"
     )]
     Rdb { offset: u64, detail: String },
+    #[error(
+        "{server} cannot read the source's DUMP payload of key {key}, and the value cannot be rebuilt with commands ({detail}); this run stops: copy to a Redis at least as new as the source"
+    )]
+    Unrebuildable { server: Arc<str>, key: String, detail: String },
     #[error("{0}")]
     Usage(String),
 }

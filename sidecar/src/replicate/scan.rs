@@ -150,6 +150,7 @@ impl ScanReplicator {
             target,
             big_key_bytes: options.big_key_bytes,
             chunk: options.chunk,
+            rebuilt_types: Default::default(),
         };
         info!(parent: &span, passes = ?checkpoint.passes, "scan replication starting");
         let run = CopyLoop { copier, shared, options, progress: progress_tx, started: Instant::now() };

@@ -6,16 +6,40 @@
 //! consumer groups have no faithful command form), module values and the ancient zipmap; those
 //! stop replication with an error naming the key.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 
 use super::rdb::{Memory, Snapshot, kind};
 use crate::replicate::ReplicateError;
+use crate::replicate::endpoint::printable;
 
 /// Elements per rebuilding command, so no single command grows with the value.
 const ELEMENTS_PER_COMMAND: usize = 1000;
 
 /// A command as its arguments.
 pub(crate) type Args = Vec<Vec<u8>>;
+
+/// Whether a RESTORE error says the target cannot read the payload (rather than, say, BUSYKEY):
+/// a newer RDB version, or a value type it does not know.
+pub(crate) fn unreadable_payload(error: &str) -> bool {
+    error.contains("payload") || error.contains("Bad data format")
+}
+
+/// The error for a value [`commands`] could not rebuild, on `server`.
+pub(crate) fn unrebuildable(server: &Arc<str>, key: &[u8], err: ReplicateError) -> ReplicateError {
+    let detail = match err {
+        ReplicateError::Rdb { detail, .. } => detail,
+        other => other.to_string(),
+    };
+    ReplicateError::Unrebuildable { server: server.clone(), key: printable(key), detail }
+}
+
+/// The value in a DUMP payload (type byte + encoding), without the RDB version and CRC64 that
+/// end it.
+pub(crate) fn dumped_object(payload: &[u8]) -> &[u8] {
+    &payload[..payload.len().saturating_sub(10)]
+}
 
 /// Commands that recreate `key` from `object` (type byte + encoding), expiry included. The
 /// key must not exist when they run.
@@ -100,7 +124,7 @@ fn collection_command(value_type: u8) -> &'static [u8] {
 }
 
 fn bad(detail: &str) -> ReplicateError {
-    ReplicateError::Rdb { offset: 0, detail: format!("cannot rebuild a value the target refused: {detail}") }
+    ReplicateError::Rdb { offset: 0, detail: detail.to_string() }
 }
 
 /// A score of the old text format: a length byte, or 253/254/255 for nan/+inf/-inf.

@@ -160,9 +160,7 @@ impl Loader<'_> {
                     }
                     _ => self.reporter.progress.checkpoint.skipped += 1,
                 },
-                Sent::Restore(entry) if error.contains("payload") || error.contains("Bad data format") => {
-                    refused.push(entry)
-                }
+                Sent::Restore(entry) if decode::unreadable_payload(&error) => refused.push(entry),
                 Sent::Restore(entry) => {
                     let key = printable(&entry.key);
                     return Err(self.target.link.error(format!("RESTORE of key {key} failed: {error}")));
@@ -187,9 +185,9 @@ impl Loader<'_> {
                  Redis); rebuilding such keys with ordinary commands"
             );
         }
-        let commands = decode::commands(&entry.key, &entry.object, entry.expire_at_ms).await.map_err(|err| {
-            ReplicateError::Rdb { offset: 0, detail: format!("key {}: {err}", printable(&entry.key)) }
-        })?;
+        let commands = decode::commands(&entry.key, &entry.object, entry.expire_at_ms)
+            .await
+            .map_err(|err| decode::unrebuildable(self.target.link.label(), &entry.key, err))?;
         let mut request = Vec::new();
         encode_into(&mut request, &[b"SELECT", entry.db.to_string().as_bytes()]);
         if self.policy == ReplacePolicy::Replace {

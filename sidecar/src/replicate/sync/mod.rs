@@ -18,7 +18,7 @@
 //! offset as of the call.
 
 mod apply;
-mod decode;
+pub(crate) mod decode;
 mod link;
 mod load;
 mod psync;
