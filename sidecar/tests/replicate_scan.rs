@@ -45,6 +45,50 @@ async fn million_element_hash_copies_in_chunks() {
     assert_clean(&pair.verify().await);
 }
 
+/// A big stream is copied in chunks too: entries with their IDs, then its last ID and counters,
+/// consumer groups, consumers and every pending entry with its owner and delivery count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_stream_copies_in_chunks_with_its_groups_and_pending_entries() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    let mut p = redis::pipe();
+    for i in 1..=2_000 {
+        p.cmd("XADD").arg("events").arg(format!("{i}-0")).arg("n").arg(i).ignore();
+    }
+    p.cmd("XDEL").arg("events").arg("5-0").ignore();
+    p.cmd("XGROUP").arg(&["CREATE", "events", "billing", "0"]).ignore();
+    p.cmd("XGROUP").arg(&["CREATE", "events", "audit", "$"]).ignore();
+    p.cmd("XGROUP").arg(&["CREATECONSUMER", "events", "audit", "idle-bob"]).ignore();
+    for (consumer, count) in [("alice", 120), ("carol", 30)] {
+        let read = ["GROUP", "billing", consumer, "COUNT", &count.to_string(), "STREAMS", "events", ">"];
+        p.cmd("XREADGROUP").arg(&read).ignore();
+    }
+    p.cmd("XACK").arg(&["events", "billing", "10-0", "11-0"]).ignore();
+    p.exec_async(&mut source).await.unwrap();
+
+    let options = ScanOptions { big_key_bytes: 1, chunk: 64, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    caught_up(&mut replicator).await;
+    let mut target = pair.target().await;
+    for probe in [redis::cmd("XPENDING").arg(&["events", "billing"]), redis::cmd("XINFO").arg(&["STREAM", "events"])] {
+        let (on_source, on_target): (redis::Value, redis::Value) =
+            (probe.query_async(&mut source).await.unwrap(), probe.query_async(&mut target).await.unwrap());
+        assert_eq!(on_source, on_target, "{:?}", probe.args_iter().collect::<Vec<_>>());
+    }
+    // Each pending entry: ID, owner and delivery count (its idle time moves on by itself).
+    let pending = redis::cmd("XPENDING").arg(&["events", "billing", "-", "+", "1000"]).clone();
+    let entries = |reply: Vec<(String, String, u64, u64)>| {
+        reply.into_iter().map(|(id, who, _, n)| (id, who, n)).collect::<Vec<_>>()
+    };
+    let on_source = entries(pending.query_async(&mut source).await.unwrap());
+    assert_eq!(on_source.len(), 148);
+    assert_eq!(on_source, entries(pending.query_async(&mut target).await.unwrap()));
+    let consumers: Vec<redis::Value> =
+        redis::cmd("XINFO").arg(&["CONSUMERS", "events", "audit"]).query_async(&mut target).await.unwrap();
+    assert_eq!(consumers.len(), 1, "a consumer with nothing pending is copied too");
+    assert_clean(&pair.verify().await);
+}
+
 /// A replicator dropped mid-backfill resumes from its checkpoint and still ends exact, even
 /// though keys it had already copied changed while it was down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

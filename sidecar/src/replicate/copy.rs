@@ -18,7 +18,7 @@ use super::chunks::{Chunk, Chunks};
 use super::endpoint::{Endpoint, as_int, printable};
 use super::keys::{self, KeyInfo};
 use super::sync::decode;
-use super::{Key, KeyType, ReplicateError};
+use super::{Key, KeyType, ReplicateError, streams};
 
 /// What to do when a key the backfill is about to write already exists on the target.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,26 +231,18 @@ impl Copier {
         let mut chunks = Chunks::new(&self.source, key, kind, self.chunk);
         let mut wrote = false;
         while let Some(chunk) = chunks.next().await? {
-            // Only lists, hashes, sets and sorted sets are big-key candidates (`KeyType::chunkable`).
-            let Chunk::Flat(items) = chunk else { unreachable!("streams are never copied in chunks") };
-            if items.is_empty() {
-                continue;
-            }
-            let mut write = match kind {
-                KeyType::Hash => cmd("HSET"),
-                KeyType::Set => cmd("SADD"),
-                KeyType::ZSet => cmd("ZADD"),
-                _ => cmd("RPUSH"),
-            };
-            write.arg(&tmp);
-            if kind == KeyType::ZSet {
-                for pair in items.chunks(2) {
-                    write.arg(&pair[1]).arg(&pair[0]);
+            let mut write = match chunk {
+                Chunk::Flat(items) if items.is_empty() => continue,
+                Chunk::Flat(items) => {
+                    let mut write = pipe();
+                    write.add_command(flat_write(kind, &tmp, &items));
+                    write
                 }
-            } else {
-                write.arg(items);
+                Chunk::Stream(entries) => streams::entries(&self.source, &tmp, &entries)?,
+            };
+            for reply in self.target.pipe("chunk write", &mut write).await? {
+                self.target.ok("chunk write", reply)?;
             }
-            self.target.cmd::<()>("chunk write", &write).await?;
             wrote = true;
         }
         if !wrote {
@@ -258,6 +250,9 @@ impl Copier {
             self.target.cmd::<()>("DEL", cmd("DEL").arg(key)).await?;
             stats.deleted += 1;
             return Ok(stats);
+        }
+        if kind == KeyType::Stream {
+            streams::copy_state(&self.source, &self.target, key, &tmp, self.chunk).await?;
         }
         let mut finish = pipe();
         finish.atomic();
@@ -271,4 +266,24 @@ impl Copier {
         stats.copied += 1;
         Ok(stats)
     }
+}
+
+/// The command adding one chunk of a list, hash, set or sorted set to `key`.
+fn flat_write(kind: KeyType, key: &[u8], items: &[Key]) -> redis::Cmd {
+    let mut write = match kind {
+        KeyType::Hash => cmd("HSET"),
+        KeyType::Set => cmd("SADD"),
+        KeyType::ZSet => cmd("ZADD"),
+        _ => cmd("RPUSH"),
+    };
+    write.arg(key);
+    if kind == KeyType::ZSet {
+        // ZSCAN yields member, score; ZADD takes score, member.
+        for pair in items.chunks(2) {
+            write.arg(&pair[1]).arg(&pair[0]);
+        }
+    } else {
+        write.arg(items);
+    }
+    write
 }

@@ -52,9 +52,10 @@ impl KeyType {
         }
     }
 
-    /// Whether values of this type can be copied element by element ([`super::chunks`]).
+    /// Whether values of this type can be copied element by element ([`super::chunks`]; a
+    /// stream's groups follow its entries, [`super::streams`]).
     pub(crate) fn chunkable(self) -> bool {
-        matches!(self, KeyType::List | KeyType::Hash | KeyType::Set | KeyType::ZSet)
+        matches!(self, KeyType::List | KeyType::Hash | KeyType::Set | KeyType::ZSet | KeyType::Stream)
     }
 }
 

@@ -15,7 +15,7 @@
 //!
 //! Rooms: [`endpoint`] (connections and error mapping), [`keys`] (SCAN and key inspection),
 //! [`chunks`] (bounded-memory iteration over big collections), [`copy`] (one batch of keys,
-//! source → target), [`dirty`] (keys waiting for a re-copy), [`notify`] (keyspace notifications),
+//! source → target), [`streams`] (a big stream's groups and pending entries), [`dirty`] (keys waiting for a re-copy), [`notify`] (keyspace notifications),
 //! [`flush`] (FLUSHDB/FLUSHALL detection), [`checkpoint`], [`progress`], [`scan`] (the replicator
 //! loop), [`compare`] and [`verify`] (the verifier), [`pace`] (rate limiting), [`sync`] (the
 //! replica), [`replicator`] (the handle over both).
@@ -34,6 +34,7 @@ mod pace;
 mod progress;
 mod replicator;
 mod scan;
+mod streams;
 mod sync;
 mod verify;
 

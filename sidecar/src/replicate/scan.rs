@@ -41,7 +41,7 @@ pub struct ScanOptions {
     pub batch: usize,
     /// What the backfill does with keys that already exist on the target.
     pub replace: ReplacePolicy,
-    /// MEMORY USAGE above which lists, hashes, sets and sorted sets are copied in chunks.
+    /// MEMORY USAGE above which lists, hashes, sets, sorted sets and streams are copied in chunks.
     pub big_key_bytes: u64,
     /// Elements per chunk when copying a big key.
     pub chunk: usize,
