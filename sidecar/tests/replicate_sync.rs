@@ -139,6 +139,36 @@ async fn killed_and_restarted_it_resumes_and_ends_equal() {
     assert_clean(&pair.verify().await);
 }
 
+/// The source drops Eden's replication link while writers run (`CLIENT KILL TYPE replica`, as a
+/// failover or a proxy restart would); the replicator reconnects by itself, continues the stream
+/// with PSYNC, and ends equal. The target's connection dropping is ridden out the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_reconnected_and_the_stream_continues() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 10_000).await;
+    let mut replicator = pair.sync(SyncOptions::default(), None).await;
+    caught_up(&mut replicator).await;
+
+    let partial_before = info_stat(&mut source, "stats", "sync_partial_ok").await;
+    let writers = spawn_writers(&source, 2, 300, 10_000);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed: i64 = redis::cmd("CLIENT").arg(&["KILL", "TYPE", "replica"]).query_async(&mut source).await.unwrap();
+    assert_eq!(killed, 1, "Eden's replication link");
+    let mut target = pair.target().await;
+    let killed: i64 =
+        redis::cmd("CLIENT").arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"]).query_async(&mut target).await.unwrap();
+    assert!(killed >= 1, "Eden's connection to the target");
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await; // one-second keys gone on both sides
+    caught_up(&mut replicator).await;
+    assert!(info_stat(&mut source, "stats", "sync_partial_ok").await > partial_before, "PSYNC continued");
+    assert_eq!(info_stat(&mut source, "stats", "sync_full").await, 1, "no second full copy");
+    assert_clean(&pair.verify().await);
+}
+
 /// FLUSHDB and FLUSHALL on the source arrive in the stream and empty the target too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_flushes_are_replicated() {

@@ -32,6 +32,8 @@ pub enum ReplicateError {
     Unreachable { server: Arc<str>, source: UpstreamError },
     #[error("{server}: {detail}; this run stops (a restarted replicator resumes from its checkpoint)")]
     Link { server: Arc<str>, detail: String },
+    #[error("{server}: {detail}; this run stops (a restarted replicator resumes from its checkpoint)")]
+    Disconnected { server: Arc<str>, detail: String },
     #[error(
         "{server} refused `{command}` ({reply}); sync mode needs the source to accept a replica: use scan mode for servers that block PSYNC"
     )]
@@ -46,4 +48,12 @@ pub enum ReplicateError {
     Unrebuildable { server: Arc<str>, key: String, detail: String },
     #[error("{0}")]
     Usage(String),
+}
+
+impl ReplicateError {
+    /// A lost or refused connection, which reconnecting may cure; anything else (a refusal, bad
+    /// data, a policy stop) would only happen again.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, ReplicateError::Disconnected { .. } | ReplicateError::Unreachable { .. })
+    }
 }

@@ -90,11 +90,15 @@ impl Link {
         ReplicateError::Link { server: self.label.clone(), detail: detail.to_string() }
     }
 
+    fn disconnected(&self, detail: impl std::fmt::Display) -> ReplicateError {
+        ReplicateError::Disconnected { server: self.label.clone(), detail: detail.to_string() }
+    }
+
     /// Writes bytes (one or many encoded commands).
     pub(crate) async fn send(&mut self, bytes: &[u8]) -> Result<(), ReplicateError> {
         match self.stream.write_all(bytes).await {
             Ok(()) => Ok(()),
-            Err(err) => Err(self.error(format!("write failed: {err}"))),
+            Err(err) => Err(self.disconnected(format!("write failed: {err}"))),
         }
     }
 
@@ -105,9 +109,9 @@ impl Link {
         let mut got = 0;
         loop {
             match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(self.error("connection closed by the server")),
+                Ok(0) => return Err(self.disconnected("connection closed by the server")),
                 Ok(n) => got += n,
-                Err(err) => return Err(self.error(format!("read failed: {err}"))),
+                Err(err) => return Err(self.disconnected(format!("read failed: {err}"))),
             }
             if got >= want {
                 return Ok(got);

@@ -106,9 +106,7 @@ impl SyncReplicator {
         let source = Address::parse("source", source, &options.tls)?;
         let target = Address::parse("target", target, &options.tls)?;
         let span = info_span!("sync_replicator", source = %source.label(), target = %target.label());
-        let target = Target::new(target.connect().await?, options.limits.target);
-        let link = source.connect().await?;
-        let info = source.connect().await?;
+        let connections = Connections::open(&source, &target, &options).await?;
         let restart = checkpoint.is_some();
         // Until the source answers PSYNC nothing is known to be on the target: a first run
         // reports "loading", so nobody mistakes the empty start for a finished copy.
@@ -118,7 +116,8 @@ impl SyncReplicator {
         });
         let (tx, progress) = watch::channel(Progress { checkpoint, ..Default::default() });
         let reporter = Reporter { tx, started: Instant::now(), progress: progress.borrow().clone() };
-        let session = Session { link, info, target, options, reporter, restart };
+        let addresses = (source.clone(), target);
+        let session = Session { addresses, connections, options, reporter, restart, handshakes: 0 };
         let task = tokio::spawn(session.run().instrument(span));
         Ok(SyncReplicator { source, progress, task })
     }
@@ -180,28 +179,90 @@ impl Reporter {
     }
 }
 
-/// One replication session, from handshake to the stream.
-struct Session {
+/// Reconnect attempts in a row before a lost connection stops the run, waiting 1, 2, 4, 8 and
+/// 16 s: a server restart or a network blip is ridden out, a server that stays away is
+/// reported (the owner restarts the run from its checkpoint later).
+const RECONNECT_ATTEMPTS: u32 = 5;
+
+/// The three connections a session uses.
+struct Connections {
+    /// The replication link: the snapshot, then the stream.
     link: link::Link,
+    /// For INFO while the link is busy streaming.
     info: link::Link,
     target: Target,
+}
+
+impl Connections {
+    async fn open(source: &Address, target: &Address, options: &SyncOptions) -> Result<Self, ReplicateError> {
+        Ok(Connections {
+            target: Target::new(target.connect().await?, options.limits.target),
+            link: source.connect().await?,
+            info: source.connect().await?,
+        })
+    }
+}
+
+/// One replication, from handshake to the stream, reconnecting when a connection is lost.
+struct Session {
+    addresses: (Address, Address),
+    connections: Connections,
     options: SyncOptions,
     reporter: Reporter,
     restart: bool,
+    /// PSYNC handshakes the source answered.
+    handshakes: u64,
 }
 
 impl Session {
     async fn run(mut self) -> Result<(), ReplicateError> {
-        let result = self.replicate().await;
-        if let Err(err) = &result {
-            warn!(error = %err, "sync replication stopped");
+        let mut attempts = 0;
+        loop {
+            let handshakes = self.handshakes;
+            let err = match self.replicate().await {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            if self.handshakes > handshakes {
+                // It got going again since the last loss: this is a new incident.
+                attempts = 0;
+            }
+            if !err.is_disconnect() || attempts == RECONNECT_ATTEMPTS {
+                warn!(error = %err, "sync replication stopped");
+                return Err(err);
+            }
+            // A reconnect is a restart: continue from the position the target recorded. Until
+            // the stream flows again, the target falls behind by however long this takes.
+            self.restart = true;
+            self.reporter.progress.behind_since.get_or_insert_with(Instant::now);
+            self.reporter.publish();
+            loop {
+                let wait = Duration::from_secs(1 << attempts);
+                attempts += 1;
+                warn!(error = %err, retry_in = ?wait, attempt = attempts, "sync replication lost a connection; reconnecting");
+                tokio::time::sleep(wait).await;
+                let (source, target) = &self.addresses;
+                match Connections::open(source, target, &self.options).await {
+                    Ok(connections) => {
+                        self.connections = connections;
+                        break;
+                    }
+                    Err(err) if err.is_disconnect() && attempts < RECONNECT_ATTEMPTS => {}
+                    Err(err) => {
+                        warn!(error = %err, "sync replication stopped");
+                        return Err(err);
+                    }
+                }
+            }
         }
-        result
     }
 
     async fn replicate(&mut self) -> Result<(), ReplicateError> {
-        let recorded = if self.restart { self.target.recorded().await? } else { None };
-        let applied = match psync::handshake(&mut self.link, recorded.as_ref()).await? {
+        let Connections { link, info, target } = &mut self.connections;
+        let recorded = if self.restart { target.recorded().await? } else { None };
+        let outcome = psync::handshake(link, recorded.as_ref()).await?;
+        self.handshakes += 1;
+        let applied = match outcome {
             Outcome::Continue { replid } => {
                 let recorded = recorded.unwrap_or_else(|| unreachable!("CONTINUE answers a PSYNC with a position"));
                 info!(offset = recorded.offset, "the source continues its stream where the target stands");
@@ -210,7 +271,7 @@ impl Session {
             Outcome::Full { position, framing } => {
                 if self.restart {
                     warn!("the source cannot continue from the target's position; flushing the target for a full copy");
-                    self.target.flush().await?;
+                    target.flush().await?;
                 }
                 info!(replid = %position.replid, offset = position.offset, ?framing, "loading the source's snapshot");
                 let loading_started = Instant::now();
@@ -220,12 +281,12 @@ impl Session {
                 self.reporter.progress.lag_ms = 0;
                 self.reporter.progress.behind_since = Some(loading_started);
                 self.reporter.publish();
-                let mut snapshot = Snapshot::open(&mut self.link, framing).await?;
+                let mut snapshot = Snapshot::open(link, framing).await?;
                 // After a restart the target holds nothing of its own any more.
                 let policy = if self.restart { ReplacePolicy::Replace } else { self.options.replace };
                 let limits = BatchLimits { keys: self.options.batch_keys, bytes: self.options.batch_bytes };
                 let mut loader = Loader {
-                    target: &mut self.target,
+                    target,
                     policy,
                     limits,
                     reporter: &mut self.reporter,
@@ -233,7 +294,7 @@ impl Session {
                     started: loading_started,
                 };
                 loader.run(&mut snapshot).await?;
-                self.target.write_position(&position).await?;
+                target.write_position(&position).await?;
                 let checkpoint = &self.reporter.progress.checkpoint;
                 info!(
                     keys = checkpoint.copied,
@@ -245,9 +306,9 @@ impl Session {
             }
         };
         let follower = apply::Follower {
-            source: &mut self.link,
-            info: &mut self.info,
-            target: &mut self.target,
+            source: link,
+            info,
+            target,
             reporter: &mut self.reporter,
             applied,
             batch_bytes: self.options.batch_bytes,
