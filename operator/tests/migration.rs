@@ -11,7 +11,7 @@ use eden_operator::crd::{Migration, Phase};
 use eden_operator::gateway::DEFAULT_IMAGE;
 use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
 use eden_sidecar::config::{Applier, EdenConfig, WritePolicy};
-use eden_sidecar::lease::LeaseReporter;
+use eden_sidecar::lease::{ANNOTATION_LOST_SOURCE_WRITES, LeaseReporter};
 use eden_sidecar::metrics::{MirrorOutcome, ProxyMetrics};
 use eden_sidecar::route::Side;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -247,6 +247,16 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
     // it is held until the user accepts exactly that.
     sidecar_metrics.mirror(Side::Source, MirrorOutcome::Failed);
     sidecar_metrics.mirror(Side::Source, MirrorOutcome::Dropped);
+    let leases: Api<Lease> = Api::namespaced(harness.client.clone(), &harness.namespace);
+    for _ in 0..100 {
+        let lease = leases.get("eden-sidecar-app-0").await.unwrap();
+        if lease.metadata.annotations.unwrap_or_default().get(ANNOTATION_LOST_SOURCE_WRITES).map(String::as_str)
+            == Some("2")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     harness.apply(&migration("shop", "sync", 25, "oldAuthoritative"));
     let held = harness
         .wait("shop", "RollbackNotLossless", |m| {
@@ -275,7 +285,6 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
     harness.migrations().delete("shop", &DeleteParams::default()).await.unwrap();
     harness.wait_gone("shop").await;
     assert!(harness.config_maps().get_opt("eden-shop").await.unwrap().is_none());
-    let leases: Api<Lease> = Api::namespaced(harness.client.clone(), &harness.namespace);
     assert!(leases.get_opt("eden-sidecar-app-0").await.unwrap().is_none(), "sidecar Leases go with the Migration");
     let kept: Option<String> = on_target.get("user:0").await.unwrap();
     assert_eq!(kept.as_deref(), Some("profile 0"), "cleanup never touches user data");

@@ -83,8 +83,8 @@ impl LeaseReporter {
         format!("eden-sidecar-{}", self.pod)
     }
 
-    /// Renews at once, then on every tick and whenever the applied configuration changes, so
-    /// the operator sees an ack within one round trip of the change.
+    /// Renews at once, then on every tick and whenever the applied configuration, the hold or
+    /// the count of lost writes changes, so the operator sees each within one round trip.
     pub async fn run(mut self) {
         let mut ticker = tokio::time::interval(RENEW_INTERVAL);
         ticker.tick().await; // the first tick is immediate; the first renewal is below
@@ -99,10 +99,18 @@ impl LeaseReporter {
                     None => std::future::pending().await,
                 }
             };
+            let metrics = self.metrics.clone();
+            let lost_write = async move {
+                match metrics {
+                    Some(metrics) => metrics.lost_source_write().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = ticker.tick() => {}
                 changed = self.config.changed() => if changed.is_err() { return },
                 changed = hold_changed => if changed.is_err() { return },
+                () = lost_write => {}
             }
         }
     }

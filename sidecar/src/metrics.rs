@@ -15,6 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
 
 use crate::command::CommandKind;
 use crate::route::Side;
@@ -79,6 +80,8 @@ pub struct ProxyMetrics {
     shadow: [Counter; 3],
     holding: Gauge,
     held: Counter,
+    /// Woken on every write mirrored to the source that did not land (see [`Self::lost_source_write`]).
+    source_loss: Notify,
 }
 
 impl Default for ProxyMetrics {
@@ -128,6 +131,7 @@ impl Default for ProxyMetrics {
                 .map(|outcome| shadow.get_or_create(&OutcomeLabels { outcome }).clone()),
             holding,
             held,
+            source_loss: Notify::new(),
         }
     }
 }
@@ -140,6 +144,16 @@ impl ProxyMetrics {
 
     pub fn mirror(&self, side: Side, outcome: MirrorOutcome) {
         self.mirror[side as usize][outcome as usize].inc();
+        if side == Side::Source && !matches!(outcome, MirrorOutcome::Applied) {
+            self.source_loss.notify_one();
+        }
+    }
+
+    /// Completes once a write mirrored to the source has failed or been dropped since the last
+    /// time it completed, so the Lease can report the loss at once rather than at its next
+    /// renewal: the operator decides on rollbacks from it.
+    pub async fn lost_source_write(&self) {
+        self.source_loss.notified().await
     }
 
     /// Writes mirrored to `side` that never landed there (failed or dropped) since start.
