@@ -138,8 +138,9 @@ impl ProxyMetrics {
         self.commands[side as usize][kind as usize].inc();
     }
 
-    pub fn mirror(&self, side: Side, outcome: MirrorOutcome) {
-        self.mirror[side as usize][outcome as usize].inc();
+    /// `requests` mirrored to `side` came to `outcome`.
+    pub fn mirror(&self, side: Side, outcome: MirrorOutcome, requests: u64) {
+        self.mirror[side as usize][outcome as usize].inc_by(requests);
     }
 
     pub fn shadow(&self, outcome: ShadowOutcome) {
