@@ -1,9 +1,9 @@
 //! Mirrored writes and shadow reads: requests a client sent that also go to the side that does
 //! not answer it (DESIGN §4).
 //!
-//! Each client session has at most one [`MirrorLink`] per side, with its own connection, so the
-//! client's connection state (AUTH, HELLO, SELECT; see [`ConnectionState`]) is replayed there
-//! and mirrored writes apply in the client's order. A link is asynchronous: the session hands it
+//! Each client session has at most one [`MirrorLink`] per side, and each link one connection,
+//! so the client's connection state (AUTH, HELLO, SELECT; see [`ConnectionState`]) is replayed
+//! there and mirrored writes apply in the client's order. A link is asynchronous: the session hands it
 //! requests through a bounded queue and moves on. When the queue is full the requests are
 //! dropped; when the connection fails, or the server answers with an error, the write failed.
 //! Either way the client never waits and never sees it; every drop and failure is counted
@@ -15,13 +15,21 @@
 //! writes everything queued in one write and accounts for the replies as they are scanned,
 //! without copying them.
 //!
+//! Most sessions never change their connection state, and their mirrored writes need nothing a
+//! connection of their own would give them: they share one connection per side ([`MirrorPool`]),
+//! so the writes of many clients that arrive together go out in one write, and the other side
+//! reads them in one read instead of one per client. A session leaves the shared connection
+//! for one of its own when it changes its connection state, mirrors a transaction or shadows a
+//! read; its own connection sends nothing until the shared one has answered everything the
+//! session sent there (a barrier), so its writes still apply in its order.
+//!
 //! A shadow read is compared with the reply the client got, which the session's reply path
 //! hands over through a oneshot; a mismatch is counted and logged with the key hashed.
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -33,8 +41,10 @@ use crate::reply::{Frame, ReplyScanner};
 use crate::route::Side;
 use crate::upstream::Upstream;
 
-/// Requests a link may have queued before new ones are dropped.
+/// Requests a session's own link may have queued before new ones are dropped.
 pub const QUEUE: usize = 4096;
+/// Requests a shared link may have queued: it carries the writes of every session in the pool.
+pub const SHARED_QUEUE: usize = 16 * QUEUE;
 /// How long a shadow reply waits for the answer the client got.
 const SHADOW_WAIT: Duration = Duration::from_secs(2);
 /// Read buffer for replies.
@@ -53,6 +63,11 @@ impl ConnectionState {
     /// The canonical name of a command that changes connection state; `None` for others.
     pub fn changed_by(name: &[u8]) -> Option<&'static str> {
         ["AUTH", "HELLO", "SELECT", "RESET"].into_iter().find(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+    }
+
+    /// Whether no request has changed the state yet (or RESET undid it).
+    pub fn is_initial(&self) -> bool {
+        self.auth.is_none() && self.hello.is_none() && self.select.is_none()
     }
 
     /// Records a request named `name` (as [`changed_by`](Self::changed_by) returns it).
@@ -89,6 +104,9 @@ pub enum Job {
     State { name: &'static str, request: Bytes },
     /// A read to compare with the reply the client got.
     Shadow { request: Bytes, answered: oneshot::Receiver<Bytes>, key: u64 },
+    /// Nothing to send: fired once every request queued before it has been answered (or has
+    /// failed), dropped unfired when the connection fails.
+    Barrier(oneshot::Sender<()>),
 }
 
 impl Job {
@@ -97,16 +115,58 @@ impl Job {
         match self {
             Job::Writes { count, .. } => *count as usize,
             Job::State { .. } | Job::Shadow { .. } => 1,
+            Job::Barrier(_) => 0,
         }
     }
 }
 
-/// A session's asynchronous connection to one side.
+/// The sending end of a link worker's queue; a shared link hands a clone to every session.
+#[derive(Debug, Clone)]
+struct Jobs {
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Requests queued and not yet taken by the worker: what `limit` bounds.
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Jobs {
+    /// Starts a worker for a link to `upstream` whose connection is in `state`; it connects on
+    /// its first job, and sends nothing before `after` has fired or been dropped.
+    fn spawn(link: Worker, after: Option<oneshot::Receiver<()>>) -> Jobs {
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let limit = if link.shared { SHARED_QUEUE } else { QUEUE };
+        tokio::spawn(link.run(Queue { jobs: receiver, queued: queued.clone() }, after));
+        Jobs { jobs, queued, limit }
+    }
+}
+
+/// The shared links of one plan, one per side, started on first use (see the module doc).
+#[derive(Debug, Default)]
+pub struct MirrorPool {
+    links: [OnceLock<Jobs>; 2],
+}
+
+impl MirrorPool {
+    /// A link to `side` (at `upstream`) for a session still in its initial connection state.
+    pub fn link(&self, side: Side, upstream: &Upstream, metrics: &Arc<ProxyMetrics>) -> MirrorLink {
+        let jobs = self.links[side as usize].get_or_init(|| {
+            let state = ConnectionState::default();
+            Jobs::spawn(
+                Worker { side, upstream: upstream.clone(), state, shared: true, metrics: metrics.clone() },
+                None,
+            )
+        });
+        MirrorLink::new(side, upstream.clone(), jobs.clone(), true, metrics.clone())
+    }
+}
+
+/// A session's asynchronous connection to one side: its own, or a shared one.
 pub struct MirrorLink {
     side: Side,
-    jobs: mpsc::UnboundedSender<Job>,
-    /// Requests queued and not yet taken by the worker: what [`QUEUE`] bounds.
-    queued: Arc<AtomicUsize>,
+    upstream: Upstream,
+    jobs: Jobs,
+    shared: bool,
     /// This batch's writes, not yet queued.
     batch: BytesMut,
     batched: u32,
@@ -114,13 +174,28 @@ pub struct MirrorLink {
 }
 
 impl MirrorLink {
-    /// Starts a link to `upstream`; it connects on its first job.
+    /// Starts a link of the session's own to `upstream`; it connects on its first job.
     pub fn open(side: Side, upstream: Upstream, state: ConnectionState, metrics: Arc<ProxyMetrics>) -> MirrorLink {
-        let (jobs, receiver) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let worker = Worker { side, upstream, state, metrics: metrics.clone() };
-        tokio::spawn(worker.run(Queue { jobs: receiver, queued: queued.clone() }));
-        MirrorLink { side, jobs, queued, batch: BytesMut::new(), batched: 0, metrics }
+        let worker = Worker { side, upstream: upstream.clone(), state, shared: false, metrics: metrics.clone() };
+        MirrorLink::new(side, upstream, Jobs::spawn(worker, None), false, metrics)
+    }
+
+    fn new(side: Side, upstream: Upstream, jobs: Jobs, shared: bool, metrics: Arc<ProxyMetrics>) -> MirrorLink {
+        MirrorLink { side, upstream, jobs, shared, batch: BytesMut::new(), batched: 0, metrics }
+    }
+
+    /// Moves a link on a shared connection to one of the session's own, in `state`, which
+    /// starts sending once the shared one has answered what the session sent there.
+    pub fn own(&mut self, state: &ConnectionState) {
+        if !self.shared {
+            return;
+        }
+        let (barrier, after) = oneshot::channel();
+        self.send(Job::Barrier(barrier));
+        let (side, upstream, metrics) = (self.side, self.upstream.clone(), self.metrics.clone());
+        let worker = Worker { side, upstream, state: state.clone(), shared: false, metrics };
+        self.jobs = Jobs::spawn(worker, Some(after));
+        self.shared = false;
     }
 
     /// Adds a write to this batch; [`flush`](Self::flush) queues the batch.
@@ -143,25 +218,26 @@ impl MirrorLink {
         self.queue(job);
     }
 
-    /// A full queue drops `job` (counted). Connection state is never dropped: a lost SELECT
-    /// would send every later write to the wrong database. A batch larger than the whole
-    /// queue still goes when the queue is empty.
+    /// A full queue drops `job` (counted). Connection state and barriers are never dropped: a
+    /// lost SELECT would send every later write to the wrong database. A batch larger than the
+    /// whole queue still goes when the queue is empty.
     fn queue(&self, job: Job) {
         let requests = job.requests();
-        let queued = self.queued.fetch_add(requests, Ordering::Relaxed);
-        let (job, outcome) = if queued > 0 && queued + requests > QUEUE && !matches!(job, Job::State { .. }) {
+        let queued = self.jobs.queued.fetch_add(requests, Ordering::Relaxed);
+        let droppable = matches!(job, Job::Writes { .. } | Job::Shadow { .. });
+        let (job, outcome) = if droppable && queued > 0 && queued + requests > self.jobs.limit {
             (job, MirrorOutcome::Dropped)
         } else {
-            match self.jobs.send(job) {
+            match self.jobs.jobs.send(job) {
                 Ok(()) => return,
                 Err(mpsc::error::SendError(job)) => (job, MirrorOutcome::Failed),
             }
         };
-        self.queued.fetch_sub(requests, Ordering::Relaxed);
+        self.jobs.queued.fetch_sub(requests, Ordering::Relaxed);
         match job {
             Job::Writes { count, .. } => self.metrics.mirror(self.side, outcome, count.into()),
             Job::Shadow { .. } => self.metrics.shadow(ShadowOutcome::Failed),
-            Job::State { .. } => {}
+            Job::State { .. } | Job::Barrier(_) => {}
         }
     }
 }
@@ -215,17 +291,24 @@ enum Expect {
         answered: oneshot::Receiver<Bytes>,
         key: u64,
     },
+    /// Fired when it reaches the front: everything before it has been answered.
+    Barrier(oneshot::Sender<()>),
 }
 
 struct Worker {
     side: Side,
     upstream: Upstream,
     state: ConnectionState,
+    /// Serves a [`MirrorPool`]: gathers what every ready session has queued before writing.
+    shared: bool,
     metrics: Arc<ProxyMetrics>,
 }
 
 impl Worker {
-    async fn run(mut self, mut queue: Queue) {
+    async fn run(mut self, mut queue: Queue, after: Option<oneshot::Receiver<()>>) {
+        if let Some(after) = after {
+            let _ = after.await;
+        }
         let mut first = None;
         loop {
             let Some(job) = (match first.take() {
@@ -254,6 +337,7 @@ impl Worker {
             Job::Writes { count, .. } => self.metrics.mirror(self.side, MirrorOutcome::Failed, count.into()),
             Job::Shadow { .. } => self.metrics.shadow(ShadowOutcome::Failed),
             Job::State { name, request } => self.state.record(name, request),
+            Job::Barrier(_) => {}
         }
     }
 
@@ -279,6 +363,10 @@ impl Worker {
         // The reply being scanned: its first byte tells a write's error; a shadow read keeps it whole.
         let (mut first_byte, mut whole) = (None, BytesMut::new());
         'connection: loop {
+            if self.shared && next.is_some() {
+                // Let the other sessions that are ready run first: their writes join this one.
+                tokio::task::yield_now().await;
+            }
             // Everything queued goes out in one write.
             while let Some(job) = next.take().or_else(|| queue.try_recv()) {
                 let (request, expect) = match job {
@@ -291,6 +379,14 @@ impl Worker {
                         (request, Expect::State)
                     }
                     Job::Shadow { request, answered, key } => (request, Expect::Shadow { answered, key }),
+                    Job::Barrier(barrier) if expected.is_empty() => {
+                        let _ = barrier.send(());
+                        continue;
+                    }
+                    Job::Barrier(barrier) => {
+                        expected.push_back(Expect::Barrier(barrier));
+                        continue;
+                    }
                 };
                 out.extend_from_slice(&request);
                 match (expected.back_mut(), expect) {
@@ -354,7 +450,7 @@ impl Worker {
             match expect {
                 Expect::Writes(count) => self.metrics.mirror(self.side, MirrorOutcome::Failed, count.into()),
                 Expect::Shadow { .. } => self.metrics.shadow(ShadowOutcome::Failed),
-                Expect::State => {}
+                Expect::State | Expect::Barrier(_) => {}
             }
         }
         next
@@ -363,6 +459,15 @@ impl Worker {
     /// Accounts for the reply to the oldest request on the connection: `failed` when it is an
     /// error; `whole` holds all of it when it answers a shadow read.
     async fn settle(&self, expected: &mut VecDeque<Expect>, failed: bool, whole: &mut BytesMut) {
+        self.answered(expected, failed, whole).await;
+        while matches!(expected.front(), Some(Expect::Barrier(_))) {
+            if let Some(Expect::Barrier(barrier)) = expected.pop_front() {
+                let _ = barrier.send(());
+            }
+        }
+    }
+
+    async fn answered(&self, expected: &mut VecDeque<Expect>, failed: bool, whole: &mut BytesMut) {
         if let Some(Expect::Writes(count)) = expected.front_mut() {
             let outcome = if failed { MirrorOutcome::Failed } else { MirrorOutcome::Applied };
             self.metrics.mirror(self.side, outcome, 1);

@@ -316,6 +316,8 @@ impl Session {
         }
         let request = Bytes::copy_from_slice(bytes);
         for link in self.links.iter_mut().flatten() {
+            // A shared connection must keep its state: the session continues on its own.
+            link.own(&self.state);
             link.send(Job::State { name, request: request.clone() });
         }
         self.state.record(name, request);
@@ -404,26 +406,39 @@ impl Session {
 
     /// Adds a write to this batch's mirrored writes to `side`.
     fn mirror(&mut self, plan: &Plan, side: Side, request: &[u8]) {
-        match self.link(plan, side) {
+        // A transaction's requests must reach one connection back to back: the session's own.
+        let shared = !matches!(self.txn, Txn::On { multi: true, .. });
+        match self.link(plan, side, shared) {
             Some(link) => link.write(request),
             None => self.metrics.mirror(side, MirrorOutcome::Failed, 1),
         }
     }
 
-    /// Sends a shadow read to `side`.
+    /// Sends a shadow read to `side`, on the session's own connection: comparing can take a
+    /// while, and nobody else's writes should wait for it.
     fn shadow(&mut self, plan: &Plan, side: Side, job: Job) {
-        match self.link(plan, side) {
+        match self.link(plan, side, false) {
             Some(link) => link.send(job),
             None => self.metrics.shadow(ShadowOutcome::Failed),
         }
     }
 
     /// The mirror link for `side`, opened when needed; `None` when the plan has no such side.
-    fn link(&mut self, plan: &Plan, side: Side) -> Option<&mut MirrorLink> {
+    /// It is a shared one only while `shared` allows it and the session is in its initial
+    /// connection state (see [`crate::mirror`]).
+    fn link(&mut self, plan: &Plan, side: Side, shared: bool) -> Option<&mut MirrorLink> {
+        let shared = shared && self.state.is_initial();
         let link = &mut self.links[side as usize];
-        if link.is_none() {
-            let upstream = plan.mirror_upstream(side)?;
-            *link = Some(MirrorLink::open(side, upstream.clone(), self.state.clone(), self.metrics.clone()));
+        match link {
+            Some(link) if !shared => link.own(&self.state),
+            Some(_) => {}
+            None => {
+                let upstream = plan.mirror_upstream(side)?;
+                *link = Some(match shared {
+                    true => plan.mirrors.link(side, upstream, &self.metrics),
+                    false => MirrorLink::open(side, upstream.clone(), self.state.clone(), self.metrics.clone()),
+                });
+            }
         }
         link.as_mut()
     }
