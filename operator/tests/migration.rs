@@ -245,8 +245,8 @@ async fn a_migration_syncs_pushes_its_strategy_cuts_over_rolls_back_and_cleans_u
     // Two writes the sidecar mirrored to the source never landed (its Lease reports them; the
     // sidecar's own tests make a source refuse them for real): a rollback would lose them, so
     // it is held until the user accepts exactly that.
-    sidecar_metrics.mirror(Side::Source, MirrorOutcome::Failed);
-    sidecar_metrics.mirror(Side::Source, MirrorOutcome::Dropped);
+    sidecar_metrics.mirror(Side::Source, MirrorOutcome::Failed, 1);
+    sidecar_metrics.mirror(Side::Source, MirrorOutcome::Dropped, 1);
     let leases: Api<Lease> = Api::namespaced(harness.client.clone(), &harness.namespace);
     for _ in 0..100 {
         let lease = leases.get("eden-sidecar-app-0").await.unwrap();

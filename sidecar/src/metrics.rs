@@ -142,9 +142,10 @@ impl ProxyMetrics {
         self.commands[side as usize][kind as usize].inc();
     }
 
-    pub fn mirror(&self, side: Side, outcome: MirrorOutcome) {
-        self.mirror[side as usize][outcome as usize].inc();
-        if side == Side::Source && !matches!(outcome, MirrorOutcome::Applied) {
+    /// `requests` mirrored to `side` came to `outcome`.
+    pub fn mirror(&self, side: Side, outcome: MirrorOutcome, requests: u64) {
+        self.mirror[side as usize][outcome as usize].inc_by(requests);
+        if side == Side::Source && !matches!(outcome, MirrorOutcome::Applied) && requests > 0 {
             self.source_loss.notify_one();
         }
     }

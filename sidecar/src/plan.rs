@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::{CurrentConfig, EdenConfig, UpstreamConfig};
 use crate::hold::{self, CurrentHold, HoldState};
+use crate::mirror::MirrorPool;
 use crate::route::{Side, Strategy};
 use crate::upstream::{Credentials, TlsSettings, Upstream};
 
@@ -31,6 +32,8 @@ pub struct Plan {
     pub source_mirror: Upstream,
     /// Every connection to the target; `None` while the strategy names none.
     pub target: Option<Upstream>,
+    /// Mirror connections the sessions of this plan share.
+    pub mirrors: MirrorPool,
 }
 
 impl Plan {
@@ -72,7 +75,8 @@ impl Routing {
     /// at most `max_pause`.
     pub fn follow(source: Upstream, settings: UpstreamSettings, config: CurrentConfig, max_pause: Duration) -> Routing {
         let hold = hold::follow(config.clone(), max_pause);
-        let initial = Plan { config: None, source_mirror: source.clone(), source, target: None };
+        let initial =
+            Plan { config: None, source_mirror: source.clone(), source, target: None, mirrors: MirrorPool::default() };
         let (plans, plan) = watch::channel(Arc::new(initial));
         tokio::spawn(rebuild(plans, config, settings));
         Routing { plan, hold }
@@ -115,6 +119,7 @@ async fn rebuild(plans: watch::Sender<Arc<Plan>>, mut config: CurrentConfig, set
                 }),
                 source: previous.source.clone(),
                 config: current.clone(),
+                mirrors: MirrorPool::default(),
             };
             plans.send_replace(Arc::new(plan));
         }

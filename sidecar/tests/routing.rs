@@ -277,6 +277,40 @@ async fn writes_the_source_refused_after_the_flip_are_reported_in_the_lease_and_
     assert_eq!(kept.metadata.annotations.unwrap()[ANNOTATION_LOST_SOURCE_WRITES], "20");
 }
 
+#[tokio::test]
+async fn a_session_that_changes_its_connection_state_keeps_its_mirrored_writes_in_order() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "mirror_writes: true").await;
+    let (mut other, mut raw) = (proxy.client().await, proxy.raw().await);
+    // Its first writes share a mirror connection with other clients' writes; SELECT moves it to
+    // a connection of its own, which must not overtake what the shared one still has queued.
+    let _: i64 = other.rpush("other", "x").await.unwrap();
+    let first: Vec<u8> = (1..=200).flat_map(|i| resp(&["RPUSH", "log", &i.to_string()])).collect();
+    raw.send(&[first, resp(&["SELECT", "0"]), resp(&["RPUSH", "log", "201"]), resp(&["SELECT", "1"])].concat()).await;
+    raw.send(&resp(&["RPUSH", "log", "in-db-1"])).await;
+    let mut replies: Vec<u8> = (1..=200).flat_map(|i| format!(":{i}\r\n").into_bytes()).collect();
+    replies.extend_from_slice(b"+OK\r\n:201\r\n+OK\r\n:1\r\n");
+    raw.expect(&replies).await;
+    let mut target = direct(&migration.target).await;
+    eventually("every write mirrored", || async {
+        proxy.metric("eden_mirror_writes_total{to=\"target\",outcome=\"applied\"}") == 203
+    })
+    .await;
+    let log: Vec<i64> = target.lrange("log", 0, -1).await.unwrap();
+    assert_eq!(log, (1..=201).collect::<Vec<i64>>(), "once each, in the client's order");
+    let mut target_db1 = redis::Client::open(format!("{}/1", migration.target.url()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    assert_eq!(
+        target_db1.lrange::<_, Vec<String>>("log", 0, -1).await.unwrap(),
+        ["in-db-1"],
+        "in the client's database"
+    );
+}
+
 /// Three connections pipelining writes while writes are held; returns their join handles.
 fn held_writers(proxy: &Proxy) -> Vec<tokio::task::JoinHandle<Vec<u8>>> {
     (0..3)

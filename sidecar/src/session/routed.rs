@@ -29,7 +29,7 @@ use super::replies::{Due, Replies, Shared};
 use super::{BUFFER, unreachable_reply};
 use crate::command::{Command, CommandKind};
 use crate::frame::{Request, RequestScanner};
-use crate::metrics::{ErrorKind, MirrorOutcome, ProxyMetrics};
+use crate::metrics::{ErrorKind, MirrorOutcome, ProxyMetrics, ShadowOutcome};
 use crate::mirror::{ConnectionState, Job, MirrorLink, hashed_key};
 use crate::plan::{Plan, Routing};
 use crate::route::{Dice, Route, Side, Strategy, writes};
@@ -234,14 +234,14 @@ impl Session {
                     if self.send(plan, answer, bytes, kind, Reply::Copied(copy)).await {
                         let job =
                             Job::Shadow { request: Bytes::copy_from_slice(bytes), answered, key: hashed_key(key) };
-                        self.mirror(plan, answer.other(), job);
+                        self.shadow(plan, answer.other(), job);
                     }
                 }
                 Route::Send { answer, mirror, shadow: false } => {
                     if self.send(plan, answer, bytes, kind, Reply::Client).await
                         && let Some(mirror) = mirror
                     {
-                        self.mirror(plan, mirror, Job::Write(Bytes::copy_from_slice(bytes)));
+                        self.mirror(plan, mirror, bytes);
                     }
                 }
             },
@@ -281,7 +281,7 @@ impl Session {
         if is("MULTI") && !multi {
             self.txn = Txn::On { side, mirror, multi: true };
             if let Some(mirror) = mirror {
-                self.mirror(plan, mirror, Job::Write(Bytes::copy_from_slice(bytes)));
+                self.mirror(plan, mirror, bytes);
             }
         } else if (multi && (is("EXEC") || is("DISCARD"))) || (!multi && is("UNWATCH")) {
             self.txn = Txn::None;
@@ -302,7 +302,7 @@ impl Session {
         if self.send(plan, side, bytes, kind, Reply::Client).await
             && let Some(mirror) = mirror
         {
-            self.mirror(plan, mirror, Job::Write(Bytes::copy_from_slice(bytes)));
+            self.mirror(plan, mirror, bytes);
         }
     }
 
@@ -315,7 +315,9 @@ impl Session {
             self.expect(Side::Target, true);
         }
         let request = Bytes::copy_from_slice(bytes);
-        for link in self.links.iter().flatten() {
+        for link in self.links.iter_mut().flatten() {
+            // A shared connection must keep its state: the session continues on its own.
+            link.own(&self.state);
             link.send(Job::State { name, request: request.clone() });
         }
         self.state.record(name, request);
@@ -402,26 +404,53 @@ impl Session {
         }
     }
 
-    /// Hands `job` to the mirror link for `side`, opening it when needed.
-    fn mirror(&mut self, plan: &Plan, side: Side, job: Job) {
-        if self.links[side as usize].is_none() {
-            let Some(upstream) = plan.mirror_upstream(side) else {
-                self.metrics.mirror(side, MirrorOutcome::Failed);
-                return;
-            };
-            let link = MirrorLink::open(side, upstream.clone(), self.state.clone(), self.metrics.clone());
-            self.links[side as usize] = Some(link);
-        }
-        if let Some(link) = &self.links[side as usize] {
-            link.send(job);
+    /// Adds a write to this batch's mirrored writes to `side`.
+    fn mirror(&mut self, plan: &Plan, side: Side, request: &[u8]) {
+        // A transaction's requests must reach one connection back to back: the session's own.
+        let shared = !matches!(self.txn, Txn::On { multi: true, .. });
+        match self.link(plan, side, shared) {
+            Some(link) => link.write(request),
+            None => self.metrics.mirror(side, MirrorOutcome::Failed, 1),
         }
     }
 
-    /// Sends this batch's dues, then its bytes (one write per side); false when the source
-    /// connection failed.
+    /// Sends a shadow read to `side`, on the session's own connection: comparing can take a
+    /// while, and nobody else's writes should wait for it.
+    fn shadow(&mut self, plan: &Plan, side: Side, job: Job) {
+        match self.link(plan, side, false) {
+            Some(link) => link.send(job),
+            None => self.metrics.shadow(ShadowOutcome::Failed),
+        }
+    }
+
+    /// The mirror link for `side`, opened when needed; `None` when the plan has no such side.
+    /// It is a shared one only while `shared` allows it and the session is in its initial
+    /// connection state (see [`crate::mirror`]).
+    fn link(&mut self, plan: &Plan, side: Side, shared: bool) -> Option<&mut MirrorLink> {
+        let shared = shared && self.state.is_initial();
+        let link = &mut self.links[side as usize];
+        match link {
+            Some(link) if !shared => link.own(&self.state),
+            Some(_) => {}
+            None => {
+                let upstream = plan.mirror_upstream(side)?;
+                *link = Some(match shared {
+                    true => plan.mirrors.link(side, upstream, &self.metrics),
+                    false => MirrorLink::open(side, upstream.clone(), self.state.clone(), self.metrics.clone()),
+                });
+            }
+        }
+        link.as_mut()
+    }
+
+    /// Sends this batch's dues and mirrored writes, then its bytes (one write per side); false
+    /// when the source connection failed.
     async fn flush(&mut self) -> bool {
         for due in self.pending.drain(..) {
             let _ = self.dues.send(due);
+        }
+        for link in self.links.iter_mut().flatten() {
+            link.flush();
         }
         self.unreachable = [None, None];
         let mut source_ok = true;
