@@ -1,10 +1,13 @@
 //! A shallow, streaming reader of the RDB snapshot a source sends its replica.
 //!
-//! Eden never rebuilds values from the RDB. It only finds where each key's encoded value begins
-//! and ends, and hands those bytes on untouched: an RDB value is byte for byte the body of a
-//! `DUMP` payload, so the target's own `RESTORE` decodes it, whatever the encoding (listpack,
-//! quicklist, intset, stream, module value). That keeps this reader small — lengths, strings,
-//! and the nesting of each type — and keeps memory at one value, however big the snapshot.
+//! Eden does not rebuild collections from the RDB. It only finds where each key's encoded value
+//! begins and ends, and hands those bytes on untouched: an RDB value is byte for byte the body
+//! of a `DUMP` payload, so the target's own `RESTORE` decodes it, whatever the encoding
+//! (listpack, quicklist, intset, stream, module value). That keeps this reader small — lengths,
+//! strings, and the nesting of each type — and keeps memory at one value, however big the
+//! snapshot. Strings are the exception: they are decoded (a string is one field), because the
+//! target stores a plain string from `MSET` for half the work of a `RESTORE`, and any server
+//! takes `SET`, whatever RDB version it reads.
 //!
 //! The reader pulls from a [`Feed`] (the replication link) exactly the bytes the RDB occupies,
 //! so whatever follows in the buffer (the command stream) is left for the stream applier. It
@@ -113,8 +116,11 @@ pub(crate) enum Framing {
 /// One thing the snapshot holds.
 #[derive(Debug)]
 pub(crate) enum Entry {
-    /// A key and its value as encoded in the RDB (type byte first).
-    Key(KeyEntry),
+    /// A string key; its value decoded (integers as decimal text, LZF decompressed).
+    String(KeyEntry),
+    /// A key of any other type; its value as encoded in the RDB (type byte first): a DUMP
+    /// payload without its trailer.
+    Object(KeyEntry),
     /// A function library's source (`FUNCTION LOAD` restores it).
     Function(Vec<u8>),
     /// The number of keys the next database holds (RESIZEDB), for progress.
@@ -129,8 +135,8 @@ pub(crate) struct KeyEntry {
     pub(crate) key: Vec<u8>,
     /// Absolute expiry in Unix milliseconds.
     pub(crate) expire_at_ms: Option<u64>,
-    /// The type byte followed by the encoded value: a DUMP payload without its trailer.
-    pub(crate) object: Vec<u8>,
+    /// Decoded or encoded, as the [`Entry`] variant says.
+    pub(crate) value: Vec<u8>,
 }
 
 /// A length-encoded field: a length, or one of the special string encodings.
@@ -218,19 +224,24 @@ impl<'a, F: Feed> Snapshot<'a, F> {
                 }
                 op::FUNCTION2 => return Ok(Entry::Function(self.string().await?)),
                 op::FUNCTION_PRE_GA => return Err(self.malformed("functions from a Redis 7.0 release candidate")),
+                kind::STRING => {
+                    let key = self.string().await?;
+                    let value = self.string().await?;
+                    return Ok(Entry::String(KeyEntry { db: self.db, key, expire_at_ms, value }));
+                }
                 value_type => {
                     let key = self.string().await?;
                     self.capture = Some(vec![value_type]);
                     self.skip_value(value_type).await?;
-                    let object = self.capture.take().unwrap_or_default();
-                    if object.len() > MAX_BULK_LEN {
+                    let value = self.capture.take().unwrap_or_default();
+                    if value.len() > MAX_BULK_LEN {
                         return Err(self.malformed(format!(
                             "the value of key {} is {} bytes, more than one RESTORE can carry",
                             key.escape_ascii(),
-                            object.len()
+                            value.len()
                         )));
                     }
-                    return Ok(Entry::Key(KeyEntry { db: self.db, key, expire_at_ms, object }));
+                    return Ok(Entry::Object(KeyEntry { db: self.db, key, expire_at_ms, value }));
                 }
             }
         }
@@ -261,8 +272,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     /// Skips one value of `value_type`, capturing its bytes.
     async fn skip_value(&mut self, value_type: u8) -> Result<(), ReplicateError> {
         match value_type {
-            kind::STRING
-            | kind::HASH_ZIPMAP
+            kind::HASH_ZIPMAP
             | kind::LIST_ZIPLIST
             | kind::SET_INTSET
             | kind::ZSET_ZIPLIST
@@ -505,11 +515,11 @@ mod tests {
         let rdb = sample();
         let entries = read_all(&rdb, Framing::Length(rdb.len() as u64)).await.unwrap();
         assert!(matches!(entries[0], Entry::DbSize(2)));
-        let Entry::Key(string) = &entries[1] else { panic!("{entries:?}") };
+        let Entry::String(string) = &entries[1] else { panic!("{entries:?}") };
         assert_eq!((string.db, &string.key[..], string.expire_at_ms), (2, &b"k"[..], Some(1_900_000_000_000)));
-        assert_eq!(string.object, [kind::STRING, 2, b'h', b'i']);
-        let Entry::Key(list) = &entries[2] else { panic!("{entries:?}") };
-        assert_eq!((list.expire_at_ms, list.object.len()), (None, 7));
+        assert_eq!(string.value, b"hi");
+        let Entry::Object(list) = &entries[2] else { panic!("{entries:?}") };
+        assert_eq!((list.expire_at_ms, list.value.len()), (None, 7));
         assert!(matches!(&entries[3], Entry::Function(code) if code == b"code"));
 
         let mut with_mark = rdb.clone();
