@@ -13,7 +13,7 @@
 //! so whatever follows in the buffer (the command stream) is left for the stream applier. It
 //! checks the RDB's own CRC64 as it goes. Anything malformed is an error, never a panic.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use crc::{CRC_64_REDIS, Crc, Digest, Table};
 use tracing::warn;
 
@@ -163,10 +163,9 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     pub(crate) async fn open(feed: &'a mut F, framing: Framing) -> Result<Self, ReplicateError> {
         let mut snapshot = Snapshot::value(feed, 0);
         snapshot.framing = framing;
-        let header = snapshot.take(9).await?;
-        let version = header
-            .strip_prefix(b"REDIS")
-            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        let version = snapshot
+            .take(9, |header| header.strip_prefix(b"REDIS").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()))
+            .await?
             .ok_or_else(|| snapshot.malformed("no REDIS header"))?;
         snapshot.version = version;
         Ok(snapshot)
@@ -263,8 +262,8 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             }
             Framing::Length(_) => Ok(()),
             Framing::EofMark(mark) => {
-                let end = self.take_unsummed(mark.len()).await?;
-                if end[..] != mark[..] { Err(self.malformed("the end mark does not match")) } else { Ok(()) }
+                let matches = self.take_unsummed(mark.len(), |end| end == mark).await?;
+                if matches { Ok(()) } else { Err(self.malformed("the end mark does not match")) }
             }
         }
     }
@@ -299,7 +298,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
                     // A score as text: a length byte, or 253/254/255 for nan/+inf/-inf.
                     let len = self.byte().await?;
                     if len < 253 {
-                        self.take(usize::from(len)).await?;
+                        self.skip(usize::from(len)).await?;
                     }
                 }
                 Ok(())
@@ -307,7 +306,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             kind::ZSET_2 => {
                 for _ in 0..self.len().await? {
                     self.skip_string().await?;
-                    self.take(8).await?;
+                    self.skip(8).await?;
                 }
                 Ok(())
             }
@@ -348,15 +347,15 @@ impl<'a, F: Feed> Snapshot<'a, F> {
                 self.len().await?; // last delivered ID, entries read
             }
             for _ in 0..self.len().await? {
-                self.take(16 + 8).await?; // raw ID, delivery time
+                self.skip(16 + 8).await?; // raw ID, delivery time
                 self.len().await?; // delivery count
             }
             for _ in 0..self.len().await? {
                 self.skip_string().await?; // consumer name
-                self.take(if value_type >= kind::STREAM_LISTPACKS_3 { 16 } else { 8 }).await?; // seen/active time
+                self.skip(if value_type >= kind::STREAM_LISTPACKS_3 { 16 } else { 8 }).await?; // seen/active time
                 let pending = self.len().await?;
                 let bytes = pending.checked_mul(16).ok_or_else(|| self.malformed("consumer PEL too long"))?;
-                self.take(self.size(bytes)?).await?;
+                self.skip(self.size(bytes)?).await?;
             }
         }
         Ok(())
@@ -368,8 +367,8 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             match self.len().await? {
                 module_op::EOF => return Ok(()),
                 module_op::SINT | module_op::UINT => drop(self.len().await?),
-                module_op::FLOAT => drop(self.take(4).await?),
-                module_op::DOUBLE => drop(self.take(8).await?),
+                module_op::FLOAT => self.skip(4).await?,
+                module_op::DOUBLE => self.skip(8).await?,
                 module_op::STRING => self.skip_string().await?,
                 other => return Err(self.malformed(format!("unknown module value opcode {other}"))),
             }
@@ -398,15 +397,15 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     /// A string, decoded (integers as decimal text, LZF decompressed).
     pub(crate) async fn string(&mut self) -> Result<Vec<u8>, ReplicateError> {
         match self.length().await? {
-            Length::Len(n) => Ok(self.take(self.size(n)?).await?.to_vec()),
+            Length::Len(n) => self.take(self.size(n)?, <[u8]>::to_vec).await,
             Length::Encoded(0) => Ok(i8::from_le_bytes(self.array().await?).to_string().into_bytes()),
             Length::Encoded(1) => Ok(i16::from_le_bytes(self.array().await?).to_string().into_bytes()),
             Length::Encoded(2) => Ok(i32::from_le_bytes(self.array().await?).to_string().into_bytes()),
             Length::Encoded(3) => {
                 let (compressed, plain) = (self.len().await?, self.len().await?);
                 let (compressed, plain) = (self.size(compressed)?, self.size(plain)?);
-                let data = self.take(compressed).await?;
-                lzf::decompress(&data, plain).map_err(|err| self.malformed(format!("LZF string: {err:?}")))
+                let decompressed = self.take(compressed, |data| lzf::decompress(data, plain)).await?;
+                decompressed.map_err(|err| self.malformed(format!("LZF string: {err:?}")))
             }
             Length::Encoded(other) => Err(self.malformed(format!("unknown string encoding {other}"))),
         }
@@ -426,8 +425,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             }
             Length::Encoded(other) => return Err(self.malformed(format!("unknown string encoding {other}"))),
         };
-        self.take(self.size(skip)?).await?;
-        Ok(())
+        self.skip(self.size(skip)?).await
     }
 
     /// A length as a byte count this process can hold.
@@ -439,31 +437,48 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     }
 
     pub(crate) async fn byte(&mut self) -> Result<u8, ReplicateError> {
-        Ok(self.take(1).await?[0])
+        self.take(1, |bytes| bytes[0]).await
     }
 
     pub(crate) async fn array<const N: usize>(&mut self) -> Result<[u8; N], ReplicateError> {
-        let bytes = self.take(N).await?;
-        Ok(bytes[..].try_into().unwrap_or([0; N]))
+        self.take(N, |bytes| bytes.try_into().unwrap_or([0; N])).await
     }
 
     async fn array_unsummed<const N: usize>(&mut self) -> Result<[u8; N], ReplicateError> {
-        let bytes = self.take_unsummed(N).await?;
-        Ok(bytes[..].try_into().unwrap_or([0; N]))
+        self.take_unsummed(N, |bytes| bytes.try_into().unwrap_or([0; N])).await
+    }
+
+    async fn skip(&mut self, n: usize) -> Result<(), ReplicateError> {
+        self.take(n, |_| ()).await
     }
 
     /// Takes `n` RDB bytes: checksummed, counted, and captured while a value is being read.
-    async fn take(&mut self, n: usize) -> Result<BytesMut, ReplicateError> {
-        let bytes = self.take_unsummed(n).await?;
-        self.digest.update(&bytes);
+    /// `read` sees them in the feed's buffer, so nothing is copied that the caller does not
+    /// keep (most fields are a few bytes, read millions of times).
+    async fn take<T>(&mut self, n: usize, read: impl FnOnce(&[u8]) -> T) -> Result<T, ReplicateError> {
+        self.buffer(n).await?;
+        let buffer = self.feed.buffer();
+        let bytes = &buffer[..n];
+        self.digest.update(bytes);
         if let Some(capture) = &mut self.capture {
-            capture.extend_from_slice(&bytes);
+            capture.extend_from_slice(bytes);
         }
-        Ok(bytes)
+        let value = read(bytes);
+        buffer.advance(n);
+        Ok(value)
     }
 
     /// Takes `n` bytes that the checksum does not cover (the trailer, the end mark).
-    async fn take_unsummed(&mut self, n: usize) -> Result<BytesMut, ReplicateError> {
+    async fn take_unsummed<T>(&mut self, n: usize, read: impl FnOnce(&[u8]) -> T) -> Result<T, ReplicateError> {
+        self.buffer(n).await?;
+        let buffer = self.feed.buffer();
+        let value = read(&buffer[..n]);
+        buffer.advance(n);
+        Ok(value)
+    }
+
+    /// Makes the feed's buffer hold the next `n` bytes, and counts them as consumed.
+    async fn buffer(&mut self, n: usize) -> Result<(), ReplicateError> {
         if let Framing::Length(len) = self.framing
             && self.consumed + n as u64 > len
         {
@@ -474,7 +489,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             self.feed.fill(missing).await?;
         }
         self.consumed += n as u64;
-        Ok(self.feed.buffer().split_to(n))
+        Ok(())
     }
 }
 
