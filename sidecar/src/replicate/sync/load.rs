@@ -98,7 +98,8 @@ pub(crate) struct Loader<'a> {
 impl Loader<'_> {
     pub(crate) async fn run<F: Feed>(&mut self, snapshot: &mut Snapshot<'_, F>) -> Result<(), ReplicateError> {
         let version = snapshot.version();
-        let mut in_flight: VecDeque<Batch> = VecDeque::with_capacity(IN_FLIGHT);
+        // Only what each batch sent stays in flight: its bytes are the socket's once written.
+        let mut in_flight: VecDeque<Vec<Sent>> = VecDeque::with_capacity(IN_FLIGHT);
         loop {
             let (batch, ended) = self.collect(snapshot, version).await?;
             if in_flight.len() == IN_FLIGHT
@@ -110,7 +111,7 @@ impl Loader<'_> {
                 }
             }
             self.target.link.send(&batch.request).await?;
-            in_flight.push_back(batch);
+            in_flight.push_back(batch.sent);
             if ended {
                 break;
             }
@@ -123,10 +124,10 @@ impl Loader<'_> {
     async fn rebuild_all(
         &mut self,
         mut refused: Vec<KeyEntry>,
-        in_flight: &mut VecDeque<Batch>,
+        in_flight: &mut VecDeque<Vec<Sent>>,
     ) -> Result<(), ReplicateError> {
-        while let Some(batch) = in_flight.pop_front() {
-            refused.extend(self.settle(batch).await?);
+        while let Some(sent) = in_flight.pop_front() {
+            refused.extend(self.settle(sent).await?);
         }
         // The connection is now in the database the last batch left selected.
         let end_db = self.target.db;
@@ -212,9 +213,9 @@ impl Loader<'_> {
     }
 
     /// Reads a batch's replies in order; returns the keys the target could not RESTORE.
-    async fn settle(&mut self, batch: Batch) -> Result<Vec<KeyEntry>, ReplicateError> {
+    async fn settle(&mut self, batch: Vec<Sent>) -> Result<Vec<KeyEntry>, ReplicateError> {
         let mut refused = Vec::new();
-        for sent in batch.sent {
+        for sent in batch {
             let reply = self.target.link.reply().await?;
             let error = match (reply, &sent) {
                 (BytesFrame::Error(err), _) => err.to_string(),
