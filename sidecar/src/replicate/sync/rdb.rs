@@ -404,8 +404,8 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             Length::Encoded(3) => {
                 let (compressed, plain) = (self.len().await?, self.len().await?);
                 let (compressed, plain) = (self.size(compressed)?, self.size(plain)?);
-                let decompressed = self.take(compressed, |data| lzf::decompress(data, plain)).await?;
-                decompressed.map_err(|err| self.malformed(format!("LZF string: {err:?}")))
+                let decompressed = self.take(compressed, |data| lzf_decompress(data, plain)).await?;
+                decompressed.map_err(|err| self.malformed(format!("LZF string: {err}")))
             }
             Length::Encoded(other) => Err(self.malformed(format!("unknown string encoding {other}"))),
         }
@@ -493,6 +493,50 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     }
 }
 
+/// Decompresses an LZF string (`lzf_d.c`) that must come to `len` bytes. Written here rather
+/// than taken from a crate that zeroes the output first and copies back references a byte at
+/// a time: snapshots of small strings are mostly such strings, and Eden decodes every one.
+fn lzf_decompress(data: &[u8], len: usize) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::with_capacity(len);
+    let mut at = 0;
+    while let Some(&control) = data.get(at) {
+        let control = usize::from(control);
+        at += 1;
+        if control < 32 {
+            // A literal: the next control + 1 bytes.
+            let literal = data.get(at..at + control + 1).ok_or("a literal runs past the data")?;
+            if out.len() + literal.len() > len {
+                return Err("longer than announced");
+            }
+            out.extend_from_slice(literal);
+            at += literal.len();
+            continue;
+        }
+        // A back reference: length - 2 in 3 bits (7: plus the next byte), distance - 1 in 13.
+        let mut n = control >> 5;
+        if n == 7 {
+            n += usize::from(*data.get(at).ok_or("a reference runs past the data")?);
+            at += 1;
+        }
+        let low = usize::from(*data.get(at).ok_or("a reference runs past the data")?);
+        at += 1;
+        let distance = ((control & 0x1f) << 8 | low) + 1;
+        let start = out.len().checked_sub(distance).ok_or("a reference before the start")?;
+        let mut left = n + 2;
+        if out.len() + left > len {
+            return Err("longer than announced");
+        }
+        // A reference may overlap what it produces (a run); its output repeats with period
+        // `distance`, so copying from `start` as much as is there stays in step, doubling.
+        while left > 0 {
+            let piece = left.min(out.len() - start);
+            out.extend_from_within(start..start + piece);
+            left -= piece;
+        }
+    }
+    if out.len() == len { Ok(out) } else { Err("shorter than announced") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +584,24 @@ mod tests {
         let mut with_mark = rdb.clone();
         with_mark.extend([b'x'; 40]);
         assert_eq!(read_all(&with_mark, Framing::EofMark(vec![b'x'; 40])).await.unwrap().len(), 4);
+    }
+
+    #[test]
+    fn lzf_strings_decompress_as_compressed() {
+        let random: Vec<u8> = (0..3000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut zeros_after_text = b"value:1".to_vec();
+        zeros_after_text.resize(100, 0);
+        let inputs = [b"abcdefgh".repeat(100), b"xyz".repeat(300), zeros_after_text, vec![7; 70_000], random];
+        for plain in inputs {
+            let Ok(compressed) = lzf::compress(&plain) else { continue };
+            assert_eq!(lzf_decompress(&compressed, plain.len()).unwrap(), plain);
+            assert!(lzf_decompress(&compressed, plain.len() - 1).is_err());
+            assert!(lzf_decompress(&compressed, plain.len() + 1).is_err());
+            assert!(lzf_decompress(&compressed[..compressed.len() - 1], plain.len()).is_err());
+        }
+        // A reference to before the start, a literal past the end.
+        assert!(lzf_decompress(&[0x20, 0x00], 3).is_err());
+        assert!(lzf_decompress(&[0x05, b'a'], 6).is_err());
     }
 
     #[tokio::test]
