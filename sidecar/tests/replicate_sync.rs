@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use eden_e2e::{RedisConfig, RedisServer, TestPki};
 use eden_sidecar::replicate::{
-    Checkpoint, Mode, POSITION_KEY, ReplacePolicy, Replicator, ReplicatorOptions, SyncOptions, VerifyOptions,
+    Checkpoint, Mode, POSITION_KEY, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, SyncOptions,
+    VerifyOptions,
 };
 use eden_sidecar::upstream::TlsSettings;
 use redis::AsyncCommands;
@@ -80,6 +81,113 @@ async fn every_type_and_a_million_element_key_through_the_snapshot() {
     };
     let checkpoint = replicator.progress().borrow().checkpoint.sync.clone().unwrap();
     assert!(recorded.starts_with(&checkpoint.replid), "{recorded} vs {checkpoint:?}");
+}
+
+/// Strings in each RDB encoding (raw, integer, LZF-compressed), with and without an expiry, in
+/// two databases and among keys of other types, arrive through MSET and SET, in batches small
+/// enough that databases change inside one. Under `replace` they overwrite what the target had,
+/// whatever its type, and drop its old expiry, as RESTORE REPLACE does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_of_every_encoding_load_and_replace_what_the_target_had() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_every_type(&mut source).await;
+    seed_strings(&mut source, 2_500).await;
+    seed_strings_of_every_encoding(&mut source).await;
+    let mut target = pair.target().await;
+    let mut p = redis::pipe();
+    p.set_ex("raw", "the target's, expiring", 900) // loses its expiry
+        .rpush("int", &["a list", "where the source has a string"])
+        .set("ttl:raw", "the target's, not expiring") // gains the source's expiry
+        .cmd("SELECT")
+        .arg(2)
+        .hset("in-db-2", "a", "hash")
+        .cmd("SELECT")
+        .arg(0);
+    p.exec_async(&mut target).await.unwrap();
+
+    let mut replicator = pair.sync(SyncOptions { batch_keys: 100, ..Default::default() }, None).await;
+    caught_up(&mut replicator).await;
+    let progress = replicator.progress().borrow().clone();
+    assert_eq!((progress.checkpoint.copied, progress.checkpoint.skipped), (progress.checkpoint.total, 0));
+    assert_clean(&pair.verify().await);
+    let ttl: i64 = target.pttl("raw").await.unwrap();
+    assert_eq!(ttl, -1, "the target's old expiry is gone");
+    let (source_at, target_at): (i64, i64) = (
+        redis::cmd("PEXPIRETIME").arg("ttl:raw").query_async(&mut source).await.unwrap(),
+        redis::cmd("PEXPIRETIME").arg("ttl:raw").query_async(&mut target).await.unwrap(),
+    );
+    assert_eq!(source_at, target_at, "the absolute expiry is copied exactly");
+    let _: () = redis::cmd("SELECT").arg(2).query_async(&mut target).await.unwrap();
+    let in_db_2: (String, i64, String, i64) = redis::pipe()
+        .get("in-db-2")
+        .pttl("in-db-2")
+        .get("ttl:in-db-2")
+        .pttl("ttl:in-db-2")
+        .query_async(&mut target)
+        .await
+        .unwrap();
+    assert_eq!((&in_db_2.0[..], in_db_2.1, &in_db_2.2[..]), ("two", -1, "two, expiring"));
+    assert!(in_db_2.3 > 0, "{in_db_2:?}");
+}
+
+/// `skip` keeps the keys the target already has, strings (loaded with SET NX) as well as other
+/// types (RESTORE's BUSYKEY), counts them, and copies the rest; the verifier finds exactly the
+/// kept keys. `fail` stops at such a key, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_and_fail_leave_existing_keys_alone() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings_of_every_encoding(&mut source).await;
+    let _: () = source.rpush("list", &["a", "b"]).await.unwrap();
+    let mut target = pair.target().await;
+    let mut p = redis::pipe();
+    p.set("raw", "the target's").set("ttl:lzf", "the target's, not expiring").set("list", "a string");
+    p.exec_async(&mut target).await.unwrap();
+
+    let options = SyncOptions { replace: ReplacePolicy::Skip, ..Default::default() };
+    let mut replicator = pair.sync(options, None).await;
+    caught_up(&mut replicator).await;
+    let progress = replicator.progress().borrow().clone();
+    assert_eq!(progress.checkpoint.skipped, 3);
+    assert_eq!(progress.checkpoint.copied, progress.checkpoint.total - 3);
+    let kept: (String, i64) = redis::pipe().get("raw").pttl("ttl:lzf").query_async(&mut target).await.unwrap();
+    assert_eq!(kept, ("the target's".to_string(), -1));
+    let report = pair.verify().await;
+    let mut differing: Vec<&str> = report.samples.iter().map(|d| d.key.as_str()).collect();
+    differing.sort();
+    differing.dedup();
+    assert_eq!(differing, ["list", "raw", "ttl:lzf"], "{report:#?}");
+    replicator.stop().await.unwrap();
+
+    let mut p = redis::pipe();
+    p.cmd("FLUSHALL").set("ttl:lzf", "the target's");
+    p.exec_async(&mut target).await.unwrap();
+    let options = SyncOptions { replace: ReplacePolicy::Fail, ..Default::default() };
+    let mut replicator = pair.sync(options, None).await;
+    let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("the fail policy stops");
+    assert!(matches!(err, ReplicateError::TargetKeyExists { ref key, .. } if key == "ttl:lzf"), "{err}");
+}
+
+/// Strings the RDB stores in each of its encodings, with and without expiries, and two in
+/// database 2.
+async fn seed_strings_of_every_encoding(source: &mut MultiplexedConnection) {
+    let mut p = redis::pipe();
+    p.set("raw", "hello")
+        .set("int", 12345)
+        .set("negative-int", -7)
+        .set("wide-int", 4_000_000_000_i64) // beyond 32 bits: stored as text
+        .set("lzf", "abcdefgh".repeat(100)) // compressed
+        .set_ex("ttl:raw", "soon", 600)
+        .pset_ex("ttl:int", 42, 600_000)
+        .set_ex("ttl:lzf", "xyz".repeat(300), 600)
+        .cmd("SELECT")
+        .arg(2)
+        .set("in-db-2", "two")
+        .set_ex("ttl:in-db-2", "two, expiring", 600)
+        .cmd("SELECT")
+        .arg(0);
+    p.exec_async(source).await.unwrap();
 }
 
 /// Writers hammer hot keys while the snapshot loads and after; when they stop and the lag is

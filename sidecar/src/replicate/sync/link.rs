@@ -152,11 +152,49 @@ pub(crate) fn encode(args: &[&[u8]]) -> Vec<u8> {
 
 /// Appends a command as a RESP array of bulk strings.
 pub(crate) fn encode_into(out: &mut Vec<u8>, args: &[&[u8]]) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    encode_len(out, b'*', args.len());
     for arg in args {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg);
-        out.extend_from_slice(b"\r\n");
+        encode_bulk(out, arg);
+    }
+}
+
+/// Appends one bulk string (an argument of a command whose header is already written).
+pub(crate) fn encode_bulk(out: &mut Vec<u8>, arg: &[u8]) {
+    encode_len(out, b'$', arg.len());
+    out.extend_from_slice(arg);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `<kind><n>\r\n`: the header of an array (`*`) or a bulk string (`$`).
+pub(crate) fn encode_len(out: &mut Vec<u8>, kind: u8, n: usize) {
+    out.push(kind);
+    out.extend_from_slice(Decimal::new(n as u64).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A number's decimal digits, without the allocation of `to_string`: the snapshot load writes
+/// a few numbers for every key.
+pub(crate) struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    pub(crate) fn new(mut n: u64) -> Self {
+        let mut digits = [0; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                return Decimal { digits, start };
+            }
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
     }
 }
 

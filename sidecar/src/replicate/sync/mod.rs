@@ -6,8 +6,8 @@
 //!    (`PSYNC <replid> <offset+1>`); otherwise it asks for a full copy (`PSYNC ? -1`).
 //! 2. **Snapshot.** On `+FULLRESYNC` the source sends an RDB (`$<len>` or diskless
 //!    `$EOF:<mark>`). [`rdb`] finds each key's encoded value and [`load`] RESTOREs it on the
-//!    target as is, with its absolute expiry, in pipelined batches, one value in memory at a
-//!    time. The target is flushed first only when this is a restart: it then holds Eden's own
+//!    target as is, with its absolute expiry (strings, decoded, go in MSETs, or SETs when they
+//!    expire), in pipelined batches, one value in memory at a time. The target is flushed first only when this is a restart: it then holds Eden's own
 //!    earlier copy, which may have keys the source has deleted since. A first run never
 //!    flushes; keys already on the target follow the replace policy.
 //! 3. **Stream.** [`apply`] applies the commands that follow, exactly once, acknowledging the

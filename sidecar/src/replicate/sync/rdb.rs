@@ -1,16 +1,19 @@
 //! A shallow, streaming reader of the RDB snapshot a source sends its replica.
 //!
-//! Eden never rebuilds values from the RDB. It only finds where each key's encoded value begins
-//! and ends, and hands those bytes on untouched: an RDB value is byte for byte the body of a
-//! `DUMP` payload, so the target's own `RESTORE` decodes it, whatever the encoding (listpack,
-//! quicklist, intset, stream, module value). That keeps this reader small — lengths, strings,
-//! and the nesting of each type — and keeps memory at one value, however big the snapshot.
+//! Eden does not rebuild collections from the RDB. It only finds where each key's encoded value
+//! begins and ends, and hands those bytes on untouched: an RDB value is byte for byte the body
+//! of a `DUMP` payload, so the target's own `RESTORE` decodes it, whatever the encoding
+//! (listpack, quicklist, intset, stream, module value). That keeps this reader small — lengths,
+//! strings, and the nesting of each type — and keeps memory at one value, however big the
+//! snapshot. Strings are the exception: they are decoded (a string is one field), because the
+//! target stores a plain string from `MSET` for half the work of a `RESTORE`, and any server
+//! takes `SET`, whatever RDB version it reads.
 //!
 //! The reader pulls from a [`Feed`] (the replication link) exactly the bytes the RDB occupies,
 //! so whatever follows in the buffer (the command stream) is left for the stream applier. It
 //! checks the RDB's own CRC64 as it goes. Anything malformed is an error, never a panic.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use crc::{CRC_64_REDIS, Crc, Digest, Table};
 use tracing::warn;
 
@@ -113,8 +116,11 @@ pub(crate) enum Framing {
 /// One thing the snapshot holds.
 #[derive(Debug)]
 pub(crate) enum Entry {
-    /// A key and its value as encoded in the RDB (type byte first).
-    Key(KeyEntry),
+    /// A string key; its value decoded (integers as decimal text, LZF decompressed).
+    String(KeyEntry),
+    /// A key of any other type; its value as encoded in the RDB (type byte first): a DUMP
+    /// payload without its trailer.
+    Object(KeyEntry),
     /// A function library's source (`FUNCTION LOAD` restores it).
     Function(Vec<u8>),
     /// The number of keys the next database holds (RESIZEDB), for progress.
@@ -129,8 +135,8 @@ pub(crate) struct KeyEntry {
     pub(crate) key: Vec<u8>,
     /// Absolute expiry in Unix milliseconds.
     pub(crate) expire_at_ms: Option<u64>,
-    /// The type byte followed by the encoded value: a DUMP payload without its trailer.
-    pub(crate) object: Vec<u8>,
+    /// Decoded or encoded, as the [`Entry`] variant says.
+    pub(crate) value: Vec<u8>,
 }
 
 /// A length-encoded field: a length, or one of the special string encodings.
@@ -157,10 +163,9 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     pub(crate) async fn open(feed: &'a mut F, framing: Framing) -> Result<Self, ReplicateError> {
         let mut snapshot = Snapshot::value(feed, 0);
         snapshot.framing = framing;
-        let header = snapshot.take(9).await?;
-        let version = header
-            .strip_prefix(b"REDIS")
-            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        let version = snapshot
+            .take(9, |header| header.strip_prefix(b"REDIS").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()))
+            .await?
             .ok_or_else(|| snapshot.malformed("no REDIS header"))?;
         snapshot.version = version;
         Ok(snapshot)
@@ -218,19 +223,24 @@ impl<'a, F: Feed> Snapshot<'a, F> {
                 }
                 op::FUNCTION2 => return Ok(Entry::Function(self.string().await?)),
                 op::FUNCTION_PRE_GA => return Err(self.malformed("functions from a Redis 7.0 release candidate")),
+                kind::STRING => {
+                    let key = self.string().await?;
+                    let value = self.string().await?;
+                    return Ok(Entry::String(KeyEntry { db: self.db, key, expire_at_ms, value }));
+                }
                 value_type => {
                     let key = self.string().await?;
                     self.capture = Some(vec![value_type]);
                     self.skip_value(value_type).await?;
-                    let object = self.capture.take().unwrap_or_default();
-                    if object.len() > MAX_BULK_LEN {
+                    let value = self.capture.take().unwrap_or_default();
+                    if value.len() > MAX_BULK_LEN {
                         return Err(self.malformed(format!(
                             "the value of key {} is {} bytes, more than one RESTORE can carry",
                             key.escape_ascii(),
-                            object.len()
+                            value.len()
                         )));
                     }
-                    return Ok(Entry::Key(KeyEntry { db: self.db, key, expire_at_ms, object }));
+                    return Ok(Entry::Object(KeyEntry { db: self.db, key, expire_at_ms, value }));
                 }
             }
         }
@@ -252,8 +262,8 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             }
             Framing::Length(_) => Ok(()),
             Framing::EofMark(mark) => {
-                let end = self.take_unsummed(mark.len()).await?;
-                if end[..] != mark[..] { Err(self.malformed("the end mark does not match")) } else { Ok(()) }
+                let matches = self.take_unsummed(mark.len(), |end| end == mark).await?;
+                if matches { Ok(()) } else { Err(self.malformed("the end mark does not match")) }
             }
         }
     }
@@ -261,8 +271,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     /// Skips one value of `value_type`, capturing its bytes.
     async fn skip_value(&mut self, value_type: u8) -> Result<(), ReplicateError> {
         match value_type {
-            kind::STRING
-            | kind::HASH_ZIPMAP
+            kind::HASH_ZIPMAP
             | kind::LIST_ZIPLIST
             | kind::SET_INTSET
             | kind::ZSET_ZIPLIST
@@ -289,7 +298,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
                     // A score as text: a length byte, or 253/254/255 for nan/+inf/-inf.
                     let len = self.byte().await?;
                     if len < 253 {
-                        self.take(usize::from(len)).await?;
+                        self.skip(usize::from(len)).await?;
                     }
                 }
                 Ok(())
@@ -297,7 +306,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             kind::ZSET_2 => {
                 for _ in 0..self.len().await? {
                     self.skip_string().await?;
-                    self.take(8).await?;
+                    self.skip(8).await?;
                 }
                 Ok(())
             }
@@ -338,15 +347,15 @@ impl<'a, F: Feed> Snapshot<'a, F> {
                 self.len().await?; // last delivered ID, entries read
             }
             for _ in 0..self.len().await? {
-                self.take(16 + 8).await?; // raw ID, delivery time
+                self.skip(16 + 8).await?; // raw ID, delivery time
                 self.len().await?; // delivery count
             }
             for _ in 0..self.len().await? {
                 self.skip_string().await?; // consumer name
-                self.take(if value_type >= kind::STREAM_LISTPACKS_3 { 16 } else { 8 }).await?; // seen/active time
+                self.skip(if value_type >= kind::STREAM_LISTPACKS_3 { 16 } else { 8 }).await?; // seen/active time
                 let pending = self.len().await?;
                 let bytes = pending.checked_mul(16).ok_or_else(|| self.malformed("consumer PEL too long"))?;
-                self.take(self.size(bytes)?).await?;
+                self.skip(self.size(bytes)?).await?;
             }
         }
         Ok(())
@@ -358,8 +367,8 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             match self.len().await? {
                 module_op::EOF => return Ok(()),
                 module_op::SINT | module_op::UINT => drop(self.len().await?),
-                module_op::FLOAT => drop(self.take(4).await?),
-                module_op::DOUBLE => drop(self.take(8).await?),
+                module_op::FLOAT => self.skip(4).await?,
+                module_op::DOUBLE => self.skip(8).await?,
                 module_op::STRING => self.skip_string().await?,
                 other => return Err(self.malformed(format!("unknown module value opcode {other}"))),
             }
@@ -388,15 +397,15 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     /// A string, decoded (integers as decimal text, LZF decompressed).
     pub(crate) async fn string(&mut self) -> Result<Vec<u8>, ReplicateError> {
         match self.length().await? {
-            Length::Len(n) => Ok(self.take(self.size(n)?).await?.to_vec()),
+            Length::Len(n) => self.take(self.size(n)?, <[u8]>::to_vec).await,
             Length::Encoded(0) => Ok(i8::from_le_bytes(self.array().await?).to_string().into_bytes()),
             Length::Encoded(1) => Ok(i16::from_le_bytes(self.array().await?).to_string().into_bytes()),
             Length::Encoded(2) => Ok(i32::from_le_bytes(self.array().await?).to_string().into_bytes()),
             Length::Encoded(3) => {
                 let (compressed, plain) = (self.len().await?, self.len().await?);
                 let (compressed, plain) = (self.size(compressed)?, self.size(plain)?);
-                let data = self.take(compressed).await?;
-                lzf::decompress(&data, plain).map_err(|err| self.malformed(format!("LZF string: {err:?}")))
+                let decompressed = self.take(compressed, |data| lzf_decompress(data, plain)).await?;
+                decompressed.map_err(|err| self.malformed(format!("LZF string: {err}")))
             }
             Length::Encoded(other) => Err(self.malformed(format!("unknown string encoding {other}"))),
         }
@@ -416,8 +425,7 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             }
             Length::Encoded(other) => return Err(self.malformed(format!("unknown string encoding {other}"))),
         };
-        self.take(self.size(skip)?).await?;
-        Ok(())
+        self.skip(self.size(skip)?).await
     }
 
     /// A length as a byte count this process can hold.
@@ -429,31 +437,48 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     }
 
     pub(crate) async fn byte(&mut self) -> Result<u8, ReplicateError> {
-        Ok(self.take(1).await?[0])
+        self.take(1, |bytes| bytes[0]).await
     }
 
     pub(crate) async fn array<const N: usize>(&mut self) -> Result<[u8; N], ReplicateError> {
-        let bytes = self.take(N).await?;
-        Ok(bytes[..].try_into().unwrap_or([0; N]))
+        self.take(N, |bytes| bytes.try_into().unwrap_or([0; N])).await
     }
 
     async fn array_unsummed<const N: usize>(&mut self) -> Result<[u8; N], ReplicateError> {
-        let bytes = self.take_unsummed(N).await?;
-        Ok(bytes[..].try_into().unwrap_or([0; N]))
+        self.take_unsummed(N, |bytes| bytes.try_into().unwrap_or([0; N])).await
+    }
+
+    async fn skip(&mut self, n: usize) -> Result<(), ReplicateError> {
+        self.take(n, |_| ()).await
     }
 
     /// Takes `n` RDB bytes: checksummed, counted, and captured while a value is being read.
-    async fn take(&mut self, n: usize) -> Result<BytesMut, ReplicateError> {
-        let bytes = self.take_unsummed(n).await?;
-        self.digest.update(&bytes);
+    /// `read` sees them in the feed's buffer, so nothing is copied that the caller does not
+    /// keep (most fields are a few bytes, read millions of times).
+    async fn take<T>(&mut self, n: usize, read: impl FnOnce(&[u8]) -> T) -> Result<T, ReplicateError> {
+        self.buffer(n).await?;
+        let buffer = self.feed.buffer();
+        let bytes = &buffer[..n];
+        self.digest.update(bytes);
         if let Some(capture) = &mut self.capture {
-            capture.extend_from_slice(&bytes);
+            capture.extend_from_slice(bytes);
         }
-        Ok(bytes)
+        let value = read(bytes);
+        buffer.advance(n);
+        Ok(value)
     }
 
     /// Takes `n` bytes that the checksum does not cover (the trailer, the end mark).
-    async fn take_unsummed(&mut self, n: usize) -> Result<BytesMut, ReplicateError> {
+    async fn take_unsummed<T>(&mut self, n: usize, read: impl FnOnce(&[u8]) -> T) -> Result<T, ReplicateError> {
+        self.buffer(n).await?;
+        let buffer = self.feed.buffer();
+        let value = read(&buffer[..n]);
+        buffer.advance(n);
+        Ok(value)
+    }
+
+    /// Makes the feed's buffer hold the next `n` bytes, and counts them as consumed.
+    async fn buffer(&mut self, n: usize) -> Result<(), ReplicateError> {
         if let Framing::Length(len) = self.framing
             && self.consumed + n as u64 > len
         {
@@ -464,8 +489,52 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             self.feed.fill(missing).await?;
         }
         self.consumed += n as u64;
-        Ok(self.feed.buffer().split_to(n))
+        Ok(())
     }
+}
+
+/// Decompresses an LZF string (`lzf_d.c`) that must come to `len` bytes. Written here rather
+/// than taken from a crate that zeroes the output first and copies back references a byte at
+/// a time: snapshots of small strings are mostly such strings, and Eden decodes every one.
+fn lzf_decompress(data: &[u8], len: usize) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::with_capacity(len);
+    let mut at = 0;
+    while let Some(&control) = data.get(at) {
+        let control = usize::from(control);
+        at += 1;
+        if control < 32 {
+            // A literal: the next control + 1 bytes.
+            let literal = data.get(at..at + control + 1).ok_or("a literal runs past the data")?;
+            if out.len() + literal.len() > len {
+                return Err("longer than announced");
+            }
+            out.extend_from_slice(literal);
+            at += literal.len();
+            continue;
+        }
+        // A back reference: length - 2 in 3 bits (7: plus the next byte), distance - 1 in 13.
+        let mut n = control >> 5;
+        if n == 7 {
+            n += usize::from(*data.get(at).ok_or("a reference runs past the data")?);
+            at += 1;
+        }
+        let low = usize::from(*data.get(at).ok_or("a reference runs past the data")?);
+        at += 1;
+        let distance = ((control & 0x1f) << 8 | low) + 1;
+        let start = out.len().checked_sub(distance).ok_or("a reference before the start")?;
+        let mut left = n + 2;
+        if out.len() + left > len {
+            return Err("longer than announced");
+        }
+        // A reference may overlap what it produces (a run); its output repeats with period
+        // `distance`, so copying from `start` as much as is there stays in step, doubling.
+        while left > 0 {
+            let piece = left.min(out.len() - start);
+            out.extend_from_within(start..start + piece);
+            left -= piece;
+        }
+    }
+    if out.len() == len { Ok(out) } else { Err("shorter than announced") }
 }
 
 #[cfg(test)]
@@ -505,16 +574,34 @@ mod tests {
         let rdb = sample();
         let entries = read_all(&rdb, Framing::Length(rdb.len() as u64)).await.unwrap();
         assert!(matches!(entries[0], Entry::DbSize(2)));
-        let Entry::Key(string) = &entries[1] else { panic!("{entries:?}") };
+        let Entry::String(string) = &entries[1] else { panic!("{entries:?}") };
         assert_eq!((string.db, &string.key[..], string.expire_at_ms), (2, &b"k"[..], Some(1_900_000_000_000)));
-        assert_eq!(string.object, [kind::STRING, 2, b'h', b'i']);
-        let Entry::Key(list) = &entries[2] else { panic!("{entries:?}") };
-        assert_eq!((list.expire_at_ms, list.object.len()), (None, 7));
+        assert_eq!(string.value, b"hi");
+        let Entry::Object(list) = &entries[2] else { panic!("{entries:?}") };
+        assert_eq!((list.expire_at_ms, list.value.len()), (None, 7));
         assert!(matches!(&entries[3], Entry::Function(code) if code == b"code"));
 
         let mut with_mark = rdb.clone();
         with_mark.extend([b'x'; 40]);
         assert_eq!(read_all(&with_mark, Framing::EofMark(vec![b'x'; 40])).await.unwrap().len(), 4);
+    }
+
+    #[test]
+    fn lzf_strings_decompress_as_compressed() {
+        let random: Vec<u8> = (0..3000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut zeros_after_text = b"value:1".to_vec();
+        zeros_after_text.resize(100, 0);
+        let inputs = [b"abcdefgh".repeat(100), b"xyz".repeat(300), zeros_after_text, vec![7; 70_000], random];
+        for plain in inputs {
+            let Ok(compressed) = lzf::compress(&plain) else { continue };
+            assert_eq!(lzf_decompress(&compressed, plain.len()).unwrap(), plain);
+            assert!(lzf_decompress(&compressed, plain.len() - 1).is_err());
+            assert!(lzf_decompress(&compressed, plain.len() + 1).is_err());
+            assert!(lzf_decompress(&compressed[..compressed.len() - 1], plain.len()).is_err());
+        }
+        // A reference to before the start, a literal past the end.
+        assert!(lzf_decompress(&[0x20, 0x00], 3).is_err());
+        assert!(lzf_decompress(&[0x05, b'a'], 6).is_err());
     }
 
     #[tokio::test]
