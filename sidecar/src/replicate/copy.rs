@@ -1,5 +1,7 @@
-//! Copying a batch of keys from the source to the target: DUMP + expiry in one MULTI on the
-//! source, RESTORE ... ABSTTL (or DEL for keys that are gone) in one pipeline on the target.
+//! Copying a batch of keys from the source to the target in three steps that the replicator
+//! overlaps across batches ([`super::scan`]): MEMORY USAGE ([`Copier::sizes`]); DUMP + expiry in
+//! one MULTI on the source ([`Copier::read`]); RESTORE ... ABSTTL (or DEL for keys that are gone)
+//! in one pipeline on the target ([`Copier::write`]).
 //!
 //! Expiries travel as absolute Unix milliseconds (PEXPIRETIME on Redis ≥ 7, else PTTL converted
 //! when the reply arrives), so time spent in transit never extends a TTL. Values bigger than the
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chunks::{Chunk, Chunks};
 use super::endpoint::{Endpoint, as_int, printable};
-use super::keys::{self, KeyInfo};
+use super::keys;
 use super::{Key, KeyType, ReplicateError};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -98,38 +100,73 @@ pub(crate) struct Copier {
     pub(crate) chunk: usize,
 }
 
+/// A batch's reads from the source, waiting to be written to the target.
+pub(crate) struct Read {
+    /// For each small key (its index in the batch): the DUMP reply and the expiry reply.
+    small: Vec<(usize, Value, Value)>,
+    /// Collections over the size threshold (index in the batch, type), walked at write time.
+    big: Vec<(usize, KeyType)>,
+}
+
 impl Copier {
-    /// Makes the target's copy of each key equal to the source's value as of this call (or
-    /// deletes it when the source no longer has the key).
-    pub(crate) async fn copy(&self, keys: &[Key], policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
-        let infos = keys::inspect(&self.source, keys).await?;
-        let (big, small): (Vec<_>, Vec<_>) =
-            keys.iter().zip(infos).partition(|(_, info)| info.is_big(self.big_key_bytes));
-        let mut stats = self.copy_small(&small.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), policy).await?;
-        for (key, info) in big {
-            stats += self.copy_big(key, info, policy).await?;
-        }
-        Ok(stats)
+    /// A batch's first read: MEMORY USAGE of each key, which decides DUMP or chunks.
+    pub(crate) async fn sizes(&self, keys: &[(Key, ReplacePolicy)]) -> Result<Vec<Option<u64>>, ReplicateError> {
+        keys::sizes(&self.source, keys.iter().map(|(key, _)| key)).await
     }
 
-    async fn copy_small(&self, keys: &[&Key], policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
-        let mut stats = CopyStats::default();
-        // One MULTI so each key's payload and expiry describe the same moment.
-        let mut read = pipe();
-        read.atomic();
-        for key in keys {
-            read.cmd("DUMP").arg(*key).cmd(self.expiry.name()).arg(*key);
+    /// A batch's second read: TYPE for the keys over the threshold (only collections are
+    /// walked in chunks), then every other key's DUMP and expiry in one MULTI, so each key's
+    /// payload and expiry describe the same moment.
+    pub(crate) async fn read(
+        &self,
+        keys: &[(Key, ReplacePolicy)],
+        sizes: &[Option<u64>],
+    ) -> Result<Read, ReplicateError> {
+        let over: Vec<usize> = (0..keys.len()).filter(|&i| sizes[i].is_some_and(|b| b > self.big_key_bytes)).collect();
+        let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
+        let big: Vec<(usize, KeyType)> =
+            over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
+        let mut is_big = vec![false; keys.len()];
+        for (i, _) in &big {
+            is_big[*i] = true;
         }
-        let replies = self.source.pipe("DUMP", &mut read).await?;
+        let small: Vec<usize> = (0..keys.len()).filter(|&i| !is_big[i]).collect();
+        let mut dump = pipe();
+        dump.atomic();
+        for &i in &small {
+            dump.cmd("DUMP").arg(&keys[i].0).cmd(self.expiry.name()).arg(&keys[i].0);
+        }
+        let mut replies = self.source.pipe("DUMP", &mut dump).await?.into_iter();
+        let mut small_read = Vec::with_capacity(small.len());
+        for i in small {
+            match (replies.next(), replies.next()) {
+                (Some(payload), Some(expiry)) => small_read.push((i, payload, expiry)),
+                _ => return Err(self.source.unexpected("EXEC", &Value::Nil)),
+            }
+        }
+        Ok(Read { small: small_read, big })
+    }
+
+    /// Makes the target's copy of each key equal to what [`Copier::read`] found: one pipeline
+    /// of RESTORE ... ABSTTL (DEL for keys the source no longer had) plus a DEL for each of
+    /// `stale` (target keys the source lacks), then the big keys walked in chunks. A key's
+    /// policy decides what happens when it already exists on the target.
+    pub(crate) async fn write(
+        &self,
+        keys: &[(Key, ReplacePolicy)],
+        read: Read,
+        stale: &[Key],
+    ) -> Result<CopyStats, ReplicateError> {
+        let mut stats = CopyStats::default();
         let mut write = pipe();
-        for (key, pair) in keys.iter().zip(replies.chunks(2)) {
-            match &pair[0] {
-                Value::Nil => write.cmd("DEL").arg(*key),
+        for (i, payload, expiry) in &read.small {
+            let (key, policy) = &keys[*i];
+            match payload {
+                Value::Nil => write.cmd("DEL").arg(key),
                 Value::BulkString(payload) => {
-                    let expiry =
-                        as_int(&pair[1]).ok_or_else(|| self.source.unexpected(self.expiry.name(), &pair[1]))?;
-                    let restore = write.cmd("RESTORE").arg(*key).arg(self.expiry.absolute_ms(expiry)).arg(payload);
-                    if policy == ReplacePolicy::Replace {
+                    let expiry = as_int(expiry).ok_or_else(|| self.source.unexpected(self.expiry.name(), expiry))?;
+                    let restore = write.cmd("RESTORE").arg(key).arg(self.expiry.absolute_ms(expiry)).arg(payload);
+                    if *policy == ReplacePolicy::Replace {
                         restore.arg("REPLACE");
                     }
                     restore.arg("ABSTTL")
@@ -137,14 +174,23 @@ impl Copier {
                 other => return Err(self.source.unexpected("DUMP", other)),
             };
         }
+        for key in stale {
+            write.cmd("DEL").arg(key);
+        }
         let results = self.target.pipe("RESTORE", &mut write).await?;
-        for ((key, pair), result) in keys.iter().zip(replies.chunks(2)).zip(results) {
+        for ((i, payload, _), result) in read.small.iter().zip(results) {
+            let (key, policy) = &keys[*i];
             match result {
-                Value::ServerError(err) if err.code() == "BUSYKEY" => self.busy(key, policy, &mut stats)?,
+                Value::ServerError(err) if err.code() == "BUSYKEY" => self.busy(key, *policy, &mut stats)?,
                 Value::ServerError(err) => return Err(self.target.error("RESTORE", err.into())),
-                _ if pair[0] == Value::Nil => stats.deleted += 1,
+                _ if *payload == Value::Nil => stats.deleted += 1,
                 _ => stats.copied += 1,
             }
+        }
+        stats.deleted += stale.len() as u64;
+        for (i, kind) in read.big {
+            let (key, policy) = &keys[i];
+            stats += self.copy_big(key, kind, *policy).await?;
         }
         Ok(stats)
     }
@@ -163,9 +209,8 @@ impl Copier {
 
     /// Walks a big collection into `eden:tmp:<key>` on the target, then atomically sets the
     /// expiry and RENAMEs it over the key.
-    async fn copy_big(&self, key: &[u8], info: KeyInfo, policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
+    async fn copy_big(&self, key: &[u8], kind: KeyType, policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
         let mut stats = CopyStats::default();
-        let kind = info.kind.unwrap_or(KeyType::Other);
         if policy != ReplacePolicy::Replace && keys::exists(&self.target, &[key.to_vec()]).await?[0] {
             self.busy(key, policy, &mut stats)?;
             return Ok(stats);
