@@ -10,12 +10,15 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redis::{Value, cmd, pipe};
+use bytes::Bytes;
+use redis::{cmd, pipe};
+use redis_protocol::resp2::types::BytesFrame;
 use serde::{Deserialize, Serialize};
 
 use super::chunks::{Chunk, Chunks};
-use super::endpoint::{Endpoint, as_int, printable};
+use super::endpoint::{Endpoint, printable};
 use super::keys;
+use super::sync::link::{Link, encode_into};
 use super::{Key, KeyType, ReplicateError};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -102,8 +105,9 @@ pub(crate) struct Copier {
 
 /// A batch's reads from the source, waiting to be written to the target.
 pub(crate) struct Read {
-    /// For each small key (its index in the batch): the DUMP reply and the expiry reply.
-    small: Vec<(usize, Value, Value)>,
+    /// For each small key (its index in the batch): the DUMP payload (`None` when the key is
+    /// gone) and RESTORE's ABSTTL argument, converted when the reply arrived.
+    small: Vec<(usize, Option<Bytes>, u64)>,
     /// Collections over the size threshold (index in the batch, type), walked at write time.
     big: Vec<(usize, KeyType)>,
 }
@@ -115,10 +119,11 @@ impl Copier {
     }
 
     /// A batch's second read: TYPE for the keys over the threshold (only collections are
-    /// walked in chunks), then every other key's DUMP and expiry in one MULTI, so each key's
-    /// payload and expiry describe the same moment.
+    /// walked in chunks), then every other key's DUMP and expiry in one MULTI on `link` (a raw
+    /// connection to the source), so each key's payload and expiry describe the same moment.
     pub(crate) async fn read(
         &self,
+        link: &mut Link,
         keys: &[(Key, ReplacePolicy)],
         sizes: &[Option<u64>],
     ) -> Result<Read, ReplicateError> {
@@ -131,60 +136,91 @@ impl Copier {
             is_big[*i] = true;
         }
         let small: Vec<usize> = (0..keys.len()).filter(|&i| !is_big[i]).collect();
-        let mut dump = pipe();
-        dump.atomic();
-        for &i in &small {
-            dump.cmd("DUMP").arg(&keys[i].0).cmd(self.expiry.name()).arg(&keys[i].0);
+        if small.is_empty() {
+            return Ok(Read { small: Vec::new(), big });
         }
-        let mut replies = self.source.pipe("DUMP", &mut dump).await?.into_iter();
-        let mut small_read = Vec::with_capacity(small.len());
-        for i in small {
-            match (replies.next(), replies.next()) {
-                (Some(payload), Some(expiry)) => small_read.push((i, payload, expiry)),
-                _ => return Err(self.source.unexpected("EXEC", &Value::Nil)),
+        let expiry_name = self.expiry.name().as_bytes();
+        let mut request = Vec::with_capacity(32 * (1 + small.len()));
+        encode_into(&mut request, &[b"MULTI"]);
+        for &i in &small {
+            encode_into(&mut request, &[b"DUMP", &keys[i].0]);
+            encode_into(&mut request, &[expiry_name, &keys[i].0]);
+        }
+        encode_into(&mut request, &[b"EXEC"]);
+        link.send(&request).await?;
+        // +OK for MULTI and +QUEUED for each command; an error here means a refused command.
+        for _ in 0..1 + 2 * small.len() {
+            if let BytesFrame::Error(err) = link.reply().await? {
+                return Err(link.error(format!("`DUMP` refused: {err}")));
             }
         }
-        Ok(Read { small: small_read, big })
+        let replies = match link.reply().await? {
+            BytesFrame::Array(replies) if replies.len() == 2 * small.len() => replies,
+            other => return Err(link.error(format!("unexpected reply to `EXEC`: {other:?}"))),
+        };
+        let mut replies = replies.into_iter();
+        let mut read = Read { small: Vec::with_capacity(small.len()), big };
+        for i in small {
+            let payload = match replies.next() {
+                Some(BytesFrame::BulkString(payload)) => Some(payload),
+                Some(BytesFrame::Null) => None,
+                other => return Err(link.error(format!("unexpected reply to `DUMP`: {other:?}"))),
+            };
+            let expiry = match replies.next() {
+                Some(BytesFrame::Integer(n)) => self.expiry.absolute_ms(n),
+                other => return Err(link.error(format!("unexpected reply to `{}`: {other:?}", self.expiry.name()))),
+            };
+            read.small.push((i, payload, expiry));
+        }
+        Ok(read)
     }
 
     /// Makes the target's copy of each key equal to what [`Copier::read`] found: one pipeline
-    /// of RESTORE ... ABSTTL (DEL for keys the source no longer had) plus a DEL for each of
-    /// `stale` (target keys the source lacks), then the big keys walked in chunks. A key's
-    /// policy decides what happens when it already exists on the target.
+    /// on `link` (a raw connection to the target) of RESTORE ... ABSTTL (DEL for keys the source
+    /// no longer had) plus a DEL for each of `stale` (target keys the source lacks), then the
+    /// big keys walked in chunks. A key's policy decides what happens when it already exists on
+    /// the target.
     pub(crate) async fn write(
         &self,
+        link: &mut Link,
         keys: &[(Key, ReplacePolicy)],
         read: Read,
         stale: &[Key],
     ) -> Result<CopyStats, ReplicateError> {
         let mut stats = CopyStats::default();
-        let mut write = pipe();
+        let payload_bytes: usize =
+            read.small.iter().map(|(_, payload, _)| payload.as_ref().map_or(0, Bytes::len)).sum();
+        let mut request = Vec::with_capacity(payload_bytes + 64 * (read.small.len() + stale.len()));
         for (i, payload, expiry) in &read.small {
             let (key, policy) = &keys[*i];
             match payload {
-                Value::Nil => write.cmd("DEL").arg(key),
-                Value::BulkString(payload) => {
-                    let expiry = as_int(expiry).ok_or_else(|| self.source.unexpected(self.expiry.name(), expiry))?;
-                    let restore = write.cmd("RESTORE").arg(key).arg(self.expiry.absolute_ms(expiry)).arg(payload);
-                    if *policy == ReplacePolicy::Replace {
-                        restore.arg("REPLACE");
-                    }
-                    restore.arg("ABSTTL")
+                None => encode_into(&mut request, &[b"DEL", key]),
+                Some(payload) => {
+                    let at = expiry.to_string();
+                    let restore: [&[u8]; 6] = [b"RESTORE", key, at.as_bytes(), payload, b"ABSTTL", b"REPLACE"];
+                    let replace = usize::from(*policy == ReplacePolicy::Replace);
+                    encode_into(&mut request, &restore[..5 + replace]);
                 }
-                other => return Err(self.source.unexpected("DUMP", other)),
-            };
+            }
         }
         for key in stale {
-            write.cmd("DEL").arg(key);
+            encode_into(&mut request, &[b"DEL", key]);
         }
-        let results = self.target.pipe("RESTORE", &mut write).await?;
-        for ((i, payload, _), result) in read.small.iter().zip(results) {
+        if !request.is_empty() {
+            link.send(&request).await?;
+        }
+        for (i, payload, _) in &read.small {
             let (key, policy) = &keys[*i];
-            match result {
-                Value::ServerError(err) if err.code() == "BUSYKEY" => self.busy(key, *policy, &mut stats)?,
-                Value::ServerError(err) => return Err(self.target.error("RESTORE", err.into())),
-                _ if *payload == Value::Nil => stats.deleted += 1,
+            match link.reply().await? {
+                BytesFrame::Error(err) if err.starts_with("BUSYKEY") => self.busy(key, *policy, &mut stats)?,
+                BytesFrame::Error(err) => return Err(link.error(format!("`RESTORE` failed: {err}"))),
+                _ if payload.is_none() => stats.deleted += 1,
                 _ => stats.copied += 1,
+            }
+        }
+        for _ in stale {
+            if let BytesFrame::Error(err) = link.reply().await? {
+                return Err(link.error(format!("`DEL` failed: {err}")));
             }
         }
         stats.deleted += stale.len() as u64;

@@ -42,6 +42,7 @@ use super::copy::{Copier, ExpiryCommand, Read};
 use super::endpoint::Endpoint;
 use super::flush::FlushWatch;
 use super::notify::{self, Shared};
+use super::sync::link::{Address, Link};
 use super::{Checkpoint, Key, Progress, ReplacePolicy, ReplicateError, keys};
 use crate::upstream::TlsSettings;
 
@@ -121,6 +122,9 @@ impl ScanReplicator {
     ) -> Result<Self, ReplicateError> {
         let source = Endpoint::connect("source", source_url, &options.tls).await?;
         let target = Endpoint::connect("target", target_url, &options.tls).await?;
+        // The DUMPs and RESTOREs that carry every value go over raw connections of their own.
+        let dumps = Address::with_database("source", source_url, &options.tls)?.connect().await?;
+        let restores = Address::with_database("target", target_url, &options.tls)?.connect().await?;
         let span = info_span!("scan_replicator", source = %source.label(), target = %target.label());
         let verified = notify::enable(&source).instrument(span.clone()).await?;
 
@@ -167,7 +171,7 @@ impl ScanReplicator {
             barrier_channel,
             next_barrier: AtomicU64::new(PROBE_BARRIER),
             progress,
-            copier: tokio::spawn(run.run(checkpoint).instrument(span)),
+            copier: tokio::spawn(run.run(checkpoint, dumps, restores).instrument(span)),
             subscriber,
         })
     }
@@ -241,8 +245,8 @@ struct Batch {
 }
 
 impl CopyLoop {
-    async fn run(self, checkpoint: Checkpoint) -> Result<(), ReplicateError> {
-        let result = self.run_inner(checkpoint).await;
+    async fn run(self, checkpoint: Checkpoint, dumps: Link, restores: Link) -> Result<(), ReplicateError> {
+        let result = self.run_inner(checkpoint, dumps, restores).await;
         if let Err(err) = &result {
             warn!(error = %err, "scan replication stopped");
         }
@@ -253,7 +257,12 @@ impl CopyLoop {
     /// written to the target, batch N+1's values are read from the source and batch N+2 is
     /// formed and its sizes read. `state` moves only as batches are written; `ahead` is where
     /// the next batch is formed from.
-    async fn run_inner(&self, mut state: Checkpoint) -> Result<(), ReplicateError> {
+    async fn run_inner(
+        &self,
+        mut state: Checkpoint,
+        mut dumps: Link,
+        mut restores: Link,
+    ) -> Result<(), ReplicateError> {
         let source = &self.copier.source;
         let mut flush = FlushWatch::start(source).await?;
         let mut last_flush_check = Instant::now();
@@ -317,7 +326,7 @@ impl CopyLoop {
             }
             let forming = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, pass));
             let (to_read, to_write) = (sized.take(), read.take());
-            let copier = &self.copier;
+            let (copier, dumps, restores) = (&self.copier, &mut dumps, &mut restores);
             let (formed, was_read, written) = tokio::try_join!(
                 async move {
                     match forming {
@@ -327,15 +336,18 @@ impl CopyLoop {
                 },
                 async move {
                     match to_read {
-                        Some((batch, sizes)) => copier.read(&batch.keys, &sizes).await.map(|read| Some((batch, read))),
+                        Some((batch, sizes)) => {
+                            copier.read(dumps, &batch.keys, &sizes).await.map(|read| Some((batch, read)))
+                        }
                         None => Ok(None),
                     }
                 },
                 async move {
                     match to_write {
-                        Some((batch, read)) => {
-                            copier.write(&batch.keys, read, &batch.stale).await.map(|stats| Some((batch, stats)))
-                        }
+                        Some((batch, read)) => copier
+                            .write(restores, &batch.keys, read, &batch.stale)
+                            .await
+                            .map(|stats| Some((batch, stats))),
                         None => Ok(None),
                     }
                 },
