@@ -169,6 +169,33 @@ async fn replace_policies_skip_and_fail() {
     assert!(err.to_string().contains("shared"));
 }
 
+/// The databases in the URIs are the ones copied from and into: keys of source database 3 land
+/// in target database 5 (the value path has connections of its own that must select them too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_between_the_databases_the_uris_name() {
+    let pair = Pair::start();
+    let db = |server: &eden_e2e::RedisServer, n: u8| format!("{}/{n}", server.url());
+    let open = |url: String| async move {
+        redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    };
+    let (mut source, mut other) = (open(db(&pair.source, 3)).await, pair.source().await);
+    seed_strings(&mut source, 2_500).await;
+    let _: () = other.set("db0-only", 1).await.unwrap();
+    let (source_url, target_url) = (db(&pair.source, 3), db(&pair.target, 5));
+    let mut replicator =
+        Replicator::start(&source_url, &target_url, Mode::Scan, Default::default(), None).await.unwrap();
+    caught_up_progress(&mut replicator).await;
+    let _: () = source.set("key:7", "live").await.unwrap();
+    caught_up_progress(&mut replicator).await;
+    let mut target = open(db(&pair.target, 5)).await;
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut target).await.unwrap();
+    assert_eq!(size, 2_500);
+    let live: String = target.get("key:7").await.unwrap();
+    assert_eq!(live, "live");
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut pair.target().await).await.unwrap();
+    assert_eq!(size, 0, "nothing lands in the target's database 0");
+}
+
 async fn caught_up_progress(replicator: &mut Replicator) -> eden_sidecar::replicate::Progress {
     replicator.caught_up(Duration::from_secs(30)).await.unwrap().expect("caught up")
 }

@@ -1,5 +1,7 @@
-//! Copying a batch of keys from the source to the target: DUMP + expiry in one MULTI on the
-//! source, RESTORE ... ABSTTL (or DEL for keys that are gone) in one pipeline on the target.
+//! Copying a batch of keys from the source to the target in three steps that the replicator
+//! overlaps across batches ([`super::scan`]): MEMORY USAGE ([`Copier::sizes`]); DUMP + expiry in
+//! one MULTI on the source ([`Copier::read`]); RESTORE ... ABSTTL (or DEL for keys that are gone)
+//! in one pipeline on the target ([`Copier::write`]).
 //!
 //! Expiries travel as absolute Unix milliseconds (PEXPIRETIME on Redis ≥ 7, else PTTL converted
 //! when the reply arrives), so time spent in transit never extends a TTL. Values bigger than the
@@ -10,14 +12,17 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redis::{Value, cmd, pipe};
+use bytes::Bytes;
+use redis::{cmd, pipe};
+use redis_protocol::resp2::types::BytesFrame;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::chunks::{Chunk, Chunks};
-use super::endpoint::{Endpoint, as_int, printable};
-use super::keys::{self, KeyInfo};
+use super::endpoint::{Endpoint, printable};
+use super::keys;
 use super::sync::decode;
+use super::sync::link::{Link, encode_into};
 use super::{Key, KeyType, ReplicateError, streams};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -104,59 +109,135 @@ pub(crate) struct Copier {
     pub(crate) rebuilt_types: Mutex<HashSet<u8>>,
 }
 
+/// A batch's reads from the source, waiting to be written to the target.
+pub(crate) struct Read {
+    /// For each small key (its index in the batch): the DUMP payload (`None` when the key is
+    /// gone) and RESTORE's ABSTTL argument, converted when the reply arrived.
+    small: Vec<(usize, Option<Bytes>, u64)>,
+    /// Collections over the size threshold (index in the batch, type), walked at write time.
+    big: Vec<(usize, KeyType)>,
+}
+
 impl Copier {
-    /// Makes the target's copy of each key equal to the source's value as of this call (or
-    /// deletes it when the source no longer has the key).
-    pub(crate) async fn copy(&self, keys: &[Key], policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
-        let infos = keys::inspect(&self.source, keys).await?;
-        let (big, small): (Vec<_>, Vec<_>) =
-            keys.iter().zip(infos).partition(|(_, info)| info.is_big(self.big_key_bytes));
-        let mut stats = self.copy_small(&small.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), policy).await?;
-        for (key, info) in big {
-            stats += self.copy_big(key, info, policy).await?;
-        }
-        Ok(stats)
+    /// A batch's first read: MEMORY USAGE of each key, which decides DUMP or chunks.
+    pub(crate) async fn sizes(&self, keys: &[(Key, ReplacePolicy)]) -> Result<Vec<Option<u64>>, ReplicateError> {
+        keys::sizes(&self.source, keys.iter().map(|(key, _)| key)).await
     }
 
-    async fn copy_small(&self, keys: &[&Key], policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
-        let mut stats = CopyStats::default();
-        // One MULTI so each key's payload and expiry describe the same moment.
-        let mut read = pipe();
-        read.atomic();
-        for key in keys {
-            read.cmd("DUMP").arg(*key).cmd(self.expiry.name()).arg(*key);
+    /// A batch's second read: TYPE for the keys over the threshold (only collections are
+    /// walked in chunks), then every other key's DUMP and expiry in one MULTI on `link` (a raw
+    /// connection to the source), so each key's payload and expiry describe the same moment.
+    pub(crate) async fn read(
+        &self,
+        link: &mut Link,
+        keys: &[(Key, ReplacePolicy)],
+        sizes: &[Option<u64>],
+    ) -> Result<Read, ReplicateError> {
+        let over: Vec<usize> = (0..keys.len()).filter(|&i| sizes[i].is_some_and(|b| b > self.big_key_bytes)).collect();
+        let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
+        let big: Vec<(usize, KeyType)> =
+            over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
+        let mut is_big = vec![false; keys.len()];
+        for (i, _) in &big {
+            is_big[*i] = true;
         }
-        let replies = self.source.pipe("DUMP", &mut read).await?;
-        let mut write = pipe();
-        for (key, pair) in keys.iter().zip(replies.chunks(2)) {
-            match &pair[0] {
-                Value::Nil => write.cmd("DEL").arg(*key),
-                Value::BulkString(payload) => {
-                    let expiry =
-                        as_int(&pair[1]).ok_or_else(|| self.source.unexpected(self.expiry.name(), &pair[1]))?;
-                    let restore = write.cmd("RESTORE").arg(*key).arg(self.expiry.absolute_ms(expiry)).arg(payload);
-                    if policy == ReplacePolicy::Replace {
-                        restore.arg("REPLACE");
-                    }
-                    restore.arg("ABSTTL")
-                }
-                other => return Err(self.source.unexpected("DUMP", other)),
+        let small: Vec<usize> = (0..keys.len()).filter(|&i| !is_big[i]).collect();
+        if small.is_empty() {
+            return Ok(Read { small: Vec::new(), big });
+        }
+        let expiry_name = self.expiry.name().as_bytes();
+        let mut request = Vec::with_capacity(32 * (1 + small.len()));
+        encode_into(&mut request, &[b"MULTI"]);
+        for &i in &small {
+            encode_into(&mut request, &[b"DUMP", &keys[i].0]);
+            encode_into(&mut request, &[expiry_name, &keys[i].0]);
+        }
+        encode_into(&mut request, &[b"EXEC"]);
+        self.source.spend(2 + 2 * small.len()).await;
+        link.send(&request).await?;
+        // +OK for MULTI and +QUEUED for each command; an error here means a refused command.
+        for _ in 0..1 + 2 * small.len() {
+            if let BytesFrame::Error(err) = link.reply().await? {
+                return Err(link.error(format!("`DUMP` refused: {err}")));
+            }
+        }
+        let replies = match link.reply().await? {
+            BytesFrame::Array(replies) if replies.len() == 2 * small.len() => replies,
+            other => return Err(link.error(format!("unexpected reply to `EXEC`: {other:?}"))),
+        };
+        let mut replies = replies.into_iter();
+        let mut read = Read { small: Vec::with_capacity(small.len()), big };
+        for i in small {
+            let payload = match replies.next() {
+                Some(BytesFrame::BulkString(payload)) => Some(payload),
+                Some(BytesFrame::Null) => None,
+                other => return Err(link.error(format!("unexpected reply to `DUMP`: {other:?}"))),
             };
+            let expiry = match replies.next() {
+                Some(BytesFrame::Integer(n)) => self.expiry.absolute_ms(n),
+                other => return Err(link.error(format!("unexpected reply to `{}`: {other:?}", self.expiry.name()))),
+            };
+            read.small.push((i, payload, expiry));
         }
-        let results = self.target.pipe("RESTORE", &mut write).await?;
-        for ((key, pair), result) in keys.iter().zip(replies.chunks(2)).zip(results) {
-            match result {
-                Value::ServerError(err) if err.code() == "BUSYKEY" => self.busy(key, policy, &mut stats)?,
-                Value::ServerError(err) if decode::unreadable_payload(&err.to_string()) => {
-                    let (Value::BulkString(payload), Some(expiry)) = (&pair[0], as_int(&pair[1])) else {
-                        return Err(self.target.error("RESTORE", err.into()));
-                    };
-                    stats += self.rebuild(key, payload, self.expiry.absolute_ms(expiry), policy).await?;
+        Ok(read)
+    }
+
+    /// Makes the target's copy of each key equal to what [`Copier::read`] found: one pipeline
+    /// on `link` (a raw connection to the target) of RESTORE ... ABSTTL (DEL for keys the source
+    /// no longer had) plus a DEL for each of `stale` (target keys the source lacks), then the
+    /// big keys walked in chunks. A key's policy decides what happens when it already exists on
+    /// the target.
+    pub(crate) async fn write(
+        &self,
+        link: &mut Link,
+        keys: &[(Key, ReplacePolicy)],
+        read: Read,
+        stale: &[Key],
+    ) -> Result<CopyStats, ReplicateError> {
+        let mut stats = CopyStats::default();
+        let payload_bytes: usize =
+            read.small.iter().map(|(_, payload, _)| payload.as_ref().map_or(0, Bytes::len)).sum();
+        let mut request = Vec::with_capacity(payload_bytes + 64 * (read.small.len() + stale.len()));
+        for (i, payload, expiry) in &read.small {
+            let (key, policy) = &keys[*i];
+            match payload {
+                None => encode_into(&mut request, &[b"DEL", key]),
+                Some(payload) => {
+                    let at = expiry.to_string();
+                    let restore: [&[u8]; 6] = [b"RESTORE", key, at.as_bytes(), payload, b"ABSTTL", b"REPLACE"];
+                    let replace = usize::from(*policy == ReplacePolicy::Replace);
+                    encode_into(&mut request, &restore[..5 + replace]);
                 }
-                Value::ServerError(err) => return Err(self.target.error("RESTORE", err.into())),
-                _ if pair[0] == Value::Nil => stats.deleted += 1,
+            }
+        }
+        for key in stale {
+            encode_into(&mut request, &[b"DEL", key]);
+        }
+        if !request.is_empty() {
+            self.target.spend(read.small.len() + stale.len()).await;
+            link.send(&request).await?;
+        }
+        for (i, payload, expiry) in &read.small {
+            let (key, policy) = &keys[*i];
+            match (link.reply().await?, payload) {
+                (BytesFrame::Error(err), _) if err.starts_with("BUSYKEY") => self.busy(key, *policy, &mut stats)?,
+                (BytesFrame::Error(err), Some(payload)) if decode::unreadable_payload(&err) => {
+                    stats += self.rebuild(key, payload, *expiry, *policy).await?;
+                }
+                (BytesFrame::Error(err), _) => return Err(link.error(format!("`RESTORE` failed: {err}"))),
+                (_, None) => stats.deleted += 1,
                 _ => stats.copied += 1,
             }
+        }
+        for _ in stale {
+            if let BytesFrame::Error(err) = link.reply().await? {
+                return Err(link.error(format!("`DEL` failed: {err}")));
+            }
+        }
+        stats.deleted += stale.len() as u64;
+        for (i, kind) in read.big {
+            let (key, policy) = &keys[i];
+            stats += self.copy_big(key, kind, *policy).await?;
         }
         Ok(stats)
     }
@@ -217,9 +298,8 @@ impl Copier {
 
     /// Walks a big collection into `eden:tmp:<key>` on the target, then atomically sets the
     /// expiry and RENAMEs it over the key.
-    async fn copy_big(&self, key: &[u8], info: KeyInfo, policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
+    async fn copy_big(&self, key: &[u8], kind: KeyType, policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
         let mut stats = CopyStats::default();
-        let kind = info.kind.unwrap_or(KeyType::Other);
         if policy != ReplacePolicy::Replace && keys::exists(&self.target, &[key.to_vec()]).await?[0] {
             self.busy(key, policy, &mut stats)?;
             return Ok(stats);

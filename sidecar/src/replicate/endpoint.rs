@@ -79,6 +79,12 @@ impl Endpoint {
         self.client.get_connection_info().redis_settings().db()
     }
 
+    /// Counts `n` commands sent to this server another way (a raw connection) against its
+    /// limit.
+    pub(crate) async fn spend(&self, n: usize) {
+        self.pace.spend(n).await;
+    }
+
     /// Runs one command.
     pub(crate) async fn cmd<T: FromRedisValue>(&self, command: &'static str, cmd: &Cmd) -> Result<T, ReplicateError> {
         self.pace.spend(1).await;

@@ -99,6 +99,34 @@ pub(crate) async fn inspect(ep: &Endpoint, keys: &[Key]) -> Result<Vec<KeyInfo>,
         .collect()
 }
 
+/// MEMORY USAGE of each key, in one round trip: all the copier needs to tell a value to DUMP
+/// whole from one to walk in chunks (the type matters only above the threshold; see
+/// [`types`]). `None` for a missing key or a server that refuses the command.
+pub(crate) async fn sizes<'a>(
+    ep: &Endpoint,
+    keys: impl IntoIterator<Item = &'a Key>,
+) -> Result<Vec<Option<u64>>, ReplicateError> {
+    let mut p = pipe();
+    for key in keys {
+        p.cmd("MEMORY").arg("USAGE").arg(key);
+    }
+    let replies = ep.pipe("MEMORY USAGE", &mut p).await?;
+    Ok(replies.iter().map(|r| as_int(r).map(|n| n.max(0) as u64)).collect())
+}
+
+/// TYPE of each key, in one round trip; `None` for a missing key.
+pub(crate) async fn types<'a>(
+    ep: &Endpoint,
+    keys: impl IntoIterator<Item = &'a Key>,
+) -> Result<Vec<Option<KeyType>>, ReplicateError> {
+    let mut p = pipe();
+    for key in keys {
+        p.cmd("TYPE").arg(key);
+    }
+    let replies = ep.pipe("TYPE", &mut p).await?;
+    replies.into_iter().map(|r| parse_type(ep, &ep.ok("TYPE", r)?)).collect()
+}
+
 /// Which of `keys` exist on `ep`, in one round trip.
 pub(crate) async fn exists(ep: &Endpoint, keys: &[Key]) -> Result<Vec<bool>, ReplicateError> {
     let mut p = pipe();

@@ -1,43 +1,56 @@
 //! The `scan` mode replicator: subscribe, backfill, then follow live changes until stopped.
 //!
 //! Why the copy is exact. The keyspace subscription is confirmed before the first SCAN, so every
-//! write from then on produces a notification after the write executes. One task, the copier,
-//! does all target writes, one batch at a time, and it removes a key from the dirty set *before*
-//! it sends that key's DUMP. Take any write W to key K:
-//! - if W executed before the DUMP that copied K, the DUMP includes W;
-//! - if W executed after that DUMP, its notification was published after the DUMP ran, hence
-//!   after K left the dirty set, so the subscriber puts K back and a later batch copies K again.
+//! write from then on produces a notification after the write executes. One task, the copy loop,
+//! moves keys in batches through a pipeline: it *forms* a batch (takes keys out of the dirty set,
+//! runs one SCAN step), *reads* it on the source (MEMORY USAGE, then DUMP and expiry in one
+//! MULTI, or chunk by chunk for a big key) and *writes* it to the target (RESTORE, DEL). Up to
+//! three batches are in flight, each at a different stage, but two rules hold:
+//! - every read of a batch happens after the batch was formed;
+//! - batches are written in the order they were formed, one after the other, by this task over
+//!   one target connection, so the target applies them in that order.
 //!
-//! Because batches never overlap, an older DUMP can never be restored after a newer one, so a
-//! stale snapshot never overwrites a newer write. The same argument covers keys changed during a
-//! chunked big-key copy. Deletes and expiries are notified too, and a nil DUMP becomes a DEL.
+//! Take any key K and the last write W to it. W's notification is published after W, so K is in
+//! the dirty set at some moment after W and a batch B formed later still takes it. B reads K after
+//! W, so it copies K's final value (or deletes it). Every batch written after B was formed after
+//! B, hence after W, and also copies the final value; every batch written before B is overwritten
+//! by B. So the last copy of K on the target is the final value: an older DUMP is never restored
+//! after a newer one, and a stale snapshot never overwrites a newer write. The same argument covers
+//! keys changed during a chunked big-key copy (its reads, too, follow its batch's forming), and
+//! deletes and expiries, which are notified too: a nil DUMP becomes a DEL.
+//!
+//! Progress counts a taken key as waiting until its batch is written, so
+//! [`ScanReplicator::caught_up`] never reports a key that is still in flight as copied.
 //!
 //! When the argument's premise breaks — the subscription dropped, the dirty set overflowed, or
 //! the replicator restarted from a [`Checkpoint`] — notifications may have been lost, so a full
 //! re-copy pass and a prune pass (target keys the source no longer has) are queued. A FLUSHDB or
 //! FLUSHALL on the source ([`super::flush`]) flushes the target and restarts the backfill.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::{cmd, pipe};
+use redis::cmd;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::checkpoint::Pass;
-use super::copy::{Copier, CopyStats, ExpiryCommand};
+use super::copy::{Copier, ExpiryCommand, Read};
 use super::endpoint::Endpoint;
 use super::flush::FlushWatch;
 use super::notify::{self, Shared};
+use super::sync::link::{Address, Link};
 use super::{Checkpoint, Key, OpsLimits, Progress, ReplacePolicy, ReplicateError, keys};
 use crate::upstream::TlsSettings;
 
 /// Tuning for [`ScanReplicator`].
 #[derive(Debug, Clone)]
 pub struct ScanOptions {
-    /// Keys per SCAN step and per copy batch (one MULTI of DUMPs, one pipeline of RESTOREs).
+    /// Keys per SCAN step and per copy batch (one MULTI of DUMPs, one pipeline of RESTOREs); three
+    /// batches are in flight at a time.
     pub batch: usize,
     /// What the backfill does with keys that already exist on the target.
     pub replace: ReplacePolicy,
@@ -58,7 +71,7 @@ pub struct ScanOptions {
 impl Default for ScanOptions {
     fn default() -> Self {
         ScanOptions {
-            batch: 500,
+            batch: 1000,
             replace: ReplacePolicy::Replace,
             big_key_bytes: 16 << 20,
             chunk: 1000,
@@ -112,6 +125,9 @@ impl ScanReplicator {
     ) -> Result<Self, ReplicateError> {
         let source = Endpoint::connect("source", source_url, &options.tls).await?.paced(options.limits.source);
         let target = Endpoint::connect("target", target_url, &options.tls).await?.paced(options.limits.target);
+        // The DUMPs and RESTOREs that carry every value go over raw connections of their own.
+        let dumps = Address::with_database("source", source_url, &options.tls)?.connect().await?;
+        let restores = Address::with_database("target", target_url, &options.tls)?.connect().await?;
         let span = info_span!("scan_replicator", source = %source.label(), target = %target.label());
         let verified = notify::enable(&source).instrument(span.clone()).await?;
 
@@ -159,7 +175,7 @@ impl ScanReplicator {
             barrier_channel,
             next_barrier: AtomicU64::new(PROBE_BARRIER),
             progress,
-            copier: tokio::spawn(run.run(checkpoint).instrument(span)),
+            copier: tokio::spawn(run.run(checkpoint, dumps, restores).instrument(span)),
             subscriber,
         })
     }
@@ -216,25 +232,54 @@ struct CopyLoop {
     started: Instant,
 }
 
+/// One batch on its way through the pipeline: the keys it copies, and what applying it means for
+/// the checkpoint and for [`ScanReplicator::caught_up`].
+struct Batch {
+    /// The notification barrier read before the batch was formed.
+    barrier: u64,
+    /// Keys to copy, each with its policy: the dirty keys first (always replaced), then the keys
+    /// a SCAN step of the source found (under the pass's policy).
+    keys: Vec<(Key, ReplacePolicy)>,
+    /// How many of `keys` came from the dirty set.
+    dirty: usize,
+    /// Target keys a prune step found missing on the source.
+    stale: Vec<Key>,
+    /// The pass step the batch carries and the cursor after it (0: the pass is complete).
+    step: Option<(Pass, u64)>,
+}
+
 impl CopyLoop {
-    async fn run(self, checkpoint: Checkpoint) -> Result<(), ReplicateError> {
-        let result = self.run_inner(checkpoint).await;
+    async fn run(self, checkpoint: Checkpoint, dumps: Link, restores: Link) -> Result<(), ReplicateError> {
+        let result = self.run_inner(checkpoint, dumps, restores).await;
         if let Err(err) = &result {
             warn!(error = %err, "scan replication stopped");
         }
         result
     }
 
-    async fn run_inner(&self, mut state: Checkpoint) -> Result<(), ReplicateError> {
+    /// Forms a batch, reads it and writes it, with three batches in flight: while batch N is
+    /// written to the target, batch N+1's values are read from the source and batch N+2 is
+    /// formed and its sizes read. `state` moves only as batches are written; `ahead` is where
+    /// the next batch is formed from.
+    async fn run_inner(
+        &self,
+        mut state: Checkpoint,
+        mut dumps: Link,
+        mut restores: Link,
+    ) -> Result<(), ReplicateError> {
         let source = &self.copier.source;
         let mut flush = FlushWatch::start(source).await?;
         let mut last_flush_check = Instant::now();
         let mut seen_barrier = 0;
         let mut pass_started = Instant::now();
         let mut snapshot = self.progress.borrow().clone();
+        let mut ahead = state.passes.clone();
+        let mut sized: Option<(Batch, Vec<Option<u64>>)> = None;
+        let mut read: Option<(Batch, Read)> = None;
         loop {
             // Read the barrier first: everything notified before it is in the dirty set now.
             let barrier = self.shared.barrier();
+            let mut restart = false;
             if barrier != seen_barrier || last_flush_check.elapsed() >= self.options.flush_check {
                 last_flush_check = Instant::now();
                 seen_barrier = barrier;
@@ -245,6 +290,7 @@ impl CopyLoop {
                     state.passes.clear();
                     state.passes.push_back(Pass::Recopy { cursor: 0 });
                     snapshot.flushes += 1;
+                    restart = true;
                 }
             }
             let overflowed = self.shared.dirty().take_overflow();
@@ -252,79 +298,132 @@ impl CopyLoop {
                 warn!(overflowed, "notifications may have been lost; queueing a full re-copy and prune");
                 state.queue_full_pass();
                 snapshot.resyncs += 1;
+                restart = true;
+            }
+            if restart {
+                // The batches in flight are dropped unwritten and their pass steps redone: the
+                // full pass now queued copies their keys again (after a flush, into an emptied
+                // target).
+                (sized, read) = (None, None);
+                ahead = state.passes.clone();
             }
 
             // Live changes first, so lag stays low during a long backfill. `take` removes the
-            // keys from the dirty set before their DUMP is sent (the ordering the proof needs).
-            let dirty = self.shared.dirty().take(self.options.batch);
-            let mut stats = self.copier.copy(&dirty, ReplacePolicy::Replace).await?;
-
-            match state.passes.front().copied() {
-                Some(pass) => {
-                    let (cursor, pass_stats) = self.step(pass).await?;
-                    stats += pass_stats;
-                    if pass_is_starting(pass) {
-                        pass_started = Instant::now();
-                        state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
-                    }
-                    match (cursor, state.passes.front_mut()) {
-                        (0, _) => {
-                            state.passes.pop_front();
-                            info!(?pass, "pass complete");
-                        }
-                        (next, Some(Pass::Backfill { cursor } | Pass::Recopy { cursor } | Pass::Prune { cursor })) => {
-                            *cursor = next
-                        }
-                        (_, None) => {}
-                    }
-                }
-                None if dirty.is_empty() => {
-                    self.publish(&mut snapshot, &state, barrier, pass_started);
-                    let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
-                    continue;
-                }
-                None => {}
+            // keys from the dirty set before anything of them is read (the ordering the proof
+            // needs).
+            let dirty: Vec<(Key, ReplacePolicy)> = self
+                .shared
+                .dirty()
+                .take(self.options.batch)
+                .into_iter()
+                .map(|key| (key, ReplacePolicy::Replace))
+                .collect();
+            let pass = ahead.front().copied();
+            if pass.is_none() && dirty.is_empty() && sized.is_none() && read.is_none() {
+                self.publish(&mut snapshot, &state, barrier, pass_started, 0);
+                let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
+                continue;
             }
-            state.copied += stats.copied;
-            state.deleted += stats.deleted;
-            state.skipped += stats.skipped;
-            self.publish(&mut snapshot, &state, barrier, pass_started);
+            if pass.is_some_and(pass_is_starting) {
+                pass_started = Instant::now();
+                state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
+            }
+            let forming = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, pass));
+            let (to_read, to_write) = (sized.take(), read.take());
+            let (copier, dumps, restores) = (&self.copier, &mut dumps, &mut restores);
+            let (formed, was_read, written) = tokio::try_join!(
+                async move {
+                    match forming {
+                        Some(forming) => forming.await.map(Some),
+                        None => Ok(None),
+                    }
+                },
+                async move {
+                    match to_read {
+                        Some((batch, sizes)) => {
+                            copier.read(dumps, &batch.keys, &sizes).await.map(|read| Some((batch, read)))
+                        }
+                        None => Ok(None),
+                    }
+                },
+                async move {
+                    match to_write {
+                        Some((batch, read)) => copier
+                            .write(restores, &batch.keys, read, &batch.stale)
+                            .await
+                            .map(|stats| Some((batch, stats))),
+                        None => Ok(None),
+                    }
+                },
+            )?;
+            if let Some((_, next)) = formed.as_ref().and_then(|(batch, _)| batch.step) {
+                advance(&mut ahead, next);
+            }
+            (sized, read) = (formed, was_read);
+            if let Some((batch, stats)) = written {
+                if let Some((pass, next)) = batch.step
+                    && advance(&mut state.passes, next)
+                {
+                    info!(?pass, "pass complete");
+                }
+                state.copied += stats.copied;
+                state.deleted += stats.deleted;
+                state.skipped += stats.skipped;
+                let in_flight = sized.iter().map(|(b, _)| b.dirty).chain(read.iter().map(|(b, _)| b.dirty)).sum();
+                self.publish(&mut snapshot, &state, batch.barrier, pass_started, in_flight);
+            }
         }
     }
 
-    /// One SCAN step of a pass; returns the next cursor.
-    async fn step(&self, pass: Pass) -> Result<(u64, CopyStats), ReplicateError> {
+    /// Forms a batch from the keys taken from the dirty set and one step of the current pass,
+    /// and reads its sizes.
+    async fn form(
+        &self,
+        barrier: u64,
+        dirty: Vec<(Key, ReplacePolicy)>,
+        pass: Option<Pass>,
+    ) -> Result<(Batch, Vec<Option<u64>>), ReplicateError> {
         let (source, target) = (&self.copier.source, &self.copier.target);
+        let mut batch = Batch { barrier, dirty: dirty.len(), keys: dirty, stale: Vec::new(), step: None };
         match pass {
-            Pass::Backfill { cursor } => {
+            Some(Pass::Backfill { cursor } | Pass::Recopy { cursor }) => {
+                let policy = if matches!(pass, Some(Pass::Backfill { .. })) {
+                    self.options.replace
+                } else {
+                    ReplacePolicy::Replace
+                };
                 let (next, found) = keys::scan(source, cursor, self.options.batch).await?;
-                Ok((next, self.copier.copy(&found, self.options.replace).await?))
+                batch.keys.extend(found.into_iter().map(|key| (key, policy)));
+                batch.step = pass.map(|pass| (pass, next));
             }
-            Pass::Recopy { cursor } => {
-                let (next, found) = keys::scan(source, cursor, self.options.batch).await?;
-                Ok((next, self.copier.copy(&found, ReplacePolicy::Replace).await?))
-            }
-            Pass::Prune { cursor } => {
+            Some(Pass::Prune { cursor }) => {
                 let (next, found) = keys::scan(target, cursor, self.options.batch).await?;
                 let on_source = keys::exists(source, &found).await?;
-                let gone: Vec<&Key> = found.iter().zip(on_source).filter(|(_, on)| !on).map(|(k, _)| k).collect();
-                let mut del = pipe();
-                for key in &gone {
-                    del.cmd("DEL").arg(*key);
-                }
-                target.pipe("DEL", &mut del).await?;
-                Ok((next, CopyStats { deleted: gone.len() as u64, ..Default::default() }))
+                batch.stale = found.into_iter().zip(on_source).filter(|(_, on)| !on).map(|(key, _)| key).collect();
+                batch.step = pass.map(|pass| (pass, next));
             }
+            None => {}
         }
+        let sizes = self.copier.sizes(&batch.keys).await?;
+        Ok((batch, sizes))
     }
 
-    fn publish(&self, snapshot: &mut Progress, state: &Checkpoint, barrier: u64, pass_started: Instant) {
+    /// Publishes progress as of the last batch written; `in_flight` dirty keys were taken into
+    /// batches not written yet and still count as waiting.
+    fn publish(
+        &self,
+        snapshot: &mut Progress,
+        state: &Checkpoint,
+        barrier: u64,
+        pass_started: Instant,
+        in_flight: usize,
+    ) {
         let dirty = self.shared.dirty();
         let pass_age = if state.passes.is_empty() { Duration::ZERO } else { pass_started.elapsed() };
         let lag = dirty.oldest_age().max(pass_age);
         snapshot.lag_ms = lag.as_millis() as u64;
         snapshot.behind_since = (!lag.is_zero()).then(|| Instant::now() - lag);
-        snapshot.dirty = dirty.len();
+        snapshot.dirty = dirty.len() + in_flight;
         drop(dirty);
         snapshot.rate = state.copied as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         snapshot.barrier = barrier;
@@ -355,6 +454,19 @@ async fn probe(source: &Endpoint, shared: &Shared, barrier_channel: &str) -> Res
             server: source.label().clone(),
             detail: "CONFIG is refused and a probe write produced no keyevent notification".into(),
         })
+    }
+}
+
+/// Moves the current pass to cursor `next`, or off the queue when `next` is 0 (the SCAN is
+/// complete); returns whether the pass completed.
+fn advance(passes: &mut VecDeque<Pass>, next: u64) -> bool {
+    match (next, passes.front_mut()) {
+        (0, _) => passes.pop_front().is_some(),
+        (next, Some(Pass::Backfill { cursor } | Pass::Recopy { cursor } | Pass::Prune { cursor })) => {
+            *cursor = next;
+            false
+        }
+        (_, None) => false,
     }
 }
 

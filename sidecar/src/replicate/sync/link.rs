@@ -1,4 +1,6 @@
 //! A raw RESP connection for sync mode, over the sidecar's [`Upstream`] (TCP or TLS, AUTH).
+//! Scan mode's copier uses it too, for the DUMP and RESTORE round trips that carry every value:
+//! payloads stay `Bytes` slices of the read buffer instead of becoming client-library values.
 //!
 //! Sync mode cannot use a client library for its two main connections: the source's side is a
 //! replication link (an RDB, then a stream of commands that are never replies), and the
@@ -32,17 +34,25 @@ impl Address {
     /// Parses `redis[s]://[[user]:password@]host:port[/db]`. Sync mode replicates whole
     /// servers (every database, as a replica does), so a database in the URI is refused.
     pub(crate) fn parse(role: &str, uri: &str, tls: &TlsSettings) -> Result<Self, ReplicateError> {
+        let address = Self::with_database(role, uri, tls)?;
+        if RedisUri::parse(&split_credentials(uri).1).is_ok_and(|uri| uri.db != 0) {
+            return Err(ReplicateError::Usage(format!(
+                "{}: sync mode copies every database, as a replica does, so the URI must not name one ({uri}); \
+                 drop the /<db> or use scan mode to copy one database",
+                address.label
+            )));
+        }
+        Ok(address)
+    }
+
+    /// Parses `redis[s]://[[user]:password@]host:port[/db]` for a connection that works in one
+    /// database: every connection authenticates, then selects it (scan mode's raw copy path).
+    pub(crate) fn with_database(role: &str, uri: &str, tls: &TlsSettings) -> Result<Self, ReplicateError> {
         let (credentials, bare) = split_credentials(uri);
         let upstream = Upstream::new(&bare, tls, CONNECT_TIMEOUT)
             .map_err(|source| ReplicateError::Unreachable { server: format!("{role} {bare}").into(), source })?
             .with_credentials(credentials);
         let label: Arc<str> = format!("{role} {}", upstream.addr()).into();
-        if RedisUri::parse(&bare).is_ok_and(|uri| uri.db != 0) {
-            return Err(ReplicateError::Usage(format!(
-                "{label}: sync mode copies every database, as a replica does, so the URI must not name one ({uri}); \
-                 drop the /<db> or use scan mode to copy one database"
-            )));
-        }
         Ok(Address { upstream, label })
     }
 

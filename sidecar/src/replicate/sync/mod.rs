@@ -19,7 +19,7 @@
 
 mod apply;
 pub(crate) mod decode;
-mod link;
+pub(super) mod link;
 mod load;
 mod psync;
 mod rdb;
