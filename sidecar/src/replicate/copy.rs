@@ -8,15 +8,12 @@
 //! threshold are walked in chunks ([`super::chunks`]) into a temporary key on the target that is
 //! then RENAMEd over the real one, so memory stays bounded and readers never see half a value.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redis::{cmd, pipe};
 use redis_protocol::resp2::types::BytesFrame;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
 
 use super::chunks::{Chunk, Chunks};
 use super::endpoint::{Endpoint, printable};
@@ -106,7 +103,7 @@ pub(crate) struct Copier {
     /// Elements per chunk for big keys.
     pub(crate) chunk: usize,
     /// Value types already announced as rebuilt with commands.
-    pub(crate) rebuilt_types: Mutex<HashSet<u8>>,
+    pub(crate) rebuilt_types: decode::Announced,
 }
 
 /// A batch's reads from the source, waiting to be written to the target.
@@ -258,15 +255,7 @@ impl Copier {
             return Ok(stats);
         }
         let object = decode::dumped_object(payload);
-        let value_type = object.first().copied().unwrap_or_default();
-        if self.rebuilt_types.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(value_type) {
-            warn!(
-                value_type,
-                key = %printable(key),
-                "the target cannot read this server's DUMP payloads for this value type (it is probably an older \
-                 Redis); rebuilding such keys with ordinary commands"
-            );
-        }
+        self.rebuilt_types.rebuilding(key, object);
         let commands = decode::commands(key, object, (expire_at_ms > 0).then_some(expire_at_ms))
             .await
             .map_err(|err| decode::unrebuildable(self.target.label(), key, err))?;

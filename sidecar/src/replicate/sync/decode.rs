@@ -7,9 +7,11 @@
 //! groups have no faithful command form), module values and the ancient zipmap; those stop
 //! replication with an error naming the key.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use tracing::warn;
 
 use super::rdb::{Memory, Snapshot, kind};
 use crate::replicate::ReplicateError;
@@ -25,6 +27,26 @@ pub(crate) type Args = Vec<Vec<u8>>;
 /// a newer RDB version, or a value type it does not know.
 pub(crate) fn unreadable_payload(error: &str) -> bool {
     error.contains("payload") || error.contains("Bad data format")
+}
+
+/// The value types whose rebuilding was already logged: one line per type, not per key.
+#[derive(Debug, Default)]
+pub(crate) struct Announced(Mutex<HashSet<u8>>);
+
+impl Announced {
+    /// Logs, the first time for its type, that `object` (type byte + encoding) of `key` is
+    /// rebuilt with commands because the target cannot read the source's payloads.
+    pub(crate) fn rebuilding(&self, key: &[u8], object: &[u8]) {
+        let value_type = object.first().copied().unwrap_or_default();
+        if self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(value_type) {
+            warn!(
+                value_type,
+                key = %printable(key),
+                "the target cannot read this server's DUMP payloads for this value type (it is probably an older \
+                 Redis); rebuilding such keys with ordinary commands"
+            );
+        }
+    }
 }
 
 /// The error for a value [`commands`] could not rebuild, on `server`.

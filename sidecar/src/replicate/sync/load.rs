@@ -24,11 +24,10 @@
 //! payload the target refuses (an older server cannot read a newer RDB version) is rebuilt
 //! with ordinary commands ([`super::decode`]), with one log line per value type.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use redis_protocol::resp2::types::BytesFrame;
-use tracing::warn;
 
 use super::Reporter;
 use super::decode;
@@ -90,7 +89,7 @@ pub(crate) struct Loader<'a> {
     pub(crate) limits: BatchLimits,
     pub(crate) reporter: &'a mut Reporter,
     /// Value types already announced as rebuilt with commands.
-    pub(crate) rebuilt_types: HashSet<u8>,
+    pub(crate) rebuilt_types: decode::Announced,
     /// When loading began: until it ends, that is how far behind the target is.
     pub(crate) started: Instant,
 }
@@ -270,15 +269,7 @@ impl Loader<'_> {
 
     /// Recreates a key the target could not RESTORE from its decoded value.
     async fn rebuild(&mut self, entry: KeyEntry, end_db: u64) -> Result<(), ReplicateError> {
-        let value_type = entry.value.first().copied().unwrap_or_default();
-        if self.rebuilt_types.insert(value_type) {
-            warn!(
-                value_type,
-                key = %printable(&entry.key),
-                "the target cannot read this server's DUMP payloads for this value type (it is probably an older \
-                 Redis); rebuilding such keys with ordinary commands"
-            );
-        }
+        self.rebuilt_types.rebuilding(&entry.key, &entry.value);
         let commands = decode::commands(&entry.key, &entry.value, entry.expire_at_ms)
             .await
             .map_err(|err| decode::unrebuildable(self.target.link.label(), &entry.key, err))?;

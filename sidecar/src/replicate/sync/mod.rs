@@ -25,7 +25,6 @@ mod psync;
 mod rdb;
 mod target;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -290,7 +289,7 @@ impl Session {
                     policy,
                     limits,
                     reporter: &mut self.reporter,
-                    rebuilt_types: HashSet::new(),
+                    rebuilt_types: Default::default(),
                     started: loading_started,
                 };
                 loader.run(&mut snapshot).await?;
