@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams};
 use redis::AsyncCommands;
 use tokio::task::JoinHandle;
+use tracing_subscriber::EnvFilter;
 
 /// A namespace with both controllers reconciling it, as the operator's leader would.
 struct Harness {
@@ -30,6 +31,9 @@ struct Harness {
 
 impl Harness {
     async fn start(prefix: &str) -> Harness {
+        // The operator's log lines, shown with the output of a failing test (RUST_LOG overrides).
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let control_plane = ControlPlane::shared();
         control_plane.install_eden_crds().unwrap();
         let namespace = control_plane.namespace(prefix).await.unwrap();

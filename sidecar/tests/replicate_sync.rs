@@ -247,6 +247,31 @@ async fn killed_and_restarted_it_resumes_and_ends_equal() {
     assert_clean(&pair.verify().await);
 }
 
+/// A restart whose target has stalled (stopped: connections open, nothing answers) must not
+/// look caught up on the strength of its checkpoint: its lag counts from the start until the
+/// stream flows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_against_a_stalled_target_counts_its_lag() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 100).await;
+    let mut replicator = pair.sync(SyncOptions::default(), None).await;
+    caught_up(&mut replicator).await;
+    let checkpoint = checkpoint_of(replicator);
+    assert!(checkpoint.backfill_done());
+
+    pair.target.freeze().unwrap();
+    let mut replicator = pair.sync(SyncOptions::default(), Some(checkpoint)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stalled = replicator.progress().borrow().clone();
+    assert!(stalled.lag_ms_now() >= 500, "{stalled:?}");
+
+    pair.target.thaw().unwrap();
+    caught_up(&mut replicator).await;
+    assert_eq!(replicator.progress().borrow().lag_ms_now(), 0);
+    assert_clean(&pair.verify().await);
+}
+
 /// The source drops Eden's replication link while writers run (`CLIENT KILL TYPE replica`, as a
 /// failover or a proxy restart would); the replicator reconnects by itself, continues the stream
 /// with PSYNC, and ends equal. The target's connection dropping is ridden out the same way.

@@ -172,7 +172,10 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         ctx.replications.drain(&uid, Duration::from_millis(remaining.max(0) as u64)).await
     };
 
-    drive_replication(&migration, ctx, &uid, &observation, &decision, &mut events).await;
+    // A flip that could not drain does not happen, so neither does the stop that goes with it:
+    // the engine keeps applying what it has not applied yet.
+    let replicate = decision.replicate || !drained;
+    drive_replication(&migration, ctx, &uid, &observation, &decision, replicate, &mut events).await;
 
     let mut generation = observation.configured_generation();
     if drained
@@ -230,17 +233,18 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
     Ok(Action::requeue(requeue_after(decision.phase)))
 }
 
-/// Starts, restarts or stops the replication run so that it matches the decision.
+/// Starts, restarts or stops the replication run so that it runs exactly when `replicate`.
 async fn drive_replication(
     migration: &Migration,
     ctx: &Context,
     uid: &str,
     observation: &Observation,
     decision: &Decision,
+    replicate: bool,
     events: &mut Vec<Notice>,
 ) {
     let running = ctx.replications.contains(uid);
-    if !decision.replicate {
+    if !replicate {
         if running {
             ctx.replications.stop(uid).await;
             events.push(Notice::new(

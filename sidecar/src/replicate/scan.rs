@@ -159,7 +159,11 @@ impl ScanReplicator {
                 return Err(err);
             }
         };
-        let (progress_tx, progress) = watch::channel(Progress { checkpoint: checkpoint.clone(), ..Default::default() });
+        // Behind from the start until the first batch publishes: a restart must not look caught
+        // up on the strength of its checkpoint (notifications were missed meanwhile).
+        let initial =
+            Progress { checkpoint: checkpoint.clone(), behind_since: Some(Instant::now()), ..Default::default() };
+        let (progress_tx, progress) = watch::channel(initial);
         let copier = Copier {
             expiry,
             source: source.clone(),

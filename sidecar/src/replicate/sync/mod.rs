@@ -113,7 +113,10 @@ impl SyncReplicator {
             sync: Some(SyncPosition { replid: String::new(), offset: 0, loading: true }),
             ..Default::default()
         });
-        let (tx, progress) = watch::channel(Progress { checkpoint, ..Default::default() });
+        // Behind from the start until the stream flows again: a restart that cannot reach the
+        // target must not look caught up on the strength of its checkpoint.
+        let (tx, progress) =
+            watch::channel(Progress { checkpoint, behind_since: Some(Instant::now()), ..Default::default() });
         let reporter = Reporter { tx, started: Instant::now(), progress: progress.borrow().clone() };
         let addresses = (source.clone(), target);
         let session = Session { addresses, connections, options, reporter, restart, handshakes: 0 };
