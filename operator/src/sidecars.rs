@@ -5,7 +5,8 @@
 //! The operator moves on only when every live sidecar has acknowledged.
 
 use eden_sidecar::lease::{
-    ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_WRITES, LABEL_MIGRATION,
+    ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_LOST_TARGET_WRITES,
+    ANNOTATION_WRITES, LABEL_MIGRATION,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -27,6 +28,8 @@ pub struct SidecarReport {
     /// Writes mirrored to the source that never landed, summed over every sidecar's Lease,
     /// live or not: a sidecar that exited keeps its Lease for exactly this.
     pub lost_source_writes: u64,
+    /// The same for writes mirrored to the target.
+    pub lost_target_writes: u64,
 }
 
 impl SidecarReport {
@@ -52,8 +55,9 @@ pub fn report(leases: &[Lease], configured_generation: i64, now: Timestamp) -> S
     for lease in leases {
         let annotations = lease.metadata.annotations.as_ref();
         let annotation = |key: &str| annotations.and_then(|a| a.get(key));
-        report.lost_source_writes +=
-            annotation(ANNOTATION_LOST_SOURCE_WRITES).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        let count = |key: &str| annotation(key).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        report.lost_source_writes += count(ANNOTATION_LOST_SOURCE_WRITES);
+        report.lost_target_writes += count(ANNOTATION_LOST_TARGET_WRITES);
         if !is_live(lease, now) {
             continue;
         }
@@ -100,6 +104,7 @@ mod tests {
             (ANNOTATION_GENERATION.to_string(), generation.to_string()),
             (ANNOTATION_WRITES.to_string(), writes.to_string()),
             (ANNOTATION_LOST_SOURCE_WRITES.to_string(), pod.len().to_string()),
+            (ANNOTATION_LOST_TARGET_WRITES.to_string(), (2 * pod.len()).to_string()),
         ]);
         if let Some(error) = error {
             annotations.insert(ANNOTATION_CONFIG_ERROR.to_string(), error.to_string());
@@ -130,6 +135,7 @@ mod tests {
         assert_eq!(report.config_errors, ["c: eden.yaml read_percentage is 150: a percentage, 0 to 100"]);
         assert_eq!(report.counts(7).summary, "2/3");
         assert_eq!(report.lost_source_writes, 1 + 1 + 1 + 4, "losses count from every Lease, the dead one's too");
+        assert_eq!(report.lost_target_writes, 2 * (1 + 1 + 1 + 4));
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //! strategy once the Lease's annotations show that generation applied. Renewal is a server-side
 //! apply of the whole Lease, so the first renewal creates it and a deleted Lease comes back.
 //!
-//! The Lease also carries how many writes mirrored to the source never landed there. After the
-//! flip the source is kept current only by those mirrors, so each lost one is a write a rollback
-//! would lose; the operator refuses to roll back while any are reported. A sidecar that lost
-//! some keeps its Lease when it exits, so the count outlives the pod.
+//! The Lease also carries how many mirrored writes never landed, per side. After the flip the
+//! source is kept current only by its mirrors, so each one lost is a write a rollback would
+//! lose; with `data.type: none` the same holds for the target before the flip, and a cutover
+//! would serve a stale value. The operator holds the rollback or the cutover while any are
+//! reported. A sidecar that lost some keeps its Lease when it exits, so the count outlives
+//! the pod.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +35,8 @@ pub const ANNOTATION_WRITES: &str = "eden.io/writes";
 pub const ANNOTATION_CONFIG_ERROR: &str = "eden.io/config-error";
 /// Writes mirrored to the source that failed or were dropped, since the sidecar started.
 pub const ANNOTATION_LOST_SOURCE_WRITES: &str = "eden.io/lost-source-writes";
+/// Writes mirrored to the target that failed or were dropped, since the sidecar started.
+pub const ANNOTATION_LOST_TARGET_WRITES: &str = "eden.io/lost-target-writes";
 pub const LABEL_MIGRATION: &str = "eden.io/migration";
 
 const FIELD_MANAGER: &str = "eden-sidecar";
@@ -68,14 +72,14 @@ impl LeaseReporter {
         self
     }
 
-    /// Reports the writes mirrored to the source that never landed, from the proxy's counters.
+    /// Reports the mirrored writes that never landed, per side, from the proxy's counters.
     pub fn with_mirror_losses(mut self, metrics: Arc<ProxyMetrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }
 
-    fn lost_source_writes(&self) -> u64 {
-        self.metrics.as_ref().map_or(0, |m| m.lost_mirror_writes(Side::Source))
+    fn lost_writes(&self, side: Side) -> u64 {
+        self.metrics.as_ref().map_or(0, |m| m.lost_mirror_writes(side))
     }
 
     /// The Lease's name: one per pod.
@@ -102,7 +106,7 @@ impl LeaseReporter {
             let metrics = self.metrics.clone();
             let lost_write = async move {
                 match metrics {
-                    Some(metrics) => metrics.lost_source_write().await,
+                    Some(metrics) => metrics.lost_mirror_write().await,
                     None => std::future::pending().await,
                 }
             };
@@ -120,7 +124,8 @@ impl LeaseReporter {
         let mut annotations = BTreeMap::from([
             (ANNOTATION_GENERATION.to_string(), self.status.applied_generation().to_string()),
             (ANNOTATION_WRITES.to_string(), self.writes().to_string()),
-            (ANNOTATION_LOST_SOURCE_WRITES.to_string(), self.lost_source_writes().to_string()),
+            (ANNOTATION_LOST_SOURCE_WRITES.to_string(), self.lost_writes(Side::Source).to_string()),
+            (ANNOTATION_LOST_TARGET_WRITES.to_string(), self.lost_writes(Side::Target).to_string()),
         ]);
         if let Some(error) = self.status.last_error() {
             annotations.insert(ANNOTATION_CONFIG_ERROR.to_string(), error);
@@ -154,13 +159,13 @@ impl LeaseReporter {
     }
 
     /// Deletes the Lease on a clean shutdown, so the operator stops counting this sidecar at
-    /// once instead of after [`LEASE_DURATION`]. A sidecar that lost writes mirrored to the
-    /// source writes its final count instead and leaves the Lease to expire: the operator must
-    /// keep seeing those losses after the pod is gone.
+    /// once instead of after [`LEASE_DURATION`]. A sidecar that lost mirrored writes writes its
+    /// final counts instead and leaves the Lease to expire: the operator must keep seeing those
+    /// losses after the pod is gone.
     pub async fn release(&self) {
-        let lost = self.lost_source_writes();
-        if lost > 0 {
-            tracing::warn!(lost, lease = %self.lease_name(), "keeping the Lease: writes mirrored to the source were lost");
+        let (source, target) = (self.lost_writes(Side::Source), self.lost_writes(Side::Target));
+        if source + target > 0 {
+            tracing::warn!(source, target, lease = %self.lease_name(), "keeping the Lease: mirrored writes were lost");
             if let Err(err) = self.renew().await {
                 tracing::warn!(%err, lease = %self.lease_name(), "could not record the final count in the Lease");
             }

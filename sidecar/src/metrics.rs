@@ -80,8 +80,8 @@ pub struct ProxyMetrics {
     shadow: [Counter; 3],
     holding: Gauge,
     held: Counter,
-    /// Woken on every write mirrored to the source that did not land (see [`Self::lost_source_write`]).
-    source_loss: Notify,
+    /// Woken on every mirrored write that did not land (see [`Self::lost_mirror_write`]).
+    mirror_loss: Notify,
 }
 
 impl Default for ProxyMetrics {
@@ -131,7 +131,7 @@ impl Default for ProxyMetrics {
                 .map(|outcome| shadow.get_or_create(&OutcomeLabels { outcome }).clone()),
             holding,
             held,
-            source_loss: Notify::new(),
+            mirror_loss: Notify::new(),
         }
     }
 }
@@ -145,16 +145,16 @@ impl ProxyMetrics {
     /// `requests` mirrored to `side` came to `outcome`.
     pub fn mirror(&self, side: Side, outcome: MirrorOutcome, requests: u64) {
         self.mirror[side as usize][outcome as usize].inc_by(requests);
-        if side == Side::Source && !matches!(outcome, MirrorOutcome::Applied) && requests > 0 {
-            self.source_loss.notify_one();
+        if !matches!(outcome, MirrorOutcome::Applied) && requests > 0 {
+            self.mirror_loss.notify_one();
         }
     }
 
-    /// Completes once a write mirrored to the source has failed or been dropped since the last
-    /// time it completed, so the Lease can report the loss at once rather than at its next
-    /// renewal: the operator decides on rollbacks from it.
-    pub async fn lost_source_write(&self) {
-        self.source_loss.notified().await
+    /// Completes once a mirrored write has failed or been dropped since the last time it
+    /// completed, so the Lease can report the loss at once rather than at its next renewal: the
+    /// operator decides on cutovers and rollbacks from it.
+    pub async fn lost_mirror_write(&self) {
+        self.mirror_loss.notified().await
     }
 
     /// Writes mirrored to `side` that never landed there (failed or dropped) since start.

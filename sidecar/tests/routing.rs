@@ -11,7 +11,8 @@ use std::time::Duration;
 use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
 use eden_sidecar::config::{Applier, CurrentConfig, PAYLOAD_KEY};
 use eden_sidecar::lease::{
-    ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_WRITES, LeaseReporter,
+    ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_LOST_TARGET_WRITES,
+    ANNOTATION_WRITES, LeaseReporter,
 };
 use eden_sidecar::route::key_bucket;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -214,11 +215,23 @@ async fn each_write_mode_answers_from_its_side_and_mirrors_exactly_once() {
 }
 
 #[tokio::test]
-async fn a_dead_mirror_target_counts_failures_and_never_fails_clients() {
+async fn a_dead_mirror_target_counts_failures_in_the_lease_and_never_fails_clients() {
+    let control_plane = ControlPlane::shared();
+    let namespace = control_plane.namespace("sidecar-target-losses").await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
     let mut dead = RedisServer::start().unwrap();
     dead.stop();
     let mut migration = Migration::with_target(dead);
     let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let reporter = LeaseReporter::new(
+        leases.clone(),
+        "app-3".into(),
+        "cache".into(),
+        migration.applier.subscribe(),
+        migration.applier.status(),
+    )
+    .with_mirror_losses(proxy.metrics.clone());
+    let renewing = tokio::spawn(reporter.clone().run());
     migration.apply(1, "mirror_writes: true").await;
     let mut app = proxy.client().await;
     for expected in 1..=50 {
@@ -231,6 +244,15 @@ async fn a_dead_mirror_target_counts_failures_and_never_fails_clients() {
     })
     .await;
     assert_eq!(direct(&migration.source).await.get::<_, i64>("counter").await.unwrap(), 50);
+    // The operator holds a pure dual-write cutover on this count; it outlives the sidecar.
+    wait_for_lease(&leases, &reporter.lease_name(), |a| {
+        a[ANNOTATION_LOST_TARGET_WRITES] == "50" && a[ANNOTATION_LOST_SOURCE_WRITES] == "0"
+    })
+    .await;
+    renewing.abort();
+    reporter.release().await;
+    let kept = leases.get_opt(&reporter.lease_name()).await.unwrap().expect("the Lease outlives the sidecar");
+    assert_eq!(kept.metadata.annotations.unwrap()[ANNOTATION_LOST_TARGET_WRITES], "50");
 }
 
 #[tokio::test]
@@ -268,7 +290,10 @@ async fn writes_the_source_refused_after_the_flip_are_reported_in_the_lease_and_
     for expected in 2..=21 {
         assert_eq!(app.incr::<_, _, i64>("counter", 1).await.unwrap(), expected, "the target answers");
     }
-    wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_LOST_SOURCE_WRITES] == "20").await;
+    wait_for_lease(&leases, &reporter.lease_name(), |a| {
+        a[ANNOTATION_LOST_SOURCE_WRITES] == "20" && a[ANNOTATION_LOST_TARGET_WRITES] == "0"
+    })
+    .await;
 
     // A clean shutdown keeps this Lease, so the operator still sees the losses.
     renewing.abort();

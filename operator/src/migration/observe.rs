@@ -10,7 +10,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt};
 
 use super::Error;
-use super::phase::{ANNOTATION_ACCEPT_LOST_WRITES, CutoverProgress, Effective, Held, Observed, Replication};
+use super::phase::{
+    ANNOTATION_ACCEPT_LOST_TARGET_WRITES, ANNOTATION_ACCEPT_LOST_WRITES, CutoverProgress, Effective, Held, Observed,
+    Replication,
+};
 use super::replication::Plan;
 use crate::conditions;
 use crate::configmap;
@@ -24,10 +27,11 @@ use crate::sidecars::{self, SidecarReport};
 pub const TARGET_CREDENTIALS_DIR: &str = "/var/run/eden/target";
 pub const TARGET_CREDENTIALS_FILE: &str = "/var/run/eden/target/password";
 
-/// The lost writes the user accepted losing in a rollback ([`ANNOTATION_ACCEPT_LOST_WRITES`]);
-/// 0 when the annotation is absent or not a count.
-fn accepted_lost_writes(migration: &Migration) -> u64 {
-    migration.annotations().get(ANNOTATION_ACCEPT_LOST_WRITES).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+/// The lost writes the user accepted losing, by the annotation that says so
+/// ([`ANNOTATION_ACCEPT_LOST_WRITES`] for a rollback, [`ANNOTATION_ACCEPT_LOST_TARGET_WRITES`]
+/// for a cutover); 0 when it is absent or not a count.
+fn accepted(migration: &Migration, annotation: &str) -> u64 {
+    migration.annotations().get(annotation).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
 }
 
 /// Whether `migration` names the Endpoint `endpoint` as its source or target.
@@ -122,7 +126,14 @@ impl Observation {
                 .as_ref()
                 .and_then(|s| s.verification.as_ref())
                 .map(|v| v.report.differences() as i64),
-            lost_source_writes: sidecars.lost_source_writes.saturating_sub(accepted_lost_writes(migration)) as i64,
+            lost_source_writes: sidecars
+                .lost_source_writes
+                .saturating_sub(accepted(migration, ANNOTATION_ACCEPT_LOST_WRITES))
+                as i64,
+            lost_target_writes: sidecars
+                .lost_target_writes
+                .saturating_sub(accepted(migration, ANNOTATION_ACCEPT_LOST_TARGET_WRITES))
+                as i64,
             sidecars_acked: sidecars.all_acknowledged(),
             cutover: cutover_progress(phase, config.as_ref(), &sidecars, &status),
         };

@@ -16,6 +16,9 @@ use crate::crd::{DataCopy, FailureHandling, MigrationSpec, Phase, WriteModeKind,
 /// accepts losing in a rollback. An explicit, recorded decision rather than a spec field,
 /// because it is about one incident, not the desired state.
 pub const ANNOTATION_ACCEPT_LOST_WRITES: &str = "eden.io/accept-lost-writes";
+/// Migration annotation: how many lost writes to the target (see
+/// [`Observed::lost_target_writes`]) the user accepts in a cutover with `data.type: none`.
+pub const ANNOTATION_ACCEPT_LOST_TARGET_WRITES: &str = "eden.io/accept-lost-target-writes";
 
 /// What the operator saw this reconciliation.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -29,6 +32,9 @@ pub struct Observed {
     /// Writes mirrored from the target back to the source that never landed there (the
     /// sidecars' Leases), less those the user accepted losing.
     pub lost_source_writes: i64,
+    /// Writes mirrored from the source to the target that never landed there, less those the
+    /// user accepted losing. Only `data.type: none` mirrors to the target.
+    pub lost_target_writes: i64,
     /// Every live sidecar applied the ConfigMap generation the operator last wrote.
     pub sidecars_acked: bool,
     pub cutover: CutoverProgress,
@@ -266,7 +272,20 @@ fn wants_target_authority(spec: &MigrationSpec) -> bool {
 /// Whether the target holds the source's data closely enough to serve it, and if not, why.
 fn in_sync(spec: &MigrationSpec, observed: &Observed, held: &mut Vec<Held>) -> bool {
     if spec.data.type_ == DataCopy::None {
-        // Pure dual-write: the target fills as keys are written and the old ones expire.
+        // Pure dual-write: the target fills as keys are written and the old ones expire. A
+        // write whose mirror never landed left an older value there, which it would serve.
+        if observed.lost_target_writes > 0 {
+            held.push(Held {
+                reason: "TargetWritesLost",
+                message: format!(
+                    "{} writes mirrored to the target never landed there, so it holds older values for \
+                     those keys. To go on anyway, annotate the Migration {ANNOTATION_ACCEPT_LOST_TARGET_WRITES}=<that \
+                     count or more>",
+                    observed.lost_target_writes
+                ),
+            });
+            return false;
+        }
         return observed.target_ready;
     }
     let Some(replication) = observed.replication.filter(|r| r.backfill_done) else {

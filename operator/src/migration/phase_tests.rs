@@ -297,6 +297,25 @@ fn pure_dual_write_mirrors_from_the_sidecars_and_never_replicates() {
     );
 }
 
+#[test]
+fn pure_dual_write_holds_cutover_and_target_reads_over_lost_target_writes() {
+    let mut caches = new_authoritative(with_reads(spec(), 30));
+    caches.data.type_ = DataCopy::None;
+    let lossy = Observed { lost_target_writes: 4, ..ready_endpoints() };
+    let held = next(&caches, &lossy, Phase::Ready);
+    assert_eq!(held.phase, Phase::Syncing, "the cutover does not start");
+    assert!(!held.ready_for_cutover);
+    assert_eq!(held.effective.unwrap().read_percentage, 0, "the stale target serves no reads");
+    assert_eq!(writes(&held), Writes::Source { mirror_to_target: true }, "writes still reach both sides");
+    assert!(reasons(&held).contains(&"TargetWritesLost"));
+    let message = &held.held.iter().find(|h| h.reason == "TargetWritesLost").unwrap().message;
+    assert!(message.starts_with("4 writes mirrored to the target never landed"), "{message}");
+    assert!(message.contains("eden.io/accept-lost-target-writes"), "says how to go on");
+
+    // Accepted (the observation counts only what the annotation does not cover): it goes on.
+    assert_eq!(next(&caches, &ready_endpoints(), Phase::Ready).phase, Phase::CuttingOver);
+}
+
 /// Every combination of phase, observation and a representative set of specs keeps the
 /// safety properties of DESIGN §3 and §4.
 #[test]
@@ -335,7 +354,7 @@ fn invariants_hold_everywhere() {
         for (source_ready, target_ready) in [(true, true), (true, false), (false, true)] {
             for replication in replications {
                 for verification_differences in [None, Some(0), Some(4)] {
-                    for lost_source_writes in [0, 2] {
+                    for (lost_source_writes, lost_target_writes) in [(0, 0), (2, 0), (0, 2)] {
                         for sidecars_acked in [true, false] {
                             for cutover in [
                                 CutoverProgress::default(),
@@ -366,6 +385,7 @@ fn invariants_hold_everywhere() {
                                     replication,
                                     verification_differences,
                                     lost_source_writes,
+                                    lost_target_writes,
                                     sidecars_acked,
                                     cutover,
                                 };
@@ -391,7 +411,7 @@ fn invariants_hold_everywhere() {
             }
         }
     }
-    assert_eq!(checked, 10 * 3 * 5 * 3 * 2 * 2 * 6 * 4 * 5);
+    assert_eq!(checked, 10 * 3 * 5 * 3 * 3 * 2 * 6 * 4 * 5);
 }
 
 fn check_invariants(spec: &MigrationSpec, observed: &Observed, current: Phase) {
@@ -408,6 +428,9 @@ fn check_invariants(spec: &MigrationSpec, observed: &Observed, current: Phase) {
     }
     if spec.data.type_ == DataCopy::None {
         assert!(!decision.replicate, "no copy for data.type none: {}", context());
+        if observed.lost_target_writes > 0 && current != Phase::CuttingOver {
+            assert_ne!(decision.phase, Phase::CuttingOver, "no cutover over lost target writes: {}", context());
+        }
     }
     let Some(effective) = decision.effective else { return };
     match effective.writes {

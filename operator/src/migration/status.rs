@@ -176,7 +176,7 @@ impl Report<'_> {
             let message = format!("in sync within maxLagMillis {}", self.migration.spec.cutover.max_lag_millis);
             return conditions::observed("ReadyForCutover", true, "InSync", message, generation);
         }
-        let gate = ["LagAboveGuard", "VerificationPending", "VerificationFailed"];
+        let gate = ["LagAboveGuard", "VerificationPending", "VerificationFailed", "TargetWritesLost"];
         let verification_error = self.snapshot.and_then(|s| s.verification_error.as_ref());
         let (reason, message) = match (self.decision.held.iter().find(|h| gate.contains(&h.reason)), verification_error)
         {
