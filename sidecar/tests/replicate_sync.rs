@@ -25,6 +25,17 @@ fn disk_based() -> RedisConfig {
     RedisConfig::default().directive("repl-diskless-sync", "no")
 }
 
+/// A diskless source with `keys` strings, and a replicator that copied them and follows the
+/// stream.
+async fn following(keys: usize) -> (Pair, MultiplexedConnection, Replicator) {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings(&mut source, keys).await;
+    let mut replicator = pair.sync(SyncOptions::default(), None).await;
+    caught_up(&mut replicator).await;
+    (pair, source, replicator)
+}
+
 async fn info_stat(con: &mut MultiplexedConnection, section: &str, field: &str) -> u64 {
     let info: String = redis::cmd("INFO").arg(section).query_async(con).await.unwrap();
     let prefix = format!("{field}:");
@@ -252,11 +263,7 @@ async fn killed_and_restarted_it_resumes_and_ends_equal() {
 /// stream flows again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_against_a_stalled_target_counts_its_lag() {
-    let pair = Pair::with_source(diskless());
-    let mut source = pair.source().await;
-    seed_strings(&mut source, 100).await;
-    let mut replicator = pair.sync(SyncOptions::default(), None).await;
-    caught_up(&mut replicator).await;
+    let (pair, _source, replicator) = following(100).await;
     let checkpoint = checkpoint_of(replicator);
     assert!(checkpoint.backfill_done());
 
@@ -277,11 +284,7 @@ async fn a_restart_against_a_stalled_target_counts_its_lag() {
 /// with PSYNC, and ends equal. The target's connection dropping is ridden out the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_connection_is_reconnected_and_the_stream_continues() {
-    let pair = Pair::with_source(diskless());
-    let mut source = pair.source().await;
-    seed_strings(&mut source, 10_000).await;
-    let mut replicator = pair.sync(SyncOptions::default(), None).await;
-    caught_up(&mut replicator).await;
+    let (pair, mut source, mut replicator) = following(10_000).await;
 
     let partial_before = info_stat(&mut source, "stats", "sync_partial_ok").await;
     let writers = spawn_writers(&source, 2, 300, 10_000);

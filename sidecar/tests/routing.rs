@@ -60,6 +60,23 @@ impl Migration {
     async fn proxy(&self, max_pause: Duration) -> Proxy {
         Proxy::routed(&self.source.url(), self.config.clone(), max_pause).await.0
     }
+
+    /// The Lease reporter of sidecar `pod`, in a fresh namespace, counting `proxy`'s lost
+    /// mirrored writes; the caller runs it.
+    async fn lease_reporter(&self, pod: &str, proxy: &Proxy) -> (Api<Lease>, LeaseReporter) {
+        let control_plane = ControlPlane::shared();
+        let namespace = control_plane.namespace("sidecar-losses").await.unwrap();
+        let leases: Api<Lease> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
+        let reporter = LeaseReporter::new(
+            leases.clone(),
+            pod.into(),
+            "cache".into(),
+            self.applier.subscribe(),
+            self.applier.status(),
+        )
+        .with_mirror_losses(proxy.metrics.clone());
+        (leases, reporter)
+    }
 }
 
 async fn direct(server: &RedisServer) -> redis::aio::MultiplexedConnection {
@@ -216,21 +233,11 @@ async fn each_write_mode_answers_from_its_side_and_mirrors_exactly_once() {
 
 #[tokio::test]
 async fn a_dead_mirror_target_counts_failures_in_the_lease_and_never_fails_clients() {
-    let control_plane = ControlPlane::shared();
-    let namespace = control_plane.namespace("sidecar-target-losses").await.unwrap();
-    let leases: Api<Lease> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
     let mut dead = RedisServer::start().unwrap();
     dead.stop();
     let mut migration = Migration::with_target(dead);
     let proxy = migration.proxy(Duration::from_secs(5)).await;
-    let reporter = LeaseReporter::new(
-        leases.clone(),
-        "app-3".into(),
-        "cache".into(),
-        migration.applier.subscribe(),
-        migration.applier.status(),
-    )
-    .with_mirror_losses(proxy.metrics.clone());
+    let (leases, reporter) = migration.lease_reporter("app-3", &proxy).await;
     let renewing = tokio::spawn(reporter.clone().run());
     migration.apply(1, "mirror_writes: true").await;
     let mut app = proxy.client().await;
@@ -257,19 +264,9 @@ async fn a_dead_mirror_target_counts_failures_in_the_lease_and_never_fails_clien
 
 #[tokio::test]
 async fn writes_the_source_refused_after_the_flip_are_reported_in_the_lease_and_outlive_the_sidecar() {
-    let control_plane = ControlPlane::shared();
-    let namespace = control_plane.namespace("sidecar-losses").await.unwrap();
-    let leases: Api<Lease> = Api::namespaced(control_plane.client().await.unwrap(), &namespace);
     let mut migration = Migration::new();
     let proxy = migration.proxy(Duration::from_secs(5)).await;
-    let reporter = LeaseReporter::new(
-        leases.clone(),
-        "app-2".into(),
-        "cache".into(),
-        migration.applier.subscribe(),
-        migration.applier.status(),
-    )
-    .with_mirror_losses(proxy.metrics.clone());
+    let (leases, reporter) = migration.lease_reporter("app-2", &proxy).await;
     let renewing = tokio::spawn(reporter.clone().run());
     migration.apply(1, "write_policy: new_authoritative\nmirror_writes: true").await;
     let mut app = proxy.client().await;
