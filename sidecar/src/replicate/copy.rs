@@ -1,7 +1,14 @@
 //! Copying a batch of keys from the source to the target in three steps that the replicator
-//! overlaps across batches ([`super::scan`]): MEMORY USAGE ([`Copier::sizes`]); DUMP + expiry in
-//! one MULTI on the source ([`Copier::read`]); RESTORE ... ABSTTL (or DEL for keys that are gone)
-//! in one pipeline on the target ([`Copier::write`]).
+//! overlaps across batches ([`super::scan`]): the sizes, STRLEN or MEMORY USAGE
+//! ([`Copier::sizes`]); each value and its expiry in one MULTI on the source ([`Copier::read`]);
+//! the writes in one pipeline on the target ([`Copier::write`]).
+//!
+//! Why strings differ. They are most keys of most datasets, and DUMP and RESTORE are the
+//! costliest commands of a copy, for both servers. So a string is read with GET and written with
+//! `SET key value [PXAT <ms>] [NX]`, the same command sync mode loads strings with (the replace
+//! policy is kept the same way: see [`super::sync::load`]); every other value moves as a DUMP
+//! payload restored with `RESTORE … ABSTTL`. A key gone from the source is deleted on the
+//! target. (`PXAT` needs a Redis 6.2 target, as in sync mode.)
 //!
 //! Expiries travel as absolute Unix milliseconds (PEXPIRETIME on Redis ≥ 7, else PTTL converted
 //! when the reply arrives), so time spent in transit never extends a TTL. Values bigger than the
@@ -17,9 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use super::chunks::{Chunk, Chunks};
 use super::endpoint::{Endpoint, printable};
-use super::keys;
+use super::keys::{self, Size};
 use super::sync::decode;
 use super::sync::link::{Link, encode_into};
+use super::sync::load::encode_set;
 use super::{Key, KeyType, ReplicateError, streams};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -98,7 +106,7 @@ pub(crate) struct Copier {
     pub(crate) source: Endpoint,
     pub(crate) target: Endpoint,
     pub(crate) expiry: ExpiryCommand,
-    /// MEMORY USAGE above which a collection is copied in chunks.
+    /// Size (MEMORY USAGE) above which a collection is copied in chunks.
     pub(crate) big_key_bytes: u64,
     /// Elements per chunk for big keys.
     pub(crate) chunk: usize,
@@ -108,29 +116,57 @@ pub(crate) struct Copier {
 
 /// A batch's reads from the source, waiting to be written to the target.
 pub(crate) struct Read {
-    /// For each small key (its index in the batch): the DUMP payload (`None` when the key is
-    /// gone) and RESTORE's ABSTTL argument, converted when the reply arrived.
-    small: Vec<(usize, Option<Bytes>, u64)>,
+    /// For each key read whole (its index in the batch): what was found, and its expiry as
+    /// absolute Unix milliseconds (0 for none), converted when the reply arrived.
+    small: Vec<(usize, Found, u64)>,
     /// Collections over the size threshold (index in the batch, type), walked at write time.
     big: Vec<(usize, KeyType)>,
+    /// Keys sized as strings that GET then refused as WRONGTYPE (index in the batch): their type
+    /// changed after the batch was formed. Nothing is written for them here; the caller marks
+    /// them dirty so that a later batch copies them whatever they now are.
+    pub(crate) retyped: Vec<usize>,
+}
+
+/// One key's value as the MULTI read it.
+enum Found {
+    /// The key is gone: it is deleted on the target.
+    Gone,
+    /// A string's value (GET), written with SET.
+    String(Bytes),
+    /// A DUMP payload, written with RESTORE.
+    Payload(Bytes),
+}
+
+impl Found {
+    fn len(&self) -> usize {
+        match self {
+            Found::Gone => 0,
+            Found::String(value) => value.len(),
+            Found::Payload(payload) => payload.len(),
+        }
+    }
 }
 
 impl Copier {
-    /// A batch's first read: MEMORY USAGE of each key, which decides DUMP or chunks.
-    pub(crate) async fn sizes(&self, keys: &[(Key, ReplacePolicy)]) -> Result<Vec<Option<u64>>, ReplicateError> {
+    /// A batch's first read: the size of each key ([`keys::sizes`]), which decides GET, DUMP or
+    /// chunks.
+    pub(crate) async fn sizes(&self, keys: &[(Key, ReplacePolicy)]) -> Result<Vec<Size>, ReplicateError> {
         keys::sizes(&self.source, keys.iter().map(|(key, _)| key)).await
     }
 
-    /// A batch's second read: TYPE for the keys over the threshold (only collections are
-    /// walked in chunks), then every other key's DUMP and expiry in one MULTI on `link` (a raw
-    /// connection to the source), so each key's payload and expiry describe the same moment.
+    /// A batch's second read: TYPE for the non-strings over the threshold (only collections
+    /// are walked in chunks), then every other key's value and expiry in one MULTI on `link` (a
+    /// raw connection to the source), so each key's value and expiry describe the same moment:
+    /// GET for a string up to the threshold, DUMP for anything else.
     pub(crate) async fn read(
         &self,
         link: &mut Link,
         keys: &[(Key, ReplacePolicy)],
-        sizes: &[Option<u64>],
+        sizes: &[Size],
     ) -> Result<Read, ReplicateError> {
-        let over: Vec<usize> = (0..keys.len()).filter(|&i| sizes[i].is_some_and(|b| b > self.big_key_bytes)).collect();
+        let over: Vec<usize> = (0..keys.len())
+            .filter(|&i| matches!(sizes[i], Size::Other(Some(bytes)) if bytes > self.big_key_bytes))
+            .collect();
         let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
         let big: Vec<(usize, KeyType)> =
             over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
@@ -139,14 +175,17 @@ impl Copier {
             is_big[*i] = true;
         }
         let small: Vec<usize> = (0..keys.len()).filter(|&i| !is_big[i]).collect();
+        let mut read = Read { small: Vec::with_capacity(small.len()), big, retyped: Vec::new() };
         if small.is_empty() {
-            return Ok(Read { small: Vec::new(), big });
+            return Ok(read);
         }
+        let gets: Vec<bool> =
+            small.iter().map(|&i| matches!(sizes[i], Size::String(len) if len <= self.big_key_bytes)).collect();
         let expiry_name = self.expiry.name().as_bytes();
         let mut request = Vec::with_capacity(32 * (1 + small.len()));
         encode_into(&mut request, &[b"MULTI"]);
-        for &i in &small {
-            encode_into(&mut request, &[b"DUMP", &keys[i].0]);
+        for (&i, &get) in small.iter().zip(&gets) {
+            encode_into(&mut request, &[if get { b"GET" } else { b"DUMP" }, &keys[i].0]);
             encode_into(&mut request, &[expiry_name, &keys[i].0]);
         }
         encode_into(&mut request, &[b"EXEC"]);
@@ -155,7 +194,7 @@ impl Copier {
         // +OK for MULTI and +QUEUED for each command; an error here means a refused command.
         for _ in 0..1 + 2 * small.len() {
             if let BytesFrame::Error(err) = link.reply().await? {
-                return Err(link.error(format!("`DUMP` refused: {err}")));
+                return Err(link.error(format!("`GET`, `DUMP` or `{}` refused: {err}", self.expiry.name())));
             }
         }
         let replies = match link.reply().await? {
@@ -163,27 +202,34 @@ impl Copier {
             other => return Err(link.error(format!("unexpected reply to `EXEC`: {other:?}"))),
         };
         let mut replies = replies.into_iter();
-        let mut read = Read { small: Vec::with_capacity(small.len()), big };
-        for i in small {
-            let payload = match replies.next() {
-                Some(BytesFrame::BulkString(payload)) => Some(payload),
-                Some(BytesFrame::Null) => None,
-                other => return Err(link.error(format!("unexpected reply to `DUMP`: {other:?}"))),
+        for (i, get) in small.into_iter().zip(gets) {
+            let found = match (replies.next(), get) {
+                (Some(BytesFrame::BulkString(value)), true) => Some(Found::String(value)),
+                (Some(BytesFrame::BulkString(payload)), false) => Some(Found::Payload(payload)),
+                (Some(BytesFrame::Null), _) => Some(Found::Gone),
+                (Some(BytesFrame::Error(err)), true) if err.starts_with("WRONGTYPE") => None,
+                (other, _) => {
+                    let command = if get { "GET" } else { "DUMP" };
+                    return Err(link.error(format!("unexpected reply to `{command}`: {other:?}")));
+                }
             };
             let expiry = match replies.next() {
                 Some(BytesFrame::Integer(n)) => self.expiry.absolute_ms(n),
                 other => return Err(link.error(format!("unexpected reply to `{}`: {other:?}", self.expiry.name()))),
             };
-            read.small.push((i, payload, expiry));
+            match found {
+                Some(found) => read.small.push((i, found, expiry)),
+                None => read.retyped.push(i),
+            }
         }
         Ok(read)
     }
 
     /// Makes the target's copy of each key equal to what [`Copier::read`] found: one pipeline
-    /// on `link` (a raw connection to the target) of RESTORE ... ABSTTL (DEL for keys the source
-    /// no longer had) plus a DEL for each of `stale` (target keys the source lacks), then the
-    /// big keys walked in chunks. A key's policy decides what happens when it already exists on
-    /// the target.
+    /// on `link` (a raw connection to the target) of SET or RESTORE ... ABSTTL (DEL for keys the
+    /// source no longer had) plus a DEL for each of `stale` (target keys the source lacks), then
+    /// the big keys walked in chunks. A key's policy decides what happens when it already exists
+    /// on the target.
     pub(crate) async fn write(
         &self,
         link: &mut Link,
@@ -192,14 +238,14 @@ impl Copier {
         stale: &[Key],
     ) -> Result<CopyStats, ReplicateError> {
         let mut stats = CopyStats::default();
-        let payload_bytes: usize =
-            read.small.iter().map(|(_, payload, _)| payload.as_ref().map_or(0, Bytes::len)).sum();
-        let mut request = Vec::with_capacity(payload_bytes + 64 * (read.small.len() + stale.len()));
-        for (i, payload, expiry) in &read.small {
+        let value_bytes: usize = read.small.iter().map(|(_, found, _)| found.len()).sum();
+        let mut request = Vec::with_capacity(value_bytes + 64 * (read.small.len() + stale.len()));
+        for (i, found, expiry) in &read.small {
             let (key, policy) = &keys[*i];
-            match payload {
-                None => encode_into(&mut request, &[b"DEL", key]),
-                Some(payload) => {
+            match found {
+                Found::Gone => encode_into(&mut request, &[b"DEL", key]),
+                Found::String(value) => encode_set(&mut request, key, value, (*expiry > 0).then_some(*expiry), *policy),
+                Found::Payload(payload) => {
                     let at = expiry.to_string();
                     let restore: [&[u8]; 6] = [b"RESTORE", key, at.as_bytes(), payload, b"ABSTTL", b"REPLACE"];
                     let replace = usize::from(*policy == ReplacePolicy::Replace);
@@ -214,15 +260,26 @@ impl Copier {
             self.target.spend(read.small.len() + stale.len()).await;
             link.send(&request).await?;
         }
-        for (i, payload, expiry) in &read.small {
+        for (i, found, expiry) in &read.small {
             let (key, policy) = &keys[*i];
-            match (link.reply().await?, payload) {
-                (BytesFrame::Error(err), _) if err.starts_with("BUSYKEY") => self.busy(key, *policy, &mut stats)?,
-                (BytesFrame::Error(err), Some(payload)) if decode::unreadable_payload(&err) => {
+            match (link.reply().await?, found) {
+                (BytesFrame::Error(err), Found::Payload(_)) if err.starts_with("BUSYKEY") => {
+                    self.busy(key, *policy, &mut stats)?
+                }
+                // `SET … NX` did not set: the target has the key.
+                (BytesFrame::Null, Found::String(_)) => self.busy(key, *policy, &mut stats)?,
+                (BytesFrame::Error(err), Found::Payload(payload)) if decode::unreadable_payload(&err) => {
                     stats += self.rebuild(key, payload, *expiry, *policy).await?;
                 }
-                (BytesFrame::Error(err), _) => return Err(link.error(format!("`RESTORE` failed: {err}"))),
-                (_, None) => stats.deleted += 1,
+                (BytesFrame::Error(err), found) => {
+                    let command = match found {
+                        Found::Gone => "DEL",
+                        Found::String(_) => "SET",
+                        Found::Payload(_) => "RESTORE",
+                    };
+                    return Err(link.error(format!("`{command}` of key {} failed: {err}", printable(key))));
+                }
+                (_, Found::Gone) => stats.deleted += 1,
                 _ => stats.copied += 1,
             }
         }

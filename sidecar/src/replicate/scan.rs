@@ -3,9 +3,10 @@
 //! Why the copy is exact. The keyspace subscription is confirmed before the first SCAN, so every
 //! write from then on produces a notification after the write executes. One task, the copy loop,
 //! moves keys in batches through a pipeline: it *forms* a batch (takes keys out of the dirty set,
-//! runs one SCAN step), *reads* it on the source (MEMORY USAGE, then DUMP and expiry in one
-//! MULTI, or chunk by chunk for a big key) and *writes* it to the target (RESTORE, DEL). Up to
-//! three batches are in flight, each at a different stage, but two rules hold:
+//! runs one SCAN step), *reads* it on the source (STRLEN, or MEMORY USAGE for what is not a
+//! string; then GET or DUMP and expiry in one MULTI, or chunk by chunk for a big key) and
+//! *writes* it to the target (SET, RESTORE, DEL). Up to three batches are in flight, each at a
+//! different stage, but two rules hold:
 //! - every read of a batch happens after the batch was formed;
 //! - batches are written in the order they were formed, one after the other, by this task over
 //!   one target connection, so the target applies them in that order.
@@ -17,7 +18,13 @@
 //! by B. So the last copy of K on the target is the final value: an older DUMP is never restored
 //! after a newer one, and a stale snapshot never overwrites a newer write. The same argument covers
 //! keys changed during a chunked big-key copy (its reads, too, follow its batch's forming), and
-//! deletes and expiries, which are notified too: a nil DUMP becomes a DEL.
+//! deletes and expiries, which are notified too: a nil GET or DUMP becomes a DEL.
+//!
+//! A key sized as a string may be something else by the time its GET runs (WRONGTYPE inside the
+//! EXEC): it was written after its batch was formed. Nothing is written for it and it goes back
+//! into the dirty set. That cannot happen to B above (nothing writes K after B is formed), so the
+//! argument stands; putting the key back only makes its next copy independent of when the
+//! notification of that write arrives.
 //!
 //! Progress counts a taken key as waiting until its batch is written, so
 //! [`ScanReplicator::caught_up`] never reports a key that is still in flight as copied.
@@ -41,6 +48,7 @@ use super::checkpoint::Pass;
 use super::copy::{Copier, ExpiryCommand, Read};
 use super::endpoint::Endpoint;
 use super::flush::FlushWatch;
+use super::keys::Size;
 use super::notify::{self, Shared};
 use super::sync::link::{Address, Link};
 use super::{Checkpoint, Key, OpsLimits, Progress, ReplacePolicy, ReplicateError, keys};
@@ -274,7 +282,7 @@ impl CopyLoop {
         let mut pass_started = Instant::now();
         let mut snapshot = self.progress.borrow().clone();
         let mut ahead = state.passes.clone();
-        let mut sized: Option<(Batch, Vec<Option<u64>>)> = None;
+        let mut sized: Option<(Batch, Vec<Size>)> = None;
         let mut read: Option<(Batch, Read)> = None;
         loop {
             // Read the barrier first: everything notified before it is in the dirty set now.
@@ -359,6 +367,14 @@ impl CopyLoop {
             if let Some((_, next)) = formed.as_ref().and_then(|(batch, _)| batch.step) {
                 advance(&mut ahead, next);
             }
+            if let Some((batch, read)) = &was_read
+                && !read.retyped.is_empty()
+            {
+                let mut dirty = self.shared.dirty();
+                for &i in &read.retyped {
+                    dirty.insert(&batch.keys[i].0);
+                }
+            }
             (sized, read) = (formed, was_read);
             if let Some((batch, stats)) = written {
                 if let Some((pass, next)) = batch.step
@@ -382,7 +398,7 @@ impl CopyLoop {
         barrier: u64,
         dirty: Vec<(Key, ReplacePolicy)>,
         pass: Option<Pass>,
-    ) -> Result<(Batch, Vec<Option<u64>>), ReplicateError> {
+    ) -> Result<(Batch, Vec<Size>), ReplicateError> {
         let (source, target) = (&self.copier.source, &self.copier.target);
         let mut batch = Batch { barrier, dirty: dirty.len(), keys: dirty, stale: Vec::new(), step: None };
         match pass {
