@@ -208,7 +208,7 @@ async fn copies_between_the_databases_the_uris_name() {
     assert_eq!(size, 0, "nothing lands in the target's database 0");
 }
 
-/// Strings move as GET and SET: every kind of value (binary, integer-encoded, empty) arrives with
+/// Strings move as GETRANGE and SET: every kind of value (binary, integer-encoded, empty) arrives with
 /// its absolute expiry, and under `replace` a target key of another type, or with an expiry of
 /// its own, is overwritten with nothing of the old key left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,9 +258,9 @@ async fn strings_copy_with_their_expiries() {
     assert_clean(&pair.verify().await);
 }
 
-/// A key that is a string when its batch is sized and a hash by the time its GET runs (a relay
-/// in front of the source makes that write just before it passes the GET on): no stale value is
-/// written, and the key ends on the target as the hash it became.
+/// A key that is a string when SCAN finds it and a hash by the time it is read (a relay in front
+/// of the source makes that write just before it passes the read on): it is read again as what
+/// it now is, and ends on the target as the hash it became.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_string_retyped_mid_copy_ends_as_what_it_became() {
     let pair = Pair::start();
@@ -270,7 +270,7 @@ async fn a_string_retyped_mid_copy_ends_as_what_it_became() {
     let retyped = Arc::new(AtomicBool::new(false));
     let (direct, flag) = (pair.source.url(), retyped.clone());
     let url = relay(pair.source.addr().to_string(), move |command| {
-        if is_command(&command, b"GET", b"shifty") && !flag.swap(true, Ordering::SeqCst) {
+        if is_command(&command, b"GETRANGE", b"shifty") && !flag.swap(true, Ordering::SeqCst) {
             let mut con = redis::Client::open(direct.as_str()).unwrap().get_connection().unwrap();
             redis::pipe().atomic().del("shifty").hset("shifty", "f", "v").exec(&mut con).unwrap();
         }
@@ -280,7 +280,7 @@ async fn a_string_retyped_mid_copy_ends_as_what_it_became() {
     let mut replicator =
         Replicator::start(&url, &pair.target.url(), Mode::Scan, Default::default(), None).await.unwrap();
     caught_up_progress(&mut replicator).await;
-    assert!(retyped.load(Ordering::SeqCst), "the GET of the string went through the relay");
+    assert!(retyped.load(Ordering::SeqCst), "the read of the string went through the relay");
     let mut target = pair.target().await;
     let kind: String = redis::cmd("TYPE").arg("shifty").query_async(&mut target).await.unwrap();
     assert_eq!(kind, "hash");
@@ -289,8 +289,9 @@ async fn a_string_retyped_mid_copy_ends_as_what_it_became() {
     assert_clean(&pair.verify().await);
 }
 
-/// A string over the big-value threshold skips the GET path (it moves as one DUMP payload, as
-/// before strings had a path of their own) and arrives whole, with its expiry.
+/// A string over the big-value threshold is not taken from its first read, which stops at the
+/// threshold: it moves as one DUMP payload (as before strings had a path of their own) and
+/// arrives whole, with its expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_string_copies_with_its_expiry() {
     let pair = Pair::start();
@@ -313,11 +314,11 @@ async fn expire_time(con: &mut MultiplexedConnection, key: impl redis::ToRedisAr
     redis::cmd("PEXPIRETIME").arg(key).query_async(con).await.unwrap()
 }
 
-/// Whether a command the relay passes on is `name key`.
+/// Whether a command the relay passes on is `name key ...`.
 fn is_command(command: &BytesFrame, name: &[u8], key: &[u8]) -> bool {
     matches!(command, BytesFrame::Array(args) if matches!(
         args.as_slice(),
-        [BytesFrame::BulkString(n), BytesFrame::BulkString(k)] if n.eq_ignore_ascii_case(name) && k == key
+        [BytesFrame::BulkString(n), BytesFrame::BulkString(k), ..] if n.eq_ignore_ascii_case(name) && k == key
     ))
 }
 

@@ -1,10 +1,10 @@
-//! Copying a batch of keys from the source to the target in three steps that the replicator
-//! overlaps across batches ([`super::scan`]): the sizes, STRLEN or MEMORY USAGE
-//! ([`Copier::sizes`]); each value and its expiry in one MULTI on the source ([`Copier::read`]);
-//! the writes in one pipeline on the target ([`Copier::write`]).
+//! Copying a batch of keys from the source to the target: each value and its expiry read in a
+//! MULTI on the source ([`Copier::read`]), then written in one pipeline on the target
+//! ([`Copier::write`]); the replicator overlaps these steps across batches ([`super::scan`]).
 //!
-//! Why strings differ. They are most keys of most datasets, and DUMP and RESTORE are the
-//! costliest commands of a copy, for both servers. So a string is read with GET and written with
+//! Why strings differ. They are most keys of most datasets, and DUMP, RESTORE and MEMORY USAGE
+//! are the costliest commands of a copy, for both servers. So every key is first read as a
+//! string, with GETRANGE (bounded by the big-value threshold), and a string is written with
 //! `SET key value [PXAT <ms>] [NX]`, the same command sync mode loads strings with (the replace
 //! policy is kept the same way: see [`super::sync::load`]); every other value moves as a DUMP
 //! payload restored with `RESTORE … ABSTTL`. A key gone from the source is deleted on the
@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use super::chunks::{Chunk, Chunks};
 use super::endpoint::{Endpoint, printable};
-use super::keys::{self, Size};
+use super::keys;
 use super::sync::decode;
-use super::sync::link::{Link, encode_into};
+use super::sync::link::{Decimal, Link, encode_into};
 use super::sync::load::encode_set;
 use super::{Key, KeyType, ReplicateError, streams};
 
@@ -121,17 +121,31 @@ pub(crate) struct Read {
     small: Vec<(usize, Found, u64)>,
     /// Collections over the size threshold (index in the batch, type), walked at write time.
     big: Vec<(usize, KeyType)>,
-    /// Keys sized as strings that GET then refused as WRONGTYPE (index in the batch): their type
-    /// changed after the batch was formed. Nothing is written for them here; the caller marks
-    /// them dirty so that a later batch copies them whatever they now are.
-    pub(crate) retyped: Vec<usize>,
+}
+
+/// How a MULTI reads values ([`Copier::read`]).
+#[derive(Clone, Copy)]
+enum ValueCommand {
+    /// `GETRANGE key 0 <threshold>`: a string up to the threshold, whole.
+    Prefix,
+    /// `DUMP key`: any value, as a payload for RESTORE.
+    Dump,
+}
+
+impl ValueCommand {
+    fn name(self) -> &'static str {
+        match self {
+            ValueCommand::Prefix => "GETRANGE",
+            ValueCommand::Dump => "DUMP",
+        }
+    }
 }
 
 /// One key's value as the MULTI read it.
 enum Found {
     /// The key is gone: it is deleted on the target.
     Gone,
-    /// A string's value (GET), written with SET.
+    /// A string's value, written with SET.
     String(Bytes),
     /// A DUMP payload, written with RESTORE.
     Payload(Bytes),
@@ -148,81 +162,105 @@ impl Found {
 }
 
 impl Copier {
-    /// A batch's first read: the size of each key ([`keys::sizes`]), which decides GET, DUMP or
-    /// chunks.
-    pub(crate) async fn sizes(&self, keys: &[(Key, ReplacePolicy)]) -> Result<Vec<Size>, ReplicateError> {
-        keys::sizes(&self.source, keys.iter().map(|(key, _)| key)).await
-    }
-
-    /// A batch's second read: TYPE for the non-strings over the threshold (only collections
-    /// are walked in chunks), then every other key's value and expiry in one MULTI on `link` (a
-    /// raw connection to the source), so each key's value and expiry describe the same moment:
-    /// GET for a string up to the threshold, DUMP for anything else.
-    pub(crate) async fn read(
-        &self,
-        link: &mut Link,
-        keys: &[(Key, ReplacePolicy)],
-        sizes: &[Size],
-    ) -> Result<Read, ReplicateError> {
-        let over: Vec<usize> = (0..keys.len())
-            .filter(|&i| matches!(sizes[i], Size::Other(Some(bytes)) if bytes > self.big_key_bytes))
-            .collect();
-        let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
-        let big: Vec<(usize, KeyType)> =
-            over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
-        let mut is_big = vec![false; keys.len()];
-        for (i, _) in &big {
-            is_big[*i] = true;
-        }
-        let small: Vec<usize> = (0..keys.len()).filter(|&i| !is_big[i]).collect();
-        let mut read = Read { small: Vec::with_capacity(small.len()), big, retyped: Vec::new() };
-        if small.is_empty() {
-            return Ok(read);
-        }
-        let gets: Vec<bool> =
-            small.iter().map(|&i| matches!(sizes[i], Size::String(len) if len <= self.big_key_bytes)).collect();
-        let expiry_name = self.expiry.name().as_bytes();
-        let mut request = Vec::with_capacity(32 * (1 + small.len()));
-        encode_into(&mut request, &[b"MULTI"]);
-        for (&i, &get) in small.iter().zip(&gets) {
-            encode_into(&mut request, &[if get { b"GET" } else { b"DUMP" }, &keys[i].0]);
-            encode_into(&mut request, &[expiry_name, &keys[i].0]);
-        }
-        encode_into(&mut request, &[b"EXEC"]);
-        self.source.spend(2 + 2 * small.len()).await;
-        link.send(&request).await?;
-        // +OK for MULTI and +QUEUED for each command; an error here means a refused command.
-        for _ in 0..1 + 2 * small.len() {
-            if let BytesFrame::Error(err) = link.reply().await? {
-                return Err(link.error(format!("`GET`, `DUMP` or `{}` refused: {err}", self.expiry.name())));
+    /// Reads a batch on `link` (a raw connection to the source). First every key as a string
+    /// with its expiry, in one MULTI: `GETRANGE key 0 <threshold>` returns a string up to the
+    /// threshold whole, and the expiry command says whether the key exists at all (GETRANGE
+    /// answers "" for a missing key too). What is left — keys of other types (WRONGTYPE) and
+    /// strings over the threshold — is read the general way: MEMORY USAGE, TYPE for the keys
+    /// over the threshold (only collections are walked in chunks), then DUMP and expiry of the
+    /// others in a second MULTI. Each MULTI makes a key's value and expiry describe the same
+    /// moment.
+    pub(crate) async fn read(&self, link: &mut Link, keys: &[(Key, ReplacePolicy)]) -> Result<Read, ReplicateError> {
+        let mut read = Read { small: Vec::with_capacity(keys.len()), big: Vec::new() };
+        let mut rest = Vec::new();
+        let replies = self.read_values(link, keys, 0..keys.len(), ValueCommand::Prefix).await?;
+        for (i, reply) in replies.into_iter().enumerate() {
+            match reply {
+                (_, None) => read.small.push((i, Found::Gone, 0)),
+                (BytesFrame::BulkString(value), Some(at)) if value.len() as u64 <= self.big_key_bytes => {
+                    read.small.push((i, Found::String(value), at))
+                }
+                (BytesFrame::BulkString(_), Some(_)) => rest.push(i),
+                (BytesFrame::Error(err), Some(_)) if err.starts_with("WRONGTYPE") => rest.push(i),
+                (other, _) => return Err(link.error(format!("unexpected reply to `GETRANGE`: {other:?}"))),
             }
         }
-        let replies = match link.reply().await? {
-            BytesFrame::Array(replies) if replies.len() == 2 * small.len() => replies,
-            other => return Err(link.error(format!("unexpected reply to `EXEC`: {other:?}"))),
-        };
-        let mut replies = replies.into_iter();
-        for (i, get) in small.into_iter().zip(gets) {
-            let found = match (replies.next(), get) {
-                (Some(BytesFrame::BulkString(value)), true) => Some(Found::String(value)),
-                (Some(BytesFrame::BulkString(payload)), false) => Some(Found::Payload(payload)),
-                (Some(BytesFrame::Null), _) => Some(Found::Gone),
-                (Some(BytesFrame::Error(err)), true) if err.starts_with("WRONGTYPE") => None,
-                (other, _) => {
-                    let command = if get { "GET" } else { "DUMP" };
-                    return Err(link.error(format!("unexpected reply to `{command}`: {other:?}")));
-                }
-            };
-            let expiry = match replies.next() {
-                Some(BytesFrame::Integer(n)) => self.expiry.absolute_ms(n),
-                other => return Err(link.error(format!("unexpected reply to `{}`: {other:?}", self.expiry.name()))),
-            };
-            match found {
-                Some(found) => read.small.push((i, found, expiry)),
-                None => read.retyped.push(i),
+        if rest.is_empty() {
+            return Ok(read);
+        }
+        let sizes = keys::sizes(&self.source, rest.iter().map(|&i| &keys[i].0)).await?;
+        let over: Vec<usize> = rest
+            .iter()
+            .zip(sizes)
+            .filter(|(_, size)| size.is_some_and(|b| b > self.big_key_bytes))
+            .map(|(&i, _)| i)
+            .collect();
+        let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
+        read.big =
+            over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
+        rest.retain(|i| !read.big.iter().any(|(big, _)| big == i));
+        let replies = self.read_values(link, keys, rest.iter().copied(), ValueCommand::Dump).await?;
+        for (i, reply) in rest.into_iter().zip(replies) {
+            match reply {
+                (BytesFrame::Null, _) | (_, None) => read.small.push((i, Found::Gone, 0)),
+                (BytesFrame::BulkString(payload), Some(at)) => read.small.push((i, Found::Payload(payload), at)),
+                (other, _) => return Err(link.error(format!("unexpected reply to `DUMP`: {other:?}"))),
             }
         }
         Ok(read)
+    }
+
+    /// Sends one MULTI on `link` with, for each key of `which`, the value command and the
+    /// expiry command; returns each key's value reply and its expiry as absolute Unix
+    /// milliseconds (0 for none; `None` when the key does not exist).
+    async fn read_values(
+        &self,
+        link: &mut Link,
+        keys: &[(Key, ReplacePolicy)],
+        which: impl ExactSizeIterator<Item = usize>,
+        command: ValueCommand,
+    ) -> Result<Vec<(BytesFrame, Option<u64>)>, ReplicateError> {
+        let n = which.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let expiry_name = self.expiry.name().as_bytes();
+        let threshold = Decimal::new(self.big_key_bytes);
+        let mut request = Vec::with_capacity(64 * (1 + n));
+        encode_into(&mut request, &[b"MULTI"]);
+        for i in which {
+            let key = &keys[i].0;
+            match command {
+                ValueCommand::Prefix => encode_into(&mut request, &[b"GETRANGE", key, b"0", threshold.as_bytes()]),
+                ValueCommand::Dump => encode_into(&mut request, &[b"DUMP", key]),
+            }
+            encode_into(&mut request, &[expiry_name, key]);
+        }
+        encode_into(&mut request, &[b"EXEC"]);
+        self.source.spend(2 + 2 * n).await;
+        link.send(&request).await?;
+        let name = command.name();
+        // +OK for MULTI and +QUEUED for each command; an error here means a refused command.
+        for _ in 0..1 + 2 * n {
+            if let BytesFrame::Error(err) = link.reply().await? {
+                return Err(link.error(format!("`{name}` or `{}` refused: {err}", self.expiry.name())));
+            }
+        }
+        let replies = match link.reply().await? {
+            BytesFrame::Array(replies) if replies.len() == 2 * n => replies,
+            other => return Err(link.error(format!("unexpected reply to `EXEC`: {other:?}"))),
+        };
+        let mut replies = replies.into_iter();
+        let mut values = Vec::with_capacity(n);
+        while let (Some(value), Some(expiry)) = (replies.next(), replies.next()) {
+            let expiry = match expiry {
+                BytesFrame::Integer(-2) => None,
+                BytesFrame::Integer(n) => Some(self.expiry.absolute_ms(n)),
+                other => return Err(link.error(format!("unexpected reply to `{}`: {other:?}", self.expiry.name()))),
+            };
+            values.push((value, expiry));
+        }
+        Ok(values)
     }
 
     /// Makes the target's copy of each key equal to what [`Copier::read`] found: one pipeline

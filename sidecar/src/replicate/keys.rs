@@ -1,5 +1,4 @@
-//! Finding keys (SCAN) and learning what they are (TYPE, STRLEN, MEMORY USAGE) in pipelined
-//! batches.
+//! Finding keys (SCAN) and learning what they are (TYPE, MEMORY USAGE) in pipelined batches.
 //!
 //! Both the replicator and the verifier decide per key whether the value is small enough to move
 //! as one DUMP payload or must be walked in chunks; that decision needs the type and an estimate of
@@ -100,54 +99,19 @@ pub(crate) async fn inspect(ep: &Endpoint, keys: &[Key]) -> Result<Vec<KeyInfo>,
         .collect()
 }
 
-/// What the copier learns about a key before reading it, to choose how to read it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Size {
-    /// A string of this many bytes. A missing key reads as an empty string too (STRLEN answers 0
-    /// for both); the read that follows tells them apart.
-    String(u64),
-    /// Any other type, with its MEMORY USAGE estimate: `None` when the key vanished in between or
-    /// the server refuses MEMORY USAGE.
-    Other(Option<u64>),
-}
-
-/// The size of each key: STRLEN for all, in one round trip, then MEMORY USAGE for the keys
-/// STRLEN refused as WRONGTYPE (not strings), in a second one only when there are any. Strings
-/// are most keys of most datasets, and STRLEN costs the server a fraction of MEMORY USAGE. All
-/// the copier needs to tell a small value from one to walk in chunks (the type of a big
-/// non-string is asked only then; see [`types`]).
+/// MEMORY USAGE of each key, in one round trip: all the copier needs to tell a value to DUMP
+/// whole from one to walk in chunks (the type matters only above the threshold; see
+/// [`types`]). `None` for a missing key or a server that refuses the command.
 pub(crate) async fn sizes<'a>(
     ep: &Endpoint,
     keys: impl IntoIterator<Item = &'a Key>,
-) -> Result<Vec<Size>, ReplicateError> {
-    let keys: Vec<&Key> = keys.into_iter().collect();
+) -> Result<Vec<Option<u64>>, ReplicateError> {
     let mut p = pipe();
-    for key in &keys {
-        p.cmd("STRLEN").arg(key);
+    for key in keys {
+        p.cmd("MEMORY").arg("USAGE").arg(key);
     }
-    let mut others = Vec::new();
-    let mut sizes = Vec::with_capacity(keys.len());
-    for (i, reply) in ep.pipe("STRLEN", &mut p).await?.into_iter().enumerate() {
-        match reply {
-            Value::ServerError(err) if err.code() == "WRONGTYPE" => {
-                others.push(i);
-                sizes.push(Size::Other(None));
-            }
-            reply => {
-                let reply = ep.ok("STRLEN", reply)?;
-                let len = as_int(&reply).ok_or_else(|| ep.unexpected("STRLEN", &reply))?;
-                sizes.push(Size::String(len.max(0) as u64));
-            }
-        }
-    }
-    let mut p = pipe();
-    for &i in &others {
-        p.cmd("MEMORY").arg("USAGE").arg(keys[i]);
-    }
-    for (i, reply) in others.into_iter().zip(ep.pipe("MEMORY USAGE", &mut p).await?) {
-        sizes[i] = Size::Other(as_int(&reply).map(|n| n.max(0) as u64));
-    }
-    Ok(sizes)
+    let replies = ep.pipe("MEMORY USAGE", &mut p).await?;
+    Ok(replies.iter().map(|r| as_int(r).map(|n| n.max(0) as u64)).collect())
 }
 
 /// TYPE of each key, in one round trip; `None` for a missing key.

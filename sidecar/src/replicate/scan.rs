@@ -3,10 +3,10 @@
 //! Why the copy is exact. The keyspace subscription is confirmed before the first SCAN, so every
 //! write from then on produces a notification after the write executes. One task, the copy loop,
 //! moves keys in batches through a pipeline: it *forms* a batch (takes keys out of the dirty set,
-//! runs one SCAN step), *reads* it on the source (STRLEN, or MEMORY USAGE for what is not a
-//! string; then GET or DUMP and expiry in one MULTI, or chunk by chunk for a big key) and
-//! *writes* it to the target (SET, RESTORE, DEL). Up to three batches are in flight, each at a
-//! different stage, but two rules hold:
+//! runs one SCAN step), *reads* it on the source (each key as a string with its expiry in one
+//! MULTI; the other keys sized, then DUMP and expiry in a second MULTI, or chunk by chunk for a
+//! big key) and *writes* it to the target (SET, RESTORE, DEL). Up to three batches are in
+//! flight, each at a different stage, but two rules hold:
 //! - every read of a batch happens after the batch was formed;
 //! - batches are written in the order they were formed, one after the other, by this task over
 //!   one target connection, so the target applies them in that order.
@@ -18,13 +18,10 @@
 //! by B. So the last copy of K on the target is the final value: an older DUMP is never restored
 //! after a newer one, and a stale snapshot never overwrites a newer write. The same argument covers
 //! keys changed during a chunked big-key copy (its reads, too, follow its batch's forming), and
-//! deletes and expiries, which are notified too: a nil GET or DUMP becomes a DEL.
-//!
-//! A key sized as a string may be something else by the time its GET runs (WRONGTYPE inside the
-//! EXEC): it was written after its batch was formed. Nothing is written for it and it goes back
-//! into the dirty set. That cannot happen to B above (nothing writes K after B is formed), so the
-//! argument stands; putting the key back only makes its next copy independent of when the
-//! notification of that write arrives.
+//! deletes and expiries, which are notified too: a key the reads find missing becomes a DEL.
+//! Reading a key twice (as a string, then, when it is not one, as a DUMP payload) changes
+//! nothing: both reads follow the forming, and the one whose result is written describes a
+//! single moment (value and expiry come from one MULTI).
 //!
 //! Progress counts a taken key as waiting until its batch is written, so
 //! [`ScanReplicator::caught_up`] never reports a key that is still in flight as copied.
@@ -48,7 +45,6 @@ use super::checkpoint::Pass;
 use super::copy::{Copier, ExpiryCommand, Read};
 use super::endpoint::Endpoint;
 use super::flush::FlushWatch;
-use super::keys::Size;
 use super::notify::{self, Shared};
 use super::sync::link::{Address, Link};
 use super::{Checkpoint, Key, OpsLimits, Progress, ReplacePolicy, ReplicateError, keys};
@@ -267,7 +263,7 @@ impl CopyLoop {
 
     /// Forms a batch, reads it and writes it, with three batches in flight: while batch N is
     /// written to the target, batch N+1's values are read from the source and batch N+2 is
-    /// formed and its sizes read. `state` moves only as batches are written; `ahead` is where
+    /// formed. `state` moves only as batches are written; `ahead` is where
     /// the next batch is formed from.
     async fn run_inner(
         &self,
@@ -282,7 +278,7 @@ impl CopyLoop {
         let mut pass_started = Instant::now();
         let mut snapshot = self.progress.borrow().clone();
         let mut ahead = state.passes.clone();
-        let mut sized: Option<(Batch, Vec<Size>)> = None;
+        let mut unread: Option<Batch> = None;
         let mut read: Option<(Batch, Read)> = None;
         loop {
             // Read the barrier first: everything notified before it is in the dirty set now.
@@ -312,7 +308,7 @@ impl CopyLoop {
                 // The batches in flight are dropped unwritten and their pass steps redone: the
                 // full pass now queued copies their keys again (after a flush, into an emptied
                 // target).
-                (sized, read) = (None, None);
+                (unread, read) = (None, None);
                 ahead = state.passes.clone();
             }
 
@@ -327,7 +323,7 @@ impl CopyLoop {
                 .map(|key| (key, ReplacePolicy::Replace))
                 .collect();
             let pass = ahead.front().copied();
-            if pass.is_none() && dirty.is_empty() && sized.is_none() && read.is_none() {
+            if pass.is_none() && dirty.is_empty() && unread.is_none() && read.is_none() {
                 self.publish(&mut snapshot, &state, barrier, pass_started, 0);
                 let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
                 continue;
@@ -337,7 +333,7 @@ impl CopyLoop {
                 state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
             }
             let forming = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, pass));
-            let (to_read, to_write) = (sized.take(), read.take());
+            let (to_read, to_write) = (unread.take(), read.take());
             let (copier, dumps, restores) = (&self.copier, &mut dumps, &mut restores);
             let (formed, was_read, written) = tokio::try_join!(
                 async move {
@@ -348,9 +344,7 @@ impl CopyLoop {
                 },
                 async move {
                     match to_read {
-                        Some((batch, sizes)) => {
-                            copier.read(dumps, &batch.keys, &sizes).await.map(|read| Some((batch, read)))
-                        }
+                        Some(batch) => copier.read(dumps, &batch.keys).await.map(|read| Some((batch, read))),
                         None => Ok(None),
                     }
                 },
@@ -364,18 +358,10 @@ impl CopyLoop {
                     }
                 },
             )?;
-            if let Some((_, next)) = formed.as_ref().and_then(|(batch, _)| batch.step) {
+            if let Some((_, next)) = formed.as_ref().and_then(|batch| batch.step) {
                 advance(&mut ahead, next);
             }
-            if let Some((batch, read)) = &was_read
-                && !read.retyped.is_empty()
-            {
-                let mut dirty = self.shared.dirty();
-                for &i in &read.retyped {
-                    dirty.insert(&batch.keys[i].0);
-                }
-            }
-            (sized, read) = (formed, was_read);
+            (unread, read) = (formed, was_read);
             if let Some((batch, stats)) = written {
                 if let Some((pass, next)) = batch.step
                     && advance(&mut state.passes, next)
@@ -385,20 +371,19 @@ impl CopyLoop {
                 state.copied += stats.copied;
                 state.deleted += stats.deleted;
                 state.skipped += stats.skipped;
-                let in_flight = sized.iter().map(|(b, _)| b.dirty).chain(read.iter().map(|(b, _)| b.dirty)).sum();
+                let in_flight = unread.iter().map(|b| b.dirty).chain(read.iter().map(|(b, _)| b.dirty)).sum();
                 self.publish(&mut snapshot, &state, batch.barrier, pass_started, in_flight);
             }
         }
     }
 
-    /// Forms a batch from the keys taken from the dirty set and one step of the current pass,
-    /// and reads its sizes.
+    /// Forms a batch from the keys taken from the dirty set and one step of the current pass.
     async fn form(
         &self,
         barrier: u64,
         dirty: Vec<(Key, ReplacePolicy)>,
         pass: Option<Pass>,
-    ) -> Result<(Batch, Vec<Size>), ReplicateError> {
+    ) -> Result<Batch, ReplicateError> {
         let (source, target) = (&self.copier.source, &self.copier.target);
         let mut batch = Batch { barrier, dirty: dirty.len(), keys: dirty, stale: Vec::new(), step: None };
         match pass {
@@ -420,8 +405,7 @@ impl CopyLoop {
             }
             None => {}
         }
-        let sizes = self.copier.sizes(&batch.keys).await?;
-        Ok((batch, sizes))
+        Ok(batch)
     }
 
     /// Publishes progress as of the last batch written; `in_flight` dirty keys were taken into
