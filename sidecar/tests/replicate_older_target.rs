@@ -11,38 +11,12 @@ use bytes::{BufMut, BytesMut};
 use crc::{CRC_64_REDIS, Crc};
 use eden_sidecar::replicate::{Mode, Replicator, ReplicatorOptions};
 use redis::AsyncCommands;
-use redis_protocol::resp2::decode::decode_bytes_mut;
-use redis_protocol::resp2::encode::extend_encode;
 use redis_protocol::resp2::types::BytesFrame;
-use support_replicate::{Pair, assert_clean, caught_up};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use support_replicate::{Pair, assert_clean, caught_up, relay};
 
-/// Listens on a free port and relays to `upstream`, rewriting RESTORE payloads on the way.
+/// The target behind a relay that rewrites RESTORE payloads on the way.
 async fn older_server(upstream: String) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("redis://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let server = TcpStream::connect(&upstream).await.unwrap();
-            let (mut from_client, mut to_client) = client.into_split();
-            let (mut from_server, mut to_server) = server.into_split();
-            tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
-            tokio::spawn(async move {
-                let mut buf = BytesMut::with_capacity(64 * 1024);
-                while from_client.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {
-                    let mut out = BytesMut::new();
-                    while let Some((frame, _, _)) = decode_bytes_mut(&mut buf).unwrap() {
-                        extend_encode(&mut out, &from_a_newer_server(frame), false).unwrap();
-                    }
-                    if to_server.write_all(&out).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    url
+    relay(upstream, from_a_newer_server).await
 }
 
 /// A RESTORE whose payload claims RDB version 65535; any other command unchanged.

@@ -3,11 +3,15 @@
 
 mod support_replicate;
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use eden_sidecar::replicate::{Checkpoint, Mode, ReplacePolicy, ReplicateError, Replicator, ScanOptions};
 use redis::AsyncCommands;
-use support_replicate::{Pair, assert_clean, caught_up, seed_big_hash, seed_strings, spawn_writers};
+use redis::aio::MultiplexedConnection;
+use redis_protocol::resp2::types::BytesFrame;
+use support_replicate::{Pair, assert_clean, caught_up, relay, seed_big_hash, seed_strings, spawn_writers};
 
 /// Writers hammer hot keys with every kind of write while a 50k-key backfill runs; once they stop
 /// and the replicator has caught up, the servers are equal.
@@ -139,23 +143,31 @@ async fn source_flush_is_replicated() {
     assert_clean(&pair.verify().await);
 }
 
-/// `skip` keeps a key that already exists on the target and counts it; `fail` stops naming it.
+/// `skip` keeps a key that already exists on the target, whatever its type, and counts it (the
+/// source's expiry does not land on it either); `fail` stops naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_policies_skip_and_fail() {
     let pair = Pair::start();
     let (mut source, mut target) = (pair.source().await, pair.target().await);
-    let _: () = source.set("shared", "from source").await.unwrap();
+    let _: () = source.set_ex("shared", "from source", 300).await.unwrap();
+    let _: () = source.set("shared:hash", "from source").await.unwrap();
     let _: () = source.set("only-source", 1).await.unwrap();
     let _: () = target.set("shared", "from target").await.unwrap();
+    let _: () = target.hset("shared:hash", "f", "from target").await.unwrap();
 
     let mut replicator = pair.replicate(ScanOptions { replace: ReplacePolicy::Skip, ..Default::default() }).await;
     let progress = caught_up_progress(&mut replicator).await;
-    assert_eq!((progress.checkpoint.copied, progress.checkpoint.skipped), (1, 1));
+    assert_eq!((progress.checkpoint.copied, progress.checkpoint.skipped), (1, 2));
     let kept: String = target.get("shared").await.unwrap();
     assert_eq!(kept, "from target");
+    assert_eq!(expire_time(&mut target, "shared").await, -1, "no expiry added to the kept key");
+    let kept: String = target.hget("shared:hash", "f").await.unwrap();
+    assert_eq!(kept, "from target");
+    let copied: String = target.get("only-source").await.unwrap();
+    assert_eq!(copied, "1");
     drop(replicator);
 
-    let _: () = target.del("only-source").await.unwrap();
+    let _: () = target.del(&["only-source", "shared:hash"]).await.unwrap();
     let mut replicator = pair.replicate(ScanOptions { replace: ReplacePolicy::Fail, ..Default::default() }).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let err = loop {
@@ -194,6 +206,120 @@ async fn copies_between_the_databases_the_uris_name() {
     assert_eq!(live, "live");
     let size: u64 = redis::cmd("DBSIZE").query_async(&mut pair.target().await).await.unwrap();
     assert_eq!(size, 0, "nothing lands in the target's database 0");
+}
+
+/// Strings move as GETRANGE and SET: every kind of value (binary, integer-encoded, empty) arrives with
+/// its absolute expiry, and under `replace` a target key of another type, or with an expiry of
+/// its own, is overwritten with nothing of the old key left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_copy_with_their_expiries() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    let in_ten_minutes = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64 + 600_000;
+    let mut p = redis::pipe();
+    p.set("plain", "hello")
+        .set("int", 12345)
+        .set("empty", "")
+        .set(b"bin\x00\xffkey".as_slice(), b"\x00\x01\xfe\xff".as_slice())
+        .set_ex("ttl:relative", "soon", 300)
+        .cmd("SET")
+        .arg("ttl:absolute")
+        .arg("later")
+        .arg("PXAT")
+        .arg(in_ten_minutes)
+        .set("hash-on-target", "a string")
+        .set("expiring-on-target", "for good");
+    p.exec_async(&mut source).await.unwrap();
+    let _: () = target.hset("hash-on-target", "f", "v").await.unwrap();
+    let _: () = target.set_ex("expiring-on-target", "old", 300).await.unwrap();
+
+    let mut replicator = pair.replicate(Default::default()).await;
+    let progress = caught_up_progress(&mut replicator).await;
+    assert_eq!(progress.checkpoint.copied, 8);
+    let keys: [&[u8]; 8] = [
+        b"plain",
+        b"int",
+        b"empty",
+        b"bin\x00\xffkey",
+        b"ttl:relative",
+        b"ttl:absolute",
+        b"hash-on-target",
+        b"expiring-on-target",
+    ];
+    for key in keys {
+        let (on_source, on_target): (Vec<u8>, Vec<u8>) =
+            (source.get(key).await.unwrap(), target.get(key).await.unwrap());
+        assert_eq!(on_source, on_target, "{}", key.escape_ascii());
+        let (on_source, on_target) = (expire_time(&mut source, key).await, expire_time(&mut target, key).await);
+        assert_eq!(on_source, on_target, "{}", key.escape_ascii());
+    }
+    assert_eq!(expire_time(&mut target, b"ttl:absolute").await, in_ten_minutes as i64);
+    assert_eq!(expire_time(&mut target, b"expiring-on-target").await, -1);
+    assert_clean(&pair.verify().await);
+}
+
+/// A key that is a string when SCAN finds it and a hash by the time it is read (a relay in front
+/// of the source makes that write just before it passes the read on): it is read again as what
+/// it now is, and ends on the target as the hash it became.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_string_retyped_mid_copy_ends_as_what_it_became() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 500).await;
+    let _: () = source.set("shifty", "a string").await.unwrap();
+    let retyped = Arc::new(AtomicBool::new(false));
+    let (direct, flag) = (pair.source.url(), retyped.clone());
+    let url = relay(pair.source.addr().to_string(), move |command| {
+        if is_command(&command, b"GETRANGE", b"shifty") && !flag.swap(true, Ordering::SeqCst) {
+            let mut con = redis::Client::open(direct.as_str()).unwrap().get_connection().unwrap();
+            redis::pipe().atomic().del("shifty").hset("shifty", "f", "v").exec(&mut con).unwrap();
+        }
+        command
+    })
+    .await;
+    let mut replicator =
+        Replicator::start(&url, &pair.target.url(), Mode::Scan, Default::default(), None).await.unwrap();
+    caught_up_progress(&mut replicator).await;
+    assert!(retyped.load(Ordering::SeqCst), "the read of the string went through the relay");
+    let mut target = pair.target().await;
+    let kind: String = redis::cmd("TYPE").arg("shifty").query_async(&mut target).await.unwrap();
+    assert_eq!(kind, "hash");
+    let value: String = target.hget("shifty", "f").await.unwrap();
+    assert_eq!(value, "v");
+    assert_clean(&pair.verify().await);
+}
+
+/// A string over the big-value threshold is not taken from its first read, which stops at the
+/// threshold: it moves as one DUMP payload (as before strings had a path of their own) and
+/// arrives whole, with its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_string_copies_with_its_expiry() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    let value: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let _: () = source.set_ex("big", value.as_slice(), 600).await.unwrap();
+    let _: () = source.set("small", "x").await.unwrap();
+    let options = ScanOptions { big_key_bytes: 1 << 20, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    caught_up_progress(&mut replicator).await;
+    let mut target = pair.target().await;
+    let copied: Vec<u8> = target.get("big").await.unwrap();
+    assert!(copied == value, "the big string arrived whole ({} of {} bytes)", copied.len(), value.len());
+    assert_eq!(expire_time(&mut target, b"big").await, expire_time(&mut source, b"big").await);
+    assert_clean(&pair.verify().await);
+}
+
+/// PEXPIRETIME: absolute Unix milliseconds, -1 without an expiry, -2 for no key.
+async fn expire_time(con: &mut MultiplexedConnection, key: impl redis::ToRedisArgs) -> i64 {
+    redis::cmd("PEXPIRETIME").arg(key).query_async(con).await.unwrap()
+}
+
+/// Whether a command the relay passes on is `name key ...`.
+fn is_command(command: &BytesFrame, name: &[u8], key: &[u8]) -> bool {
+    matches!(command, BytesFrame::Array(args) if matches!(
+        args.as_slice(),
+        [BytesFrame::BulkString(n), BytesFrame::BulkString(k), ..] if n.eq_ignore_ascii_case(name) && k == key
+    ))
 }
 
 async fn caught_up_progress(replicator: &mut Replicator) -> eden_sidecar::replicate::Progress {

@@ -1,7 +1,14 @@
-//! Copying a batch of keys from the source to the target in three steps that the replicator
-//! overlaps across batches ([`super::scan`]): MEMORY USAGE ([`Copier::sizes`]); DUMP + expiry in
-//! one MULTI on the source ([`Copier::read`]); RESTORE ... ABSTTL (or DEL for keys that are gone)
-//! in one pipeline on the target ([`Copier::write`]).
+//! Copying a batch of keys from the source to the target: each value and its expiry read in a
+//! MULTI on the source ([`Copier::read`]), then written in one pipeline on the target
+//! ([`Copier::write`]); the replicator overlaps these steps across batches ([`super::scan`]).
+//!
+//! Why strings differ. They are most keys of most datasets, and DUMP, RESTORE and MEMORY USAGE
+//! are the costliest commands of a copy, for both servers. So every key is first read as a
+//! string, with GETRANGE (bounded by the big-value threshold), and a string is written with
+//! `SET key value [PXAT <ms>] [NX]`, the same command sync mode loads strings with (the replace
+//! policy is kept the same way: see [`super::sync::load`]); every other value moves as a DUMP
+//! payload restored with `RESTORE … ABSTTL`. A key gone from the source is deleted on the
+//! target. (`PXAT` needs a Redis 6.2 target, as in sync mode.)
 //!
 //! Expiries travel as absolute Unix milliseconds (PEXPIRETIME on Redis ≥ 7, else PTTL converted
 //! when the reply arrives), so time spent in transit never extends a TTL. Values bigger than the
@@ -19,7 +26,8 @@ use super::chunks::{Chunk, Chunks};
 use super::endpoint::{Endpoint, printable};
 use super::keys;
 use super::sync::decode;
-use super::sync::link::{Link, encode_into};
+use super::sync::link::{Decimal, Link, encode_into};
+use super::sync::load::encode_set;
 use super::{Key, KeyType, ReplicateError, streams};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -98,7 +106,7 @@ pub(crate) struct Copier {
     pub(crate) source: Endpoint,
     pub(crate) target: Endpoint,
     pub(crate) expiry: ExpiryCommand,
-    /// MEMORY USAGE above which a collection is copied in chunks.
+    /// Size (MEMORY USAGE) above which a collection is copied in chunks.
     pub(crate) big_key_bytes: u64,
     /// Elements per chunk for big keys.
     pub(crate) chunk: usize,
@@ -108,82 +116,158 @@ pub(crate) struct Copier {
 
 /// A batch's reads from the source, waiting to be written to the target.
 pub(crate) struct Read {
-    /// For each small key (its index in the batch): the DUMP payload (`None` when the key is
-    /// gone) and RESTORE's ABSTTL argument, converted when the reply arrived.
-    small: Vec<(usize, Option<Bytes>, u64)>,
+    /// For each key read whole (its index in the batch): what was found, and its expiry as
+    /// absolute Unix milliseconds (0 for none), converted when the reply arrived.
+    small: Vec<(usize, Found, u64)>,
     /// Collections over the size threshold (index in the batch, type), walked at write time.
     big: Vec<(usize, KeyType)>,
 }
 
-impl Copier {
-    /// A batch's first read: MEMORY USAGE of each key, which decides DUMP or chunks.
-    pub(crate) async fn sizes(&self, keys: &[(Key, ReplacePolicy)]) -> Result<Vec<Option<u64>>, ReplicateError> {
-        keys::sizes(&self.source, keys.iter().map(|(key, _)| key)).await
-    }
+/// How a MULTI reads values ([`Copier::read`]).
+#[derive(Clone, Copy)]
+enum ValueCommand {
+    /// `GETRANGE key 0 <threshold>`: a string up to the threshold, whole.
+    Prefix,
+    /// `DUMP key`: any value, as a payload for RESTORE.
+    Dump,
+}
 
-    /// A batch's second read: TYPE for the keys over the threshold (only collections are
-    /// walked in chunks), then every other key's DUMP and expiry in one MULTI on `link` (a raw
-    /// connection to the source), so each key's payload and expiry describe the same moment.
-    pub(crate) async fn read(
-        &self,
-        link: &mut Link,
-        keys: &[(Key, ReplacePolicy)],
-        sizes: &[Option<u64>],
-    ) -> Result<Read, ReplicateError> {
-        let over: Vec<usize> = (0..keys.len()).filter(|&i| sizes[i].is_some_and(|b| b > self.big_key_bytes)).collect();
-        let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
-        let big: Vec<(usize, KeyType)> =
-            over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
-        let mut is_big = vec![false; keys.len()];
-        for (i, _) in &big {
-            is_big[*i] = true;
+impl ValueCommand {
+    fn name(self) -> &'static str {
+        match self {
+            ValueCommand::Prefix => "GETRANGE",
+            ValueCommand::Dump => "DUMP",
         }
-        let small: Vec<usize> = (0..keys.len()).filter(|&i| !is_big[i]).collect();
-        if small.is_empty() {
-            return Ok(Read { small: Vec::new(), big });
+    }
+}
+
+/// One key's value as the MULTI read it.
+enum Found {
+    /// The key is gone: it is deleted on the target.
+    Gone,
+    /// A string's value, written with SET.
+    String(Bytes),
+    /// A DUMP payload, written with RESTORE.
+    Payload(Bytes),
+}
+
+impl Found {
+    fn len(&self) -> usize {
+        match self {
+            Found::Gone => 0,
+            Found::String(value) => value.len(),
+            Found::Payload(payload) => payload.len(),
         }
-        let expiry_name = self.expiry.name().as_bytes();
-        let mut request = Vec::with_capacity(32 * (1 + small.len()));
-        encode_into(&mut request, &[b"MULTI"]);
-        for &i in &small {
-            encode_into(&mut request, &[b"DUMP", &keys[i].0]);
-            encode_into(&mut request, &[expiry_name, &keys[i].0]);
-        }
-        encode_into(&mut request, &[b"EXEC"]);
-        self.source.spend(2 + 2 * small.len()).await;
-        link.send(&request).await?;
-        // +OK for MULTI and +QUEUED for each command; an error here means a refused command.
-        for _ in 0..1 + 2 * small.len() {
-            if let BytesFrame::Error(err) = link.reply().await? {
-                return Err(link.error(format!("`DUMP` refused: {err}")));
+    }
+}
+
+impl Copier {
+    /// Reads a batch on `link` (a raw connection to the source). First every key as a string
+    /// with its expiry, in one MULTI: `GETRANGE key 0 <threshold>` returns a string up to the
+    /// threshold whole, and the expiry command says whether the key exists at all (GETRANGE
+    /// answers "" for a missing key too). What is left — keys of other types (WRONGTYPE) and
+    /// strings over the threshold — is read the general way: MEMORY USAGE, TYPE for the keys
+    /// over the threshold (only collections are walked in chunks), then DUMP and expiry of the
+    /// others in a second MULTI. Each MULTI makes a key's value and expiry describe the same
+    /// moment.
+    pub(crate) async fn read(&self, link: &mut Link, keys: &[(Key, ReplacePolicy)]) -> Result<Read, ReplicateError> {
+        let mut read = Read { small: Vec::with_capacity(keys.len()), big: Vec::new() };
+        let mut rest = Vec::new();
+        let replies = self.read_values(link, keys, 0..keys.len(), ValueCommand::Prefix).await?;
+        for (i, reply) in replies.into_iter().enumerate() {
+            match reply {
+                (_, None) => read.small.push((i, Found::Gone, 0)),
+                (BytesFrame::BulkString(value), Some(at)) if value.len() as u64 <= self.big_key_bytes => {
+                    read.small.push((i, Found::String(value), at))
+                }
+                (BytesFrame::BulkString(_), Some(_)) => rest.push(i),
+                (BytesFrame::Error(err), Some(_)) if err.starts_with("WRONGTYPE") => rest.push(i),
+                (other, _) => return Err(link.error(format!("unexpected reply to `GETRANGE`: {other:?}"))),
             }
         }
-        let replies = match link.reply().await? {
-            BytesFrame::Array(replies) if replies.len() == 2 * small.len() => replies,
-            other => return Err(link.error(format!("unexpected reply to `EXEC`: {other:?}"))),
-        };
-        let mut replies = replies.into_iter();
-        let mut read = Read { small: Vec::with_capacity(small.len()), big };
-        for i in small {
-            let payload = match replies.next() {
-                Some(BytesFrame::BulkString(payload)) => Some(payload),
-                Some(BytesFrame::Null) => None,
-                other => return Err(link.error(format!("unexpected reply to `DUMP`: {other:?}"))),
-            };
-            let expiry = match replies.next() {
-                Some(BytesFrame::Integer(n)) => self.expiry.absolute_ms(n),
-                other => return Err(link.error(format!("unexpected reply to `{}`: {other:?}", self.expiry.name()))),
-            };
-            read.small.push((i, payload, expiry));
+        if rest.is_empty() {
+            return Ok(read);
+        }
+        let sizes = keys::sizes(&self.source, rest.iter().map(|&i| &keys[i].0)).await?;
+        let over: Vec<usize> = rest
+            .iter()
+            .zip(sizes)
+            .filter(|(_, size)| size.is_some_and(|b| b > self.big_key_bytes))
+            .map(|(&i, _)| i)
+            .collect();
+        let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
+        read.big =
+            over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
+        rest.retain(|i| !read.big.iter().any(|(big, _)| big == i));
+        let replies = self.read_values(link, keys, rest.iter().copied(), ValueCommand::Dump).await?;
+        for (i, reply) in rest.into_iter().zip(replies) {
+            match reply {
+                (BytesFrame::Null, _) | (_, None) => read.small.push((i, Found::Gone, 0)),
+                (BytesFrame::BulkString(payload), Some(at)) => read.small.push((i, Found::Payload(payload), at)),
+                (other, _) => return Err(link.error(format!("unexpected reply to `DUMP`: {other:?}"))),
+            }
         }
         Ok(read)
     }
 
+    /// Sends one MULTI on `link` with, for each key of `which`, the value command and the
+    /// expiry command; returns each key's value reply and its expiry as absolute Unix
+    /// milliseconds (0 for none; `None` when the key does not exist).
+    async fn read_values(
+        &self,
+        link: &mut Link,
+        keys: &[(Key, ReplacePolicy)],
+        which: impl ExactSizeIterator<Item = usize>,
+        command: ValueCommand,
+    ) -> Result<Vec<(BytesFrame, Option<u64>)>, ReplicateError> {
+        let n = which.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let expiry_name = self.expiry.name().as_bytes();
+        let threshold = Decimal::new(self.big_key_bytes);
+        let mut request = Vec::with_capacity(64 * (1 + n));
+        encode_into(&mut request, &[b"MULTI"]);
+        for i in which {
+            let key = &keys[i].0;
+            match command {
+                ValueCommand::Prefix => encode_into(&mut request, &[b"GETRANGE", key, b"0", threshold.as_bytes()]),
+                ValueCommand::Dump => encode_into(&mut request, &[b"DUMP", key]),
+            }
+            encode_into(&mut request, &[expiry_name, key]);
+        }
+        encode_into(&mut request, &[b"EXEC"]);
+        self.source.spend(2 + 2 * n).await;
+        link.send(&request).await?;
+        let name = command.name();
+        // +OK for MULTI and +QUEUED for each command; an error here means a refused command.
+        for _ in 0..1 + 2 * n {
+            if let BytesFrame::Error(err) = link.reply().await? {
+                return Err(link.error(format!("`{name}` or `{}` refused: {err}", self.expiry.name())));
+            }
+        }
+        let replies = match link.reply().await? {
+            BytesFrame::Array(replies) if replies.len() == 2 * n => replies,
+            other => return Err(link.error(format!("unexpected reply to `EXEC`: {other:?}"))),
+        };
+        let mut replies = replies.into_iter();
+        let mut values = Vec::with_capacity(n);
+        while let (Some(value), Some(expiry)) = (replies.next(), replies.next()) {
+            let expiry = match expiry {
+                BytesFrame::Integer(-2) => None,
+                BytesFrame::Integer(n) => Some(self.expiry.absolute_ms(n)),
+                other => return Err(link.error(format!("unexpected reply to `{}`: {other:?}", self.expiry.name()))),
+            };
+            values.push((value, expiry));
+        }
+        Ok(values)
+    }
+
     /// Makes the target's copy of each key equal to what [`Copier::read`] found: one pipeline
-    /// on `link` (a raw connection to the target) of RESTORE ... ABSTTL (DEL for keys the source
-    /// no longer had) plus a DEL for each of `stale` (target keys the source lacks), then the
-    /// big keys walked in chunks. A key's policy decides what happens when it already exists on
-    /// the target.
+    /// on `link` (a raw connection to the target) of SET or RESTORE ... ABSTTL (DEL for keys the
+    /// source no longer had) plus a DEL for each of `stale` (target keys the source lacks), then
+    /// the big keys walked in chunks. A key's policy decides what happens when it already exists
+    /// on the target.
     pub(crate) async fn write(
         &self,
         link: &mut Link,
@@ -192,14 +276,14 @@ impl Copier {
         stale: &[Key],
     ) -> Result<CopyStats, ReplicateError> {
         let mut stats = CopyStats::default();
-        let payload_bytes: usize =
-            read.small.iter().map(|(_, payload, _)| payload.as_ref().map_or(0, Bytes::len)).sum();
-        let mut request = Vec::with_capacity(payload_bytes + 64 * (read.small.len() + stale.len()));
-        for (i, payload, expiry) in &read.small {
+        let value_bytes: usize = read.small.iter().map(|(_, found, _)| found.len()).sum();
+        let mut request = Vec::with_capacity(value_bytes + 64 * (read.small.len() + stale.len()));
+        for (i, found, expiry) in &read.small {
             let (key, policy) = &keys[*i];
-            match payload {
-                None => encode_into(&mut request, &[b"DEL", key]),
-                Some(payload) => {
+            match found {
+                Found::Gone => encode_into(&mut request, &[b"DEL", key]),
+                Found::String(value) => encode_set(&mut request, key, value, (*expiry > 0).then_some(*expiry), *policy),
+                Found::Payload(payload) => {
                     let at = expiry.to_string();
                     let restore: [&[u8]; 6] = [b"RESTORE", key, at.as_bytes(), payload, b"ABSTTL", b"REPLACE"];
                     let replace = usize::from(*policy == ReplacePolicy::Replace);
@@ -214,15 +298,26 @@ impl Copier {
             self.target.spend(read.small.len() + stale.len()).await;
             link.send(&request).await?;
         }
-        for (i, payload, expiry) in &read.small {
+        for (i, found, expiry) in &read.small {
             let (key, policy) = &keys[*i];
-            match (link.reply().await?, payload) {
-                (BytesFrame::Error(err), _) if err.starts_with("BUSYKEY") => self.busy(key, *policy, &mut stats)?,
-                (BytesFrame::Error(err), Some(payload)) if decode::unreadable_payload(&err) => {
+            match (link.reply().await?, found) {
+                (BytesFrame::Error(err), Found::Payload(_)) if err.starts_with("BUSYKEY") => {
+                    self.busy(key, *policy, &mut stats)?
+                }
+                // `SET … NX` did not set: the target has the key.
+                (BytesFrame::Null, Found::String(_)) => self.busy(key, *policy, &mut stats)?,
+                (BytesFrame::Error(err), Found::Payload(payload)) if decode::unreadable_payload(&err) => {
                     stats += self.rebuild(key, payload, *expiry, *policy).await?;
                 }
-                (BytesFrame::Error(err), _) => return Err(link.error(format!("`RESTORE` failed: {err}"))),
-                (_, None) => stats.deleted += 1,
+                (BytesFrame::Error(err), found) => {
+                    let command = match found {
+                        Found::Gone => "DEL",
+                        Found::String(_) => "SET",
+                        Found::Payload(_) => "RESTORE",
+                    };
+                    return Err(link.error(format!("`{command}` of key {} failed: {err}", printable(key))));
+                }
+                (_, Found::Gone) => stats.deleted += 1,
                 _ => stats.copied += 1,
             }
         }

@@ -7,8 +7,8 @@
 //! once.
 //!
 //! `scan` mode is for managed services that refuse PSYNC: [`ScanReplicator`] subscribes to the
-//! source's keyspace notifications *first*, then backfills with SCAN + DUMP/RESTORE (absolute
-//! TTLs), and re-copies every key a notification names. Because the subscription predates every
+//! source's keyspace notifications *first*, then backfills with SCAN, strings as GETRANGE/SET and
+//! other values as DUMP/RESTORE (absolute TTLs), and re-copies every key a notification names. Because the subscription predates every
 //! read, any write the backfill could have missed produces a notification that re-copies the key,
 //! so the target converges exactly. [`Verifier`] compares the two servers key by key and is what
 //! the operator and the CLI run before cutover.

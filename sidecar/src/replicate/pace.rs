@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 /// How many commands per second the replicator may send to each server; `None` is no limit.
 ///
-/// An operation is one command: in scan mode every SCAN, DUMP, RESTORE or chunk command (a
-/// pipeline of n commands is n operations), in sync mode every RESTORE of the snapshot and every
+/// An operation is one command: in scan mode every SCAN, GETRANGE, DUMP, SET, RESTORE or chunk
+/// command (a pipeline or MULTI of n commands is n operations), in sync mode every RESTORE of the snapshot and every
 /// command of the stream applied to the target. Sync mode reads the source as one replication
 /// stream, with no per-key commands to pace, so it takes no source limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

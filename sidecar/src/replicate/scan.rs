@@ -3,9 +3,10 @@
 //! Why the copy is exact. The keyspace subscription is confirmed before the first SCAN, so every
 //! write from then on produces a notification after the write executes. One task, the copy loop,
 //! moves keys in batches through a pipeline: it *forms* a batch (takes keys out of the dirty set,
-//! runs one SCAN step), *reads* it on the source (MEMORY USAGE, then DUMP and expiry in one
-//! MULTI, or chunk by chunk for a big key) and *writes* it to the target (RESTORE, DEL). Up to
-//! three batches are in flight, each at a different stage, but two rules hold:
+//! runs one SCAN step), *reads* it on the source (each key as a string with its expiry in one
+//! MULTI; the other keys sized, then DUMP and expiry in a second MULTI, or chunk by chunk for a
+//! big key) and *writes* it to the target (SET, RESTORE, DEL). Up to three batches are in
+//! flight, each at a different stage, but two rules hold:
 //! - every read of a batch happens after the batch was formed;
 //! - batches are written in the order they were formed, one after the other, by this task over
 //!   one target connection, so the target applies them in that order.
@@ -17,7 +18,10 @@
 //! by B. So the last copy of K on the target is the final value: an older DUMP is never restored
 //! after a newer one, and a stale snapshot never overwrites a newer write. The same argument covers
 //! keys changed during a chunked big-key copy (its reads, too, follow its batch's forming), and
-//! deletes and expiries, which are notified too: a nil DUMP becomes a DEL.
+//! deletes and expiries, which are notified too: a key the reads find missing becomes a DEL.
+//! Reading a key twice (as a string, then, when it is not one, as a DUMP payload) changes
+//! nothing: both reads follow the forming, and the one whose result is written describes a
+//! single moment (value and expiry come from one MULTI).
 //!
 //! Progress counts a taken key as waiting until its batch is written, so
 //! [`ScanReplicator::caught_up`] never reports a key that is still in flight as copied.
@@ -263,7 +267,7 @@ impl CopyLoop {
 
     /// Forms a batch, reads it and writes it, with three batches in flight: while batch N is
     /// written to the target, batch N+1's values are read from the source and batch N+2 is
-    /// formed and its sizes read. `state` moves only as batches are written; `ahead` is where
+    /// formed. `state` moves only as batches are written; `ahead` is where
     /// the next batch is formed from.
     async fn run_inner(
         &self,
@@ -278,7 +282,7 @@ impl CopyLoop {
         let mut pass_started = Instant::now();
         let mut snapshot = self.progress.borrow().clone();
         let mut ahead = state.passes.clone();
-        let mut sized: Option<(Batch, Vec<Option<u64>>)> = None;
+        let mut unread: Option<Batch> = None;
         let mut read: Option<(Batch, Read)> = None;
         loop {
             // Read the barrier first: everything notified before it is in the dirty set now.
@@ -308,7 +312,7 @@ impl CopyLoop {
                 // The batches in flight are dropped unwritten and their pass steps redone: the
                 // full pass now queued copies their keys again (after a flush, into an emptied
                 // target).
-                (sized, read) = (None, None);
+                (unread, read) = (None, None);
                 ahead = state.passes.clone();
             }
 
@@ -323,7 +327,7 @@ impl CopyLoop {
                 .map(|key| (key, ReplacePolicy::Replace))
                 .collect();
             let pass = ahead.front().copied();
-            if pass.is_none() && dirty.is_empty() && sized.is_none() && read.is_none() {
+            if pass.is_none() && dirty.is_empty() && unread.is_none() && read.is_none() {
                 self.publish(&mut snapshot, &state, barrier, pass_started, 0);
                 let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
                 continue;
@@ -333,7 +337,7 @@ impl CopyLoop {
                 state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
             }
             let forming = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, pass));
-            let (to_read, to_write) = (sized.take(), read.take());
+            let (to_read, to_write) = (unread.take(), read.take());
             let (copier, dumps, restores) = (&self.copier, &mut dumps, &mut restores);
             let (formed, was_read, written) = tokio::try_join!(
                 async move {
@@ -344,9 +348,7 @@ impl CopyLoop {
                 },
                 async move {
                     match to_read {
-                        Some((batch, sizes)) => {
-                            copier.read(dumps, &batch.keys, &sizes).await.map(|read| Some((batch, read)))
-                        }
+                        Some(batch) => copier.read(dumps, &batch.keys).await.map(|read| Some((batch, read))),
                         None => Ok(None),
                     }
                 },
@@ -360,10 +362,10 @@ impl CopyLoop {
                     }
                 },
             )?;
-            if let Some((_, next)) = formed.as_ref().and_then(|(batch, _)| batch.step) {
+            if let Some((_, next)) = formed.as_ref().and_then(|batch| batch.step) {
                 advance(&mut ahead, next);
             }
-            (sized, read) = (formed, was_read);
+            (unread, read) = (formed, was_read);
             if let Some((batch, stats)) = written {
                 if let Some((pass, next)) = batch.step
                     && advance(&mut state.passes, next)
@@ -373,20 +375,19 @@ impl CopyLoop {
                 state.copied += stats.copied;
                 state.deleted += stats.deleted;
                 state.skipped += stats.skipped;
-                let in_flight = sized.iter().map(|(b, _)| b.dirty).chain(read.iter().map(|(b, _)| b.dirty)).sum();
+                let in_flight = unread.iter().map(|b| b.dirty).chain(read.iter().map(|(b, _)| b.dirty)).sum();
                 self.publish(&mut snapshot, &state, batch.barrier, pass_started, in_flight);
             }
         }
     }
 
-    /// Forms a batch from the keys taken from the dirty set and one step of the current pass,
-    /// and reads its sizes.
+    /// Forms a batch from the keys taken from the dirty set and one step of the current pass.
     async fn form(
         &self,
         barrier: u64,
         dirty: Vec<(Key, ReplacePolicy)>,
         pass: Option<Pass>,
-    ) -> Result<(Batch, Vec<Option<u64>>), ReplicateError> {
+    ) -> Result<Batch, ReplicateError> {
         let (source, target) = (&self.copier.source, &self.copier.target);
         let mut batch = Batch { barrier, dirty: dirty.len(), keys: dirty, stale: Vec::new(), step: None };
         match pass {
@@ -408,8 +409,7 @@ impl CopyLoop {
             }
             None => {}
         }
-        let sizes = self.copier.sizes(&batch.keys).await?;
-        Ok((batch, sizes))
+        Ok(batch)
     }
 
     /// Publishes progress as of the last batch written; `in_flight` dirty keys were taken into

@@ -4,13 +4,20 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use eden_e2e::{RedisConfig, RedisServer};
 use eden_sidecar::replicate::{
     Checkpoint, Mode, Replicator, ReplicatorOptions, ScanOptions, SyncOptions, Verifier, VerifyOptions, VerifyReport,
 };
 use redis::aio::MultiplexedConnection;
+use redis_protocol::resp2::decode::decode_bytes_mut;
+use redis_protocol::resp2::encode::extend_encode;
+use redis_protocol::resp2::types::BytesFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 pub struct Pair {
     pub source: RedisServer,
@@ -78,6 +85,37 @@ pub async fn connect(server: &RedisServer) -> MultiplexedConnection {
     let client = redis::Client::open(server.url()).expect("url");
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
     client.get_multiplexed_async_connection_with_config(&config).await.expect("connect")
+}
+
+/// A relay to `upstream` (host:port) on a free port; returns its `redis://` URL. Every command a
+/// client sends passes through `command` on its way, which may rewrite it or act first (replies
+/// come back untouched): a server that looks older, or a write that lands at a chosen moment.
+pub async fn relay(upstream: String, command: impl Fn(BytesFrame) -> BytesFrame + Send + Sync + 'static) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let command = Arc::new(command);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = TcpStream::connect(&upstream).await.unwrap();
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_server, mut to_server) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
+            let command = command.clone();
+            tokio::spawn(async move {
+                let mut buf = BytesMut::with_capacity(64 * 1024);
+                while from_client.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {
+                    let mut out = BytesMut::new();
+                    while let Some((frame, _, _)) = decode_bytes_mut(&mut buf).unwrap() {
+                        extend_encode(&mut out, &command(frame), false).unwrap();
+                    }
+                    if to_server.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
 }
 
 /// Waits for the replicator to have every write made so far on the target.

@@ -197,18 +197,7 @@ impl Loader<'_> {
             batch.pair_count += 1;
             return;
         }
-        let at = entry.expire_at_ms.map(Decimal::new);
-        let mut args: [&[u8]; 6] = [b"SET", &entry.key, &entry.value, b"PXAT", b"", b"NX"];
-        let mut len = 3;
-        if let Some(at) = &at {
-            args[4] = at.as_bytes();
-            len = 5;
-        }
-        if !replace {
-            args[len] = b"NX";
-            len += 1;
-        }
-        encode_into(&mut batch.request, &args[..len]);
+        encode_set(&mut batch.request, &entry.key, &entry.value, entry.expire_at_ms, self.policy);
         batch.sent.push(if replace { Sent::Set(1) } else { Sent::SetIfAbsent(entry.key) });
     }
 
@@ -287,6 +276,31 @@ impl Loader<'_> {
         self.reporter.progress.checkpoint.copied += 1;
         Ok(())
     }
+}
+
+/// Appends `SET key value [PXAT <ms>] [NX]`, the one-key string write of both modes (see the
+/// module docs): under `Replace` it overwrites a key of any type and leaves no older expiry
+/// behind, as `RESTORE … REPLACE` does; under `Skip` and `Fail` its `NX` makes a nil reply mean
+/// that the target already has the key, what `BUSYKEY` is to a `RESTORE`.
+pub(crate) fn encode_set(
+    out: &mut Vec<u8>,
+    key: &[u8],
+    value: &[u8],
+    expire_at_ms: Option<u64>,
+    policy: ReplacePolicy,
+) {
+    let at = expire_at_ms.map(Decimal::new);
+    let mut args: [&[u8]; 6] = [b"SET", key, value, b"PXAT", b"", b"NX"];
+    let mut len = 3;
+    if let Some(at) = &at {
+        args[4] = at.as_bytes();
+        len = 5;
+    }
+    if policy != ReplacePolicy::Replace {
+        args[len] = b"NX";
+        len += 1;
+    }
+    encode_into(out, &args[..len]);
 }
 
 /// A DUMP payload: the value's encoding, the RDB version (2 bytes) and a CRC64 of both (8

@@ -20,7 +20,7 @@
 mod apply;
 pub(crate) mod decode;
 pub(super) mod link;
-mod load;
+pub(super) mod load;
 mod psync;
 mod rdb;
 mod target;
