@@ -27,7 +27,7 @@ use super::endpoint::{Endpoint, printable};
 use super::keys;
 use super::sync::decode;
 use super::sync::link::{Decimal, Link, encode_into};
-use super::sync::load::encode_set;
+use super::sync::load::{SetExpiry, encode_set};
 use super::{Key, KeyType, ReplicateError, streams};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -56,12 +56,7 @@ impl ExpiryCommand {
     /// Picks PEXPIRETIME when the source's `redis_version` is 7 or newer.
     pub(crate) async fn detect(source: &Endpoint) -> Result<Self, ReplicateError> {
         let info: String = source.cmd("INFO", cmd("INFO").arg("server")).await?;
-        let major = info
-            .lines()
-            .find_map(|line| line.strip_prefix("redis_version:"))
-            .and_then(|v| v.split('.').next()?.trim().parse::<u32>().ok())
-            .unwrap_or(0);
-        Ok(if major >= 7 { ExpiryCommand::ExpireTime } else { ExpiryCommand::Ttl })
+        Ok(if redis_version(&info) >= (7, 0) { ExpiryCommand::ExpireTime } else { ExpiryCommand::Ttl })
     }
 
     fn name(self) -> &'static str {
@@ -79,6 +74,13 @@ impl ExpiryCommand {
             (ExpiryCommand::Ttl, ttl) => now_ms() + ttl as u64,
         }
     }
+}
+
+/// `redis_version` from an `INFO server` reply as (major, minor); (0, 0) when it is missing.
+pub(crate) fn redis_version(info: &str) -> (u32, u32) {
+    let version = info.lines().find_map(|line| line.strip_prefix("redis_version:")).unwrap_or_default();
+    let mut parts = version.trim().split('.').map(|part| part.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -106,6 +108,8 @@ pub(crate) struct Copier {
     pub(crate) source: Endpoint,
     pub(crate) target: Endpoint,
     pub(crate) expiry: ExpiryCommand,
+    /// How the target's SET takes an expiry.
+    pub(crate) set_expiry: SetExpiry,
     /// Size (MEMORY USAGE) above which a collection is copied in chunks.
     pub(crate) big_key_bytes: u64,
     /// Elements per chunk for big keys.
@@ -282,7 +286,10 @@ impl Copier {
             let (key, policy) = &keys[*i];
             match found {
                 Found::Gone => encode_into(&mut request, &[b"DEL", key]),
-                Found::String(value) => encode_set(&mut request, key, value, (*expiry > 0).then_some(*expiry), *policy),
+                Found::String(value) => {
+                    let expiry = (*expiry > 0).then_some(*expiry);
+                    encode_set(&mut request, key, value, expiry, *policy, self.set_expiry);
+                }
                 Found::Payload(payload) => {
                     let at = expiry.to_string();
                     let restore: [&[u8]; 6] = [b"RESTORE", key, at.as_bytes(), payload, b"ABSTTL", b"REPLACE"];

@@ -47,6 +47,7 @@ use super::endpoint::Endpoint;
 use super::flush::FlushWatch;
 use super::notify::{self, Shared};
 use super::sync::link::{Address, Link};
+use super::sync::load::SetExpiry;
 use super::{Checkpoint, Key, OpsLimits, Progress, ReplacePolicy, ReplicateError, keys};
 use crate::upstream::TlsSettings;
 
@@ -154,10 +155,11 @@ impl ScanReplicator {
             if !verified {
                 probe(&source, &shared, &barrier_channel).await?;
             }
-            ExpiryCommand::detect(&source).await
+            let info: String = target.cmd("INFO", redis::cmd("INFO").arg("server")).await?;
+            Ok((ExpiryCommand::detect(&source).await?, SetExpiry::for_target(&info)))
         };
-        let expiry = match ready.await {
-            Ok(expiry) => expiry,
+        let (expiry, set_expiry) = match ready.await {
+            Ok(detected) => detected,
             Err(err) => {
                 subscriber.abort();
                 return Err(err);
@@ -170,6 +172,7 @@ impl ScanReplicator {
         let (progress_tx, progress) = watch::channel(initial);
         let copier = Copier {
             expiry,
+            set_expiry,
             source: source.clone(),
             target,
             big_key_bytes: options.big_key_bytes,

@@ -34,6 +34,7 @@ use super::decode;
 use super::link::{Decimal, encode_bulk, encode_into, encode_len};
 use super::rdb::{CRC64, Entry, Feed, KeyEntry, Snapshot};
 use super::target::Target;
+use crate::replicate::copy::{now_ms, redis_version};
 use crate::replicate::endpoint::printable;
 use crate::replicate::{ReplacePolicy, ReplicateError};
 
@@ -86,6 +87,8 @@ impl Batch {
 pub(crate) struct Loader<'a> {
     pub(crate) target: &'a mut Target,
     pub(crate) policy: ReplacePolicy,
+    /// How the target's SET takes an expiry.
+    pub(crate) set_expiry: SetExpiry,
     pub(crate) limits: BatchLimits,
     pub(crate) reporter: &'a mut Reporter,
     /// Value types already announced as rebuilt with commands.
@@ -197,7 +200,7 @@ impl Loader<'_> {
             batch.pair_count += 1;
             return;
         }
-        encode_set(&mut batch.request, &entry.key, &entry.value, entry.expire_at_ms, self.policy);
+        encode_set(&mut batch.request, &entry.key, &entry.value, entry.expire_at_ms, self.policy, self.set_expiry);
         batch.sent.push(if replace { Sent::Set(1) } else { Sent::SetIfAbsent(entry.key) });
     }
 
@@ -278,7 +281,24 @@ impl Loader<'_> {
     }
 }
 
-/// Appends `SET key value [PXAT <ms>] [NX]`, the one-key string write of both modes (see the
+/// How the target's SET takes an expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetExpiry {
+    /// `PXAT` with the absolute time (Redis 6.2 and newer).
+    At,
+    /// `PX` with the time left as Eden's clock sees it, for older targets; a time already up
+    /// leaves 1 ms, so the key expires there as it did on the source.
+    Left,
+}
+
+impl SetExpiry {
+    /// From the target's `INFO server`.
+    pub(crate) fn for_target(info: &str) -> Self {
+        if redis_version(info) >= (6, 2) { SetExpiry::At } else { SetExpiry::Left }
+    }
+}
+
+/// Appends `SET key value [PXAT|PX <ms>] [NX]`, the one-key string write of both modes (see the
 /// module docs): under `Replace` it overwrites a key of any type and leaves no older expiry
 /// behind, as `RESTORE … REPLACE` does; under `Skip` and `Fail` its `NX` makes a nil reply mean
 /// that the target already has the key, what `BUSYKEY` is to a `RESTORE`.
@@ -288,12 +308,16 @@ pub(crate) fn encode_set(
     value: &[u8],
     expire_at_ms: Option<u64>,
     policy: ReplacePolicy,
+    how: SetExpiry,
 ) {
-    let at = expire_at_ms.map(Decimal::new);
-    let mut args: [&[u8]; 6] = [b"SET", key, value, b"PXAT", b"", b"NX"];
+    let (unit, time): (&[u8], _) = match how {
+        SetExpiry::At => (b"PXAT", expire_at_ms.map(Decimal::new)),
+        SetExpiry::Left => (b"PX", expire_at_ms.map(|at| Decimal::new(at.saturating_sub(now_ms()).max(1)))),
+    };
+    let mut args: [&[u8]; 6] = [b"SET", key, value, unit, b"", b"NX"];
     let mut len = 3;
-    if let Some(at) = &at {
-        args[4] = at.as_bytes();
+    if let Some(time) = &time {
+        args[4] = time.as_bytes();
         len = 5;
     }
     if policy != ReplacePolicy::Replace {
@@ -312,4 +336,39 @@ pub(crate) fn payload(object: &[u8], version: u16) -> Vec<u8> {
     let crc = CRC64.checksum(&payload);
     payload.extend_from_slice(&crc.to_le_bytes());
     payload
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(expire_at_ms: Option<u64>, policy: ReplacePolicy, how: SetExpiry) -> String {
+        let mut out = Vec::new();
+        encode_set(&mut out, b"k", b"v", expire_at_ms, policy, how);
+        String::from_utf8(out)
+            .unwrap()
+            .split("\r\n")
+            .filter(|part| !part.is_empty() && !part.starts_with(['*', '$']))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn targets_before_6_2_get_the_time_left_instead_of_pxat() {
+        let info = |version: &str| format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n");
+        assert_eq!(SetExpiry::for_target(&info("7.0.15")), SetExpiry::At);
+        assert_eq!(SetExpiry::for_target(&info("6.2.0")), SetExpiry::At);
+        assert_eq!(SetExpiry::for_target(&info("6.0.20")), SetExpiry::Left);
+        assert_eq!(SetExpiry::for_target(&info("5.0.7")), SetExpiry::Left);
+        assert_eq!(SetExpiry::for_target("# Server\r\n"), SetExpiry::Left, "unknown: the form every server takes");
+
+        assert_eq!(set(Some(1_234), ReplacePolicy::Replace, SetExpiry::At), "SET k v PXAT 1234");
+        assert_eq!(set(None, ReplacePolicy::Skip, SetExpiry::At), "SET k v NX");
+        let in_a_minute = now_ms() + 60_000;
+        let left = set(Some(in_a_minute), ReplacePolicy::Skip, SetExpiry::Left);
+        let ms: u64 =
+            left.strip_prefix("SET k v PX ").and_then(|rest| rest.strip_suffix(" NX")).unwrap().parse().unwrap();
+        assert!((59_000..=60_000).contains(&ms), "{left}");
+        assert_eq!(set(Some(1), ReplacePolicy::Replace, SetExpiry::Left), "SET k v PX 1", "a time already up");
+    }
 }

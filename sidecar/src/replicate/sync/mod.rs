@@ -33,8 +33,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub use target::POSITION_KEY;
 
-use self::link::{Address, master_offset};
-use self::load::{BatchLimits, Loader};
+use self::link::{Address, master_offset, text};
+use self::load::{BatchLimits, Loader, SetExpiry};
 use self::psync::Outcome;
 use self::rdb::Snapshot;
 use self::target::{Position, Target};
@@ -284,12 +284,15 @@ impl Session {
                 self.reporter.progress.behind_since = Some(loading_started);
                 self.reporter.publish();
                 let mut snapshot = Snapshot::open(link, framing).await?;
+                let info = target.link.call(&[b"INFO", b"server"]).await?;
+                let set_expiry = SetExpiry::for_target(text(&info).unwrap_or_default());
                 // After a restart the target holds nothing of its own any more.
                 let policy = if self.restart { ReplacePolicy::Replace } else { self.options.replace };
                 let limits = BatchLimits { keys: self.options.batch_keys, bytes: self.options.batch_bytes };
                 let mut loader = Loader {
                     target,
                     policy,
+                    set_expiry,
                     limits,
                     reporter: &mut self.reporter,
                     rebuilt_types: Default::default(),
