@@ -142,6 +142,15 @@ impl ProxyMetrics {
         self.commands[side as usize][kind as usize].inc();
     }
 
+    /// Adds a batch's [`CommandCounts`] and clears them.
+    pub fn commands(&self, counts: &mut CommandCounts) {
+        for (series, counts) in self.commands.iter().zip(&mut counts.0) {
+            for (counter, count) in series.iter().zip(counts.iter_mut()).filter(|(_, count)| **count > 0) {
+                counter.inc_by(std::mem::take(count).into());
+            }
+        }
+    }
+
     /// `requests` mirrored to `side` came to `outcome`.
     pub fn mirror(&self, side: Side, outcome: MirrorOutcome, requests: u64) {
         self.mirror[side as usize][outcome as usize].inc_by(requests);
@@ -203,11 +212,44 @@ impl ProxyMetrics {
     }
 }
 
+/// Commands a session forwarded in one batch, by side and kind, for
+/// [`ProxyMetrics::commands`]: one atomic add per kind per batch rather than one per request,
+/// on counters every session shares.
+#[derive(Debug, Default)]
+pub struct CommandCounts([[u32; CommandKind::ALL.len()]; 2]);
+
+impl CommandCounts {
+    pub fn count(&mut self, side: Side, kind: CommandKind) {
+        self.0[side as usize][kind as usize] += 1;
+    }
+}
+
 /// Counts a held connection in `eden_writes_holding` while it lives.
 pub struct HoldGuard<'a>(&'a Gauge);
 
 impl Drop for HoldGuard<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_command_counts_is_added_once_and_cleared() {
+        let metrics = ProxyMetrics::default();
+        let mut counts = CommandCounts::default();
+        for _ in 0..3 {
+            counts.count(Side::Source, CommandKind::Write);
+        }
+        counts.count(Side::Target, CommandKind::Read);
+        metrics.commands(&mut counts);
+        metrics.commands(&mut counts);
+        let rendered = metrics.render();
+        assert!(rendered.contains(r#"eden_commands_total{route="source",kind="write"} 3"#), "{rendered}");
+        assert!(rendered.contains(r#"eden_commands_total{route="target",kind="read"} 1"#), "{rendered}");
+        assert!(rendered.contains(r#"eden_commands_total{route="source",kind="read"} 0"#), "{rendered}");
     }
 }

@@ -412,6 +412,18 @@ impl Worker {
                     }
                     let mut scanned = 0;
                     while scanned < replies.len() {
+                        // Writes answered with `+OK` and the like are counted a run at a time.
+                        if let Some(&Expect::Writes(count)) = expected.front() {
+                            let (n, applied) = scanner.single_lines(&replies[scanned..], count);
+                            if applied > 0 {
+                                scanned += n;
+                                self.writes_settled(&mut expected, applied, MirrorOutcome::Applied);
+                                if expected.is_empty() && session_gone {
+                                    return None;
+                                }
+                                continue;
+                            }
+                        }
                         let Ok((n, done)) = scanner.scan(&replies[scanned..]) else {
                             tracing::warn!(side = self.side.as_str(), "unreadable reply on the mirror connection");
                             break 'connection;
@@ -459,40 +471,55 @@ impl Worker {
     /// Accounts for the reply to the oldest request on the connection: `failed` when it is an
     /// error; `whole` holds all of it when it answers a shadow read.
     async fn settle(&self, expected: &mut VecDeque<Expect>, failed: bool, whole: &mut BytesMut) {
-        self.answered(expected, failed, whole).await;
-        while matches!(expected.front(), Some(Expect::Barrier(_))) {
-            if let Some(Expect::Barrier(barrier)) = expected.pop_front() {
-                let _ = barrier.send(());
+        if matches!(expected.front(), Some(Expect::Writes(_))) {
+            let outcome = if failed { MirrorOutcome::Failed } else { MirrorOutcome::Applied };
+            self.writes_settled(expected, 1, outcome);
+            return;
+        }
+        if let Some(Expect::Shadow { answered, key }) = expected.pop_front() {
+            self.compare(answered, key, whole).await;
+        }
+        whole.clear();
+        release_barriers(expected);
+    }
+
+    /// Accounts for `replies` replies, all with `outcome`, to the writes at the front of
+    /// `expected` (no more than it holds there).
+    fn writes_settled(&self, expected: &mut VecDeque<Expect>, replies: u32, outcome: MirrorOutcome) {
+        self.metrics.mirror(self.side, outcome, replies.into());
+        if let Some(Expect::Writes(count)) = expected.front_mut() {
+            *count -= replies;
+            if *count == 0 {
+                expected.pop_front();
+                release_barriers(expected);
             }
         }
     }
 
-    async fn answered(&self, expected: &mut VecDeque<Expect>, failed: bool, whole: &mut BytesMut) {
-        if let Some(Expect::Writes(count)) = expected.front_mut() {
-            let outcome = if failed { MirrorOutcome::Failed } else { MirrorOutcome::Applied };
-            self.metrics.mirror(self.side, outcome, 1);
-            *count -= 1;
-            if *count == 0 {
-                expected.pop_front();
+    /// Compares a shadow read's reply (`whole`) with the one the client got.
+    async fn compare(&self, answered: oneshot::Receiver<Bytes>, key: u64, whole: &BytesMut) {
+        match tokio::time::timeout(SHADOW_WAIT, answered).await {
+            Ok(Ok(answer)) if answer[..] == whole[..] => self.metrics.shadow(ShadowOutcome::Match),
+            Ok(Ok(answer)) => {
+                self.metrics.shadow(ShadowOutcome::Mismatch);
+                tracing::warn!(
+                    key = format_args!("{key:016x}"),
+                    shadow = self.side.as_str(),
+                    answered_len = answer.len(),
+                    shadow_len = whole.len(),
+                    "shadow read differs from the reply the client got"
+                );
             }
-            return;
+            _ => self.metrics.shadow(ShadowOutcome::Failed),
         }
-        if let Some(Expect::Shadow { answered, key }) = expected.pop_front() {
-            match tokio::time::timeout(SHADOW_WAIT, answered).await {
-                Ok(Ok(answer)) if answer[..] == whole[..] => self.metrics.shadow(ShadowOutcome::Match),
-                Ok(Ok(answer)) => {
-                    self.metrics.shadow(ShadowOutcome::Mismatch);
-                    tracing::warn!(
-                        key = format_args!("{key:016x}"),
-                        shadow = self.side.as_str(),
-                        answered_len = answer.len(),
-                        shadow_len = whole.len(),
-                        "shadow read differs from the reply the client got"
-                    );
-                }
-                _ => self.metrics.shadow(ShadowOutcome::Failed),
-            }
+    }
+}
+
+/// Fires the barriers at the front of `expected`: everything queued before them is answered.
+fn release_barriers(expected: &mut VecDeque<Expect>) {
+    while let Some(Expect::Barrier(_)) = expected.front() {
+        if let Some(Expect::Barrier(barrier)) = expected.pop_front() {
+            let _ = barrier.send(());
         }
-        whole.clear();
     }
 }

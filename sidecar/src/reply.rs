@@ -38,6 +38,24 @@ impl ReplyScanner {
         !self.in_frame
     }
 
+    /// Passes up to `max` complete single-line replies other than errors (`+OK`, integers,
+    /// RESP3 nulls, booleans and numbers) at the front of `buf`, when the scanner sits between
+    /// frames: the common answers to writes, counted with no state to keep. Returns the bytes
+    /// and replies passed; it stops at anything else (an error, a bulk or aggregate reply, a
+    /// push, an incomplete line), which [`scan`](Self::scan) then reads.
+    pub fn single_lines(&self, buf: &[u8], max: u32) -> (usize, u32) {
+        let (mut pos, mut replies) = (0, 0);
+        if self.in_frame {
+            return (pos, replies);
+        }
+        while replies < max && matches!(buf.get(pos), Some(b'+' | b':' | b'_' | b'#' | b',' | b'(')) {
+            let Some(newline) = buf[pos..].iter().position(|&b| b == b'\n') else { break };
+            pos += newline + 1;
+            replies += 1;
+        }
+        (pos, replies)
+    }
+
     /// Scans `buf` (the bytes after the last call's consumed ones) up to the end of the next
     /// top-level frame. Returns how many bytes it consumed and, if the frame ended, what it
     /// was. Consumed bytes are final: the caller may pass them on and drop them. Fewer bytes
@@ -140,6 +158,20 @@ mod tests {
     fn pushes_are_told_apart_from_replies() {
         let input = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n:1\r\n";
         assert_eq!(frames(input, 5), vec![(32, Frame::Push), (36, Frame::Reply)]);
+    }
+
+    #[test]
+    fn single_lines_pass_runs_of_simple_replies_and_stop_where_scan_must_read() {
+        let scanner = ReplyScanner::default();
+        let input = b"+OK\r\n:7\r\n_\r\n+OK\r\n-ERR no\r\n+OK\r\n";
+        assert_eq!(scanner.single_lines(input, 100), (17, 4), "up to the error");
+        assert_eq!(scanner.single_lines(input, 2), (9, 2), "no more than asked");
+        assert_eq!(scanner.single_lines(b"+OK\r\n$2\r\nhi\r\n", 9), (5, 1), "up to a bulk string");
+        assert_eq!(scanner.single_lines(b"+OK\r\n+O", 9), (5, 1), "up to an incomplete line");
+        assert_eq!(scanner.single_lines(b">1\r\n+OK\r\n", 9), (0, 0), "not a push");
+        let mut inside = ReplyScanner::default();
+        assert_eq!(inside.scan(b"*2\r\n+OK\r\n"), Ok((9, None)));
+        assert_eq!(inside.single_lines(b"+OK\r\n", 9), (0, 0), "not inside a frame");
     }
 
     #[test]

@@ -274,6 +274,34 @@ async fn losses_outlive_the_sidecar(
 }
 
 #[tokio::test]
+async fn mirrored_writes_the_target_refuses_inside_a_pipeline_are_counted_one_by_one() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "mirror_writes: true").await;
+    let _: () = direct(&migration.target).await.set("list", "a string on the target").await.unwrap();
+    let mut raw = proxy.raw().await;
+    // Runs of +OK and integers with an error from the target now and then, in one pipeline.
+    let (mut requests, mut replies) = (Vec::new(), Vec::new());
+    for i in 1..=100 {
+        requests.extend(resp(&["SET", &format!("k{i}"), "v"]));
+        requests.extend(resp(&["INCR", "n"]));
+        replies.extend(format!("+OK\r\n:{i}\r\n").into_bytes());
+        if i % 10 == 0 {
+            requests.extend(resp(&["RPUSH", "list", &i.to_string()]));
+            replies.extend(format!(":{}\r\n", i / 10).into_bytes());
+        }
+    }
+    raw.send(&requests).await;
+    raw.expect(&replies).await;
+    eventually("every mirrored write counted", || async {
+        proxy.metric("eden_mirror_writes_total{to=\"target\",outcome=\"applied\"}") == 200
+            && proxy.metric("eden_mirror_writes_total{to=\"target\",outcome=\"failed\"}") == 10
+    })
+    .await;
+    assert_eq!(direct(&migration.target).await.get::<_, i64>("n").await.unwrap(), 100);
+}
+
+#[tokio::test]
 async fn writes_the_source_refused_after_the_flip_are_reported_in_the_lease_and_outlive_the_sidecar() {
     let mut migration = Migration::new();
     let proxy = migration.proxy(Duration::from_secs(5)).await;

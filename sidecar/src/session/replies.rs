@@ -216,38 +216,53 @@ impl<C: AsyncWrite> Replies<C> {
     }
 
     /// Takes up to `count` replies from `side`'s buffer; returns how many are still missing.
-    /// A side without a live connection answers each with an error.
+    /// A side without a live connection answers each with an error. What is taken goes on
+    /// in one piece.
     fn take(&mut self, side: Side, mut count: u32, deliver: bool, copy: bool) -> Result<u32, ()> {
         let Some(reader) = self.sides[side as usize].as_mut() else {
             self.fail(side, count, deliver);
             return Ok(0);
         };
+        let (mut taken, mut closed, mut unreadable) = (0, false, None);
         while count > 0 {
-            let (n, frame) = match reader.scanner.scan(&reader.buf) {
+            let (n, replies) = reader.scanner.single_lines(&reader.buf[taken..], count);
+            (taken, count) = (taken + n, count - replies);
+            if count == 0 {
+                break;
+            }
+            let (n, frame) = match reader.scanner.scan(&reader.buf[taken..]) {
                 Ok(scanned) => scanned,
                 Err(err) => {
-                    self.metrics.error(ErrorKind::Io);
-                    tracing::warn!(%err, side = side.as_str(), "unreadable reply; closing the client connection");
-                    return Err(());
+                    unreadable = Some(err);
+                    break;
                 }
             };
-            if deliver {
-                self.out.extend_from_slice(&reader.buf[..n]);
-            }
-            if copy {
-                self.copy.extend_from_slice(&reader.buf[..n]);
-            }
-            reader.buf.advance(n);
+            taken += n;
             match frame {
                 Some(Frame::Reply) => count -= 1,
                 Some(Frame::Push) => {}
-                None if reader.closed => {
-                    self.sides[side as usize] = None;
-                    self.fail(side, count, deliver);
-                    return Ok(0);
+                None => {
+                    closed = reader.closed;
+                    break;
                 }
-                None => break,
             }
+        }
+        if deliver {
+            self.out.extend_from_slice(&reader.buf[..taken]);
+        }
+        if copy {
+            self.copy.extend_from_slice(&reader.buf[..taken]);
+        }
+        reader.buf.advance(taken);
+        if let Some(err) = unreadable {
+            self.metrics.error(ErrorKind::Io);
+            tracing::warn!(%err, side = side.as_str(), "unreadable reply; closing the client connection");
+            return Err(());
+        }
+        if closed {
+            self.sides[side as usize] = None;
+            self.fail(side, count, deliver);
+            return Ok(0);
         }
         Ok(count)
     }

@@ -29,7 +29,7 @@ use super::replies::{Due, Replies, Shared};
 use super::{BUFFER, unreachable_reply};
 use crate::command::{Command, CommandKind};
 use crate::frame::{Request, RequestScanner};
-use crate::metrics::{ErrorKind, MirrorOutcome, ProxyMetrics, ShadowOutcome};
+use crate::metrics::{CommandCounts, ErrorKind, MirrorOutcome, ProxyMetrics, ShadowOutcome};
 use crate::mirror::{ConnectionState, Job, MirrorLink, hashed_key};
 use crate::plan::{Plan, Routing};
 use crate::route::{Dice, Route, Side, Strategy, writes};
@@ -61,6 +61,7 @@ where
         state: ConnectionState::default(),
         txn: Txn::None,
         pinned: false,
+        counts: CommandCounts::default(),
     };
     let mut requests = BytesMut::with_capacity(BUFFER);
     'session: loop {
@@ -154,6 +155,8 @@ struct Session {
     txn: Txn,
     /// A subscriber or monitor: everything goes to the source as bytes.
     pinned: bool,
+    /// This batch's commands, counted when it is flushed.
+    counts: CommandCounts,
 }
 
 impl Session {
@@ -195,7 +198,7 @@ impl Session {
         let kind = command.kind;
         if self.pinned {
             self.out[Side::Source as usize].extend_from_slice(bytes);
-            self.metrics.command(Side::Source, kind);
+            self.counts.count(Side::Source, kind);
             return true;
         }
         let name = &bytes[request.name.clone()];
@@ -331,7 +334,7 @@ impl Session {
         }
         self.pending.push(Due::Pin(Side::Source));
         self.out[Side::Source as usize].extend_from_slice(bytes);
-        self.metrics.command(Side::Source, kind);
+        self.counts.count(Side::Source, kind);
         self.pinned = true;
         self.links = [None, None];
     }
@@ -345,7 +348,7 @@ impl Session {
             return false;
         }
         self.out[side as usize].extend_from_slice(request);
-        self.metrics.command(side, kind);
+        self.counts.count(side, kind);
         match reply {
             Reply::Client => self.expect(side, false),
             Reply::Copied(copy) => self.pending.push(Due::Copied { side, copy }),
@@ -369,7 +372,8 @@ impl Session {
     /// client's connection state) when needed.
     async fn connected(&mut self, plan: &Plan, side: Side) -> bool {
         let index = side as usize;
-        if self.shared.lost[index].swap(false, Ordering::Relaxed) {
+        let lost = &self.shared.lost[index];
+        if lost.load(Ordering::Relaxed) && lost.swap(false, Ordering::Relaxed) {
             self.conns[index] = None;
         }
         if self.conns[index].is_some() {
@@ -443,9 +447,10 @@ impl Session {
         link.as_mut()
     }
 
-    /// Sends this batch's dues and mirrored writes, then its bytes (one write per side); false
-    /// when the source connection failed.
+    /// Counts this batch's commands, sends its dues and mirrored writes, then its bytes (one
+    /// write per side); false when the source connection failed.
     async fn flush(&mut self) -> bool {
+        self.metrics.commands(&mut self.counts);
         for due in self.pending.drain(..) {
             let _ = self.dues.send(due);
         }
