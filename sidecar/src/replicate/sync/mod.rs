@@ -137,7 +137,9 @@ impl SyncReplicator {
         let target = master_offset(&mut info).await?;
         let mut progress = self.progress.clone();
         let wait = progress.wait_for(|p| {
-            p.checkpoint.sync.as_ref().is_some_and(|s| !s.loading && s.offset >= target) && p.lag_ms == 0
+            // Nothing waiting, either: a restart's first snapshot carries the old checkpoint's
+            // offset before the stream has confirmed it.
+            p.checkpoint.sync.as_ref().is_some_and(|s| !s.loading && s.offset >= target) && p.behind_since.is_none()
         });
         // Cloned at once: a borrowed watch value held across the await below would make this
         // future !Send, unusable from a spawned task.
