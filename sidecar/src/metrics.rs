@@ -142,6 +142,15 @@ impl ProxyMetrics {
         self.commands[side as usize][kind as usize].inc();
     }
 
+    /// A batch of commands sent to `side`, whose replies the client gets.
+    pub fn commands(&self, side: Side, counts: &CommandCounts) {
+        for (counter, &count) in self.commands[side as usize].iter().zip(&counts.0) {
+            if count > 0 {
+                counter.inc_by(count);
+            }
+        }
+    }
+
     /// `requests` mirrored to `side` came to `outcome`.
     pub fn mirror(&self, side: Side, outcome: MirrorOutcome, requests: u64) {
         self.mirror[side as usize][outcome as usize].inc_by(requests);
@@ -200,6 +209,22 @@ impl ProxyMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Commands by kind, counted locally while a batch is scanned and added to the shared counters
+/// once per batch: a pipeline of N commands costs one atomic add per kind, not N.
+#[derive(Debug, Default)]
+pub struct CommandCounts([u64; CommandKind::ALL.len()]);
+
+impl CommandCounts {
+    pub fn add(&mut self, kind: CommandKind) {
+        self.0[kind as usize] += 1;
+    }
+
+    /// Commands counted.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
     }
 }
 
