@@ -9,7 +9,9 @@ writes it into BENCHMARKS.md between the proxy markers.
 
 The machine is shared and noisy (2 cores), so every figure is a ratio against direct Redis measured
 in the same round: rounds are interleaved (each round runs each test on every target back to back,
-in a rotating order), ratios are taken within a round, and the median round is reported.
+in a rotating order), ratios are taken within a round, and the median round is reported. A pipelined
+run moves a million requests per test, so that it lasts a few seconds on every target: at 200,000 it
+was over in under a second, and one scheduling hiccup from another process swung a whole round.
 
 Usage:  bench/proxy.py [--sidecar-build-failed] [SIDECAR_BINARY]
         (`make bench` builds the release sidecar and calls this; SIDECAR_BINARY defaults to
@@ -18,7 +20,7 @@ Usage:  bench/proxy.py [--sidecar-build-failed] [SIDECAR_BINARY]
 Environment (defaults in brackets):
   BENCH_ROUNDS [5]                   interleaved rounds; the median is reported
   BENCH_REQUESTS [100000]            requests per test, 50 clients, no pipeline
-  BENCH_PIPELINED_REQUESTS [200000]  requests per test, 50 clients, -P 16
+  BENCH_PIPELINED_REQUESTS [1000000] requests per test, 50 clients, -P 16
   BENCH_LATENCY_REQUESTS [20000]     requests per test, 1 client
   BENCH_IDLE_CLIENTS [1000]          idle clients held open for the sidecar's RSS
   BENCH_OUTPUT [BENCHMARKS.md at the repository root]  file to update; "-" for none
@@ -43,7 +45,7 @@ from common import (BenchError, bench_main, benchmark_args, check_binary, env_in
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
-PIPELINED_REQUESTS = env_int("BENCH_PIPELINED_REQUESTS", 200_000)
+PIPELINED_REQUESTS = env_int("BENCH_PIPELINED_REQUESTS", 1_000_000)
 LATENCY_REQUESTS = env_int("BENCH_LATENCY_REQUESTS", 20_000)
 IDLE_CLIENTS = env_int("BENCH_IDLE_CLIENTS", 1000)
 READY_STARTS = 5  # fresh sidecar starts timed for readiness; the median is reported

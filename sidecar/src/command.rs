@@ -65,6 +65,16 @@ impl CommandKind {
     pub fn of(name: &[u8]) -> CommandKind {
         spec(name).0
     }
+
+    /// The kind of the complete `request` at the front of `buf`, as [`Command::of`] finds it,
+    /// without looking for its key: only XREAD and XREADGROUP need their arguments read (BLOCK
+    /// makes them blocking).
+    pub fn of_request(buf: &[u8], request: &Request) -> CommandKind {
+        match spec(&buf[request.name.clone()]) {
+            (_, FirstKey::AfterStreams) => Command::of(buf, request).kind,
+            (kind, _) => kind,
+        }
+    }
 }
 
 /// One entry of the upstream's `COMMAND` reply: what classification needs of it.
@@ -332,6 +342,7 @@ mod tests {
     fn classify_bytes(bytes: &[u8]) -> (CommandKind, Option<String>) {
         let request = RequestScanner::default().scan(bytes).unwrap().expect("a complete request");
         let command = Command::of(bytes, &request);
+        assert_eq!(CommandKind::of_request(bytes, &request), command.kind, "the kind alone agrees");
         (command.kind, command.key.map(|key| String::from_utf8_lossy(&bytes[key]).into_owned()))
     }
 

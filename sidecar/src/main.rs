@@ -104,12 +104,19 @@ fn main() -> std::process::ExitCode {
 
 /// The proxy runs on `workers` threads (the verbs on one per core). With one, a request and
 /// its reply are handled on the same core: with two, each reply is handed across cores, which
-/// costs a plain-proxy's worth of latency per request (BENCHMARKS.md).
+/// costs a plain-proxy's worth of latency per request (BENCHMARKS.md). One is a current-thread
+/// runtime, which runs every task on the thread that waits for I/O: no hand-off to a worker,
+/// no work-stealing queues to keep in step.
 fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
-        builder.worker_threads(workers);
-    }
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all().build().unwrap_or_else(|err| {
         eprintln!("eden-sidecar: cannot start the async runtime: {err}");
         std::process::exit(1)

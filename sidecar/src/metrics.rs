@@ -137,11 +137,6 @@ impl Default for ProxyMetrics {
 }
 
 impl ProxyMetrics {
-    /// A command sent to `side`, whose reply the client gets.
-    pub fn command(&self, side: Side, kind: CommandKind) {
-        self.commands[side as usize][kind as usize].inc();
-    }
-
     /// Adds a batch's [`CommandCounts`] and clears them.
     pub fn commands(&self, counts: &mut CommandCounts) {
         for (series, counts) in self.commands.iter().zip(&mut counts.0) {
@@ -221,6 +216,11 @@ pub struct CommandCounts([[u32; CommandKind::ALL.len()]; 2]);
 impl CommandCounts {
     pub fn count(&mut self, side: Side, kind: CommandKind) {
         self.0[side as usize][kind as usize] += 1;
+    }
+
+    /// Commands counted, on both sides.
+    pub fn total(&self) -> u64 {
+        self.0.iter().flatten().map(|&count| u64::from(count)).sum()
     }
 }
 

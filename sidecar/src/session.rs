@@ -33,9 +33,9 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{oneshot, watch};
 
-use crate::command::Command;
+use crate::command::CommandKind;
 use crate::frame::{ProtocolError, RequestScanner};
-use crate::metrics::{ErrorKind, ProxyMetrics};
+use crate::metrics::{CommandCounts, ErrorKind, ProxyMetrics};
 use crate::route::Side;
 use crate::upstream::{Upstream, UpstreamError, UpstreamStream};
 
@@ -58,14 +58,18 @@ where
         state: State::Idle(client_writer),
     };
     let mut requests = BytesMut::with_capacity(BUFFER);
+    // Made once, not per read: waiting for shutdown registers with the watch channel.
+    let stop = crate::server::stopped(&mut shutdown);
+    tokio::pin!(stop);
     loop {
         let read = tokio::select! {
-            read = client_reader.read_buf(&mut requests) => read,
-            () = session.replies_done() => break,
-            () = crate::server::stopped(&mut shutdown) => {
+            biased;
+            () = &mut stop => {
                 session.drain().await;
                 break;
             }
+            () = session.replies_done() => break,
+            read = client_reader.read_buf(&mut requests) => read,
         };
         match read {
             Ok(0) | Err(_) => {
@@ -144,8 +148,10 @@ enum State<C> {
 impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
     /// Forwards every complete request at the front of `buffer`; false when the session must end.
     async fn forward(&mut self, buffer: &mut BytesMut) -> bool {
-        let (complete, requests, error) = self.complete_requests(buffer);
+        let (complete, mut counts, error) = self.complete_requests(buffer);
         if complete > 0 {
+            let requests = counts.total();
+            self.metrics.commands(&mut counts);
             let batch = buffer.split_to(complete);
             if !self.send(&batch, requests).await {
                 return false;
@@ -162,16 +168,15 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
         }
     }
 
-    /// How many bytes of complete requests `buffer` starts with, how many requests they are,
-    /// and the protocol error that stops the scan, if any.
-    fn complete_requests(&mut self, buffer: &[u8]) -> (usize, usize, Option<ProtocolError>) {
-        let (mut complete, mut requests) = (0, 0);
+    /// How many bytes of complete requests `buffer` starts with, what requests they are, and
+    /// the protocol error that stops the scan, if any.
+    fn complete_requests(&mut self, buffer: &[u8]) -> (usize, CommandCounts, Option<ProtocolError>) {
+        let (mut complete, mut requests) = (0, CommandCounts::default());
         loop {
             match self.scanner.scan(&buffer[complete..]) {
                 Ok(Some(request)) => {
                     if request.argc > 0 {
-                        self.metrics.command(Side::Source, Command::of(&buffer[complete..], &request).kind);
-                        requests += 1;
+                        requests.count(Side::Source, CommandKind::of_request(&buffer[complete..], &request));
                     }
                     complete += request.len;
                 }
@@ -181,7 +186,7 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
         }
     }
 
-    async fn send(&mut self, batch: &[u8], requests: usize) -> bool {
+    async fn send(&mut self, batch: &[u8], requests: u64) -> bool {
         if let State::Idle(_) = self.state
             && let Err(error) = self.connect().await
         {
@@ -275,36 +280,50 @@ impl<C: AsyncWrite> ReplyCopy<C> {
     /// closing bytes and closes the client.
     async fn run(mut self, mut from_upstream: ReadHalf<UpstreamStream>, mut finish: oneshot::Receiver<Vec<u8>>) {
         let mut buffer = BytesMut::with_capacity(BUFFER);
-        let mut closing: Option<(Vec<u8>, Instant)> = None;
-        loop {
-            let quiet = Duration::from_millis(20);
+        let closing = loop {
             tokio::select! {
-                read = from_upstream.read_buf(&mut buffer) => match read {
-                    Ok(0) => break,
-                    Ok(_) => {
-                        self.latency.answered(&self.metrics);
-                        if self.to_client.write_all(&buffer).await.is_err() {
-                            break;
-                        }
-                        buffer.clear();
-                    }
-                    Err(_) => {
-                        self.metrics.error(ErrorKind::Io);
-                        break;
-                    }
+                biased;
+                read = from_upstream.read_buf(&mut buffer) => if !self.copy(read, &mut buffer).await {
+                    return self.close().await;
                 },
-                words = &mut finish, if closing.is_none() => {
-                    closing = Some((words.unwrap_or_default(), Instant::now() + DRAIN_TIMEOUT));
-                }
-                () = tokio::time::sleep(quiet), if closing.is_some() => {
-                    let (words, deadline) = closing.as_ref().expect("guarded");
-                    if self.latency.quiet() || Instant::now() > *deadline {
-                        let _ = self.to_client.write_all(words).await;
+                words = &mut finish => break words.unwrap_or_default(),
+            }
+        };
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            tokio::select! {
+                read = from_upstream.read_buf(&mut buffer) => if !self.copy(read, &mut buffer).await {
+                    break;
+                },
+                () = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if self.latency.quiet() || Instant::now() > deadline {
+                        let _ = self.to_client.write_all(&closing).await;
                         break;
                     }
                 }
             }
         }
+        self.close().await
+    }
+
+    /// Passes on what one read of the upstream brought; false once either side is done.
+    async fn copy(&mut self, read: std::io::Result<usize>, buffer: &mut BytesMut) -> bool {
+        match read {
+            Ok(0) => false,
+            Ok(_) => {
+                self.latency.answered(&self.metrics);
+                let written = self.to_client.write_all(buffer).await.is_ok();
+                buffer.clear();
+                written
+            }
+            Err(_) => {
+                self.metrics.error(ErrorKind::Io);
+                false
+            }
+        }
+    }
+
+    async fn close(&mut self) {
         let _ = self.to_client.shutdown().await;
     }
 }
