@@ -106,11 +106,7 @@ pub(crate) async fn sizes<'a>(
     ep: &Endpoint,
     keys: impl IntoIterator<Item = &'a Key>,
 ) -> Result<Vec<Option<u64>>, ReplicateError> {
-    let mut p = pipe();
-    for key in keys {
-        p.cmd("MEMORY").arg("USAGE").arg(key);
-    }
-    let replies = ep.pipe("MEMORY USAGE", &mut p).await?;
+    let replies = per_key(ep, "MEMORY USAGE", keys).await?;
     Ok(replies.iter().map(|r| as_int(r).map(|n| n.max(0) as u64)).collect())
 }
 
@@ -119,25 +115,35 @@ pub(crate) async fn types<'a>(
     ep: &Endpoint,
     keys: impl IntoIterator<Item = &'a Key>,
 ) -> Result<Vec<Option<KeyType>>, ReplicateError> {
-    let mut p = pipe();
-    for key in keys {
-        p.cmd("TYPE").arg(key);
-    }
-    let replies = ep.pipe("TYPE", &mut p).await?;
+    let replies = per_key(ep, "TYPE", keys).await?;
     replies.into_iter().map(|r| parse_type(ep, &ep.ok("TYPE", r)?)).collect()
 }
 
 /// Which of `keys` exist on `ep`, in one round trip.
 pub(crate) async fn exists(ep: &Endpoint, keys: &[Key]) -> Result<Vec<bool>, ReplicateError> {
-    let mut p = pipe();
-    for key in keys {
-        p.cmd("EXISTS").arg(key);
-    }
-    ep.pipe("EXISTS", &mut p)
+    per_key(ep, "EXISTS", keys)
         .await?
         .into_iter()
         .map(|reply| as_int(&reply).map(|n| n > 0).ok_or_else(|| ep.unexpected("EXISTS", &reply)))
         .collect()
+}
+
+/// `command key` (a command name of one or more words) for each of `keys`, in one round trip.
+async fn per_key<'a>(
+    ep: &Endpoint,
+    command: &'static str,
+    keys: impl IntoIterator<Item = &'a Key>,
+) -> Result<Vec<Value>, ReplicateError> {
+    let mut p = pipe();
+    for key in keys {
+        let mut cmd = redis::Cmd::new();
+        for word in command.split(' ') {
+            cmd.arg(word);
+        }
+        cmd.arg(key);
+        p.add_command(cmd);
+    }
+    ep.pipe(command, &mut p).await
 }
 
 fn parse_type(ep: &Endpoint, reply: &Value) -> Result<Option<KeyType>, ReplicateError> {
