@@ -65,14 +65,48 @@ impl CommandKind {
     pub fn of(name: &[u8]) -> CommandKind {
         spec(name).0
     }
+}
+
+/// A session's memory of the last command name it classified: a pipeline mostly repeats a
+/// few commands, and comparing a few bytes is cheaper than upper-casing and looking the name
+/// up again. Names are compared as sent, so `get` after `GET` is looked up once more.
+#[derive(Debug, Clone)]
+pub struct RecentKind {
+    name: [u8; RecentKind::LONGEST],
+    /// Length of `name`; `usize::MAX` while nothing is remembered.
+    len: usize,
+    kind: CommandKind,
+}
+
+impl Default for RecentKind {
+    fn default() -> Self {
+        RecentKind { name: [0; RecentKind::LONGEST], len: usize::MAX, kind: CommandKind::Other }
+    }
+}
+
+impl RecentKind {
+    /// Longer names are classified every time.
+    const LONGEST: usize = 16;
 
     /// The kind of the complete `request` at the front of `buf`, as [`Command::of`] finds it,
     /// without looking for its key: only XREAD and XREADGROUP need their arguments read (BLOCK
-    /// makes them blocking).
-    pub fn of_request(buf: &[u8], request: &Request) -> CommandKind {
-        match spec(&buf[request.name.clone()]) {
+    /// makes them blocking), and they are never remembered.
+    pub fn of_request(&mut self, buf: &[u8], request: &Request) -> CommandKind {
+        let name = &buf[request.name.clone()];
+        if self.len == name.len() && self.name[..name.len()] == *name {
+            return self.kind;
+        }
+        match spec(name) {
             (_, FirstKey::AfterStreams) => Command::of(buf, request).kind,
-            (kind, _) => kind,
+            (kind, _) => {
+                // Until the upstream's table is learned, a name unknown here may still gain a kind.
+                let settled = kind != CommandKind::Other || LEARNED.get().is_some();
+                if settled && let Some(slot) = self.name.get_mut(..name.len()) {
+                    slot.copy_from_slice(name);
+                    (self.len, self.kind) = (name.len(), kind);
+                }
+                kind
+            }
         }
     }
 }
@@ -342,7 +376,9 @@ mod tests {
     fn classify_bytes(bytes: &[u8]) -> (CommandKind, Option<String>) {
         let request = RequestScanner::default().scan(bytes).unwrap().expect("a complete request");
         let command = Command::of(bytes, &request);
-        assert_eq!(CommandKind::of_request(bytes, &request), command.kind, "the kind alone agrees");
+        let mut recent = RecentKind::default();
+        assert_eq!(recent.of_request(bytes, &request), command.kind, "the kind alone agrees");
+        assert_eq!(recent.of_request(bytes, &request), command.kind, "and agrees when remembered");
         (command.kind, command.key.map(|key| String::from_utf8_lossy(&bytes[key]).into_owned()))
     }
 
