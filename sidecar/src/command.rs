@@ -71,43 +71,50 @@ impl CommandKind {
 /// few commands, and comparing a few bytes is cheaper than upper-casing and looking the name
 /// up again. Names are compared as sent, so `get` after `GET` is looked up once more.
 #[derive(Debug, Clone)]
-pub struct RecentKind {
-    name: [u8; RecentKind::LONGEST],
+pub struct RecentCommand {
+    name: [u8; RecentCommand::LONGEST],
     /// Length of `name`; `usize::MAX` while nothing is remembered.
     len: usize,
-    kind: CommandKind,
+    spec: (CommandKind, FirstKey),
 }
 
-impl Default for RecentKind {
+impl Default for RecentCommand {
     fn default() -> Self {
-        RecentKind { name: [0; RecentKind::LONGEST], len: usize::MAX, kind: CommandKind::Other }
+        RecentCommand { name: [0; RecentCommand::LONGEST], len: usize::MAX, spec: (CommandKind::Other, FirstKey::None) }
     }
 }
 
-impl RecentKind {
+impl RecentCommand {
     /// Longer names are classified every time.
     const LONGEST: usize = 16;
 
-    /// The kind of the complete `request` at the front of `buf`, as [`Command::of`] finds it,
-    /// without looking for its key: only XREAD and XREADGROUP need their arguments read (BLOCK
-    /// makes them blocking), and they are never remembered.
-    pub fn of_request(&mut self, buf: &[u8], request: &Request) -> CommandKind {
-        let name = &buf[request.name.clone()];
+    /// The complete `request` at the front of `buf`, classified as [`Command::of`] does.
+    pub fn command(&mut self, buf: &[u8], request: &Request) -> Command {
+        let spec = self.spec(&buf[request.name.clone()]);
+        Command::with_spec(buf, request, spec)
+    }
+
+    /// The kind alone, without looking for the key: only XREAD and XREADGROUP need their
+    /// arguments read for it (BLOCK makes them blocking).
+    pub fn kind(&mut self, buf: &[u8], request: &Request) -> CommandKind {
+        match self.spec(&buf[request.name.clone()]) {
+            spec @ (_, FirstKey::AfterStreams) => Command::with_spec(buf, request, spec).kind,
+            (kind, _) => kind,
+        }
+    }
+
+    fn spec(&mut self, name: &[u8]) -> (CommandKind, FirstKey) {
         if self.len == name.len() && self.name[..name.len()] == *name {
-            return self.kind;
+            return self.spec;
         }
-        match spec(name) {
-            (_, FirstKey::AfterStreams) => Command::of(buf, request).kind,
-            (kind, _) => {
-                // Until the upstream's table is learned, a name unknown here may still gain a kind.
-                let settled = kind != CommandKind::Other || LEARNED.get().is_some();
-                if settled && let Some(slot) = self.name.get_mut(..name.len()) {
-                    slot.copy_from_slice(name);
-                    (self.len, self.kind) = (name.len(), kind);
-                }
-                kind
-            }
+        let spec = spec(name);
+        // Until the upstream's table is learned, a name unknown here may still gain a kind.
+        let settled = spec.0 != CommandKind::Other || LEARNED.get().is_some();
+        if settled && let Some(slot) = self.name.get_mut(..name.len()) {
+            slot.copy_from_slice(name);
+            (self.len, self.spec) = (name.len(), spec);
         }
+        spec
     }
 }
 
@@ -190,7 +197,11 @@ impl Command {
     /// Classifies the complete `request` at the front of `buf`. Walks the arguments only as
     /// far as the first key.
     pub fn of(buf: &[u8], request: &Request) -> Command {
-        let (mut kind, first_key) = spec(&buf[request.name.clone()]);
+        Command::with_spec(buf, request, spec(&buf[request.name.clone()]))
+    }
+
+    /// [`Command::of`], with the name already looked up.
+    fn with_spec(buf: &[u8], request: &Request, (mut kind, first_key): (CommandKind, FirstKey)) -> Command {
         let mut args = request.args(buf);
         let key = match first_key {
             FirstKey::None => None,
@@ -376,9 +387,10 @@ mod tests {
     fn classify_bytes(bytes: &[u8]) -> (CommandKind, Option<String>) {
         let request = RequestScanner::default().scan(bytes).unwrap().expect("a complete request");
         let command = Command::of(bytes, &request);
-        let mut recent = RecentKind::default();
-        assert_eq!(recent.of_request(bytes, &request), command.kind, "the kind alone agrees");
-        assert_eq!(recent.of_request(bytes, &request), command.kind, "and agrees when remembered");
+        let mut recent = RecentCommand::default();
+        assert_eq!(recent.kind(bytes, &request), command.kind, "the kind alone agrees");
+        assert_eq!(recent.kind(bytes, &request), command.kind, "and agrees when remembered");
+        assert_eq!(recent.command(bytes, &request), command, "so does the whole command");
         (command.kind, command.key.map(|key| String::from_utf8_lossy(&bytes[key]).into_owned()))
     }
 

@@ -33,7 +33,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{oneshot, watch};
 
-use crate::command::RecentKind;
+use crate::command::RecentCommand;
 use crate::frame::{ProtocolError, RequestScanner};
 use crate::metrics::{CommandCounts, ErrorKind, ProxyMetrics};
 use crate::route::Side;
@@ -55,7 +55,7 @@ where
         upstream,
         metrics: metrics.clone(),
         scanner: RequestScanner::default(),
-        recent: RecentKind::default(),
+        recent: RecentCommand::default(),
         state: State::Idle(client_writer),
     };
     let mut requests = BytesMut::with_capacity(BUFFER);
@@ -129,7 +129,7 @@ struct Session<C> {
     upstream: Upstream,
     metrics: Arc<ProxyMetrics>,
     scanner: RequestScanner,
-    recent: RecentKind,
+    recent: RecentCommand,
     state: State<C>,
 }
 
@@ -178,7 +178,7 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
             match self.scanner.scan(&buffer[complete..]) {
                 Ok(Some(request)) => {
                     if request.argc > 0 {
-                        requests.count(Side::Source, self.recent.of_request(&buffer[complete..], &request));
+                        requests.count(Side::Source, self.recent.kind(&buffer[complete..], &request));
                     }
                     complete += request.len;
                 }

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::replies::{Due, Replies, Shared};
 use super::{BUFFER, unreachable_reply};
-use crate::command::{Command, CommandKind};
+use crate::command::{CommandKind, RecentCommand};
 use crate::frame::{Request, RequestScanner};
 use crate::metrics::{CommandCounts, ErrorKind, MirrorOutcome, ProxyMetrics, ShadowOutcome};
 use crate::mirror::{ConnectionState, Job, MirrorLink, hashed_key};
@@ -51,6 +51,7 @@ where
         dues,
         shared,
         scanner: RequestScanner::default(),
+        recent: RecentCommand::default(),
         dice: Dice::new(),
         conns: [None, None],
         eden_authenticated: [false, false],
@@ -140,6 +141,7 @@ struct Session {
     dues: mpsc::UnboundedSender<Due>,
     shared: Arc<Shared>,
     scanner: RequestScanner,
+    recent: RecentCommand,
     dice: Dice,
     conns: [Option<WriteHalf<UpstreamStream>>; 2],
     /// Whether Eden authenticated the connection to each side itself.
@@ -194,7 +196,7 @@ impl Session {
 
     /// Routes one request; false when it is held.
     async fn dispatch(&mut self, strategy: &Strategy, plan: &Plan, bytes: &[u8], request: &Request) -> bool {
-        let command = Command::of(bytes, request);
+        let command = self.recent.command(bytes, request);
         let kind = command.kind;
         if self.pinned {
             self.out[Side::Source as usize].extend_from_slice(bytes);
