@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -220,6 +221,18 @@ def readyz(admin_port):
 
 def rss_kib(pid):
     return vm_kib(pid, "VmRSS")
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds():
+    """User plus system CPU time of every waited-for child so far (redis-benchmark's runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def socket_fds(pid):

@@ -39,9 +39,9 @@ import subprocess
 import sys
 import time
 
-from common import (BenchError, bench_main, benchmark_args, check_binary, env_int, exited, free_port, geomean,
-                    invocation, launch_sidecar, log, machine_facts, parse_args, publish, redis_benchmark, rss_kib,
-                    shown, socket_fds, start_redis, wait_serving, which)
+from common import (BenchError, bench_main, benchmark_args, check_binary, children_cpu_seconds, cpu_seconds,
+                    env_int, exited, free_port, geomean, invocation, launch_sidecar, log, machine_facts, parse_args,
+                    publish, redis_benchmark, rss_kib, shown, socket_fds, start_redis, wait_serving, which)
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
@@ -123,10 +123,16 @@ def start_twemproxy(procs, port, redis_port):
 # ---------------------------------------------------------------------------------------------
 # Measuring.
 
-def run_benchmark(name, port, clients, pipeline, requests):
-    """One redis-benchmark run; returns {"set_rps", "get_rps", "set_p50", ..., "get_p99"} (µs)."""
-    return redis_benchmark(name, benchmark_args(port, "set,get", clients, pipeline, requests))
-
+def run_benchmark(name, port, clients, pipeline, requests, pids):
+    """One redis-benchmark run; returns {"set_rps", "get_rps", "set_p50", ..., "get_p99"} (µs)
+    and "cpu": the CPU time per request, in µs, of redis-benchmark, redis-server and the proxy
+    (0 for direct), whatever the rest of the machine was doing meanwhile."""
+    before = [cpu_seconds(pid) for pid in pids] + [children_cpu_seconds()]
+    result = redis_benchmark(name, benchmark_args(port, "set,get", clients, pipeline, requests))
+    after = [cpu_seconds(pid) for pid in pids] + [children_cpu_seconds()]
+    redis, proxy, bench = ((b - a) * 1e6 / (2 * requests) for a, b in zip(before, after))
+    result["cpu"] = {"bench": bench, "redis": redis, "proxy": proxy if name != "direct" else 0.0}
+    return result
 
 
 def run_rounds(ports, processes, failures):
@@ -143,7 +149,8 @@ def run_rounds(ports, processes, failures):
                 try:
                     if processes[name].poll() is not None:
                         raise exited(processes[name], name)
-                    rounds[name][key].append(run_benchmark(name, ports[name], clients, pipeline, requests))
+                    pids = (processes["direct"].pid, processes[name].pid)
+                    rounds[name][key].append(run_benchmark(name, ports[name], clients, pipeline, requests, pids))
                 except BenchError as error:
                     failures[name] = str(error)
                     log(f"FAILED {error}")
@@ -257,6 +264,22 @@ def throughput_table(rounds, failures):
     return lines
 
 
+def cpu_table(rounds, failures):
+    """CPU time per pipelined request, by process: what each target costs the machine, which the
+    noise of a shared machine moves far less than it moves throughput."""
+    lines = ["| target, -P 16 | redis-benchmark | redis-server | proxy | total |", "|---|---|---|---|---|"]
+    med = statistics.median
+    for name in TARGETS:
+        runs = rounds.get(name, {}).get("piped", [])
+        if not runs or name in failures:
+            continue
+        cpu = {part: med(r["cpu"][part] for r in runs) for part in ("bench", "redis", "proxy")}
+        total = med(sum(r["cpu"].values()) for r in runs)
+        proxy = f"{cpu['proxy']:.2f}" if name != "direct" else "—"
+        lines.append(f"| {name} | {cpu['bench']:.2f} | {cpu['redis']:.2f} | {proxy} | {total:.2f} |")
+    return lines
+
+
 def footprint_table(footprint, failures):
     if not footprint:
         return [f"Sidecar footprint: FAILED: {failures.get(FOOTPRINT, 'not measured (see the eden-sidecar row)')}"]
@@ -344,6 +367,10 @@ def render(args, rounds, failures, footprint, elapsed_s):
         "`redis: true`, `preconnect: true`, `server_connections: 1`.",
         "",
         *throughput_table(rounds, failures),
+        "",
+        "CPU time per pipelined request (µs, median over rounds; user + system, from /proc), by process:",
+        "",
+        *cpu_table(rounds, failures),
         "",
         *footprint_table(footprint, failures),
         "",
