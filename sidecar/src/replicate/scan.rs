@@ -296,11 +296,7 @@ impl CopyLoop {
     /// written to the target, batch N+1's values are read from the source and batch N+2 is
     /// formed. `state` moves only as batches are written; `ahead` is where
     /// the next batch is formed from.
-    async fn run_inner(
-        &self,
-        mut state: Checkpoint,
-        links: ValueLinks,
-    ) -> Result<(), ReplicateError> {
+    async fn run_inner(&self, mut state: Checkpoint, links: ValueLinks) -> Result<(), ReplicateError> {
         let ValueLinks { mut dumps, mut late_dumps, mut restores } = links;
         let source = &self.copier.source;
         let mut flush = FlushWatch::start(source).await?;
