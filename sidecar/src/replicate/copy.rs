@@ -9,8 +9,9 @@
 //! string, with GETRANGE (bounded by the key's share of the batch's budget), and a string is
 //! written with `SET key value [PXAT <ms>] [NX]`, the same command sync mode loads strings with
 //! (the replace policy is kept the same way: see [`super::sync::load`]); every other value, and
-//! a string longer than the cap, moves as a DUMP payload restored with `RESTORE … ABSTTL`. A key gone from the source is deleted on the
-//! target. (`PXAT` needs a Redis 6.2 target, as in sync mode.)
+//! a string longer than the cap, moves as a DUMP payload restored with `RESTORE … ABSTTL`. A key
+//! gone from the source is deleted on the target. (`PXAT` needs a Redis 6.2 target, as in sync
+//! mode.)
 //!
 //! Expiries travel as absolute Unix milliseconds (PEXPIRETIME on Redis ≥ 7, else PTTL converted
 //! when the reply arrives), so time spent in transit never extends a TTL. Values bigger than the
@@ -218,8 +219,9 @@ impl Copier {
         let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
         read.big =
             over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
-        // A key with no size has vanished since the string read: its DUMP is a null, so it
-        // counts as nothing.
+        // No size: the key vanished since the string read (its DUMP will be a null, so it counts
+        // as nothing), or the server refuses MEMORY USAGE, which leaves only the string read
+        // bounded.
         let (rest, sizes): (Vec<usize>, Vec<u64>) = rest
             .into_iter()
             .zip(sizes)
