@@ -325,3 +325,85 @@ fn is_command(command: &BytesFrame, name: &[u8], key: &[u8]) -> bool {
 async fn caught_up_progress(replicator: &mut Replicator) -> eden_sidecar::replicate::Progress {
     replicator.caught_up(Duration::from_secs(30)).await.unwrap().expect("caught up")
 }
+
+/// With a small batch budget, strings over their share of it and every other value are DUMPed in
+/// MULTIs that each fit it (a value bigger than the budget alone in its own), some of them at
+/// write time, and everything still arrives whole with its expiry. The source's command counts
+/// show the split: strings of 20 KiB and more leave the string read, and each key bigger than
+/// the budget took an EXEC of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_budget_splits_the_reads_and_copies_exactly() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    let value = |len: usize, seed: usize| -> Vec<u8> { (0..len).map(|i| ((i + seed) % 251) as u8).collect() };
+    let strings = [(1 << 10, 30), (20 << 10, 20), (200 << 10, 10), (2 << 20, 1)];
+    let mut p = redis::pipe();
+    let mut expiring = Vec::new();
+    for (len, count) in strings {
+        for n in 0..count {
+            let key = format!("s:{len}:{n}");
+            if n % 3 == 0 {
+                p.set_ex(&key, value(len, n), 600).ignore();
+                expiring.push(key);
+            } else {
+                p.set(&key, value(len, n)).ignore();
+            }
+        }
+    }
+    for n in 0..2 {
+        p.hset_multiple(format!("h:{n}"), &[("f1", "v1"), ("f2", "v2")])
+            .rpush(format!("l:{n}"), &["a", "b", "a"])
+            .sadd(format!("set:{n}"), &["x", "y"])
+            .zadd_multiple(format!("z:{n}"), &[(1.5, "one"), (-2.0, "two")])
+            .ignore();
+    }
+    p.pexpire("h:0", 600_000).pexpire("z:1", 600_000).ignore();
+    p.exec_async(&mut source).await.unwrap();
+    expiring.extend(["h:0".to_string(), "z:1".to_string()]);
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut source).await.unwrap();
+
+    let options = ScanOptions { batch: 100, batch_bytes: 64 << 10, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    caught_up(&mut replicator).await;
+    let (dumps, execs) = (calls(&mut source, "dump").await, calls(&mut source, "exec").await);
+    // 31 strings of 20 KiB and more, 8 collections; 11 values over the budget each alone in a
+    // MULTI, beside the string read's.
+    assert!(dumps >= 39, "{dumps} DUMPs");
+    assert!(execs >= 12, "{execs} EXECs");
+    for key in &expiring {
+        let (on_source, on_target) = (expire_time(&mut source, key).await, expire_time(&mut target, key).await);
+        assert!(on_source > 0, "{key}");
+        assert_eq!(on_source, on_target, "{key}");
+    }
+    assert_clean(&pair.verify().await);
+}
+
+/// A batch's three keys share a budget of 15000 bytes, so strings are read up to 5000 bytes:
+/// GETRANGE 0 5000 returns up to 5001, so one of 5000 bytes is taken as it is, and ones of 5001
+/// and 5002 bytes (cut to the same 5001) are DUMPed and arrive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_at_the_string_read_cap_are_taken_whole_and_longer_ones_dumped() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    for len in [5000, 5001, 5002] {
+        let _: () = source.set(format!("s:{len}"), vec![b'v'; len]).await.unwrap();
+    }
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut source).await.unwrap();
+    let mut replicator = pair.replicate(ScanOptions { batch_bytes: 15_000, ..Default::default() }).await;
+    caught_up(&mut replicator).await;
+    assert_eq!(calls(&mut source, "dump").await, 2, "the strings longer than the cap");
+    for len in [5000, 5001, 5002] {
+        let copied: Vec<u8> = target.get(format!("s:{len}")).await.unwrap();
+        assert_eq!(copied.len(), len);
+    }
+    assert_clean(&pair.verify().await);
+}
+
+/// How many times the server ran `command` since its stats were last reset (`INFO commandstats`).
+async fn calls(con: &mut MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(con).await.unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}

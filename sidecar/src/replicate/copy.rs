@@ -1,14 +1,17 @@
 //! Copying a batch of keys from the source to the target: each value and its expiry read in a
-//! MULTI on the source ([`Copier::read`]), then written in one pipeline on the target
+//! MULTI on the source ([`Copier::read`]), then written in a pipeline on the target
 //! ([`Copier::write`]); the replicator overlaps these steps across batches ([`super::scan`]).
+//! What a batch holds is bounded by its byte budget ([`super::budget`]): the MULTIs and the
+//! pipelines are split to fit it.
 //!
 //! Why strings differ. They are most keys of most datasets, and DUMP, RESTORE and MEMORY USAGE
 //! are the costliest commands of a copy, for both servers. So every key is first read as a
-//! string, with GETRANGE (bounded by the big-value threshold), and a string is written with
-//! `SET key value [PXAT <ms>] [NX]`, the same command sync mode loads strings with (the replace
-//! policy is kept the same way: see [`super::sync::load`]); every other value moves as a DUMP
-//! payload restored with `RESTORE … ABSTTL`. A key gone from the source is deleted on the
-//! target. (`PXAT` needs a Redis 6.2 target, as in sync mode.)
+//! string, with GETRANGE (bounded by the key's share of the batch's budget), and a string is
+//! written with `SET key value [PXAT <ms>] [NX]`, the same command sync mode loads strings with
+//! (the replace policy is kept the same way: see [`super::sync::load`]); every other value, and
+//! a string longer than the cap, moves as a DUMP payload restored with `RESTORE … ABSTTL`. A key
+//! gone from the source is deleted on the target. (`PXAT` needs a Redis 6.2 target, as in sync
+//! mode.)
 //!
 //! Expiries travel as absolute Unix milliseconds (PEXPIRETIME on Redis ≥ 7, else PTTL converted
 //! when the reply arrives), so time spent in transit never extends a TTL. Values bigger than the
@@ -22,6 +25,7 @@ use redis::{cmd, pipe};
 use redis_protocol::resp2::types::BytesFrame;
 use serde::{Deserialize, Serialize};
 
+use super::budget;
 use super::chunks::{Chunk, Chunks};
 use super::endpoint::{Endpoint, printable};
 use super::keys;
@@ -112,6 +116,8 @@ pub(crate) struct Copier {
     pub(crate) set_expiry: SetExpiry,
     /// Size (MEMORY USAGE) above which a collection is copied in chunks.
     pub(crate) big_key_bytes: u64,
+    /// Value bytes one batch's reads may hold at a time ([`super::budget`]).
+    pub(crate) batch_bytes: u64,
     /// Elements per chunk for big keys.
     pub(crate) chunk: usize,
     /// Value types already announced as rebuilt with commands.
@@ -123,6 +129,10 @@ pub(crate) struct Read {
     /// For each key read whole (its index in the batch): what was found, and its expiry as
     /// absolute Unix milliseconds (0 for none), converted when the reply arrived.
     small: Vec<(usize, Found, u64)>,
+    /// Keys to DUMP that did not fit in the batch's budget beside what `small` holds: groups
+    /// (indexes in the batch) each within the budget, read and written one at a time when the
+    /// batch is written, so a batch never holds more than one group of them.
+    later: Vec<Vec<usize>>,
     /// Collections over the size threshold (index in the batch, type), walked at write time.
     big: Vec<(usize, KeyType)>,
 }
@@ -130,8 +140,8 @@ pub(crate) struct Read {
 /// How a MULTI reads values ([`Copier::read`]).
 #[derive(Clone, Copy)]
 enum ValueCommand {
-    /// `GETRANGE key 0 <threshold>`: a string up to the threshold, whole.
-    Prefix,
+    /// `GETRANGE key 0 <cap>`: a string of up to `cap` bytes, whole.
+    Prefix(u64),
     /// `DUMP key`: any value, as a payload for RESTORE.
     Dump,
 }
@@ -139,7 +149,7 @@ enum ValueCommand {
 impl ValueCommand {
     fn name(self) -> &'static str {
         match self {
-            ValueCommand::Prefix => "GETRANGE",
+            ValueCommand::Prefix(_) => "GETRANGE",
             ValueCommand::Dump => "DUMP",
         }
     }
@@ -167,21 +177,28 @@ impl Found {
 
 impl Copier {
     /// Reads a batch on `link` (a raw connection to the source). First every key as a string
-    /// with its expiry, in one MULTI: `GETRANGE key 0 <threshold>` returns a string up to the
-    /// threshold whole, and the expiry command says whether the key exists at all (GETRANGE
-    /// answers "" for a missing key too). What is left — keys of other types (WRONGTYPE) and
-    /// strings over the threshold — is read the general way: MEMORY USAGE, TYPE for the keys
-    /// over the threshold (only collections are walked in chunks), then DUMP and expiry of the
-    /// others in a second MULTI. Each MULTI makes a key's value and expiry describe the same
-    /// moment.
+    /// with its expiry, in one MULTI: `GETRANGE key 0 <cap>` returns a string of up to `cap`
+    /// bytes whole, and the expiry command says whether the key exists at all (GETRANGE answers
+    /// "" for a missing key too). The cap is the key's share of the batch's budget
+    /// ([`budget::string_cap`]), so this reply stays within it. What is left — keys of other
+    /// types (WRONGTYPE) and strings over the cap — is read the general way: MEMORY USAGE, TYPE
+    /// for the keys over the big-value threshold (only collections are walked in chunks), then
+    /// DUMP and expiry of the others, in MULTIs of keys whose sizes fit the budget
+    /// ([`budget::groups`]): the first now, beside the strings, the rest when the batch is
+    /// written ([`Read::later`]). Each MULTI makes a key's value and expiry describe the same
+    /// moment, which is all the exactness argument ([`super::scan`]) asks of a read; nothing
+    /// there needs two keys read at one moment, so a batch may take several MULTIs.
     pub(crate) async fn read(&self, link: &mut Link, keys: &[(Key, ReplacePolicy)]) -> Result<Read, ReplicateError> {
-        let mut read = Read { small: Vec::with_capacity(keys.len()), big: Vec::new() };
+        let mut read = Read { small: Vec::with_capacity(keys.len()), later: Vec::new(), big: Vec::new() };
         let mut rest = Vec::new();
-        let replies = self.read_values(link, keys, 0..keys.len(), ValueCommand::Prefix).await?;
+        let cap = budget::string_cap(self.batch_bytes, keys.len(), self.big_key_bytes);
+        let replies = self.read_values(link, keys, 0..keys.len(), ValueCommand::Prefix(cap)).await?;
         for (i, reply) in replies.into_iter().enumerate() {
             match reply {
                 (_, None) => read.small.push((i, Found::Gone, 0)),
-                (BytesFrame::BulkString(value), Some(at)) if value.len() as u64 <= self.big_key_bytes => {
+                // GETRANGE 0 <cap> returns up to cap + 1 bytes: a value of at most cap bytes is
+                // the whole string, a longer one was cut.
+                (BytesFrame::BulkString(value), Some(at)) if value.len() as u64 <= cap => {
                     read.small.push((i, Found::String(value), at))
                 }
                 (BytesFrame::BulkString(_), Some(_)) => rest.push(i),
@@ -195,23 +212,48 @@ impl Copier {
         let sizes = keys::sizes(&self.source, rest.iter().map(|&i| &keys[i].0)).await?;
         let over: Vec<usize> = rest
             .iter()
-            .zip(sizes)
+            .zip(&sizes)
             .filter(|(_, size)| size.is_some_and(|b| b > self.big_key_bytes))
             .map(|(&i, _)| i)
             .collect();
         let kinds = keys::types(&self.source, over.iter().map(|&i| &keys[i].0)).await?;
         read.big =
             over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
-        rest.retain(|i| !read.big.iter().any(|(big, _)| big == i));
-        let replies = self.read_values(link, keys, rest.iter().copied(), ValueCommand::Dump).await?;
-        for (i, reply) in rest.into_iter().zip(replies) {
-            match reply {
-                (BytesFrame::Null, _) | (_, None) => read.small.push((i, Found::Gone, 0)),
-                (BytesFrame::BulkString(payload), Some(at)) => read.small.push((i, Found::Payload(payload), at)),
-                (other, _) => return Err(link.error(format!("unexpected reply to `DUMP`: {other:?}"))),
-            }
+        // No size: the key vanished since the string read (its DUMP will be a null, so it counts
+        // as nothing), or the server refuses MEMORY USAGE, which leaves only the string read
+        // bounded.
+        let (rest, sizes): (Vec<usize>, Vec<u64>) = rest
+            .into_iter()
+            .zip(sizes)
+            .filter(|(i, _)| !read.big.iter().any(|(big, _)| big == i))
+            .map(|(i, size)| (i, size.unwrap_or(0)))
+            .unzip();
+        let held = read.small.iter().map(|(_, found, _)| found.len() as u64).sum();
+        let mut groups = budget::groups(&sizes, self.batch_bytes, held).into_iter().map(|group| rest[group].to_vec());
+        if let Some(now) = groups.next() {
+            read.small.extend(self.dump(link, keys, &now).await?);
         }
+        read.later = groups.collect();
         Ok(read)
+    }
+
+    /// DUMP and expiry of each of `which` in one MULTI on `link`.
+    async fn dump(
+        &self,
+        link: &mut Link,
+        keys: &[(Key, ReplacePolicy)],
+        which: &[usize],
+    ) -> Result<Vec<(usize, Found, u64)>, ReplicateError> {
+        let replies = self.read_values(link, keys, which.iter().copied(), ValueCommand::Dump).await?;
+        which
+            .iter()
+            .zip(replies)
+            .map(|(&i, reply)| match reply {
+                (BytesFrame::Null, _) | (_, None) => Ok((i, Found::Gone, 0)),
+                (BytesFrame::BulkString(payload), Some(at)) => Ok((i, Found::Payload(payload), at)),
+                (other, _) => Err(link.error(format!("unexpected reply to `DUMP`: {other:?}"))),
+            })
+            .collect()
     }
 
     /// Sends one MULTI on `link` with, for each key of `which`, the value command and the
@@ -229,14 +271,17 @@ impl Copier {
             return Ok(Vec::new());
         }
         let expiry_name = self.expiry.name().as_bytes();
-        let threshold = Decimal::new(self.big_key_bytes);
         let mut request = Vec::with_capacity(64 * (1 + n));
         encode_into(&mut request, &[b"MULTI"]);
+        let cap = match command {
+            ValueCommand::Prefix(cap) => Some(Decimal::new(cap)),
+            ValueCommand::Dump => None,
+        };
         for i in which {
             let key = &keys[i].0;
-            match command {
-                ValueCommand::Prefix => encode_into(&mut request, &[b"GETRANGE", key, b"0", threshold.as_bytes()]),
-                ValueCommand::Dump => encode_into(&mut request, &[b"DUMP", key]),
+            match &cap {
+                Some(cap) => encode_into(&mut request, &[b"GETRANGE", key, b"0", cap.as_bytes()]),
+                None => encode_into(&mut request, &[b"DUMP", key]),
             }
             encode_into(&mut request, &[expiry_name, key]);
         }
@@ -269,20 +314,45 @@ impl Copier {
 
     /// Makes the target's copy of each key equal to what [`Copier::read`] found: one pipeline
     /// on `link` (a raw connection to the target) of SET or RESTORE ... ABSTTL (DEL for keys the
-    /// source no longer had) plus a DEL for each of `stale` (target keys the source lacks), then
-    /// the big keys walked in chunks. A key's policy decides what happens when it already exists
-    /// on the target.
+    /// source no longer had) plus a DEL for each of `stale` (target keys the source lacks); then
+    /// each group of keys left for later, DUMPed on `source` (a raw connection to the source
+    /// the read stage is not using) and restored the same way; then the big keys walked in
+    /// chunks. These late reads, like the chunk walks, follow the batch's forming, which is what
+    /// the exactness argument ([`super::scan`]) needs. A key's policy decides what happens when
+    /// it already exists on the target.
     pub(crate) async fn write(
         &self,
         link: &mut Link,
+        source: &mut Link,
         keys: &[(Key, ReplacePolicy)],
         read: Read,
         stale: &[Key],
     ) -> Result<CopyStats, ReplicateError> {
+        let Read { small, later, big } = read;
+        let mut stats = self.apply(link, keys, small, stale).await?;
+        for group in later {
+            let found = self.dump(source, keys, &group).await?;
+            stats += self.apply(link, keys, found, &[]).await?;
+        }
+        for (i, kind) in big {
+            let (key, policy) = &keys[i];
+            stats += self.copy_big(key, kind, *policy).await?;
+        }
+        Ok(stats)
+    }
+
+    /// Writes what was found for some keys of the batch, and DELs `stale`, in one pipeline.
+    async fn apply(
+        &self,
+        link: &mut Link,
+        keys: &[(Key, ReplacePolicy)],
+        small: Vec<(usize, Found, u64)>,
+        stale: &[Key],
+    ) -> Result<CopyStats, ReplicateError> {
         let mut stats = CopyStats::default();
-        let value_bytes: usize = read.small.iter().map(|(_, found, _)| found.len()).sum();
-        let mut request = Vec::with_capacity(value_bytes + 64 * (read.small.len() + stale.len()));
-        for (i, found, expiry) in &read.small {
+        let value_bytes: usize = small.iter().map(|(_, found, _)| found.len()).sum();
+        let mut request = Vec::with_capacity(value_bytes + 64 * (small.len() + stale.len()));
+        for (i, found, expiry) in &small {
             let (key, policy) = &keys[*i];
             match found {
                 Found::Gone => encode_into(&mut request, &[b"DEL", key]),
@@ -302,10 +372,10 @@ impl Copier {
             encode_into(&mut request, &[b"DEL", key]);
         }
         if !request.is_empty() {
-            self.target.spend(read.small.len() + stale.len()).await;
+            self.target.spend(small.len() + stale.len()).await;
             link.send(&request).await?;
         }
-        for (i, found, expiry) in &read.small {
+        for (i, found, expiry) in &small {
             let (key, policy) = &keys[*i];
             match (link.reply().await?, found) {
                 (BytesFrame::Error(err), Found::Payload(_)) if err.starts_with("BUSYKEY") => {
@@ -334,10 +404,6 @@ impl Copier {
             }
         }
         stats.deleted += stale.len() as u64;
-        for (i, kind) in read.big {
-            let (key, policy) = &keys[i];
-            stats += self.copy_big(key, kind, *policy).await?;
-        }
         Ok(stats)
     }
 

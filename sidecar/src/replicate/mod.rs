@@ -14,12 +14,14 @@
 //! the operator and the CLI run before cutover.
 //!
 //! Rooms: [`endpoint`] (connections and error mapping), [`keys`] (SCAN and key inspection),
-//! [`chunks`] (bounded-memory iteration over big collections), [`copy`] (one batch of keys,
-//! source → target), [`streams`] (a big stream's groups and pending entries), [`dirty`] (keys waiting for a re-copy), [`notify`] (keyspace notifications),
+//! [`chunks`] (bounded-memory iteration over big collections), [`budget`] (the bytes one batch may
+//! hold), [`copy`] (one batch of keys, source → target), [`streams`] (a big stream's groups and
+//! pending entries), [`dirty`] (keys waiting for a re-copy), [`notify`] (keyspace notifications),
 //! [`flush`] (FLUSHDB/FLUSHALL detection), [`checkpoint`], [`progress`], [`scan`] (the replicator
 //! loop), [`compare`] and [`verify`] (the verifier), [`pace`] (rate limiting), [`sync`] (the
 //! replica), [`replicator`] (the handle over both).
 
+mod budget;
 mod checkpoint;
 mod chunks;
 mod compare;

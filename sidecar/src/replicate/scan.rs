@@ -4,7 +4,7 @@
 //! write from then on produces a notification after the write executes. One task, the copy loop,
 //! moves keys in batches through a pipeline: it *forms* a batch (takes keys out of the dirty set,
 //! runs one SCAN step), *reads* it on the source (each key as a string with its expiry in one
-//! MULTI; the other keys sized, then DUMP and expiry in a second MULTI, or chunk by chunk for a
+//! MULTI; the other keys sized, then DUMP and expiry in further MULTIs, or chunk by chunk for a
 //! big key) and *writes* it to the target (SET, RESTORE, DEL). Up to three batches are in
 //! flight, each at a different stage, but two rules hold:
 //! - every read of a batch happens after the batch was formed;
@@ -19,9 +19,12 @@
 //! after a newer one, and a stale snapshot never overwrites a newer write. The same argument covers
 //! keys changed during a chunked big-key copy (its reads, too, follow its batch's forming), and
 //! deletes and expiries, which are notified too: a key the reads find missing becomes a DEL.
-//! Reading a key twice (as a string, then, when it is not one, as a DUMP payload) changes
-//! nothing: both reads follow the forming, and the one whose result is written describes a
-//! single moment (value and expiry come from one MULTI).
+//! Reading a key twice (as a string, then, when it is not one or is longer than the string
+//! read's cap, as a DUMP payload) changes nothing: both reads follow the forming, and the one
+//! whose result is written describes a single moment (value and expiry come from one MULTI).
+//! Nothing here relates two keys, so a batch's keys need not be read at one moment: keys to DUMP
+//! are split into MULTIs that fit the batch's byte budget, and those that do not fit beside the
+//! rest of the read are DUMPed at write time, like a big key's chunks, after the forming still.
 //!
 //! Progress counts a taken key as waiting until its batch is written, so
 //! [`ScanReplicator::caught_up`] never reports a key that is still in flight as copied.
@@ -54,9 +57,13 @@ use crate::upstream::TlsSettings;
 /// Tuning for [`ScanReplicator`].
 #[derive(Debug, Clone)]
 pub struct ScanOptions {
-    /// Keys per SCAN step and per copy batch (one MULTI of DUMPs, one pipeline of RESTOREs); three
-    /// batches are in flight at a time.
+    /// Keys per SCAN step and per copy batch; three batches are in flight at a time.
     pub batch: usize,
+    /// Value bytes a batch's reads hold at most, about (MEMORY USAGE is an estimate): each
+    /// string is read up to its share of this, and keys to DUMP are read and written in groups
+    /// within it. One value bigger than this by itself still moves whole, unless it is a
+    /// collection over `big_key_bytes`.
+    pub batch_bytes: u64,
     /// What the backfill does with keys that already exist on the target.
     pub replace: ReplacePolicy,
     /// MEMORY USAGE above which lists, hashes, sets, sorted sets and streams are copied in chunks.
@@ -77,6 +84,7 @@ impl Default for ScanOptions {
     fn default() -> Self {
         ScanOptions {
             batch: 1000,
+            batch_bytes: 32 << 20,
             replace: ReplacePolicy::Replace,
             big_key_bytes: 16 << 20,
             chunk: 1000,
@@ -130,9 +138,15 @@ impl ScanReplicator {
     ) -> Result<Self, ReplicateError> {
         let source = Endpoint::connect("source", source_url, &options.tls).await?.paced(options.limits.source);
         let target = Endpoint::connect("target", target_url, &options.tls).await?.paced(options.limits.target);
-        // The DUMPs and RESTOREs that carry every value go over raw connections of their own.
-        let dumps = Address::with_database("source", source_url, &options.tls)?.connect().await?;
-        let restores = Address::with_database("target", target_url, &options.tls)?.connect().await?;
+        // The DUMPs and RESTOREs that carry every value go over raw connections of their own;
+        // the write stage DUMPs what its batch's budget left for later on one more, as the read
+        // stage is using the first for the next batch meanwhile.
+        let source_address = Address::with_database("source", source_url, &options.tls)?;
+        let links = ValueLinks {
+            dumps: source_address.connect().await?,
+            late_dumps: source_address.connect().await?,
+            restores: Address::with_database("target", target_url, &options.tls)?.connect().await?,
+        };
         let span = info_span!("scan_replicator", source = %source.label(), target = %target.label());
         let verified = notify::enable(&source).instrument(span.clone()).await?;
 
@@ -176,6 +190,7 @@ impl ScanReplicator {
             source: source.clone(),
             target,
             big_key_bytes: options.big_key_bytes,
+            batch_bytes: options.batch_bytes,
             chunk: options.chunk,
             rebuilt_types: Default::default(),
         };
@@ -186,7 +201,7 @@ impl ScanReplicator {
             barrier_channel,
             next_barrier: AtomicU64::new(PROBE_BARRIER),
             progress,
-            copier: tokio::spawn(run.run(checkpoint, dumps, restores).instrument(span)),
+            copier: tokio::spawn(run.run(checkpoint, links).instrument(span)),
             subscriber,
         })
     }
@@ -243,6 +258,15 @@ struct CopyLoop {
     started: Instant,
 }
 
+/// The raw connections values travel over, one per stage that uses it at the same time as the
+/// others: the read stage's DUMPs, the write stage's (what a batch's budget left for later),
+/// and the RESTOREs.
+struct ValueLinks {
+    dumps: Link,
+    late_dumps: Link,
+    restores: Link,
+}
+
 /// One batch on its way through the pipeline: the keys it copies, and what applying it means for
 /// the checkpoint and for [`ScanReplicator::caught_up`].
 struct Batch {
@@ -260,8 +284,8 @@ struct Batch {
 }
 
 impl CopyLoop {
-    async fn run(self, checkpoint: Checkpoint, dumps: Link, restores: Link) -> Result<(), ReplicateError> {
-        let result = self.run_inner(checkpoint, dumps, restores).await;
+    async fn run(self, checkpoint: Checkpoint, links: ValueLinks) -> Result<(), ReplicateError> {
+        let result = self.run_inner(checkpoint, links).await;
         if let Err(err) = &result {
             warn!(error = %err, "scan replication stopped");
         }
@@ -272,12 +296,8 @@ impl CopyLoop {
     /// written to the target, batch N+1's values are read from the source and batch N+2 is
     /// formed. `state` moves only as batches are written; `ahead` is where
     /// the next batch is formed from.
-    async fn run_inner(
-        &self,
-        mut state: Checkpoint,
-        mut dumps: Link,
-        mut restores: Link,
-    ) -> Result<(), ReplicateError> {
+    async fn run_inner(&self, mut state: Checkpoint, links: ValueLinks) -> Result<(), ReplicateError> {
+        let ValueLinks { mut dumps, mut late_dumps, mut restores } = links;
         let source = &self.copier.source;
         let mut flush = FlushWatch::start(source).await?;
         let mut last_flush_check = Instant::now();
@@ -341,7 +361,7 @@ impl CopyLoop {
             }
             let forming = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, pass));
             let (to_read, to_write) = (unread.take(), read.take());
-            let (copier, dumps, restores) = (&self.copier, &mut dumps, &mut restores);
+            let (copier, dumps, late_dumps, restores) = (&self.copier, &mut dumps, &mut late_dumps, &mut restores);
             let (formed, was_read, written) = tokio::try_join!(
                 async move {
                     match forming {
@@ -358,7 +378,7 @@ impl CopyLoop {
                 async move {
                     match to_write {
                         Some((batch, read)) => copier
-                            .write(restores, &batch.keys, read, &batch.stale)
+                            .write(restores, late_dumps, &batch.keys, read, &batch.stale)
                             .await
                             .map(|stats| Some((batch, stats))),
                         None => Ok(None),
