@@ -3,11 +3,15 @@
 
 mod support_replicate;
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use eden_sidecar::replicate::{Checkpoint, Mode, ReplacePolicy, ReplicateError, Replicator, ScanOptions};
+use bytes::Bytes;
+use eden_sidecar::replicate::{
+    Checkpoint, Mode, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, ScanOptions,
+};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp2::types::BytesFrame;
@@ -239,6 +243,44 @@ async fn skip_policy_counts_only_preexisting_keys_during_a_live_backfill() {
         let _: () = target.set(format!("preexisting:{i}"), "from source").await.unwrap();
     }
     assert_clean(&pair.verify().await);
+}
+
+/// SCAN may return a key more than once. A relay in front of the source makes it return every
+/// step twice (each new cursor is swapped for the one before it, once): under `fail` the second
+/// copies are no conflict, under `skip` nothing is counted, and the servers end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_scan_returns_twice_are_no_conflicts() {
+    for policy in [ReplacePolicy::Fail, ReplacePolicy::Skip] {
+        let pair = Pair::start();
+        let mut source = pair.source().await;
+        seed_strings(&mut source, 2_000).await;
+        let repeats = Arc::new(Mutex::new((Bytes::from_static(b"0"), HashSet::new())));
+        let seen = repeats.clone();
+        let url = relay(pair.source.addr().to_string(), move |command| {
+            let BytesFrame::Array(mut args) = command else { return command };
+            if let [BytesFrame::BulkString(name), BytesFrame::BulkString(cursor), ..] = args.as_mut_slice()
+                && name.eq_ignore_ascii_case(b"SCAN")
+            {
+                let (previous, repeated) = &mut *seen.lock().unwrap();
+                if cursor.as_ref() != b"0" && repeated.insert(cursor.clone()) {
+                    *cursor = previous.clone();
+                } else {
+                    *previous = cursor.clone();
+                }
+            }
+            BytesFrame::Array(args)
+        })
+        .await;
+        let options = ReplicatorOptions {
+            scan: ScanOptions { batch: 100, replace: policy, ..Default::default() },
+            ..Default::default()
+        };
+        let mut replicator = Replicator::start(&url, &pair.target.url(), Mode::Scan, options, None).await.unwrap();
+        let progress = caught_up_progress(&mut replicator).await;
+        assert!(repeats.lock().unwrap().1.len() >= 10, "{policy:?}: SCAN steps were repeated");
+        assert_eq!(progress.checkpoint.skipped, 0, "{policy:?}");
+        assert_clean(&pair.verify().await);
+    }
 }
 
 /// Writes all over `key:<i>` (i below `keys`) while the replicator's backfill runs, so many keys
