@@ -483,11 +483,10 @@ impl CopyLoop {
 /// The keys a `fail` or `skip` backfill has settled on the target so far (see the module docs),
 /// kept only while that backfill runs.
 ///
-/// Each key is kept as a 64-bit SipHash fingerprint under a key drawn at random per process
-/// (so key names cannot be chosen to collide), not as the key itself: a hash set of `u64` costs
-/// 10 to 21 bytes per key (buckets of 8 bytes plus a control byte, at most 7/8 full, doubling
-/// as it grows), whatever the key's length; about 100 to 200 MB for 10 million keys, freed when
-/// the backfill pass ends. A collision makes a key not yet visited look settled; with n keys
+/// Each key is kept as a 64-bit SipHash fingerprint with a random seed (so key names cannot be
+/// chosen to collide), not as the key itself: a hash set of `u64` costs 10 to 21 bytes per key
+/// (buckets of 8 bytes plus a control byte, at most 7/8 full, doubling as it grows), whatever
+/// the key's length; about 100 to 200 MB for 10 million keys, freed when the backfill pass ends. A collision makes a key not yet visited look settled; with n keys
 /// that happens in a whole backfill with probability below n²/2⁶⁵ (3·10⁻⁶ for 10 million keys).
 /// Under `fail` the key is then replaced rather than checked: still copied exactly, and it only
 /// matters if that very key was also on the target before, which the run would otherwise have
