@@ -3,11 +3,15 @@
 
 mod support_replicate;
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use eden_sidecar::replicate::{Checkpoint, Mode, ReplacePolicy, ReplicateError, Replicator, ScanOptions};
+use bytes::Bytes;
+use eden_sidecar::replicate::{
+    Checkpoint, Mode, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, ScanOptions,
+};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp2::types::BytesFrame;
@@ -179,6 +183,122 @@ async fn replace_policies_skip_and_fail() {
     };
     assert!(matches!(err, ReplicateError::TargetKeyExists { ref key, .. } if key == "shared"), "{err}");
     assert!(err.to_string().contains("shared"));
+}
+
+/// `fail` on a live source: keys written during the backfill reach the target through the dirty
+/// set before SCAN gets to them, and SCAN then finds keys the replicator wrote itself. None of them
+/// is a conflict: the backfill ends without error, nothing is skipped, and the servers are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_policy_ignores_keys_it_wrote_itself_during_a_live_backfill() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 20_000).await;
+    let options = ScanOptions { batch: 100, replace: ReplacePolicy::Fail, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    let rounds = write_until_backfilled(&replicator, &source, 20_000).await;
+    let progress = caught_up_progress(&mut replicator).await;
+    assert!(rounds >= 20, "writes overlapped the backfill ({rounds} rounds)");
+    assert_eq!(progress.checkpoint.skipped, 0);
+    assert_clean(&pair.verify().await);
+}
+
+/// The same live backfill under `fail` still stops on a key the target had before it started,
+/// naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_policy_still_stops_on_a_preexisting_key_during_a_live_backfill() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    seed_strings(&mut source, 20_000).await;
+    let _: () = source.set("preexisting", "from source").await.unwrap();
+    let _: () = target.set("preexisting", "from target").await.unwrap();
+    let options = ScanOptions { batch: 100, replace: ReplacePolicy::Fail, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    write_until_backfilled(&replicator, &source, 20_000).await;
+    let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("fail policy stops");
+    assert!(matches!(err, ReplicateError::TargetKeyExists { ref key, .. } if key == "preexisting"), "{err}");
+    let kept: String = target.get("preexisting").await.unwrap();
+    assert_eq!(kept, "from target");
+}
+
+/// `skip` on a live source counts exactly the keys the target had before it started, not the
+/// keys the replicator wrote itself, and keeps them; everything else ends equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_policy_counts_only_preexisting_keys_during_a_live_backfill() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    seed_strings(&mut source, 20_000).await;
+    for i in 0..3 {
+        let _: () = source.set(format!("preexisting:{i}"), "from source").await.unwrap();
+        let _: () = target.set(format!("preexisting:{i}"), "from target").await.unwrap();
+    }
+    let options = ScanOptions { batch: 100, replace: ReplacePolicy::Skip, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    let rounds = write_until_backfilled(&replicator, &source, 20_000).await;
+    let progress = caught_up_progress(&mut replicator).await;
+    assert!(rounds >= 20, "writes overlapped the backfill ({rounds} rounds)");
+    assert_eq!(progress.checkpoint.skipped, 3);
+    for i in 0..3 {
+        let kept: String = target.get(format!("preexisting:{i}")).await.unwrap();
+        assert_eq!(kept, "from target");
+        let _: () = target.set(format!("preexisting:{i}"), "from source").await.unwrap();
+    }
+    assert_clean(&pair.verify().await);
+}
+
+/// SCAN may return a key more than once. A relay in front of the source makes it return every
+/// step twice (each new cursor is swapped for the one before it, once): under `fail` the second
+/// copies are no conflict, under `skip` nothing is counted, and the servers end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_scan_returns_twice_are_no_conflicts() {
+    for policy in [ReplacePolicy::Fail, ReplacePolicy::Skip] {
+        let pair = Pair::start();
+        let mut source = pair.source().await;
+        seed_strings(&mut source, 2_000).await;
+        let repeats = Arc::new(Mutex::new((Bytes::from_static(b"0"), HashSet::new())));
+        let seen = repeats.clone();
+        let url = relay(pair.source.addr().to_string(), move |command| {
+            let BytesFrame::Array(mut args) = command else { return command };
+            if let [BytesFrame::BulkString(name), BytesFrame::BulkString(cursor), ..] = args.as_mut_slice()
+                && name.eq_ignore_ascii_case(b"SCAN")
+            {
+                let (previous, repeated) = &mut *seen.lock().unwrap();
+                if cursor.as_ref() != b"0" && repeated.insert(cursor.clone()) {
+                    *cursor = previous.clone();
+                } else {
+                    *previous = cursor.clone();
+                }
+            }
+            BytesFrame::Array(args)
+        })
+        .await;
+        let options = ReplicatorOptions {
+            scan: ScanOptions { batch: 100, replace: policy, ..Default::default() },
+            ..Default::default()
+        };
+        let mut replicator = Replicator::start(&url, &pair.target.url(), Mode::Scan, options, None).await.unwrap();
+        let progress = caught_up_progress(&mut replicator).await;
+        assert!(repeats.lock().unwrap().1.len() >= 10, "{policy:?}: SCAN steps were repeated");
+        assert_eq!(progress.checkpoint.skipped, 0, "{policy:?}");
+        assert_clean(&pair.verify().await);
+    }
+}
+
+/// Writes all over `key:<i>` (i below `keys`) while the replicator's backfill runs, so many keys
+/// are changed before SCAN reaches them: SET and INCR (they become dirty and are copied first),
+/// DEL, and brand-new keys. Stops once the backfill is done or the replicator has stopped; returns
+/// the number of rounds written.
+async fn write_until_backfilled(replicator: &Replicator, source: &MultiplexedConnection, keys: u64) -> u64 {
+    let (mut progress, mut con) = (replicator.progress(), source.clone());
+    let mut round = 0;
+    while progress.has_changed().is_ok() && !progress.borrow_and_update().checkpoint.backfill_done() {
+        let key = |n: u64| format!("key:{}", (round * 7919 + n * 4001) % keys);
+        let mut p = redis::pipe();
+        p.set(key(0), round).incr(key(1), 1).del(key(2)).set(format!("new:{round}"), round);
+        p.exec_async(&mut con).await.expect("write");
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    round
 }
 
 /// The databases in the URIs are the ones copied from and into: keys of source database 3 land

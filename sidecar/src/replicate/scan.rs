@@ -26,6 +26,19 @@
 //! are split into MULTIs that fit the batch's byte budget, and those that do not fit beside the
 //! rest of the read are DUMPed at write time, like a big key's chunks, after the forming still.
 //!
+//! A `fail` or `skip` backfill must not mistake a key it wrote itself for one the target had
+//! before: a key written on the source during the backfill is copied from the dirty set before
+//! SCAN gets to it, and SCAN may return a key twice. So while such a backfill runs, the loop
+//! remembers every key it has settled on the target ([`Settled`]): copied, deleted, or, under
+//! `skip`, found there and kept. A key SCAN finds that is already settled is copied with
+//! `replace` under `fail`, where settled means written by us (a key found on the target would
+//! have stopped the run); like any other, its read follows its batch's forming, so the argument
+//! above holds. Under `skip` it is left out of the batch: it was either written by us after the
+//! subscription (any later change is notified and re-copied anyway) or kept on purpose, and either
+//! way it is counted once. A key is settled when its batch is formed, yet the set only decides for
+//! batches formed after that one, and those are written after it: by then the earlier write has
+//! been applied. Batches dropped unwritten at a restart take their keys back out.
+//!
 //! Progress counts a taken key as waiting until its batch is written, so
 //! [`ScanReplicator::caught_up`] never reports a key that is still in flight as copied.
 //!
@@ -34,7 +47,8 @@
 //! re-copy pass and a prune pass (target keys the source no longer has) are queued. A FLUSHDB or
 //! FLUSHALL on the source ([`super::flush`]) flushes the target and restarts the backfill.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -273,7 +287,7 @@ struct Batch {
     /// The notification barrier read before the batch was formed.
     barrier: u64,
     /// Keys to copy, each with its policy: the dirty keys first (always replaced), then the keys
-    /// a SCAN step of the source found (under the pass's policy).
+    /// a SCAN step of the source found (under the pass's policy, unless [`Settled`] decides).
     keys: Vec<(Key, ReplacePolicy)>,
     /// How many of `keys` came from the dirty set.
     dirty: usize,
@@ -281,6 +295,8 @@ struct Batch {
     stale: Vec<Key>,
     /// The pass step the batch carries and the cursor after it (0: the pass is complete).
     step: Option<(Pass, u64)>,
+    /// Fingerprints this batch added to [`Settled`], taken out again if it is dropped unwritten.
+    settled: Vec<u64>,
 }
 
 impl CopyLoop {
@@ -305,6 +321,10 @@ impl CopyLoop {
         let mut pass_started = Instant::now();
         let mut snapshot = self.progress.borrow().clone();
         let mut ahead = state.passes.clone();
+        let tracked = |passes: &VecDeque<Pass>| {
+            self.options.replace != ReplacePolicy::Replace && matches!(passes.front(), Some(Pass::Backfill { .. }))
+        };
+        let mut settled = tracked(&state.passes).then(Settled::default);
         let mut unread: Option<Batch> = None;
         let mut read: Option<(Batch, Read)> = None;
         loop {
@@ -335,8 +355,16 @@ impl CopyLoop {
                 // The batches in flight are dropped unwritten and their pass steps redone: the
                 // full pass now queued copies their keys again (after a flush, into an emptied
                 // target).
+                if let Some(settled) = &mut settled {
+                    for batch in unread.iter().chain(read.iter().map(|(batch, _)| batch)) {
+                        settled.forget(&batch.settled);
+                    }
+                }
                 (unread, read) = (None, None);
                 ahead = state.passes.clone();
+            }
+            if !tracked(&state.passes) {
+                settled = None;
             }
 
             // Live changes first, so lag stays low during a long backfill. `take` removes the
@@ -359,7 +387,8 @@ impl CopyLoop {
                 pass_started = Instant::now();
                 state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
             }
-            let forming = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, pass));
+            let forming =
+                (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, pass, settled.as_mut()));
             let (to_read, to_write) = (unread.take(), read.take());
             let (copier, dumps, late_dumps, restores) = (&self.copier, &mut dumps, &mut late_dumps, &mut restores);
             let (formed, was_read, written) = tokio::try_join!(
@@ -404,24 +433,36 @@ impl CopyLoop {
         }
     }
 
-    /// Forms a batch from the keys taken from the dirty set and one step of the current pass.
+    /// Forms a batch from the keys taken from the dirty set and one step of the current pass;
+    /// `settled` is there while a `fail` or `skip` backfill runs.
     async fn form(
         &self,
         barrier: u64,
         dirty: Vec<(Key, ReplacePolicy)>,
         pass: Option<Pass>,
+        mut settled: Option<&mut Settled>,
     ) -> Result<Batch, ReplicateError> {
         let (source, target) = (&self.copier.source, &self.copier.target);
-        let mut batch = Batch { barrier, dirty: dirty.len(), keys: dirty, stale: Vec::new(), step: None };
+        let mut batch =
+            Batch { barrier, dirty: dirty.len(), keys: dirty, stale: Vec::new(), step: None, settled: Vec::new() };
+        if let Some(settled) = settled.as_deref_mut() {
+            // First, so that a SCAN copy of a key this batch also takes as dirty counts as ours.
+            for (key, _) in &batch.keys {
+                settled.settle(key, &mut batch.settled);
+            }
+        }
         match pass {
             Some(Pass::Backfill { cursor } | Pass::Recopy { cursor }) => {
-                let policy = if matches!(pass, Some(Pass::Backfill { .. })) {
-                    self.options.replace
-                } else {
-                    ReplacePolicy::Replace
-                };
+                let backfill = matches!(pass, Some(Pass::Backfill { .. }));
+                let policy = if backfill { self.options.replace } else { ReplacePolicy::Replace };
                 let (next, found) = keys::scan(source, cursor, self.options.batch).await?;
-                batch.keys.extend(found.into_iter().map(|key| (key, policy)));
+                match settled.filter(|_| backfill) {
+                    Some(settled) => {
+                        let found = found.into_iter().filter_map(|key| settled.found(key, policy, &mut batch.settled));
+                        batch.keys.extend(found);
+                    }
+                    None => batch.keys.extend(found.into_iter().map(|key| (key, policy))),
+                }
                 batch.step = pass.map(|pass| (pass, next));
             }
             Some(Pass::Prune { cursor }) => {
@@ -456,6 +497,56 @@ impl CopyLoop {
         snapshot.barrier = barrier;
         snapshot.checkpoint = state.clone();
         self.progress.send_replace(snapshot.clone());
+    }
+}
+
+/// The keys a `fail` or `skip` backfill has settled on the target so far (see the module docs),
+/// kept only while that backfill runs.
+///
+/// Each key is kept as a 64-bit SipHash fingerprint with a random seed (so key names cannot be
+/// chosen to collide), not as the key itself: a hash set of `u64` costs 10 to 21 bytes per key
+/// (buckets of 8 bytes plus a control byte, at most 7/8 full, doubling as it grows), whatever
+/// the key's length; about 100 to 200 MB for 10 million keys, freed when the backfill pass ends. A collision makes a key not yet visited look settled; with n keys
+/// that happens in a whole backfill with probability below n²/2⁶⁵ (3·10⁻⁶ for 10 million keys).
+/// Under `fail` the key is then replaced rather than checked: still copied exactly, and it only
+/// matters if that very key was also on the target before, which the run would otherwise have
+/// stopped on. Under `skip` the key is left out of the backfill: missing on the target until its
+/// next write, which the verifier run before cutover reports.
+#[derive(Default)]
+struct Settled {
+    fingerprints: HashSet<u64>,
+    hasher: RandomState,
+}
+
+impl Settled {
+    /// Records `key` as settled; when it was not yet, returns true and adds its fingerprint to
+    /// `added`.
+    fn settle(&mut self, key: &[u8], added: &mut Vec<u64>) -> bool {
+        let fingerprint = self.hasher.hash_one(key);
+        let new = self.fingerprints.insert(fingerprint);
+        if new {
+            added.push(fingerprint);
+        }
+        new
+    }
+
+    /// What the backfill does with a key SCAN found, under the pass's `policy` (`fail` or
+    /// `skip`): `None` when the key is already settled and there is nothing left to do.
+    fn found(&mut self, key: Key, policy: ReplacePolicy, added: &mut Vec<u64>) -> Option<(Key, ReplacePolicy)> {
+        if self.settle(&key, added) {
+            Some((key, policy))
+        } else if policy == ReplacePolicy::Fail {
+            Some((key, ReplacePolicy::Replace))
+        } else {
+            None
+        }
+    }
+
+    /// Takes back the fingerprints a batch dropped unwritten had added.
+    fn forget(&mut self, added: &[u64]) {
+        for fingerprint in added {
+            self.fingerprints.remove(fingerprint);
+        }
     }
 }
 
@@ -499,4 +590,31 @@ fn advance(passes: &mut VecDeque<Pass>, next: u64) -> bool {
 
 fn pass_is_starting(pass: Pass) -> bool {
     matches!(pass, Pass::Backfill { cursor: 0 } | Pass::Recopy { cursor: 0 } | Pass::Prune { cursor: 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key seen again, whether first taken as dirty or found by an earlier SCAN step (SCAN
+    /// returns some keys twice), is ours under `fail` and needs nothing more under `skip`; a batch
+    /// dropped unwritten gives its keys back.
+    #[test]
+    fn settled_keys_are_not_checked_again() {
+        for policy in [ReplacePolicy::Fail, ReplacePolicy::Skip] {
+            let again = (policy == ReplacePolicy::Fail).then(|| (b"k".to_vec(), ReplacePolicy::Replace));
+            let mut settled = Settled::default();
+            let (mut first, mut second) = (Vec::new(), Vec::new());
+            assert!(settled.settle(b"k", &mut first), "taken as dirty");
+            assert_eq!(settled.found(b"k".to_vec(), policy, &mut second), again);
+            assert_eq!(settled.found(b"new".to_vec(), policy, &mut second), Some((b"new".to_vec(), policy)));
+            assert_eq!(settled.found(b"new".to_vec(), policy, &mut second), again.map(|(_, p)| (b"new".to_vec(), p)));
+            assert_eq!((first.len(), second.len()), (1, 1), "only new keys are recorded for an undo");
+
+            settled.forget(&second);
+            assert_eq!(settled.found(b"new".to_vec(), policy, &mut Vec::new()), Some((b"new".to_vec(), policy)));
+            settled.forget(&first);
+            assert_eq!(settled.found(b"k".to_vec(), policy, &mut Vec::new()), Some((b"k".to_vec(), policy)));
+        }
+    }
 }
