@@ -220,6 +220,39 @@ async fn fail_policy_still_stops_on_a_preexisting_key_during_a_live_backfill() {
     assert_eq!(kept, "from target");
 }
 
+/// A key the target had before, which the application writes (or deletes) on the source while
+/// the backfill runs, is held to the policy whichever way the backfill meets it first, as a
+/// dirty key or through SCAN: `fail` stops on the write, `skip` keeps the target's copy of the
+/// deleted key. (With 20,000 keys in steps of 100, SCAN nearly always comes to them last.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preexisting_keys_the_application_changes_during_the_backfill_keep_their_policy() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    seed_strings(&mut source, 20_000).await;
+    let _: () = source.set("preexisting", "from source").await.unwrap();
+    let _: () = target.set("preexisting", "from target").await.unwrap();
+    let options = ScanOptions { batch: 100, replace: ReplacePolicy::Fail, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    let _: () = source.set("preexisting", "written during the backfill").await.unwrap();
+    let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("fail policy stops");
+    assert!(matches!(err, ReplicateError::TargetKeyExists { ref key, .. } if key == "preexisting"), "{err}");
+    let kept: String = target.get("preexisting").await.unwrap();
+    assert_eq!(kept, "from target");
+    drop(replicator);
+
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut target).await.unwrap();
+    let _: () = target.set("preexisting", "from target").await.unwrap();
+    let options = ScanOptions { batch: 100, replace: ReplacePolicy::Skip, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    let _: () = source.del("preexisting").await.unwrap();
+    let progress = caught_up_progress(&mut replicator).await;
+    let kept: String = target.get("preexisting").await.unwrap();
+    assert_eq!(kept, "from target", "not ours to delete");
+    assert_eq!(progress.checkpoint.skipped, 1);
+    let _: () = target.del("preexisting").await.unwrap();
+    assert_clean(&pair.verify().await);
+}
+
 /// `skip` on a live source counts exactly the keys the target had before it started, not the
 /// keys the replicator wrote itself, and keeps them; everything else ends equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -355,7 +355,10 @@ impl Copier {
         for (i, found, expiry) in &small {
             let (key, policy) = &keys[*i];
             match found {
-                Found::Gone => encode_into(&mut request, &[b"DEL", key]),
+                Found::Gone if *policy == ReplacePolicy::Replace => encode_into(&mut request, &[b"DEL", key]),
+                // Gone from the source before `fail` or `skip` settled it: a copy on the target
+                // is not ours to delete but one it had before, which the policy decides about.
+                Found::Gone => encode_into(&mut request, &[b"EXISTS", key]),
                 Found::String(value) => {
                     let expiry = (*expiry > 0).then_some(*expiry);
                     encode_set(&mut request, key, value, expiry, *policy, self.set_expiry);
@@ -383,11 +386,18 @@ impl Copier {
                 }
                 // `SET … NX` did not set: the target has the key.
                 (BytesFrame::Null, Found::String(_)) => self.busy(key, *policy, &mut stats)?,
+                // The `EXISTS` of a key gone before it was settled.
+                (BytesFrame::Integer(exists), Found::Gone) if *policy != ReplacePolicy::Replace => {
+                    if exists > 0 {
+                        self.busy(key, *policy, &mut stats)?
+                    }
+                }
                 (BytesFrame::Error(err), Found::Payload(payload)) if decode::unreadable_payload(&err) => {
                     stats += self.rebuild(key, payload, *expiry, *policy).await?;
                 }
                 (BytesFrame::Error(err), found) => {
                     let command = match found {
+                        Found::Gone if *policy != ReplacePolicy::Replace => "EXISTS",
                         Found::Gone => "DEL",
                         Found::String(_) => "SET",
                         Found::Payload(_) => "RESTORE",

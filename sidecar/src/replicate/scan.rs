@@ -35,9 +35,12 @@
 //! have stopped the run); like any other, its read follows its batch's forming, so the argument
 //! above holds. Under `skip` it is left out of the batch: it was either written by us after the
 //! subscription (any later change is notified and re-copied anyway) or kept on purpose, and either
-//! way it is counted once. A key is settled when its batch is formed, yet the set only decides for
-//! batches formed after that one, and those are written after it: by then the earlier write has
-//! been applied. Batches dropped unwritten at a restart take their keys back out.
+//! way it is counted once. A dirty key not settled yet is held to the policy too, as it may be one
+//! the target had before; and one gone from the source by then is not deleted from the target,
+//! only looked for there (`fail` stops, `skip` keeps it), since its copy there is not ours. A key
+//! is settled when its batch is formed, yet the set only decides for batches formed after that
+//! one, and those are written after it: by then the earlier write has been applied. Batches
+//! dropped unwritten at a restart take their keys back out.
 //!
 //! Progress counts a taken key as waiting until its batch is written, so
 //! [`ScanReplicator::caught_up`] never reports a key that is still in flight as copied.
@@ -286,8 +289,9 @@ struct ValueLinks {
 struct Batch {
     /// The notification barrier read before the batch was formed.
     barrier: u64,
-    /// Keys to copy, each with its policy: the dirty keys first (always replaced), then the keys
-    /// a SCAN step of the source found (under the pass's policy, unless [`Settled`] decides).
+    /// Keys to copy, each with its policy: the dirty keys first (replaced, unless a `fail` or
+    /// `skip` backfill has not settled them yet), then the keys a SCAN step of the source found
+    /// (under the pass's policy, unless [`Settled`] decides).
     keys: Vec<(Key, ReplacePolicy)>,
     /// How many of `keys` came from the dirty set.
     dirty: usize,
@@ -446,9 +450,13 @@ impl CopyLoop {
         let mut batch =
             Batch { barrier, dirty: dirty.len(), keys: dirty, stale: Vec::new(), step: None, settled: Vec::new() };
         if let Some(settled) = settled.as_deref_mut() {
+            // A dirty key the backfill has not settled yet may be one the target had before, so
+            // it is held to the backfill's policy like a key SCAN finds; once settled it is ours.
             // First, so that a SCAN copy of a key this batch also takes as dirty counts as ours.
-            for (key, _) in &batch.keys {
-                settled.settle(key, &mut batch.settled);
+            for (key, policy) in &mut batch.keys {
+                if settled.settle(key, &mut batch.settled) {
+                    *policy = self.options.replace;
+                }
             }
         }
         match pass {
