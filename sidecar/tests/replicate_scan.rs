@@ -130,6 +130,35 @@ async fn resumes_from_checkpoint_after_being_killed() {
     assert_clean(&pair.verify().await);
 }
 
+/// A `skip` run resumed from its checkpoint re-copies everything but prunes nothing: a key only
+/// the target has may be one it had before, which `skip` keeps. Under `replace` the same resume
+/// prunes what the source deleted while the replicator was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_skip_run_keeps_keys_only_the_target_has() {
+    for policy in [ReplacePolicy::Skip, ReplacePolicy::Replace] {
+        let pair = Pair::start();
+        let (mut source, mut target) = (pair.source().await, pair.target().await);
+        seed_strings(&mut source, 5_000).await;
+        let _: () = target.set("target-only", "kept").await.unwrap();
+        let replicator = pair.replicate(ScanOptions { batch: 100, replace: policy, ..Default::default() }).await;
+        let mut progress = replicator.progress();
+        progress.wait_for(|p| p.checkpoint.copied >= 1_000).await.unwrap();
+        let checkpoint = progress.borrow().checkpoint.clone();
+        drop(replicator);
+        let _: () = source.del("key:0").await.unwrap();
+        let options = ReplicatorOptions::new(policy, Default::default());
+        let mut replicator = pair.replicator(Mode::Scan, options, Some(checkpoint)).await;
+        let progress = caught_up_progress(&mut replicator).await;
+        assert!(progress.checkpoint.backfill_done(), "{policy:?}: the full pass ran");
+        let kept: Option<String> = target.get("target-only").await.unwrap();
+        let deleted: bool = target.exists("key:0").await.unwrap();
+        match policy {
+            ReplacePolicy::Skip => assert_eq!(kept.as_deref(), Some("kept"), "not ours to prune"),
+            _ => assert!(kept.is_none() && !deleted, "replace prunes what the source lacks"),
+        }
+    }
+}
+
 /// FLUSHDB on the source is noticed; the target is flushed and ends with only the new keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_flush_is_replicated() {

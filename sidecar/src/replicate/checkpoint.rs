@@ -22,7 +22,8 @@ pub enum Pass {
     /// source is the truth for every key).
     Recopy { cursor: u64 },
     /// SCAN the target and delete keys the source no longer has (deletes whose notifications
-    /// were lost).
+    /// were lost). Only under `replace`: under `skip` and `fail` a key only the target has may
+    /// be one it had before, which those policies exist to keep.
     Prune { cursor: u64 },
 }
 
@@ -64,12 +65,17 @@ impl Checkpoint {
         Checkpoint { passes: VecDeque::from([Pass::Backfill { cursor: 0 }]), ..Default::default() }
     }
 
-    /// Queues a full re-copy and prune (after lost notifications), unless the same pair is
-    /// already queued behind the current pass (so it starts later than now anyway).
-    pub(crate) fn queue_full_pass(&mut self) {
-        let full = [Pass::Recopy { cursor: 0 }, Pass::Prune { cursor: 0 }];
+    /// Queues a full re-copy and, when `prune`, a prune (after lost notifications), unless the
+    /// same passes are already queued behind the current pass (so they start later than now
+    /// anyway).
+    pub(crate) fn queue_full_pass(&mut self, prune: bool) {
+        let full: &[Pass] = if prune {
+            &[Pass::Recopy { cursor: 0 }, Pass::Prune { cursor: 0 }]
+        } else {
+            &[Pass::Recopy { cursor: 0 }]
+        };
         let n = self.passes.len();
-        let already_queued = n > 2 && self.passes.range(n - 2..).eq(full.iter());
+        let already_queued = n > full.len() && self.passes.range(n - full.len()..).eq(full.iter());
         if !already_queued {
             self.passes.extend(full);
         }

@@ -47,8 +47,10 @@
 //!
 //! When the argument's premise breaks — the subscription dropped, the dirty set overflowed, or
 //! the replicator restarted from a [`Checkpoint`] — notifications may have been lost, so a full
-//! re-copy pass and a prune pass (target keys the source no longer has) are queued. A FLUSHDB or
-//! FLUSHALL on the source ([`super::flush`]) flushes the target and restarts the backfill.
+//! re-copy pass and, under `replace`, a prune pass (target keys the source no longer has) are
+//! queued: under `skip` and `fail` a key only the target has may be one it had before. A
+//! FLUSHDB or FLUSHALL on the source ([`super::flush`]) flushes the target and restarts the
+//! backfill.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -130,8 +132,8 @@ impl ScanReplicator {
     }
 
     /// Resumes from a checkpoint taken from [`Progress::checkpoint`]: the interrupted pass goes on
-    /// from its cursor, then a full re-copy and prune pass run because notifications were missed
-    /// while the replicator was down (see [`Checkpoint`]). A resumed backfill treats `fail` as
+    /// from its cursor, then a full re-copy and prune pass (a prune only under `replace`) run
+    /// because notifications were missed while the replicator was down (see [`Checkpoint`]). A resumed backfill treats `fail` as
     /// `skip`: keys written by the previous run are indistinguishable from keys that were there
     /// before.
     pub async fn resume(
@@ -143,7 +145,7 @@ impl ScanReplicator {
         if options.replace == ReplacePolicy::Fail {
             options.replace = ReplacePolicy::Skip;
         }
-        checkpoint.queue_full_pass();
+        checkpoint.queue_full_pass(options.replace == ReplacePolicy::Replace);
         Self::launch(source, target, options, checkpoint).await
     }
 
@@ -350,8 +352,11 @@ impl CopyLoop {
             }
             let overflowed = self.shared.dirty().take_overflow();
             if overflowed || self.shared.take_resync() {
-                warn!(overflowed, "notifications may have been lost; queueing a full re-copy and prune");
-                state.queue_full_pass();
+                warn!(
+                    overflowed,
+                    "notifications may have been lost; queueing a full re-copy (and prune, under replace)"
+                );
+                state.queue_full_pass(self.options.replace == ReplacePolicy::Replace);
                 snapshot.resyncs += 1;
                 restart = true;
             }
