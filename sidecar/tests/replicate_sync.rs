@@ -180,6 +180,29 @@ async fn skip_and_fail_leave_existing_keys_alone() {
     assert!(matches!(err, ReplicateError::TargetKeyExists { ref key, .. } if key == "ttl:lzf"), "{err}");
 }
 
+/// Under `skip`, a restart that needs a full copy (here: the target's position record is gone)
+/// stops with an error instead of flushing the target, whose own keys `skip` keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_needing_a_full_copy_under_skip_stops_instead_of_flushing() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 1_000).await;
+    let mut target = pair.target().await;
+    let _: () = target.set("target-only", "kept").await.unwrap();
+    let options = SyncOptions { replace: ReplacePolicy::Skip, ..Default::default() };
+    let mut replicator = pair.sync(options.clone(), None).await;
+    caught_up(&mut replicator).await;
+    let checkpoint = checkpoint_of(replicator);
+    let _: () = target.del(POSITION_KEY).await.unwrap();
+
+    let mut replicator = pair.sync(options, Some(checkpoint)).await;
+    let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("no flush under skip");
+    assert!(matches!(err, ReplicateError::FullCopyWouldFlush { .. }), "{err}");
+    assert!(err.to_string().contains("empty the target"), "{err}");
+    let kept: String = target.get("target-only").await.unwrap();
+    assert_eq!(kept, "kept");
+}
+
 /// Strings the RDB stores in each of its encodings, with and without expiries, and two in
 /// database 2.
 async fn seed_strings_of_every_encoding(source: &mut MultiplexedConnection) {

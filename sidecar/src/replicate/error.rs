@@ -25,6 +25,10 @@ pub enum ReplicateError {
     )]
     TargetKeyExists { server: Arc<str>, key: String },
     #[error(
+        "the source cannot continue from the position {server} recorded, and a full copy would first flush {server}, deleting the keys the `skip` or `fail` policy keeps there; replication stops: empty the target yourself (or choose `replace`) and start again"
+    )]
+    FullCopyWouldFlush { server: Arc<str> },
+    #[error(
         "keyspace notifications are off on {server} and cannot be enabled ({detail}); scan mode would miss live writes, so it does not start: set notify-keyspace-events to `KEA` in the provider's settings and retry"
     )]
     NotificationsOff { server: Arc<str>, detail: String },

@@ -7,9 +7,11 @@
 //! 2. **Snapshot.** On `+FULLRESYNC` the source sends an RDB (`$<len>` or diskless
 //!    `$EOF:<mark>`). [`rdb`] finds each key's encoded value and [`load`] RESTOREs it on the
 //!    target as is, with its absolute expiry (strings, decoded, go in MSETs, or SETs when they
-//!    expire), in pipelined batches, one value in memory at a time. The target is flushed first only when this is a restart: it then holds Eden's own
-//!    earlier copy, which may have keys the source has deleted since. A first run never
-//!    flushes; keys already on the target follow the replace policy.
+//!    expire), in pipelined batches, one value in memory at a time. The target is flushed
+//!    first only when this is a restart: it then holds Eden's own earlier copy, which may have
+//!    keys the source has deleted since. A first run never flushes; keys already on the target
+//!    follow the replace policy. Under `skip` and `fail` the target has keys of its own that no
+//!    flush may take, so a restart that needs a full copy stops with an error instead.
 //! 3. **Stream.** [`apply`] applies the commands that follow, exactly once, acknowledging the
 //!    offset every second. FLUSHDB/FLUSHALL arrive as commands and are applied like any other.
 //!
@@ -46,7 +48,8 @@ use crate::upstream::TlsSettings;
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
     /// What loading the snapshot does with keys that already exist on the target (first run
-    /// only: a restart that needs a full copy flushes the target first).
+    /// only: a restart that needs a full copy flushes the target first, which only `replace`
+    /// allows; under `skip` and `fail` such a restart stops with an error instead).
     pub replace: ReplacePolicy,
     /// Trust for `rediss://` servers.
     pub tls: TlsSettings,
@@ -274,6 +277,12 @@ impl Session {
             }
             Outcome::Full { position, framing } => {
                 if self.restart {
+                    // The target now holds Eden's earlier copy, which may have keys the source has
+                    // deleted since: only a flush removes them. Under `skip` and `fail` it also
+                    // holds keys of its own, which no flush may take.
+                    if self.options.replace != ReplacePolicy::Replace {
+                        return Err(ReplicateError::FullCopyWouldFlush { server: target.link.label().clone() });
+                    }
                     warn!("the source cannot continue from the target's position; flushing the target for a full copy");
                     target.flush().await?;
                 }
