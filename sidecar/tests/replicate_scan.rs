@@ -235,11 +235,7 @@ async fn fail_policy_ignores_keys_it_wrote_itself_during_a_live_backfill() {
 /// naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_policy_still_stops_on_a_preexisting_key_during_a_live_backfill() {
-    let pair = Pair::start();
-    let (mut source, mut target) = (pair.source().await, pair.target().await);
-    seed_strings(&mut source, 20_000).await;
-    let _: () = source.set("preexisting", "from source").await.unwrap();
-    let _: () = target.set("preexisting", "from target").await.unwrap();
+    let (pair, source, mut target) = live_pair(&["preexisting"]).await;
     let options = ScanOptions { batch: 100, replace: ReplacePolicy::Fail, ..Default::default() };
     let mut replicator = pair.replicate(options).await;
     write_until_backfilled(&replicator, &source, 20_000).await;
@@ -255,11 +251,7 @@ async fn fail_policy_still_stops_on_a_preexisting_key_during_a_live_backfill() {
 /// deleted key. (With 20,000 keys in steps of 100, SCAN nearly always comes to them last.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preexisting_keys_the_application_changes_during_the_backfill_keep_their_policy() {
-    let pair = Pair::start();
-    let (mut source, mut target) = (pair.source().await, pair.target().await);
-    seed_strings(&mut source, 20_000).await;
-    let _: () = source.set("preexisting", "from source").await.unwrap();
-    let _: () = target.set("preexisting", "from target").await.unwrap();
+    let (pair, mut source, mut target) = live_pair(&["preexisting"]).await;
     let options = ScanOptions { batch: 100, replace: ReplacePolicy::Fail, ..Default::default() };
     let mut replicator = pair.replicate(options).await;
     let _: () = source.set("preexisting", "written during the backfill").await.unwrap();
@@ -286,13 +278,7 @@ async fn preexisting_keys_the_application_changes_during_the_backfill_keep_their
 /// keys the replicator wrote itself, and keeps them; everything else ends equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_policy_counts_only_preexisting_keys_during_a_live_backfill() {
-    let pair = Pair::start();
-    let (mut source, mut target) = (pair.source().await, pair.target().await);
-    seed_strings(&mut source, 20_000).await;
-    for i in 0..3 {
-        let _: () = source.set(format!("preexisting:{i}"), "from source").await.unwrap();
-        let _: () = target.set(format!("preexisting:{i}"), "from target").await.unwrap();
-    }
+    let (pair, source, mut target) = live_pair(&["preexisting:0", "preexisting:1", "preexisting:2"]).await;
     let options = ScanOptions { batch: 100, replace: ReplacePolicy::Skip, ..Default::default() };
     let mut replicator = pair.replicate(options).await;
     let rounds = write_until_backfilled(&replicator, &source, 20_000).await;
@@ -343,6 +329,19 @@ async fn keys_scan_returns_twice_are_no_conflicts() {
         assert_eq!(progress.checkpoint.skipped, 0, "{policy:?}");
         assert_clean(&pair.verify().await);
     }
+}
+
+/// A pair whose source holds 20,000 strings, and where both servers hold each of `preexisting`,
+/// with different values ("from source", "from target").
+async fn live_pair(preexisting: &[&str]) -> (Pair, MultiplexedConnection, MultiplexedConnection) {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    seed_strings(&mut source, 20_000).await;
+    for key in preexisting {
+        let _: () = source.set(key, "from source").await.unwrap();
+        let _: () = target.set(key, "from target").await.unwrap();
+    }
+    (pair, source, target)
 }
 
 /// Writes all over `key:<i>` (i below `keys`) while the replicator's backfill runs, so many keys
