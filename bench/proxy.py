@@ -13,6 +13,14 @@ in a rotating order), ratios are taken within a round, and the median round is r
 run moves a million requests per test, so that it lasts a few seconds on every target: at 200,000 it
 was over in under a second, and one scheduling hiccup from another process swung a whole round.
 
+Single-client latency is the opposite case: a loopback round trip is tens of microseconds, and what
+the rest of the machine does moves it by as much from one second to the next. So each round's
+latency test is cut into short slices, every target runs each slice back to back, and each target's
+added latency is taken against direct Redis in the same slice, a second or so apart; the reported
+figure is the median over every slice of every round. One 20,000-request run per target per round
+paired runs several seconds apart, and the added p50 of the same binaries swung between -16 and
++72 µs from round to round.
+
 Usage:  bench/proxy.py [--sidecar-build-failed] [SIDECAR_BINARY]
         (`make bench` builds the release sidecar and calls this; SIDECAR_BINARY defaults to
         $CARGO_TARGET_DIR/release/eden-sidecar, else $HOME/.cache/eden/target/release/eden-sidecar)
@@ -21,7 +29,8 @@ Environment (defaults in brackets):
   BENCH_ROUNDS [5]                   interleaved rounds; the median is reported
   BENCH_REQUESTS [100000]            requests per test, 50 clients, no pipeline
   BENCH_PIPELINED_REQUESTS [1000000] requests per test, 50 clients, -P 16
-  BENCH_LATENCY_REQUESTS [20000]     requests per test, 1 client
+  BENCH_LATENCY_REQUESTS [20000]     requests per round, 1 client, split into slices
+  BENCH_LATENCY_SLICES [8]           slices of the single-client test per round
   BENCH_IDLE_CLIENTS [1000]          idle clients held open for the sidecar's RSS
   BENCH_OUTPUT [BENCHMARKS.md at the repository root]  file to update; "-" for none
 
@@ -47,17 +56,20 @@ ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
 PIPELINED_REQUESTS = env_int("BENCH_PIPELINED_REQUESTS", 1_000_000)
 LATENCY_REQUESTS = env_int("BENCH_LATENCY_REQUESTS", 20_000)
+LATENCY_SLICES = env_int("BENCH_LATENCY_SLICES", 8)
 IDLE_CLIENTS = env_int("BENCH_IDLE_CLIENTS", 1000)
 READY_STARTS = 5  # fresh sidecar starts timed for readiness; the median is reported
 TARGETS = ["direct", "eden-sidecar", "haproxy", "twemproxy"]
 FOOTPRINT = "sidecar footprint"  # failures' key for the RSS and readiness measurements
 
-# (key, clients, pipeline, requests). Only SET and GET: twemproxy proxies a subset of commands.
+# (key, clients, pipeline, requests per run, runs per round). Only SET and GET: twemproxy proxies a
+# subset of commands.
 TESTS = [
-    ("plain", 50, 1, REQUESTS),
-    ("piped", 50, 16, PIPELINED_REQUESTS),
-    ("single", 1, 1, LATENCY_REQUESTS),
+    ("plain", 50, 1, REQUESTS, 1),
+    ("piped", 50, 16, PIPELINED_REQUESTS, 1),
+    ("single", 1, 1, max(1, LATENCY_REQUESTS // LATENCY_SLICES), LATENCY_SLICES),
 ]
+RUNS_PER_ROUND = {key: runs for key, *_, runs in TESTS}
 
 # The figures issue 3 sets for the sidecar.
 IDLE_RSS_MAX_MIB = 10
@@ -136,26 +148,31 @@ def run_benchmark(name, port, clients, pipeline, requests, pids):
 
 
 def run_rounds(ports, processes, failures):
-    """rounds[target][test] is a list of results, one per round, for the targets still standing."""
+    """rounds[target][test] is a list of results, RUNS_PER_ROUND[test] per round, for the targets
+    still standing. Within a round, the n-th run of a test on every target form a set taken back to
+    back, and ratios are only taken within a set."""
     rounds = {name: {test[0]: [] for test in TESTS} for name in ports}
+    names = list(ports)
     for number in range(ROUNDS):
-        # Rotate who goes first: the first run after a pause sees a slightly different machine.
-        order = list(ports)[number % len(ports):] + list(ports)[:number % len(ports)]
-        for key, clients, pipeline, requests in TESTS:
-            for name in order:
-                if name in failures:
-                    continue
-                log(f"round {number + 1}/{ROUNDS}: {name}, {key} ({clients} clients, -P {pipeline}, -n {requests})")
-                try:
-                    if processes[name].poll() is not None:
-                        raise exited(processes[name], name)
-                    pids = (processes["direct"].pid, processes[name].pid)
-                    rounds[name][key].append(run_benchmark(name, ports[name], clients, pipeline, requests, pids))
-                except BenchError as error:
-                    failures[name] = str(error)
-                    log(f"FAILED {error}")
-                    if name == "direct":
-                        return rounds  # nothing left to compare with
+        for key, clients, pipeline, requests, runs in TESTS:
+            for part in range(runs):
+                # Rotate who goes first: the first run after a pause sees a slightly different machine.
+                turn = (number * runs + part) % len(names)
+                for name in names[turn:] + names[:turn]:
+                    if name in failures:
+                        continue
+                    log(f"round {number + 1}/{ROUNDS}: {name}, {key} run {part + 1}/{runs} "
+                        f"({clients} clients, -P {pipeline}, -n {requests})")
+                    try:
+                        if processes[name].poll() is not None:
+                            raise exited(processes[name], name)
+                        pids = (processes["direct"].pid, processes[name].pid)
+                        rounds[name][key].append(run_benchmark(name, ports[name], clients, pipeline, requests, pids))
+                    except BenchError as error:
+                        failures[name] = str(error)
+                        log(f"FAILED {error}")
+                        if name == "direct":
+                            return rounds  # nothing left to compare with
     return rounds
 
 
@@ -215,22 +232,26 @@ def raise_fd_limit():
 def summarise(rounds, name):
     """Medians over rounds for one target; ratios against direct in the same round."""
     runs, direct = rounds[name], rounds["direct"]
-    n = min(len(runs[key]) for key, *_ in TESTS)
-    if n == 0 or min(len(direct[key]) for key, *_ in TESTS) < n:
+    n = min(len(runs[key]) // RUNS_PER_ROUND[key] for key in RUNS_PER_ROUND)  # whole rounds measured
+    if n == 0 or min(len(direct[key]) // RUNS_PER_ROUND[key] for key in RUNS_PER_ROUND) < n:
         return None
+    runs = {key: results[:n * RUNS_PER_ROUND[key]] for key, results in runs.items()}
     med = statistics.median
     s = {}
     for key in ("plain", "piped"):
         for op in ("set", "get"):
-            s[f"{key}_{op}"] = med(r[f"{op}_rps"] for r in runs[key][:n])
+            s[f"{key}_{op}"] = med(r[f"{op}_rps"] for r in runs[key])
             s[f"{key}_{op}_ratio"] = med(t[f"{op}_rps"] / d[f"{op}_rps"] for t, d in zip(runs[key], direct[key]))
-    # Single-client latency: the mean of the SET and GET percentiles of each round.
-    def p(result, q):
-        return (result[f"set_{q}"] + result[f"get_{q}"]) / 2
-    s["p50"] = med(p(r, "p50") for r in runs["single"][:n])
-    s["p99"] = med(p(r, "p99") for r in runs["single"][:n])
-    s["p50_added"] = med(p(t, "p50") - p(d, "p50") for t, d in zip(runs["single"], direct["single"]))
+    # Single-client latency: the mean of the SET and GET percentiles of each slice.
+    s["p50"] = med(latency(r, "p50") for r in runs["single"])
+    s["p99"] = med(latency(r, "p99") for r in runs["single"])
+    s["p50_added"] = med(latency(t, "p50") - latency(d, "p50") for t, d in zip(runs["single"], direct["single"]))
     return s
+
+
+def latency(result, percentile):
+    """One single-client run's percentile: the mean of its SET and GET figures, in µs."""
+    return (result[f"set_{percentile}"] + result[f"get_{percentile}"]) / 2
 
 
 def piped_vs(rounds, name, other):
@@ -340,21 +361,23 @@ def rounds_table(rounds):
         if name not in rounds:
             continue
         runs = rounds[name]
-        for number, (plain, piped, single) in enumerate(zip(runs["plain"], runs["piped"], runs["single"])):
+        slices = [runs["single"][i:i + LATENCY_SLICES] for i in range(0, len(runs["single"]), LATENCY_SLICES)]
+        for number, (plain, piped, single) in enumerate(zip(runs["plain"], runs["piped"], slices)):
             cells = []
             for key, result in (("plain", plain), ("piped", piped)):
                 base = direct[key][number] if number < len(direct[key]) else None
                 ratios = f" ({result['set_rps'] / base['set_rps']:.2f} / {result['get_rps'] / base['get_rps']:.2f})" \
                     if base else ""
                 cells.append(f"{result['set_rps']:.0f} / {result['get_rps']:.0f}{ratios}")
-            latency = f"{(single['set_p50'] + single['get_p50']) / 2:.0f} / {(single['set_p99'] + single['get_p99']) / 2:.0f}"
-            lines.append(f"| {name} | {number + 1} | {cells[0]} | {cells[1]} | {latency} |")
+            p50, p99 = (statistics.median(latency(r, q) for r in single) for q in ("p50", "p99"))
+            lines.append(f"| {name} | {number + 1} | {cells[0]} | {cells[1]} | {p50:.0f} / {p99:.0f} |")
     return lines
 
 
 def render(args, rounds, failures, footprint, elapsed_s):
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command_lines = [shlex.join(benchmark_args("PORT", "set,get", c, p, n)) for _, c, p, n in TESTS]
+    command_lines = [shlex.join(benchmark_args("PORT", "set,get", c, p, n)) + (f"  # {runs} times" if runs > 1 else "")
+                     for _, c, p, n, runs in TESTS]
     lines = [
         f"Measured {date}, {elapsed_s / 60:.1f} minutes, with `{invocation('proxy.py', args.sidecar)}`.",
         "",
@@ -382,10 +405,11 @@ def render(args, rounds, failures, footprint, elapsed_s):
         *command_lines,
         "```",
         "",
-        "p50/p99 are the mean of the SET and GET percentiles from redis-benchmark's histogram, whose "
-        "buckets are 8 µs wide below 1 ms: single-client differences smaller than that are noise. "
-        "p50 added is the median over rounds of (target − direct) within a round, so it need not equal "
-        "the difference of the two medians shown.",
+        f"The single-client test runs as {LATENCY_SLICES} slices per round, each slice on every target back to "
+        "back. p50/p99 are the mean of the SET and GET percentiles from redis-benchmark's histogram, whose "
+        "buckets are 8 µs wide below 1 ms, and the median over all slices. p50 added is the median over "
+        "all slices of (target − direct) within a slice, so it need not equal the difference of the two "
+        "medians shown. The rounds below show each round's median slice.",
         "",
         "<details><summary>Every round</summary>",
         "",
