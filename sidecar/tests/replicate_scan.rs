@@ -176,6 +176,25 @@ async fn source_flush_is_replicated() {
     assert_clean(&pair.verify().await);
 }
 
+/// Under `skip` and `fail`, a FLUSHDB on the source stops replication with an error instead of
+/// flushing the target, which has keys of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_flush_under_skip_or_fail_stops_instead_of_flushing_the_target() {
+    for policy in [ReplacePolicy::Skip, ReplacePolicy::Fail] {
+        let pair = Pair::start();
+        let (mut source, mut target) = (pair.source().await, pair.target().await);
+        seed_strings(&mut source, 1_000).await;
+        let _: () = target.set("target-only", "kept").await.unwrap();
+        let mut replicator = pair.replicate(ScanOptions { replace: policy, ..Default::default() }).await;
+        caught_up(&mut replicator).await;
+        let _: () = redis::cmd("FLUSHDB").query_async(&mut source).await.unwrap();
+        let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("a flush stops the run");
+        assert!(matches!(err, ReplicateError::SourceFlushed { .. }), "{policy:?}: {err}");
+        let size: u64 = redis::cmd("DBSIZE").query_async(&mut target).await.unwrap();
+        assert_eq!(size, 1_001, "{policy:?}: the target keeps the copies and its own key");
+    }
+}
+
 /// `skip` keeps a key that already exists on the target, whatever its type, and counts it (the
 /// source's expiry does not land on it either); `fail` stops naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -351,6 +351,43 @@ async fn source_flushes_are_replicated() {
     assert_clean(&pair.verify().await);
 }
 
+/// Under `skip`, a flush in the stream stops replication just before it: what came before is
+/// applied, the target's own key survives, and a restart from the checkpoint stops there again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_flush_under_skip_stops_before_reaching_the_target() {
+    let pair = Pair::with_source(diskless());
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 1_000).await;
+    let mut target = pair.target().await;
+    let _: () = target.set("target-only", "kept").await.unwrap();
+    let options = SyncOptions { replace: ReplacePolicy::Skip, ..Default::default() };
+    let mut replicator = pair.sync(options.clone(), None).await;
+    caught_up(&mut replicator).await;
+    let mut p = redis::pipe();
+    p.set("before-flush", 1).cmd("FLUSHALL").set("after-flush", 1);
+    let _: () = p.query_async(&mut source).await.unwrap();
+
+    let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("a flush stops the run");
+    assert!(matches!(err, ReplicateError::SourceFlushed { .. }), "{err}");
+    assert!(err.to_string().contains("`FLUSHALL`"), "{err}");
+    let applied: (bool, bool, bool) = redis::pipe()
+        .exists("before-flush")
+        .exists("after-flush")
+        .exists("target-only")
+        .query_async(&mut target)
+        .await
+        .unwrap();
+    assert_eq!(applied, (true, false, true), "before-flush, after-flush, target-only");
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut target).await.unwrap();
+    assert_eq!(size, 1_003, "the copies, before-flush, target-only and the position record");
+
+    let mut replicator = pair.sync(options, Some(checkpoint_of(replicator))).await;
+    let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("the flush is still next");
+    assert!(matches!(err, ReplicateError::SourceFlushed { .. }), "{err}");
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut target).await.unwrap();
+    assert_eq!(size, 1_003);
+}
+
 /// Both modes and the verifier reach `rediss://` servers, trusting a CA from a file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_modes_and_the_verifier_work_over_tls() {

@@ -29,6 +29,10 @@ pub enum ReplicateError {
     )]
     FullCopyWouldFlush { server: Arc<str> },
     #[error(
+        "{server} was flushed ({evidence}); doing the same to the target would delete the keys the `skip` or `fail` policy keeps there, so replication stops before it: delete on the target what should go, then start a new migration (or choose `replace`, under which the target mirrors the flush)"
+    )]
+    SourceFlushed { server: Arc<str>, evidence: String },
+    #[error(
         "keyspace notifications are off on {server} and cannot be enabled ({detail}); scan mode would miss live writes, so it does not start: set notify-keyspace-events to `KEA` in the provider's settings and retry"
     )]
     NotificationsOff { server: Arc<str>, detail: String },

@@ -2,7 +2,8 @@
 //!
 //! The reliable signal is the call counters in `INFO commandstats`: any change (a flush, or a
 //! CONFIG RESETSTAT) counts as a flush, and the caller flushes the target and rescans — a
-//! needless rescan is safe, a missed flush is not. Servers that hide commandstats fall back to
+//! needless rescan is safe, a missed flush is not (under `skip` and `fail` the caller stops
+//! instead, so there a CONFIG RESETSTAT stops replication too). Servers that hide commandstats fall back to
 //! DBSIZE dropping to 0.
 
 use redis::cmd;

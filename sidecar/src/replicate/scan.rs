@@ -50,7 +50,8 @@
 //! re-copy pass and, under `replace`, a prune pass (target keys the source no longer has) are
 //! queued: under `skip` and `fail` a key only the target has may be one it had before. A
 //! FLUSHDB or FLUSHALL on the source ([`super::flush`]) flushes the target and restarts the
-//! backfill.
+//! backfill under `replace`; under `skip` and `fail` it stops replication, as the target's own
+//! keys are not the source's to flush.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -341,6 +342,14 @@ impl CopyLoop {
                 last_flush_check = Instant::now();
                 seen_barrier = barrier;
                 if flush.flushed(source).await? {
+                    if self.options.replace != ReplacePolicy::Replace {
+                        let evidence = "its FLUSHDB and FLUSHALL call counts changed, or it emptied; \
+                                        CONFIG RESETSTAT looks the same";
+                        return Err(ReplicateError::SourceFlushed {
+                            server: source.label().clone(),
+                            evidence: evidence.to_owned(),
+                        });
+                    }
                     warn!("source was flushed; flushing the target and restarting the backfill");
                     self.shared.dirty().clear();
                     self.copier.target.cmd::<()>("FLUSHDB", &cmd("FLUSHDB")).await?;

@@ -7,6 +7,9 @@
 //! a batch without its position. The source's own MULTI/EXEC pairs are unwrapped into the batch,
 //! and a transaction still arriving waits for its EXEC, so a batch never splits one.
 //!
+//! Under `skip` and `fail`, a FLUSHDB or FLUSHALL in the stream stops replication just before it:
+//! the target has keys of its own, which are not the source's to flush.
+//!
 //! Once a second the applied offset is acknowledged to the source (`REPLCONF ACK`, which keeps
 //! the link alive and lets `WAIT` see Eden) and the source's `master_repl_offset` is read on a
 //! side connection to report the lag in bytes.
@@ -21,7 +24,7 @@ use super::Reporter;
 use super::link::{Link, encode, master_offset};
 use super::target::{Position, Target};
 use crate::frame::RequestScanner;
-use crate::replicate::ReplicateError;
+use crate::replicate::{ReplacePolicy, ReplicateError};
 
 const ACK_EVERY: Duration = Duration::from_secs(1);
 
@@ -36,6 +39,9 @@ pub(crate) struct Follower<'a> {
     pub(crate) applied: Position,
     /// Bytes of writes per batch at most (a transaction may exceed it).
     pub(crate) batch_bytes: usize,
+    /// Under `skip` and `fail` the target has keys of its own, so a flush in the stream stops
+    /// replication instead of reaching the target.
+    pub(crate) policy: ReplacePolicy,
 }
 
 /// The part of the stream read but not yet applied.
@@ -118,6 +124,13 @@ impl Follower<'_> {
                     b"SELECT" => {
                         let db = args.next().and_then(|r| std::str::from_utf8(&bytes[r]).ok()?.parse().ok());
                         pending.db = db.ok_or_else(|| self.source.error("the stream sent an unreadable SELECT"))?;
+                    }
+                    b"FLUSHALL" | b"FLUSHDB" if self.policy != ReplacePolicy::Replace => {
+                        // What came before the flush is applied and recorded; the flush (and the
+                        // rest of its transaction, if any) is not, so a restart stops here again.
+                        self.commit(batch, pending).await?;
+                        let evidence = format!("`{}` in its replication stream", String::from_utf8_lossy(&name));
+                        return Err(ReplicateError::SourceFlushed { server: self.source.label().clone(), evidence });
                     }
                     b"MULTI" => pending.transaction = Some(Vec::new()),
                     b"EXEC" => {

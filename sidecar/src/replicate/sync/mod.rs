@@ -13,7 +13,8 @@
 //!    follow the replace policy. Under `skip` and `fail` the target has keys of its own that no
 //!    flush may take, so a restart that needs a full copy stops with an error instead.
 //! 3. **Stream.** [`apply`] applies the commands that follow, exactly once, acknowledging the
-//!    offset every second. FLUSHDB/FLUSHALL arrive as commands and are applied like any other.
+//!    offset every second. FLUSHDB/FLUSHALL arrive as commands and are applied like any other
+//!    under `replace`; under `skip` and `fail` they stop replication before reaching the target.
 //!
 //! Progress and the checkpoint (replication ID and offset) are published on a `watch`
 //! channel; [`SyncReplicator::caught_up`] waits until the target has applied the source's
@@ -328,6 +329,7 @@ impl Session {
             reporter: &mut self.reporter,
             applied,
             batch_bytes: self.options.batch_bytes,
+            policy: self.options.replace,
         };
         follower.run().await
     }
