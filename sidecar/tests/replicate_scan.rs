@@ -195,6 +195,68 @@ async fn a_source_flush_under_skip_or_fail_stops_instead_of_flushing_the_target(
     }
 }
 
+/// Every copy connection killed on both servers mid-run: the loop reopens them and carries on
+/// where it was, with no full re-copy, and the live writes made meanwhile all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_copy_connections_are_reopened_without_a_full_pass() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    seed_strings(&mut source, 20_000).await;
+    let mut replicator = pair.replicate(ScanOptions { batch: 100, ..Default::default() }).await;
+    let mut progress = replicator.progress();
+    progress.wait_for(|p| p.checkpoint.copied >= 5_000).await.unwrap();
+    // Writing while the connections drop, so that the batches lost with them hold dirty keys.
+    let writers = spawn_writers(&source, 2, 2_000, 20_000);
+    progress.wait_for(|p| p.dirty > 0).await.unwrap();
+    let connections_before = info_stat(&mut target, "total_connections_received").await;
+    for con in [&mut source, &mut target] {
+        // Normal clients only: the keyspace subscription is a pubsub client and stays.
+        let killed: u64 =
+            redis::cmd("CLIENT").arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"]).query_async(con).await.unwrap();
+        assert!(killed >= 2, "the replicator's connections were killed: {killed}");
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let progress = caught_up_progress(&mut replicator).await;
+    assert_eq!(progress.resyncs, 0, "no full pass was queued");
+    // One pass over about 25,000 keys, 100 per SCAN step, takes about 250 steps; two would take 500.
+    let scans = calls(&mut source, "scan").await;
+    assert!(scans < 400, "the keyspace was scanned once, not again: {scans} SCAN calls");
+    assert!(info_stat(&mut target, "total_connections_received").await > connections_before, "it reconnected");
+    assert_clean(&pair.verify().await);
+}
+
+/// A source that restarts has forgotten the CONFIG SET that turned keyspace notifications on:
+/// the replicator turns them on again, so writes made after the restart still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_source_gets_its_notifications_turned_on_again() {
+    let mut pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 1_000).await;
+    let mut replicator = pair.replicate(Default::default()).await;
+    caught_up(&mut replicator).await;
+    pair.source.restart().unwrap();
+    let mut source = pair.source().await;
+    let mut progress = replicator.progress();
+    progress.wait_for(|p| p.resyncs >= 1).await.unwrap();
+    caught_up(&mut replicator).await;
+
+    let _: () = source.set("after-restart", 1).await.unwrap();
+    caught_up(&mut replicator).await;
+    let mut target = pair.target().await;
+    let copied: Option<u32> = target.get("after-restart").await.unwrap();
+    assert_eq!(copied, Some(1));
+    assert_clean(&pair.verify().await);
+}
+
+async fn info_stat(con: &mut MultiplexedConnection, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(con).await.unwrap();
+    let line = info.lines().find_map(|line| line.strip_prefix(&format!("{field}:"))).unwrap();
+    line.trim().parse().unwrap()
+}
+
 /// `skip` keeps a key that already exists on the target, whatever its type, and counts it (the
 /// source's expiry does not land on it either); `fail` stops naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,9 @@
 //! A multiplexed connection is cheap to clone, so callers pass `&Endpoint` around and pipelines
 //! from different tasks share one socket. The response timeout is raised from the client's
 //! 500 ms default because a DUMP of a large value or a long MULTI legitimately takes longer.
+//! The connection is a [`ConnectionManager`]: a command that finds it lost fails (the caller
+//! decides what a lost reply means), and the next one goes over a new connection, so a network
+//! blip or a server restart does not leave every clone holding a dead socket.
 //!
 //! An endpoint may be [`paced`](Endpoint::paced): every command through it, from any clone,
 //! counts against one operations-per-second limit for that server.
@@ -15,7 +18,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, TlsCertificates, Value};
 
 use super::ReplicateError;
@@ -23,13 +26,17 @@ use super::pace::Pace;
 use crate::upstream::TlsSettings;
 
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect attempts per lost connection, waiting 0.5, 1, 2 and 4 s between them; a command
+/// issued after that tries again from the start.
+const RECONNECT_RETRIES: usize = 4;
 
 /// A named connection to one Redis server.
 #[derive(Clone)]
 pub(crate) struct Endpoint {
     label: Arc<str>,
     client: Client,
-    conn: MultiplexedConnection,
+    conn: ConnectionManager,
     pace: Arc<Pace>,
 }
 
@@ -52,10 +59,20 @@ impl Endpoint {
             Client::open(url).map_err(connect_error)?
         };
         let label: Arc<str> = Arc::from(format!("{role} {}", client.get_connection_info().addr()).as_str());
-        let config = AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
+        // One plain attempt first, so that a wrong address or password is reported at once
+        // rather than after the manager's reconnect attempts.
+        let first = AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT));
+        client
+            .get_multiplexed_async_connection_with_config(&first)
             .await
+            .map_err(|source| ReplicateError::Connect { server: label.clone(), source })?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_min_delay(Duration::from_millis(500))
+            .set_exponent_base(2.0)
+            .set_number_of_retries(RECONNECT_RETRIES);
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|source| ReplicateError::Connect { server: label.clone(), source })?;
         Ok(Endpoint { label, client, conn, pace: Arc::new(Pace::new(None)) })
     }

@@ -60,8 +60,16 @@ pub enum ReplicateError {
 
 impl ReplicateError {
     /// A lost or refused connection, which reconnecting may cure; anything else (a refusal, bad
-    /// data, a policy stop) would only happen again.
+    /// data, a policy stop) would only happen again. A timeout is not one: the server may still
+    /// apply what was sent, after whatever a new connection sends.
     pub fn is_disconnect(&self) -> bool {
-        matches!(self, ReplicateError::Disconnected { .. } | ReplicateError::Unreachable { .. })
+        match self {
+            ReplicateError::Disconnected { .. } | ReplicateError::Unreachable { .. } => true,
+            ReplicateError::Command { source, .. } => {
+                !source.is_timeout()
+                    && (source.is_io_error() || source.is_connection_dropped() || source.is_connection_refusal())
+            }
+            _ => false,
+        }
     }
 }

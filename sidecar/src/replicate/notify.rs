@@ -6,8 +6,9 @@
 //! a barrier message arrives every notification published before it has already been recorded —
 //! that is how [`super::ScanReplicator::caught_up`] knows it has seen all writes made before it
 //! was called. If the subscription drops, notifications may have been lost: the task reconnects,
-//! resubscribes, and only then asks for a full rescan, so the rescan starts after the new
-//! subscription is live.
+//! resubscribes, turns notifications on again (a restarted server forgets a CONFIG SET) and only
+//! then asks for a full rescan, so the rescan starts once the new subscription hears every
+//! write.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) wake: Notify,
     resync: AtomicBool,
     barrier: AtomicU64,
+    /// Why the subscriber can no longer hear the source's writes, for the copier to stop with.
+    failure: Mutex<Option<ReplicateError>>,
 }
 
 impl Shared {
@@ -44,11 +47,17 @@ impl Shared {
             wake: Notify::new(),
             resync: AtomicBool::new(false),
             barrier: AtomicU64::new(0),
+            failure: Mutex::new(None),
         }
     }
 
     pub(crate) fn dirty(&self) -> MutexGuard<'_, DirtySet> {
         self.dirty.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The subscriber's failure, if it has one: replication cannot go on without notifications.
+    pub(crate) fn take_failure(&self) -> Option<ReplicateError> {
+        self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
     }
 
     /// Whether a full rescan was requested since the last call (resetting the request).
@@ -66,11 +75,12 @@ impl Shared {
 /// Makes sure the source publishes the events scan mode needs, enabling missing classes with
 /// CONFIG SET. Returns `false` when CONFIG is refused, so the caller must probe instead.
 pub(crate) async fn enable(source: &Endpoint) -> Result<bool, ReplicateError> {
-    let Ok(reply) =
-        source.cmd::<Vec<String>>("CONFIG GET", cmd("CONFIG").arg("GET").arg("notify-keyspace-events")).await
-    else {
-        return Ok(false);
-    };
+    let reply =
+        match source.cmd::<Vec<String>>("CONFIG GET", cmd("CONFIG").arg("GET").arg("notify-keyspace-events")).await {
+            Ok(reply) => reply,
+            Err(err) if err.is_disconnect() => return Err(err),
+            Err(_refused) => return Ok(false),
+        };
     let current = reply.get(1).cloned().unwrap_or_default();
     let has = |flag: char| current.contains(flag) || (flag == 'A' && ALL_CLASSES.chars().all(|c| current.contains(c)));
     let missing: String = NEEDED.into_iter().filter(|flag| !has(*flag)).collect();
@@ -91,22 +101,37 @@ pub(crate) async fn enable(source: &Endpoint) -> Result<bool, ReplicateError> {
 /// The subscriber: `ready` gets the first subscription's outcome; afterwards the task runs until
 /// aborted, reconnecting (and requesting a rescan) whenever the subscription drops.
 pub(crate) async fn subscriber(
-    client: Client,
-    label: Arc<str>,
-    db: i64,
+    source: Endpoint,
     barrier_channel: String,
     shared: Arc<Shared>,
     ready: oneshot::Sender<Result<(), ReplicateError>>,
 ) {
+    let label = source.label().clone();
     let mut ready = Some(ready);
     loop {
-        match subscribe(&client, db, &barrier_channel).await {
+        match subscribe(source.client(), source.db(), &barrier_channel).await {
             Ok(pubsub) => {
                 match ready.take() {
                     Some(ready) => {
                         let _ = ready.send(Ok(()));
                     }
                     None => {
+                        // A server that restarted has forgotten the CONFIG SET that turned them
+                        // on. Where CONFIG is refused, the provider's settings survive a restart.
+                        match enable(&source).await {
+                            Ok(_) => {}
+                            Err(err) if err.is_disconnect() => {
+                                warn!(server = %label, error = %err, "lost the source again; resubscribing in 1s");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                            Err(err) => {
+                                warn!(server = %label, error = %err, "cannot turn keyspace notifications back on");
+                                *shared.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(err);
+                                shared.wake.notify_one();
+                                return;
+                            }
+                        }
                         warn!(server = %label, "resubscribed to keyspace notifications; rescanning because some may have been lost");
                         shared.resync.store(true, Ordering::Release);
                         shared.wake.notify_one();

@@ -52,6 +52,10 @@
 //! FLUSHDB or FLUSHALL on the source ([`super::flush`]) flushes the target and restarts the
 //! backfill under `replace`; under `skip` and `fail` it stops replication, as the target's own
 //! keys are not the source's to flush.
+//!
+//! A lost copy connection breaks nothing of the argument: the batches not written yet are
+//! dropped, their dirty keys go back to the dirty set and their pass steps are formed again, so
+//! every key they held is taken by a batch formed (and read) later ([`CopyLoop::run_inner`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -161,12 +165,11 @@ impl ScanReplicator {
         // The DUMPs and RESTOREs that carry every value go over raw connections of their own;
         // the write stage DUMPs what its batch's budget left for later on one more, as the read
         // stage is using the first for the next batch meanwhile.
-        let source_address = Address::with_database("source", source_url, &options.tls)?;
-        let links = ValueLinks {
-            dumps: source_address.connect().await?,
-            late_dumps: source_address.connect().await?,
-            restores: Address::with_database("target", target_url, &options.tls)?.connect().await?,
+        let addresses = LinkAddresses {
+            source: Address::with_database("source", source_url, &options.tls)?,
+            target: Address::with_database("target", target_url, &options.tls)?,
         };
+        let links = addresses.connect().await?;
         let span = info_span!("scan_replicator", source = %source.label(), target = %target.label());
         let verified = notify::enable(&source).instrument(span.clone()).await?;
 
@@ -174,15 +177,8 @@ impl ScanReplicator {
         let barrier_channel = notify::barrier_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let subscriber = tokio::spawn(
-            notify::subscriber(
-                source.client().clone(),
-                source.label().clone(),
-                source.db(),
-                barrier_channel.clone(),
-                shared.clone(),
-                ready_tx,
-            )
-            .instrument(span.clone()),
+            notify::subscriber(source.clone(), barrier_channel.clone(), shared.clone(), ready_tx)
+                .instrument(span.clone()),
         );
         let ready = async {
             ready_rx.await.unwrap_or_else(|_| unreachable!("the subscriber answers before it can end"))?;
@@ -215,7 +211,7 @@ impl ScanReplicator {
             rebuilt_types: Default::default(),
         };
         info!(parent: &span, passes = ?checkpoint.passes, "scan replication starting");
-        let run = CopyLoop { copier, shared, options, progress: progress_tx, started: Instant::now() };
+        let run = CopyLoop { copier, addresses, shared, options, progress: progress_tx, started: Instant::now() };
         Ok(ScanReplicator {
             source,
             barrier_channel,
@@ -228,7 +224,11 @@ impl ScanReplicator {
 
     async fn publish_barrier(&self) -> Result<u64, ReplicateError> {
         let n = self.next_barrier.fetch_add(1, Ordering::Relaxed) + 1;
-        notify::publish_barrier(&self.source, &self.barrier_channel, n).await?;
+        // A connection lost since the last call fails the first command; the next reconnects.
+        match notify::publish_barrier(&self.source, &self.barrier_channel, n).await {
+            Err(err) if err.is_disconnect() => notify::publish_barrier(&self.source, &self.barrier_channel, n).await?,
+            other => other?,
+        }
         Ok(n)
     }
 
@@ -269,13 +269,64 @@ impl Drop for ScanReplicator {
     }
 }
 
+/// Reconnect attempts in a row before a lost connection stops the run, waiting 1, 2, 4, 8 and
+/// 16 s (as sync mode does).
+const RECONNECT_ATTEMPTS: u32 = 5;
+
 /// The single task that writes to the target; see the module docs for why there is only one.
 struct CopyLoop {
     copier: Copier,
+    addresses: LinkAddresses,
     shared: Arc<Shared>,
     options: ScanOptions,
     progress: watch::Sender<Progress>,
     started: Instant,
+}
+
+/// What the copy loop carries from one turn to the next.
+struct Turns {
+    /// As far as the batches written so far go.
+    state: Checkpoint,
+    /// Where the next batch's pass step comes from: ahead of `state` by the batches in flight.
+    ahead: VecDeque<Pass>,
+    settled: Option<Settled>,
+    /// Formed, not read yet.
+    unread: Option<Batch>,
+    /// Read, not written yet.
+    read: Option<(Batch, Read)>,
+    flush: FlushWatch,
+    last_flush_check: Instant,
+    seen_barrier: u64,
+    pass_started: Instant,
+    snapshot: Progress,
+}
+
+impl Turns {
+    /// After a lost connection: the batches not written yet are dropped, their dirty keys go
+    /// back to the dirty set, and their pass steps are formed again.
+    fn drop_in_flight(&mut self, shared: &Shared) {
+        let mut dirty = shared.dirty();
+        for batch in self.unread.take().iter().chain(self.read.take().as_ref().map(|(batch, _)| batch)) {
+            batch.keys[..batch.dirty].iter().for_each(|(key, _)| dirty.insert(key));
+        }
+        self.ahead = self.state.passes.clone();
+    }
+}
+
+/// Where the value links go, to open them again after a lost connection.
+struct LinkAddresses {
+    source: Address,
+    target: Address,
+}
+
+impl LinkAddresses {
+    async fn connect(&self) -> Result<ValueLinks, ReplicateError> {
+        Ok(ValueLinks {
+            dumps: self.source.connect().await?,
+            late_dumps: self.source.connect().await?,
+            restores: self.target.connect().await?,
+        })
+    }
 }
 
 /// The raw connections values travel over, one per stage that uses it at the same time as the
@@ -315,155 +366,207 @@ impl CopyLoop {
         result
     }
 
-    /// Forms a batch, reads it and writes it, with three batches in flight: while batch N is
-    /// written to the target, batch N+1's values are read from the source and batch N+2 is
-    /// formed. `state` moves only as batches are written; `ahead` is where
-    /// the next batch is formed from.
-    async fn run_inner(&self, mut state: Checkpoint, links: ValueLinks) -> Result<(), ReplicateError> {
-        let ValueLinks { mut dumps, mut late_dumps, mut restores } = links;
-        let source = &self.copier.source;
-        let mut flush = FlushWatch::start(source).await?;
-        let mut last_flush_check = Instant::now();
-        let mut seen_barrier = 0;
-        let mut pass_started = Instant::now();
-        let mut snapshot = self.progress.borrow().clone();
-        let mut ahead = state.passes.clone();
-        let tracked = |passes: &VecDeque<Pass>| {
-            self.options.replace != ReplacePolicy::Replace && matches!(passes.front(), Some(Pass::Backfill { .. }))
+    /// Turns the pipeline until an error. A lost connection is ridden out in place, outside a
+    /// `fail` or `skip` backfill: the batches not written yet are dropped, their dirty keys go
+    /// back to the dirty set and their pass steps are formed again, and the value links are
+    /// opened again (the command connections reconnect by themselves). Nothing was missed, so
+    /// no full pass follows. During a `fail` or `skip` backfill the run stops instead: whether a
+    /// half-written batch's keys were ours or the target's own could no longer be told.
+    async fn run_inner(&self, state: Checkpoint, mut links: ValueLinks) -> Result<(), ReplicateError> {
+        let mut turns = Turns {
+            flush: FlushWatch::start(&self.copier.source).await?,
+            last_flush_check: Instant::now(),
+            seen_barrier: 0,
+            pass_started: Instant::now(),
+            snapshot: self.progress.borrow().clone(),
+            ahead: state.passes.clone(),
+            settled: self.tracked(&state.passes).then(Settled::default),
+            state,
+            unread: None,
+            read: None,
         };
-        let mut settled = tracked(&state.passes).then(Settled::default);
-        let mut unread: Option<Batch> = None;
-        let mut read: Option<(Batch, Read)> = None;
+        let mut attempts = 0;
         loop {
-            // Read the barrier first: everything notified before it is in the dirty set now.
-            let barrier = self.shared.barrier();
-            let mut restart = false;
-            if barrier != seen_barrier || last_flush_check.elapsed() >= self.options.flush_check {
-                last_flush_check = Instant::now();
-                seen_barrier = barrier;
-                if flush.flushed(source).await? {
-                    if self.options.replace != ReplacePolicy::Replace {
-                        let evidence = "its FLUSHDB and FLUSHALL call counts changed, or it emptied; \
-                                        CONFIG RESETSTAT looks the same";
-                        return Err(ReplicateError::SourceFlushed {
-                            server: source.label().clone(),
-                            evidence: evidence.to_owned(),
-                        });
-                    }
-                    warn!("source was flushed; flushing the target and restarting the backfill");
-                    self.shared.dirty().clear();
-                    self.copier.target.cmd::<()>("FLUSHDB", &cmd("FLUSHDB")).await?;
-                    state.passes.clear();
-                    state.passes.push_back(Pass::Recopy { cursor: 0 });
-                    snapshot.flushes += 1;
-                    restart = true;
+            match self.turn(&mut turns, &mut links).await {
+                Ok(()) => attempts = 0,
+                Err(err) if err.is_disconnect() && turns.settled.is_none() => {
+                    turns.drop_in_flight(&self.shared);
+                    self.snapshot_behind(&mut turns.snapshot);
+                    links = self.reconnect(err, &mut attempts).await?;
                 }
-            }
-            let overflowed = self.shared.dirty().take_overflow();
-            if overflowed || self.shared.take_resync() {
-                warn!(
-                    overflowed,
-                    "notifications may have been lost; queueing a full re-copy (and prune, under replace)"
-                );
-                state.queue_full_pass(self.options.replace == ReplacePolicy::Replace);
-                snapshot.resyncs += 1;
-                restart = true;
-            }
-            if restart {
-                // The batches in flight are dropped unwritten and their pass steps redone: the
-                // full pass now queued copies their keys again (after a flush, into an emptied
-                // target).
-                if let Some(settled) = &mut settled {
-                    for batch in unread.iter().chain(read.iter().map(|(batch, _)| batch)) {
-                        settled.forget(&batch.settled);
-                    }
-                }
-                (unread, read) = (None, None);
-                ahead = state.passes.clone();
-            }
-            if !tracked(&state.passes) {
-                settled = None;
-            }
-
-            // Live changes first, so lag stays low during a long backfill. `take` removes the
-            // keys from the dirty set before anything of them is read (the ordering the proof
-            // needs).
-            let dirty: Vec<(Key, ReplacePolicy)> = self
-                .shared
-                .dirty()
-                .take(self.options.batch)
-                .into_iter()
-                .map(|key| (key, ReplacePolicy::Replace))
-                .collect();
-            let pass = ahead.front().copied();
-            if pass.is_none() && dirty.is_empty() && unread.is_none() && read.is_none() {
-                self.publish(&mut snapshot, &state, barrier, pass_started, 0);
-                let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
-                continue;
-            }
-            if pass.is_some_and(pass_is_starting) {
-                pass_started = Instant::now();
-                state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
-            }
-            let forming =
-                (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, pass, settled.as_mut()));
-            let (to_read, to_write) = (unread.take(), read.take());
-            let (copier, dumps, late_dumps, restores) = (&self.copier, &mut dumps, &mut late_dumps, &mut restores);
-            let (formed, was_read, written) = tokio::try_join!(
-                async move {
-                    match forming {
-                        Some(forming) => forming.await.map(Some),
-                        None => Ok(None),
-                    }
-                },
-                async move {
-                    match to_read {
-                        Some(batch) => copier.read(dumps, &batch.keys).await.map(|read| Some((batch, read))),
-                        None => Ok(None),
-                    }
-                },
-                async move {
-                    match to_write {
-                        Some((batch, read)) => copier
-                            .write(restores, late_dumps, &batch.keys, read, &batch.stale)
-                            .await
-                            .map(|stats| Some((batch, stats))),
-                        None => Ok(None),
-                    }
-                },
-            )?;
-            if let Some((_, next)) = formed.as_ref().and_then(|batch| batch.step) {
-                advance(&mut ahead, next);
-            }
-            (unread, read) = (formed, was_read);
-            if let Some((batch, stats)) = written {
-                if let Some((pass, next)) = batch.step
-                    && advance(&mut state.passes, next)
-                {
-                    info!(?pass, "pass complete");
-                }
-                state.copied += stats.copied;
-                state.deleted += stats.deleted;
-                state.skipped += stats.skipped;
-                let in_flight = unread.iter().map(|b| b.dirty).chain(read.iter().map(|(b, _)| b.dirty)).sum();
-                self.publish(&mut snapshot, &state, batch.barrier, pass_started, in_flight);
+                Err(err) => return Err(err),
             }
         }
     }
 
-    /// Forms a batch from the keys taken from the dirty set and one step of the current pass;
-    /// `settled` is there while a `fail` or `skip` backfill runs.
-    async fn form(
-        &self,
-        barrier: u64,
-        dirty: Vec<(Key, ReplacePolicy)>,
-        pass: Option<Pass>,
-        mut settled: Option<&mut Settled>,
-    ) -> Result<Batch, ReplicateError> {
-        let (source, target) = (&self.copier.source, &self.copier.target);
-        let mut batch =
-            Batch { barrier, dirty: dirty.len(), keys: dirty, stale: Vec::new(), step: None, settled: Vec::new() };
-        if let Some(settled) = settled.as_deref_mut() {
+    /// Whether the current pass is a `fail` or `skip` backfill, which tracks what it settled.
+    fn tracked(&self, passes: &VecDeque<Pass>) -> bool {
+        self.options.replace != ReplacePolicy::Replace && matches!(passes.front(), Some(Pass::Backfill { .. }))
+    }
+
+    /// Lag keeps counting while the links are down.
+    fn snapshot_behind(&self, snapshot: &mut Progress) {
+        snapshot.behind_since.get_or_insert_with(Instant::now);
+        self.progress.send_replace(snapshot.clone());
+    }
+
+    /// Waits 1, 2, 4, 8 and 16 s, opening the value links after each wait, until they open; the
+    /// last error once `attempts` (counted across calls until a turn succeeds) runs out.
+    async fn reconnect(&self, mut err: ReplicateError, attempts: &mut u32) -> Result<ValueLinks, ReplicateError> {
+        while *attempts < RECONNECT_ATTEMPTS {
+            let wait = Duration::from_secs(1 << *attempts);
+            *attempts += 1;
+            warn!(error = %err, retry_in = ?wait, attempt = *attempts, "scan replication lost a connection; reconnecting");
+            tokio::time::sleep(wait).await;
+            match self.addresses.connect().await {
+                Ok(links) => return Ok(links),
+                Err(next) if next.is_disconnect() => err = next,
+                Err(next) => return Err(next),
+            }
+        }
+        Err(err)
+    }
+
+    /// One turn: forms a batch, reads the one formed last turn and writes the one read last
+    /// turn, so that three batches are in flight: while batch N is written to the target, batch
+    /// N+1's values are read from the source and batch N+2 is formed. `state` moves only as
+    /// batches are written; `ahead` is where the next batch is formed from.
+    async fn turn(&self, t: &mut Turns, links: &mut ValueLinks) -> Result<(), ReplicateError> {
+        if let Some(err) = self.shared.take_failure() {
+            return Err(err);
+        }
+        let source = &self.copier.source;
+        // Read the barrier first: everything notified before it is in the dirty set now.
+        let barrier = self.shared.barrier();
+        let mut restart = false;
+        if barrier != t.seen_barrier || t.last_flush_check.elapsed() >= self.options.flush_check {
+            t.last_flush_check = Instant::now();
+            t.seen_barrier = barrier;
+            if t.flush.flushed(source).await? {
+                if self.options.replace != ReplacePolicy::Replace {
+                    let evidence = "its FLUSHDB and FLUSHALL call counts changed, or it emptied; \
+                                    CONFIG RESETSTAT looks the same";
+                    return Err(ReplicateError::SourceFlushed {
+                        server: source.label().clone(),
+                        evidence: evidence.to_owned(),
+                    });
+                }
+                warn!("source was flushed; flushing the target and restarting the backfill");
+                self.shared.dirty().clear();
+                self.copier.target.cmd::<()>("FLUSHDB", &cmd("FLUSHDB")).await?;
+                t.state.passes.clear();
+                t.state.passes.push_back(Pass::Recopy { cursor: 0 });
+                t.snapshot.flushes += 1;
+                restart = true;
+            }
+        }
+        let overflowed = self.shared.dirty().take_overflow();
+        if overflowed || self.shared.take_resync() {
+            warn!(overflowed, "notifications may have been lost; queueing a full re-copy (and prune, under replace)");
+            t.state.queue_full_pass(self.options.replace == ReplacePolicy::Replace);
+            t.snapshot.resyncs += 1;
+            restart = true;
+        }
+        if restart {
+            // The batches in flight are dropped unwritten and their pass steps redone: the full
+            // pass now queued copies their keys again (after a flush, into an emptied target).
+            if let Some(settled) = &mut t.settled {
+                for batch in t.unread.iter().chain(t.read.iter().map(|(batch, _)| batch)) {
+                    settled.forget(&batch.settled);
+                }
+            }
+            (t.unread, t.read) = (None, None);
+            t.ahead = t.state.passes.clone();
+        }
+        if !self.tracked(&t.state.passes) {
+            t.settled = None;
+        }
+
+        // Live changes first, so lag stays low during a long backfill. `take` removes the keys
+        // from the dirty set before anything of them is read (the ordering the proof needs).
+        let dirty = self.shared.dirty().take(self.options.batch);
+        let pass = t.ahead.front().copied();
+        if pass.is_none() && dirty.is_empty() && t.unread.is_none() && t.read.is_none() {
+            self.publish(&mut t.snapshot, &t.state, barrier, t.pass_started, 0);
+            let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
+            return Ok(());
+        }
+        if pass.is_some_and(pass_is_starting) {
+            t.pass_started = Instant::now();
+            t.state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
+        }
+        // The dirty keys are in a batch from here on, so a failure below cannot lose them.
+        let mut formed = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, t.settled.as_mut()));
+        let to_read = t.unread.take();
+        let (to_write, read) = t.read.take().unzip();
+        let (copier, settled) = (&self.copier, t.settled.as_mut());
+        let ValueLinks { dumps, late_dumps, restores } = links;
+        let outcome = tokio::try_join!(
+            async {
+                match (&mut formed, pass) {
+                    (Some(batch), Some(pass)) => self.step(batch, pass, settled).await,
+                    _ => Ok(()),
+                }
+            },
+            async {
+                match &to_read {
+                    Some(batch) => copier.read(dumps, &batch.keys).await.map(Some),
+                    None => Ok(None),
+                }
+            },
+            async {
+                match (&to_write, read) {
+                    (Some(batch), Some(read)) => {
+                        copier.write(restores, late_dumps, &batch.keys, read, &batch.stale).await.map(Some)
+                    }
+                    _ => Ok(None),
+                }
+            },
+        );
+        let (_, was_read, written) = match outcome {
+            Ok(done) => done,
+            Err(err) => {
+                // None of these batches is known to be on the target (the one being written may
+                // be in part). Their dirty keys go back, to be taken by batches formed later,
+                // whose reads follow their forming, so the argument in the module docs holds.
+                let mut dirty = self.shared.dirty();
+                for batch in formed.iter().chain(&to_read).chain(&to_write) {
+                    batch.keys[..batch.dirty].iter().for_each(|(key, _)| dirty.insert(key));
+                }
+                return Err(err);
+            }
+        };
+        if let Some((_, next)) = formed.as_ref().and_then(|batch| batch.step) {
+            advance(&mut t.ahead, next);
+        }
+        (t.unread, t.read) = (formed, to_read.zip(was_read));
+        if let (Some(batch), Some(stats)) = (to_write, written) {
+            if let Some((pass, next)) = batch.step
+                && advance(&mut t.state.passes, next)
+            {
+                info!(?pass, "pass complete");
+            }
+            t.state.copied += stats.copied;
+            t.state.deleted += stats.deleted;
+            t.state.skipped += stats.skipped;
+            let in_flight = t.unread.iter().map(|b| b.dirty).chain(t.read.iter().map(|(b, _)| b.dirty)).sum();
+            self.publish(&mut t.snapshot, &t.state, batch.barrier, t.pass_started, in_flight);
+        }
+        Ok(())
+    }
+
+    /// Starts a batch with the keys taken from the dirty set; `settled` is there while a `fail`
+    /// or `skip` backfill runs.
+    fn form(&self, barrier: u64, dirty: Vec<Key>, settled: Option<&mut Settled>) -> Batch {
+        let mut batch = Batch {
+            barrier,
+            dirty: dirty.len(),
+            keys: dirty.into_iter().map(|key| (key, ReplacePolicy::Replace)).collect(),
+            stale: Vec::new(),
+            step: None,
+            settled: Vec::new(),
+        };
+        if let Some(settled) = settled {
             // A dirty key the backfill has not settled yet may be one the target had before, so
             // it is held to the backfill's policy like a key SCAN finds; once settled it is ours.
             // First, so that a SCAN copy of a key this batch also takes as dirty counts as ours.
@@ -473,9 +576,15 @@ impl CopyLoop {
                 }
             }
         }
+        batch
+    }
+
+    /// Adds one step of the current pass to a batch.
+    async fn step(&self, batch: &mut Batch, pass: Pass, settled: Option<&mut Settled>) -> Result<(), ReplicateError> {
+        let (source, target) = (&self.copier.source, &self.copier.target);
         match pass {
-            Some(Pass::Backfill { cursor } | Pass::Recopy { cursor }) => {
-                let backfill = matches!(pass, Some(Pass::Backfill { .. }));
+            Pass::Backfill { cursor } | Pass::Recopy { cursor } => {
+                let backfill = matches!(pass, Pass::Backfill { .. });
                 let policy = if backfill { self.options.replace } else { ReplacePolicy::Replace };
                 let (next, found) = keys::scan(source, cursor, self.options.batch).await?;
                 match settled.filter(|_| backfill) {
@@ -485,17 +594,16 @@ impl CopyLoop {
                     }
                     None => batch.keys.extend(found.into_iter().map(|key| (key, policy))),
                 }
-                batch.step = pass.map(|pass| (pass, next));
+                batch.step = Some((pass, next));
             }
-            Some(Pass::Prune { cursor }) => {
+            Pass::Prune { cursor } => {
                 let (next, found) = keys::scan(target, cursor, self.options.batch).await?;
                 let on_source = keys::exists(source, &found).await?;
                 batch.stale = found.into_iter().zip(on_source).filter(|(_, on)| !on).map(|(key, _)| key).collect();
-                batch.step = pass.map(|pass| (pass, next));
+                batch.step = Some((pass, next));
             }
-            None => {}
         }
-        Ok(batch)
+        Ok(())
     }
 
     /// Publishes progress as of the last batch written; `in_flight` dirty keys were taken into

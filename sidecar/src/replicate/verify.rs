@@ -5,7 +5,8 @@
 //! equal values); differing payloads and big values get a semantic, chunked comparison
 //! ([`super::compare`]). Pass two SCANs the target for keys the source lacks. Data keeps changing
 //! under live writes, so a report lists the differing keys and [`Verifier::recheck`] looks at just
-//! those again. Sync mode's position record on the target ([`super::POSITION_KEY`]) is Eden's
+//! those again. A key due to expire within the TTL tolerance may be gone from the server read
+//! second, so it is not reported missing there. Sync mode's position record on the target ([`super::POSITION_KEY`]) is Eden's
 //! bookkeeping, not data, and is not reported.
 
 use redis::pipe;
@@ -162,11 +163,17 @@ impl Verifier {
             loop {
                 let (next, mut found) = keys::scan(&self.target, cursor, self.options.batch).await?;
                 found.retain(|key| key != POSITION_KEY.as_bytes());
+                let scanned = found.len();
                 let on_source = keys::exists(&self.source, &found).await?;
-                for (key, _) in found.iter().zip(on_source).filter(|(_, on)| !on) {
-                    report.record(&self.options, key, DifferenceKind::Extra, "not on the source".into());
+                let only_on_target: Vec<Key> =
+                    found.into_iter().zip(on_source).filter(|(_, on)| !on).map(|(key, _)| key).collect();
+                let infos = keys::inspect(&self.target, &only_on_target).await?;
+                for (key, info) in only_on_target.iter().zip(infos) {
+                    if info.kind.is_some() && !self.expiring(info.pttl) {
+                        report.record(&self.options, key, DifferenceKind::Extra, "not on the source".into());
+                    }
                 }
-                pace.spend(found.len()).await;
+                pace.spend(scanned).await;
                 cursor = next;
                 if cursor == 0 {
                     break;
@@ -192,6 +199,13 @@ impl Verifier {
         Ok(report)
     }
 
+    /// Whether a key with this PTTL is due to expire within the TTL tolerance. The servers are
+    /// read one after the other, so such a key may be gone from the second by then: that is not
+    /// a difference.
+    fn expiring(&self, pttl: i64) -> bool {
+        (0..=self.options.ttl_tolerance_ms as i64).contains(&pttl)
+    }
+
     /// Compares each key's presence, type, TTL and value.
     async fn check(&self, batch: &[Key], report: &mut VerifyReport) -> Result<(), ReplicateError> {
         let (source, target) = (keys::inspect(&self.source, batch).await?, keys::inspect(&self.target, batch).await?);
@@ -200,6 +214,8 @@ impl Verifier {
             report.checked += 1;
             let (kind, other) = match (s.kind, t.kind) {
                 (None, None) => continue,
+                (None, Some(_)) if self.expiring(t.pttl) => continue,
+                (Some(_), None) if self.expiring(s.pttl) => continue,
                 (None, Some(_)) => {
                     report.record(&self.options, key, DifferenceKind::Extra, "not on the source".into());
                     continue;
