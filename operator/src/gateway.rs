@@ -10,40 +10,18 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ContainerPort, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile, Service, ServicePort, ServiceSpec,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
-use crate::configmap;
 use crate::crd::{Gateway, Migration};
-use crate::migration::TARGET_CREDENTIALS_DIR;
 use crate::owned;
+use crate::proxy::{self, NON_ROOT, Upstreams};
 
-/// The image when neither `spec.gateway.image` nor the operator's `--sidecar-image` says
-/// otherwise: the sidecar released with this operator.
-pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/eden/eden-sidecar:", env!("CARGO_PKG_VERSION"));
-
-/// The sidecar's admin port (health and metrics); never the Redis port, which `spec.gateway`
-/// validation keeps apart.
-const ADMIN_PORT: i32 = 9090;
-/// A numeric non-root user, so `runAsNonRoot` holds whatever user the image declares.
-const NON_ROOT: i64 = 65532;
 const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 const COMPONENT: &str = "gateway";
-
-/// What the proxy pods need from outside the Migration.
-pub struct Upstreams<'a> {
-    /// The source Endpoint's URI (no secret in it: clients' AUTH goes through to the source).
-    pub source_uri: &'a str,
-    /// The target Endpoint's credentials Secret, mounted where the payload's
-    /// `credentials_file` points.
-    pub target_secret: Option<&'a str>,
-}
 
 /// The Deployment's name: `eden-<migration>-gateway`.
 pub fn deployment_name(migration: &Migration) -> String {
@@ -75,90 +53,10 @@ fn metadata(migration: &Migration, name: String) -> ObjectMeta {
 
 /// The proxy Deployment. `default_image` is the operator's `--sidecar-image`.
 pub fn deployment(migration: &Migration, gateway: &Gateway, upstreams: &Upstreams, default_image: &str) -> Deployment {
-    let namespace = migration.namespace().unwrap_or_default();
-    let args = [
-        "--listen",
-        &format!("0.0.0.0:{}", gateway.port),
-        "--admin-listen",
-        &format!("0.0.0.0:{ADMIN_PORT}"),
-        "--source",
-        upstreams.source_uri,
-        "--configmap",
-        &configmap::name(migration),
-        "--namespace",
-        &namespace,
-        // Each pod acknowledges in its own Lease, named after the pod.
-        "--pod-name",
-        "$(POD_NAME)",
-        "--log-format",
-        "json",
-    ];
-    let probe = |path: &str| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String("admin".into()),
-            ..Default::default()
-        }),
-        period_seconds: Some(5),
-        ..Default::default()
-    };
-    let (volumes, volume_mounts) = match upstreams.target_secret {
-        Some(secret) => {
-            let volume = Volume {
-                name: "target-credentials".into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret.into()),
-                    // Readable by the pod's group (fsGroup) only.
-                    default_mode: Some(0o440),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let mount = VolumeMount {
-                name: "target-credentials".into(),
-                mount_path: TARGET_CREDENTIALS_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            };
-            (Some(vec![volume]), Some(vec![mount]))
-        }
-        None => (None, None),
-    };
-    let container = Container {
-        name: "eden-sidecar".into(),
-        image: Some(gateway.image.clone().unwrap_or_else(|| default_image.into())),
-        args: Some(args.map(String::from).to_vec()),
-        env: Some(vec![EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]),
-        ports: Some(vec![
-            ContainerPort { name: Some("redis".into()), container_port: gateway.port, ..Default::default() },
-            ContainerPort { name: Some("admin".into()), container_port: ADMIN_PORT, ..Default::default() },
-        ]),
-        readiness_probe: Some(probe("/readyz")),
-        liveness_probe: Some(probe("/healthz")),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_string(), Quantity("50m".into())),
-                ("memory".to_string(), Quantity("64Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
-            ..Default::default()
-        }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
-            ..Default::default()
-        }),
-        volume_mounts,
-        ..Default::default()
-    };
+    let image = gateway.image.as_deref().unwrap_or(default_image);
+    let (mut container, volume) = proxy::container(migration, image, &format!("0.0.0.0:{}", gateway.port), upstreams);
+    let redis = ContainerPort { name: Some("redis".into()), container_port: gateway.port, ..Default::default() };
+    container.ports.get_or_insert_with(Vec::new).insert(0, redis);
     Deployment {
         metadata: metadata(migration, deployment_name(migration)),
         spec: Some(DeploymentSpec {
@@ -176,7 +74,7 @@ pub fn deployment(migration: &Migration, gateway: &Gateway, upstreams: &Upstream
                         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         ..Default::default()
                     }),
-                    volumes,
+                    volumes: volume.map(|volume| vec![volume]),
                     ..Default::default()
                 }),
             },
@@ -209,6 +107,7 @@ mod tests {
     use super::*;
     use crate::crd::MigrationSpec;
     use crate::migration::TARGET_CREDENTIALS_FILE;
+    use crate::proxy::DEFAULT_IMAGE;
 
     fn migration(gateway: serde_json::Value) -> (Migration, Gateway) {
         let spec: MigrationSpec = serde_json::from_value(serde_json::json!({
@@ -292,7 +191,7 @@ mod tests {
         assert_eq!((requests["cpu"].0.as_str(), requests["memory"].0.as_str()), ("50m", "64Mi"));
         for (probe, path) in [(&container.readiness_probe, "/readyz"), (&container.liveness_probe, "/healthz")] {
             let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
-            assert_eq!((get.path.as_deref(), &get.port), (Some(path), &IntOrString::String("admin".into())));
+            assert_eq!((get.path.as_deref(), &get.port), (Some(path), &IntOrString::String("eden-admin".into())));
         }
         assert!(pod.volumes.is_none() && container.volume_mounts.is_none(), "no Secret to mount");
     }

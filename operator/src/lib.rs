@@ -15,4 +15,6 @@ pub mod leader;
 pub mod metrics;
 pub mod migration;
 pub mod owned;
+pub mod proxy;
 pub mod sidecars;
+pub mod webhook;

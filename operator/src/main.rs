@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use eden_operator::leader::{LeaderElector, Timing};
-use eden_operator::{context::Context, endpoint, gateway, metrics::Metrics, migration};
+use eden_operator::webhook::{self, CallTarget, FailurePolicy, WebhookOptions};
+use eden_operator::{context::Context, endpoint, metrics::Metrics, migration, proxy};
 use eden_sidecar::admin;
 use eden_sidecar::telemetry::{LogFormat, init_logging};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -30,9 +31,27 @@ struct Args {
     /// Reconcile Migrations in this namespace only (all namespaces when absent).
     #[arg(long, env = "EDEN_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
-    /// The eden-sidecar image gateways run when their Migration does not name one.
-    #[arg(long, env = "EDEN_SIDECAR_IMAGE", default_value = gateway::DEFAULT_IMAGE)]
+    /// The eden-sidecar image the webhook injects, and gateways run when their Migration does
+    /// not name one.
+    #[arg(long, env = "EDEN_SIDECAR_IMAGE", default_value = proxy::DEFAULT_IMAGE)]
     sidecar_image: String,
+    /// Serve the injection webhook here (HTTPS) and register it; no webhook when absent.
+    #[arg(long, env = "EDEN_WEBHOOK_LISTEN")]
+    webhook_listen: Option<SocketAddr>,
+    /// The Service in the operator's namespace through which the API server calls the webhook.
+    #[arg(long, env = "EDEN_WEBHOOK_SERVICE", default_value = "eden-operator-webhook")]
+    webhook_service: String,
+    /// That Service's port.
+    #[arg(long, env = "EDEN_WEBHOOK_SERVICE_PORT", default_value_t = 443)]
+    webhook_service_port: i32,
+    /// Call the webhook at this `https://host:port` instead of through the Service (an API
+    /// server with no Service network, such as a local one).
+    #[arg(long, env = "EDEN_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// When the webhook cannot be reached: `ignore` creates pods without a sidecar, `fail`
+    /// refuses them.
+    #[arg(long, env = "EDEN_WEBHOOK_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Ignore)]
+    webhook_failure_policy: FailurePolicy,
 }
 
 #[tokio::main]
@@ -59,6 +78,26 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(admin::serve(listener, handler));
 
     let identity = args.instance.clone().unwrap_or_else(|| format!("eden-operator-{}", std::process::id()));
+    // Every replica answers the webhook, leader or not.
+    if let Some(listen) = args.webhook_listen {
+        let call = match &args.webhook_url {
+            Some(url) => CallTarget::Url(url.clone()),
+            None => CallTarget::Service {
+                namespace: args.leader_election_namespace.clone(),
+                name: args.webhook_service.clone(),
+                port: args.webhook_service_port,
+            },
+        };
+        let options = WebhookOptions {
+            listen,
+            call,
+            failure_policy: args.webhook_failure_policy,
+            namespace: args.leader_election_namespace.clone(),
+            image: args.sidecar_image.clone(),
+            instance: Some(identity.clone()),
+        };
+        webhook::start(client.clone(), options).await?;
+    }
     let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), &args.leader_election_namespace);
     let elector = LeaderElector::new(leases.clone(), "eden-operator-leader", identity.clone(), Timing::default());
     let (leading_tx, mut leading) = watch::channel(false);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use eden_e2e::{ControlPlane, RedisConfig, RedisServer, TestPki};
 use eden_operator::crd::Endpoint;
-use eden_operator::gateway::DEFAULT_IMAGE;
+use eden_operator::proxy::DEFAULT_IMAGE;
 use eden_operator::{context::Context, endpoint, metrics::Metrics};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
 use eden_operator::crd::{Migration, Phase};
-use eden_operator::gateway::DEFAULT_IMAGE;
+use eden_operator::proxy::DEFAULT_IMAGE;
 use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
 use eden_sidecar::config::{Applier, EdenConfig, WritePolicy};
 use eden_sidecar::lease::{ANNOTATION_LOST_SOURCE_WRITES, LeaseReporter};

@@ -1,7 +1,8 @@
 //! The chart's RBAC against a real API server that authorizes with RBAC: the templates in
 //! `charts/eden/templates` are rendered (the few Helm expressions they use, nothing else),
 //! applied, checked with `kubectl auth can-i` as the ServiceAccounts, and then the operator and
-//! a sidecar run as those ServiceAccounts through a migration with a gateway, so a permission
+//! a sidecar run as those ServiceAccounts through a migration with a gateway and the injection
+//! webhook, so a permission
 //! the code needs and the chart lacks fails here.
 
 use std::sync::Arc;
@@ -9,13 +10,14 @@ use std::time::Duration;
 
 use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
 use eden_operator::crd::{Migration, Phase};
-use eden_operator::gateway::DEFAULT_IMAGE;
 use eden_operator::leader::{LeaderElector, Timing};
+use eden_operator::proxy::DEFAULT_IMAGE;
+use eden_operator::webhook::{self, CallTarget, FailurePolicy, WebhookOptions};
 use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
 use eden_sidecar::config::Applier;
 use eden_sidecar::lease::LeaseReporter;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, DeleteParams};
 use tokio::sync::watch;
 
@@ -63,7 +65,8 @@ fn assert_rights(control_plane: &ControlPlane, user: &str, namespace: &str, allo
     assert!(wrong.is_empty(), "{user} in {namespace} should be {expected}: {wrong:?}");
 }
 
-#[tokio::test]
+// Two workers: kubectl blocks the one that runs it while the API server calls the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
     let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
     let control_plane = ControlPlane::shared();
@@ -112,8 +115,12 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
             ("patch", "events.events.k8s.io"),
             ("patch", "deployments.apps"),
             ("delete", "services"),
+            ("create", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
+            ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
         ],
     );
+    // The webhook's CA Secret is created in the operator's own namespace, nowhere else.
+    assert_rights(control_plane, &operator, &system, true, &[("create", "secrets")]);
     assert_rights(
         control_plane,
         &operator,
@@ -183,6 +190,17 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
     let ctx =
         Context::new(as_operator.clone(), Arc::new(Metrics::default()), Some("op-0".into()), DEFAULT_IMAGE.into());
     let controllers = [tokio::spawn(endpoint::run(ctx.clone())), tokio::spawn(migration::run(ctx, None))];
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let webhook_options = WebhookOptions {
+        listen,
+        call: CallTarget::Url(format!("https://{listen}")),
+        failure_policy: FailurePolicy::Fail,
+        namespace: system.clone(),
+        image: DEFAULT_IMAGE.into(),
+        instance: Some("op-0".into()),
+    };
+    let webhook =
+        webhook::start(as_operator.clone(), webhook_options).await.expect("the webhook starts as the operator");
 
     let source = RedisServer::start().unwrap();
     let target = RedisServer::with_config(RedisConfig::default().directive("requirepass", "s3cret")).unwrap();
@@ -246,6 +264,13 @@ spec:
     assert!(ready, "never Ready with a gateway and the sidecar's ack: {last:#?}");
     let admin = control_plane.client().await.unwrap();
     assert!(Api::<Deployment>::namespaced(admin.clone(), &app).get_opt("eden-cache-gateway").await.unwrap().is_some());
+    // The webhook, as the operator, reads the Migration and its Endpoints for a pod that asks.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app\n  annotations: {eden.io/inject: \"true\", \
+               eden.io/migration: cache}\nspec:\n  containers: [{name: app, image: \"app:1\"}]\n";
+    control_plane.apply_manifest(&app, pod).unwrap();
+    let pod = Api::<Pod>::namespaced(admin.clone(), &app).get("app").await.unwrap();
+    let init = pod.spec.unwrap().init_containers.unwrap_or_default();
+    assert_eq!(init.first().map(|c| c.name.as_str()), Some("eden-sidecar"), "{:?}", pod.metadata.annotations);
     let describe = control_plane.run_kubectl(&["-n", &app, "describe", "migration", "cache"]).unwrap();
     for expected in ["PhaseChanged", "GatewayCreated", "StrategyPushed"] {
         assert!(describe.contains(expected), "the operator's Events lack {expected}:\n{describe}");
@@ -265,6 +290,7 @@ spec:
 
     acks.abort();
     config_watch.abort();
+    webhook.abort();
     for controller in controllers {
         controller.abort();
     }

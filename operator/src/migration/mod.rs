@@ -37,7 +37,7 @@ use serde_json::json;
 
 use crate::context::{Context, FIELD_MANAGER};
 use crate::crd::{DataCopy, Endpoint, GatewayStatus, Migration, Phase};
-use crate::{configmap, gateway};
+use crate::{configmap, gateway, proxy};
 use observe::Observation;
 pub use observe::{TARGET_CREDENTIALS_DIR, TARGET_CREDENTIALS_FILE};
 use phase::{Decision, Writes};
@@ -330,7 +330,7 @@ async fn sync_gateway(
     let (Some(source), Some(target)) = (&observation.source.endpoint, &observation.target.endpoint) else {
         return Ok(previous.cloned());
     };
-    let upstreams = gateway::Upstreams {
+    let upstreams = proxy::Upstreams {
         source_uri: &source.spec.uri,
         target_secret: target.spec.credentials_secret_ref.as_ref().map(|secret| secret.name.as_str()),
     };

@@ -1,0 +1,137 @@
+//! The eden-sidecar container, as gateway pods run it and the injection webhook adds it to
+//! application pods: the same arguments, probes, requests and lock-down either way.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Probe,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+
+use crate::configmap;
+use crate::crd::Migration;
+use crate::migration::TARGET_CREDENTIALS_DIR;
+
+/// The image when neither the Migration nor the operator's `--sidecar-image` says otherwise:
+/// the sidecar released with this operator.
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/eden/eden-sidecar:", env!("CARGO_PKG_VERSION"));
+/// The container's name, which also tells the webhook a pod has its sidecar already.
+pub const CONTAINER_NAME: &str = "eden-sidecar";
+/// The sidecar's admin port (health and metrics); never the Redis port.
+pub const ADMIN_PORT: i32 = 9090;
+/// Prefixed, as port names must be unique across an application pod's containers.
+const ADMIN_PORT_NAME: &str = "eden-admin";
+/// A numeric non-root user, so `runAsNonRoot` holds whatever user the image declares.
+pub const NON_ROOT: i64 = 65532;
+const CREDENTIALS_VOLUME: &str = "eden-target-credentials";
+
+/// What the proxy needs from outside the Migration.
+pub struct Upstreams<'a> {
+    /// The source Endpoint's URI (no secret in it: clients' AUTH goes through to the source).
+    pub source_uri: &'a str,
+    /// The target Endpoint's credentials Secret, mounted where the payload's
+    /// `credentials_file` points.
+    pub target_secret: Option<&'a str>,
+}
+
+/// The container serving RESP on `listen`, following `migration`'s ConfigMap and acknowledging
+/// it in a Lease named after its pod. With a target Secret, also the volume it mounts, which the
+/// pod must carry.
+pub fn container(
+    migration: &Migration,
+    image: &str,
+    listen: &str,
+    upstreams: &Upstreams,
+) -> (Container, Option<Volume>) {
+    let namespace = migration.namespace().unwrap_or_default();
+    let args = [
+        "--listen",
+        listen,
+        "--admin-listen",
+        &format!("0.0.0.0:{ADMIN_PORT}"),
+        "--source",
+        upstreams.source_uri,
+        "--configmap",
+        &configmap::name(migration),
+        "--namespace",
+        &namespace,
+        "--pod-name",
+        "$(POD_NAME)",
+        "--log-format",
+        "json",
+    ];
+    let probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(ADMIN_PORT_NAME.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        ..Default::default()
+    };
+    let volume = upstreams.target_secret.map(|secret| Volume {
+        name: CREDENTIALS_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            // Only this container mounts it, and it runs as its own user, whatever the pod's
+            // fsGroup.
+            default_mode: Some(0o444),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let mounts = volume.as_ref().map(|volume| {
+        vec![VolumeMount {
+            name: volume.name.clone(),
+            mount_path: TARGET_CREDENTIALS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]
+    });
+    let container = Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(image.into()),
+        args: Some(args.map(String::from).to_vec()),
+        env: Some(vec![EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        ports: Some(vec![ContainerPort {
+            name: Some(ADMIN_PORT_NAME.into()),
+            container_port: ADMIN_PORT,
+            ..Default::default()
+        }]),
+        readiness_probe: Some(probe("/readyz")),
+        liveness_probe: Some(probe("/healthz")),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("50m".into())),
+                ("memory".to_string(), Quantity("64Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("256Mi".into()))])),
+            ..Default::default()
+        }),
+        // Set on the container, not the pod: in an application pod the pod's settings are the
+        // application's.
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            run_as_non_root: Some(true),
+            run_as_user: Some(NON_ROOT),
+            run_as_group: Some(NON_ROOT),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        volume_mounts: mounts,
+        ..Default::default()
+    };
+    (container, volume)
+}

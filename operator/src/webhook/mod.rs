@@ -1,0 +1,70 @@
+//! The mutating admission webhook that puts the sidecar into the pods that ask for it
+//! (DESIGN.md §7): [`inject`] decides and writes the patch, [`server`] answers the API server
+//! over TLS, [`tls`] keeps the CA every replica signs its serving certificate with, and
+//! [`register`] writes the `MutatingWebhookConfiguration` that points the API server here.
+//!
+//! Every replica serves the webhook, leader or not: answering needs no state of its own.
+
+pub mod inject;
+pub mod register;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use tokio::task::JoinHandle;
+
+pub use register::{CallTarget, FailurePolicy};
+
+/// Why the webhook could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("webhook TLS: {0}")]
+    Tls(String),
+    #[error("webhook certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("webhook listener {address}: {source}")]
+    Listen { address: SocketAddr, source: std::io::Error },
+}
+
+/// How the webhook is served and registered.
+pub struct WebhookOptions {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// How the API server reaches it.
+    pub call: CallTarget,
+    pub failure_policy: FailurePolicy,
+    /// The operator's namespace: the CA's Secret lives there, and its pods are never sent here.
+    pub namespace: String,
+    /// The eden-sidecar image injected.
+    pub image: String,
+    /// This replica's name, for Events.
+    pub instance: Option<String>,
+}
+
+/// The CA Secret's name, in the operator's namespace.
+pub const CA_SECRET: &str = "eden-webhook-ca";
+
+/// Loads (or makes) the CA, starts serving, then registers the webhook with the API server.
+pub async fn start(client: Client, options: WebhookOptions) -> Result<JoinHandle<()>, WebhookError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &options.namespace);
+    let authority = tls::Authority::load_or_create(&secrets, CA_SECRET).await?;
+    let tls = authority.server_config(&options.call.certificate_names())?;
+    let listener = server::bind(options.listen).await?;
+    let native = server::Injector::native_sidecars(&client).await?;
+    let injector =
+        Arc::new(server::Injector::new(client.clone(), options.image.clone(), native, options.instance.clone()));
+    let serving = tokio::spawn(server::serve(listener, tls, injector));
+    let configuration = register::configuration(&options, authority.bundle());
+    if let Err(err) = register::apply(&client, &configuration).await {
+        serving.abort();
+        return Err(err);
+    }
+    tracing::info!(listen = %options.listen, native_sidecars = native, "injection webhook serving and registered");
+    Ok(serving)
+}

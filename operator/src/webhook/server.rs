@@ -1,0 +1,209 @@
+//! The HTTPS endpoint the API server calls with each pod it is about to create, and the
+//! [`Injector`] that answers: it reads the Migration the pod names and its Endpoints, and
+//! returns the patch [`inject`](super::inject) makes.
+//!
+//! Every pod is admitted. A pod that asked for a sidecar and cannot have one (a Migration or
+//! Endpoint missing, the API unreachable) is admitted without it, with the reason in its
+//! `eden.io/skipped` annotation and, when the Migration exists, a Warning Event on it. Refusing
+//! the pod instead would stop a Deployment from scaling over a typo.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tracing::{info, warn};
+
+use super::WebhookError;
+use super::inject::{self, Decision};
+use crate::crd::{Endpoint, Migration};
+use crate::proxy::{self, Upstreams};
+
+/// The path the webhook configuration points at.
+pub const PATH: &str = "/mutate-pods";
+/// An AdmissionReview of a pod is a few KiB; the API server's own limit is 3 MiB.
+const MAX_BODY: usize = 4 << 20;
+/// Where the injected sidecar listens: the address the application used for Redis.
+const SIDECAR_LISTEN: &str = "127.0.0.1:6379";
+
+/// Answers admission reviews of pods.
+pub struct Injector {
+    client: Client,
+    image: String,
+    native: bool,
+    recorder: Recorder,
+}
+
+impl Injector {
+    /// `native`: whether the cluster runs native sidecars (Kubernetes ≥ 1.29).
+    pub fn new(client: Client, image: String, native: bool, instance: Option<String>) -> Self {
+        let reporter = Reporter { controller: "eden-operator-webhook".into(), instance };
+        Injector { recorder: Recorder::new(client.clone(), reporter), client, image, native }
+    }
+
+    /// Asks the API server its version, for [`Injector::new`]'s `native`.
+    pub async fn native_sidecars(client: &Client) -> Result<bool, WebhookError> {
+        let version = client.apiserver_version().await?;
+        let number = |text: &str| text.trim_end_matches('+').parse::<u32>().unwrap_or(0);
+        Ok((number(&version.major), number(&version.minor)) >= (1, 29))
+    }
+
+    /// The answer to one AdmissionReview body.
+    pub async fn review(&self, body: &[u8]) -> AdmissionReview<DynamicObject> {
+        let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
+            Ok(review) => review,
+            Err(err) => return AdmissionResponse::invalid(format!("unreadable AdmissionReview: {err}")).into_review(),
+        };
+        let request: AdmissionRequest<Pod> = match review.try_into() {
+            Ok(request) => request,
+            Err(err) => {
+                return AdmissionResponse::invalid(format!("AdmissionReview without a request: {err}")).into_review();
+            }
+        };
+        let response = AdmissionResponse::from(&request);
+        let (Some(pod), Some(namespace)) = (&request.object, request.namespace.as_deref()) else {
+            return response.into_review();
+        };
+        let name = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or_default();
+        let patch = match inject::decide(pod, namespace) {
+            Decision::Leave => return response.into_review(),
+            Decision::Skip(reason) => {
+                self.skipped(namespace, pod, name, &reason, request.dry_run).await;
+                inject::skip(pod, &reason)
+            }
+            Decision::Inject { migration } => match self.upstreams(namespace, &migration).await {
+                Ok((migration, source_uri, target_secret)) => {
+                    let upstreams = Upstreams { source_uri: &source_uri, target_secret: target_secret.as_deref() };
+                    let (container, volume) = proxy::container(&migration, &self.image, SIDECAR_LISTEN, &upstreams);
+                    info!(namespace, pod = name, migration = %migration.metadata.name.as_deref().unwrap_or_default(), native = self.native, "injecting the sidecar");
+                    inject::injection(pod, container, volume, self.native)
+                }
+                Err(reason) => {
+                    self.skipped(namespace, pod, name, &reason, request.dry_run).await;
+                    inject::skip(pod, &reason)
+                }
+            },
+        };
+        match response.clone().with_patch(patch) {
+            Ok(patched) => patched.into_review(),
+            Err(err) => {
+                warn!(namespace, pod = name, %err, "could not encode the patch; admitting the pod unchanged");
+                response.into_review()
+            }
+        }
+    }
+
+    /// The Migration and what its sidecar needs: the source's URI and the target's Secret; or
+    /// why there is none to inject.
+    async fn upstreams(&self, namespace: &str, name: &str) -> Result<(Migration, String, Option<String>), String> {
+        let migrations: Api<Migration> = Api::namespaced(self.client.clone(), namespace);
+        let endpoints: Api<Endpoint> = Api::namespaced(self.client.clone(), namespace);
+        let migration = match migrations.get_opt(name).await {
+            Ok(Some(migration)) => migration,
+            Ok(None) => return Err(format!("Migration {name} not found in namespace {namespace}")),
+            Err(err) => return Err(format!("reading Migration {name}: {err}")),
+        };
+        let endpoint = async |role: &str, endpoint: &str| match endpoints.get_opt(endpoint).await {
+            Ok(Some(endpoint)) => Ok(endpoint),
+            Ok(None) => Err(format!("the {role} Endpoint {endpoint} of Migration {name} not found")),
+            Err(err) => Err(format!("reading the {role} Endpoint {endpoint}: {err}")),
+        };
+        let source = endpoint("source", &migration.spec.source.endpoint_ref.name).await?;
+        let target = endpoint("target", &migration.spec.target.endpoint_ref.name).await?;
+        let secret = target.spec.credentials_secret_ref.map(|secret| secret.name);
+        Ok((migration, source.spec.uri, secret))
+    }
+
+    /// Logs why a pod that asked for a sidecar gets none, and puts a Warning Event on the
+    /// Migration it named, when there is one to put it on and this is not a dry run.
+    async fn skipped(&self, namespace: &str, pod: &Pod, name: &str, reason: &str, dry_run: bool) {
+        warn!(namespace, pod = name, reason, dry_run, "not injecting the sidecar");
+        if dry_run {
+            return;
+        }
+        let Some(migration) = pod.metadata.annotations.as_ref().and_then(|a| a.get(inject::MIGRATION)) else {
+            return;
+        };
+        let migrations: Api<Migration> = Api::namespaced(self.client.clone(), namespace);
+        let Ok(Some(migration)) = migrations.get_opt(migration).await else { return };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "SidecarSkipped".into(),
+            note: Some(format!("pod {name}: {reason}")),
+            action: "InjectSidecar".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &migration.object_ref(&())).await {
+            warn!(namespace, %err, "could not record the SidecarSkipped Event");
+        }
+    }
+}
+
+/// Serves [`PATH`] over TLS until the listener fails.
+pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, injector: Arc<Injector>) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                warn!(%err, "webhook listener: accept failed");
+                continue;
+            }
+        };
+        let (acceptor, injector) = (acceptor.clone(), injector.clone());
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(stream).await {
+                Ok(stream) => stream,
+                Err(err) => {
+                    warn!(%peer, %err, "webhook TLS handshake failed");
+                    return;
+                }
+            };
+            let service = service_fn(move |request| answer(injector.clone(), request));
+            if let Err(err) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
+                warn!(%peer, %err, "webhook connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn answer(injector: Arc<Injector>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.method() != Method::POST || request.uri().path() != PATH {
+        return Ok(reply(StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")));
+    }
+    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(err) => return Ok(reply(StatusCode::BAD_REQUEST, Bytes::from(format!("unreadable body: {err}\n")))),
+    };
+    let review = injector.review(&body).await;
+    match serde_json::to_vec(&review) {
+        Ok(json) => Ok(reply(StatusCode::OK, Bytes::from(json))),
+        Err(err) => Ok(reply(StatusCode::INTERNAL_SERVER_ERROR, Bytes::from(format!("{err}\n")))),
+    }
+}
+
+fn reply(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+}
+
+/// Binds the webhook's listener.
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, WebhookError> {
+    TcpListener::bind(address).await.map_err(|err| WebhookError::Listen { address, source: err })
+}

@@ -1,0 +1,159 @@
+//! The injection webhook against a real API server: registered by the operator with its own CA,
+//! called by the API server for every pod created, it adds the sidecar to the pods that ask
+//! (applied with kubectl), leaves the rest alone, says why when it cannot inject, and a second
+//! replica serves with the same CA.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use eden_e2e::ControlPlane;
+use eden_operator::proxy::{CONTAINER_NAME, DEFAULT_IMAGE};
+use eden_operator::webhook::inject::SKIPPED;
+use eden_operator::webhook::register::NAME;
+use eden_operator::webhook::{self, CA_SECRET, CallTarget, FailurePolicy, WebhookOptions};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Container, Event, Pod, Secret};
+use kube::Api;
+use kube::api::ListParams;
+
+const MANIFEST: &str = "apiVersion: eden.io/v1alpha1
+kind: Endpoint
+metadata: {name: source}
+spec: {uri: \"redis://10.0.1.50:6379\"}
+---
+apiVersion: eden.io/v1alpha1
+kind: Endpoint
+metadata: {name: target}
+spec: {uri: \"rediss://new.example:6380\", credentialsSecretRef: {name: target-password}}
+---
+apiVersion: eden.io/v1alpha1
+kind: Migration
+metadata: {name: cache}
+spec:
+  source: {endpointRef: {name: source}}
+  target: {endpointRef: {name: target}}
+";
+
+/// A pod applied with kubectl: `annotations` and `spec_extra` are YAML flow mappings' insides.
+fn pod(name: &str, annotations: &str, spec_extra: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  annotations: {{{annotations}}}
+spec:
+  {spec_extra}
+  containers: [{{name: app, image: \"app:1\"}}]
+"
+    )
+}
+
+fn free_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+async fn start_replica(client: &kube::Client, operator_namespace: &str, instance: &str) {
+    let listen = free_address();
+    let options = WebhookOptions {
+        listen,
+        call: CallTarget::Url(format!("https://{listen}")),
+        // A pod the webhook was not asked about would be refused: every creation below
+        // proves the API server called it.
+        failure_policy: FailurePolicy::Fail,
+        namespace: operator_namespace.into(),
+        image: DEFAULT_IMAGE.into(),
+        instance: Some(instance.into()),
+    };
+    webhook::start(client.clone(), options).await.expect("the webhook starts and registers");
+}
+
+fn sidecars(pod: &Pod) -> Vec<&Container> {
+    let spec = pod.spec.as_ref().unwrap();
+    spec.containers.iter().chain(spec.init_containers.iter().flatten()).filter(|c| c.name == CONTAINER_NAME).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why() {
+    let control_plane = ControlPlane::shared();
+    control_plane.install_eden_crds().unwrap();
+    let client = control_plane.client().await.unwrap();
+    let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
+    let namespace = control_plane.namespace("shop").await.unwrap();
+    start_replica(&client, &operator_namespace, "replica-a").await;
+    control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+
+    // Asked, for an existing Migration: a native sidecar, first among the init containers.
+    let opted_in = "eden.io/inject: \"true\", eden.io/migration: cache";
+    control_plane.apply_manifest(&namespace, &pod("injected", opted_in, "")).unwrap();
+    let injected = pods.get("injected").await.unwrap();
+    let init = injected.spec.as_ref().unwrap().init_containers.as_ref().expect("an init container");
+    let sidecar = &init[0];
+    assert_eq!((sidecar.name.as_str(), sidecar.restart_policy.as_deref()), (CONTAINER_NAME, Some("Always")));
+    let args = sidecar.args.as_ref().unwrap().join(" ");
+    for expected in [
+        "--listen 127.0.0.1:6379",
+        "--source redis://10.0.1.50:6379",
+        "--configmap eden-cache",
+        &format!("--namespace {namespace}"),
+        "--pod-name $(POD_NAME)",
+    ] {
+        assert!(args.contains(expected), "{expected:?} in {args}");
+    }
+    let security = sidecar.security_context.as_ref().unwrap();
+    assert_eq!((security.run_as_non_root, security.read_only_root_filesystem), (Some(true), Some(true)));
+    let volume = &injected.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
+    assert_eq!(volume.secret.as_ref().unwrap().secret_name.as_deref(), Some("target-password"));
+    assert_eq!(injected.spec.as_ref().unwrap().containers.len(), 1, "the application's container is as it was");
+
+    // Not asked, or asked for a sidecar it has already: untouched.
+    control_plane.apply_manifest(&namespace, &pod("plain", "", "")).unwrap();
+    assert!(sidecars(&pods.get("plain").await.unwrap()).is_empty());
+    let own = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: own\n  annotations: {{{opted_in}}}\nspec:\n  containers:\n  \
+         - {{name: app, image: \"app:1\"}}\n  - {{name: {CONTAINER_NAME}, image: \"mine:1\"}}\n"
+    );
+    control_plane.apply_manifest(&namespace, &own).unwrap();
+    let own = pods.get("own").await.unwrap();
+    assert_eq!(sidecars(&own).len(), 1);
+    assert_eq!(sidecars(&own)[0].image.as_deref(), Some("mine:1"));
+
+    // Asked, but no sidecar can go in: created without one, with the reason.
+    let missing = "eden.io/inject: \"true\", eden.io/migration: nonexistent";
+    control_plane.apply_manifest(&namespace, &pod("unknown-migration", missing, "")).unwrap();
+    let unknown = pods.get("unknown-migration").await.unwrap();
+    assert!(sidecars(&unknown).is_empty());
+    let reason = &unknown.metadata.annotations.as_ref().unwrap()[SKIPPED];
+    assert!(reason.contains("Migration nonexistent not found"), "{reason}");
+    control_plane.apply_manifest(&namespace, &pod("host", opted_in, "hostNetwork: true")).unwrap();
+    let host = pods.get("host").await.unwrap();
+    assert!(sidecars(&host).is_empty());
+    assert!(host.metadata.annotations.as_ref().unwrap()[SKIPPED].contains("hostNetwork"));
+    // The Migration it named tells its owner too.
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    let mut skipped = Vec::new();
+    for _ in 0..50 {
+        skipped = events.list(&ListParams::default()).await.unwrap().items;
+        skipped.retain(|event| event.reason.as_deref() == Some("SidecarSkipped"));
+        if !skipped.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let event = skipped.first().expect("a SidecarSkipped Event");
+    assert_eq!(event.involved_object.name.as_deref(), Some("cache"));
+    assert!(event.message.as_deref().unwrap_or_default().contains("host"), "{event:?}");
+
+    // A second replica signs with the CA the first one stored, so the caBundle stays valid
+    // when the API server calls it instead.
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let bundle = |c: MutatingWebhookConfiguration| c.webhooks.unwrap()[0].client_config.ca_bundle.clone().unwrap();
+    let first = bundle(configurations.get(NAME).await.unwrap());
+    let secret = Api::<Secret>::namespaced(client.clone(), &operator_namespace).get(CA_SECRET).await.unwrap();
+    assert_eq!(first.0, secret.data.unwrap()["ca.crt"].0);
+    start_replica(&client, &operator_namespace, "replica-b").await;
+    assert_eq!(bundle(configurations.get(NAME).await.unwrap()), first);
+    control_plane.apply_manifest(&namespace, &pod("second", opted_in, "")).unwrap();
+    assert_eq!(sidecars(&pods.get("second").await.unwrap()).len(), 1);
+}
