@@ -55,11 +55,14 @@ async fn demo() -> Result<()> {
     control_plane.apply_manifest(NAMESPACE, &endpoints)?;
     done("endpoints.eden.io/source and endpoints.eden.io/target created");
 
-    step("Starting eden-operator; waiting for both Endpoints to become Ready");
-    let operator_admin = free_port()?;
+    step("Starting eden-operator with its injection webhook; waiting for both Endpoints to become Ready");
+    let (operator_admin, webhook) = (free_port()?, free_port()?);
     let _operator = Process::spawn(
         Command::new(sibling_binary("eden-operator")?)
             .args(["--admin-listen", &format!("127.0.0.1:{operator_admin}"), "--log-format", "text"])
+            // No Service network here: the API server calls the webhook at its address.
+            .args(["--webhook-listen", &format!("127.0.0.1:{webhook}")])
+            .args(["--webhook-url", &format!("https://127.0.0.1:{webhook}")])
             .env("KUBECONFIG", control_plane.kubeconfig()),
         &logs.join("operator.log"),
     )?;
@@ -90,13 +93,29 @@ async fn demo() -> Result<()> {
 
     step("kubectl apply a Migration: sync the data, then send 25% of reads to the target");
     control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: oldAuthoritative", false))?;
-    step("The application's pod starts with eden-sidecar, which follows the Migration's ConfigMap");
+    step("kubectl apply the application's pod, annotated eden.io/inject; the webhook adds eden-sidecar");
+    control_plane.apply_manifest(NAMESPACE, APP_POD)?;
+    let pod: serde_json::Value = serde_json::from_str(&control_plane.run_kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        NAMESPACE,
+        "shop-app-0",
+        "-o",
+        "json",
+    ])?)?;
+    let injected = &pod["spec"]["initContainers"][0];
+    if injected["name"] != "eden-sidecar" || injected["restartPolicy"] != "Always" {
+        return Err(format!("the pod has no native eden-sidecar: {}", pod["spec"]).into());
+    }
+    let injected_args: Vec<String> = serde_json::from_value(injected["args"].clone())?;
+    done(&format!("initContainers[0]: eden-sidecar, restartPolicy Always, args: {}", injected_args.join(" ")));
+
+    step("No kubelet here: the injected command line runs as a local process, on free ports");
     let (listen, admin) = (free_port()?, free_port()?);
     let _sidecar = Process::spawn(
         Command::new(sibling_binary("eden-sidecar")?)
-            .args(["--listen", &format!("127.0.0.1:{listen}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--source", &source.url(), "--configmap", "eden-shop", "--namespace", NAMESPACE])
-            .args(["--pod-name", "shop-app-0"])
+            .args(on_loopback(&injected_args, listen, admin, "shop-app-0"))
             .env("KUBECONFIG", control_plane.kubeconfig()),
         &logs.join("sidecar.log"),
     )?;
@@ -175,6 +194,31 @@ async fn demo() -> Result<()> {
     }
     done(&format!("ConfigMap eden-shop deleted; the target still holds its {} keys", dbsize(&mut on_target).await?));
     Ok(())
+}
+
+const APP_POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: shop-app-0
+  annotations: {eden.io/inject: \"true\", eden.io/migration: shop}
+spec:
+  containers: [{name: app, image: \"registry.example/shop-api:1.4\"}]
+";
+
+/// The injected arguments with the listeners moved to free loopback ports and the pod's name
+/// filled in, as the kubelet would from the downward API.
+fn on_loopback(injected: &[String], listen: u16, admin: u16, pod: &str) -> Vec<String> {
+    let mut args = Vec::with_capacity(injected.len());
+    for arg in injected {
+        let value = match args.last().map(String::as_str) {
+            Some("--listen") => format!("127.0.0.1:{listen}"),
+            Some("--admin-listen") => format!("127.0.0.1:{admin}"),
+            _ if arg == "$(POD_NAME)" => pod.to_string(),
+            _ => arg.clone(),
+        };
+        args.push(value);
+    }
+    args
 }
 
 fn migration(read_percentage: u32, write_mode: &str, complete: bool) -> String {
