@@ -39,6 +39,13 @@ const MAX_BODY: usize = 4 << 20;
 /// Where the injected sidecar listens: the address the application used for Redis.
 const SIDECAR_LISTEN: &str = "127.0.0.1:6379";
 
+/// A Migration a pod asked for, with what its sidecar needs from the Migration's Endpoints.
+struct Resolved {
+    migration: Migration,
+    source_uri: String,
+    target_secret: Option<String>,
+}
+
 /// Answers admission reviews of pods.
 pub struct Injector {
     client: Client,
@@ -84,11 +91,15 @@ impl Injector {
                 self.skipped(namespace, pod, name, &reason, request.dry_run).await;
                 inject::skip(pod, &reason)
             }
-            Decision::Inject { migration } => match self.upstreams(namespace, &migration).await {
-                Ok((migration, source_uri, target_secret)) => {
-                    let upstreams = Upstreams { source_uri: &source_uri, target_secret: target_secret.as_deref() };
-                    let (container, volume) = proxy::container(&migration, &self.image, SIDECAR_LISTEN, &upstreams);
-                    info!(namespace, pod = name, migration = %migration.metadata.name.as_deref().unwrap_or_default(), native = self.native, "injecting the sidecar");
+            Decision::Inject { migration } => match self.resolve(namespace, &migration).await {
+                Ok(resolved) => {
+                    let upstreams = Upstreams {
+                        source_uri: &resolved.source_uri,
+                        target_secret: resolved.target_secret.as_deref(),
+                    };
+                    let (container, volume) =
+                        proxy::container(&resolved.migration, &self.image, SIDECAR_LISTEN, &upstreams);
+                    info!(namespace, pod = name, migration, native = self.native, "injecting the sidecar");
                     inject::injection(pod, container, volume, self.native)
                 }
                 Err(reason) => {
@@ -106,9 +117,8 @@ impl Injector {
         }
     }
 
-    /// The Migration and what its sidecar needs: the source's URI and the target's Secret; or
-    /// why there is none to inject.
-    async fn upstreams(&self, namespace: &str, name: &str) -> Result<(Migration, String, Option<String>), String> {
+    /// The Migration and what its sidecar needs; or why there is none to inject.
+    async fn resolve(&self, namespace: &str, name: &str) -> Result<Resolved, String> {
         let migrations: Api<Migration> = Api::namespaced(self.client.clone(), namespace);
         let endpoints: Api<Endpoint> = Api::namespaced(self.client.clone(), namespace);
         let migration = match migrations.get_opt(name).await {
@@ -123,8 +133,8 @@ impl Injector {
         };
         let source = endpoint("source", &migration.spec.source.endpoint_ref.name).await?;
         let target = endpoint("target", &migration.spec.target.endpoint_ref.name).await?;
-        let secret = target.spec.credentials_secret_ref.map(|secret| secret.name);
-        Ok((migration, source.spec.uri, secret))
+        let target_secret = target.spec.credentials_secret_ref.map(|secret| secret.name);
+        Ok(Resolved { migration, source_uri: source.spec.uri, target_secret })
     }
 
     /// Logs why a pod that asked for a sidecar gets none, and puts a Warning Event on the
