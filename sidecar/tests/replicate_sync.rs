@@ -185,13 +185,7 @@ async fn skip_and_fail_leave_existing_keys_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_needing_a_full_copy_under_skip_stops_instead_of_flushing() {
     let pair = Pair::with_source(diskless());
-    let mut source = pair.source().await;
-    seed_strings(&mut source, 1_000).await;
-    let mut target = pair.target().await;
-    let _: () = target.set("target-only", "kept").await.unwrap();
-    let options = SyncOptions { replace: ReplacePolicy::Skip, ..Default::default() };
-    let mut replicator = pair.sync(options.clone(), None).await;
-    caught_up(&mut replicator).await;
+    let (_, mut target, options, replicator) = skip_run_caught_up(&pair).await;
     let checkpoint = checkpoint_of(replicator);
     let _: () = target.del(POSITION_KEY).await.unwrap();
 
@@ -356,13 +350,7 @@ async fn source_flushes_are_replicated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_flush_under_skip_stops_before_reaching_the_target() {
     let pair = Pair::with_source(diskless());
-    let mut source = pair.source().await;
-    seed_strings(&mut source, 1_000).await;
-    let mut target = pair.target().await;
-    let _: () = target.set("target-only", "kept").await.unwrap();
-    let options = SyncOptions { replace: ReplacePolicy::Skip, ..Default::default() };
-    let mut replicator = pair.sync(options.clone(), None).await;
-    caught_up(&mut replicator).await;
+    let (mut source, mut target, options, mut replicator) = skip_run_caught_up(&pair).await;
     let mut p = redis::pipe();
     p.set("before-flush", 1).cmd("FLUSHALL").set("after-flush", 1);
     let _: () = p.query_async(&mut source).await.unwrap();
@@ -386,6 +374,19 @@ async fn a_source_flush_under_skip_stops_before_reaching_the_target() {
     assert!(matches!(err, ReplicateError::SourceFlushed { .. }), "{err}");
     let size: u64 = redis::cmd("DBSIZE").query_async(&mut target).await.unwrap();
     assert_eq!(size, 1_003);
+}
+
+/// A `skip` run that has copied 1,000 strings onto a target with a key of its own,
+/// `target-only`; with connections to the source and the target.
+async fn skip_run_caught_up(pair: &Pair) -> (MultiplexedConnection, MultiplexedConnection, SyncOptions, Replicator) {
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 1_000).await;
+    let mut target = pair.target().await;
+    let _: () = target.set("target-only", "kept").await.unwrap();
+    let options = SyncOptions { replace: ReplacePolicy::Skip, ..Default::default() };
+    let mut replicator = pair.sync(options.clone(), None).await;
+    caught_up(&mut replicator).await;
+    (source, target, options, replicator)
 }
 
 /// Both modes and the verifier reach `rediss://` servers, trusting a CA from a file.
