@@ -117,6 +117,7 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
             ("delete", "services"),
             ("create", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
             ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
+            ("get", "namespaces"),
         ],
     );
     // The webhook's CA Secret is created in the operator's own namespace, nowhere else.
@@ -137,6 +138,7 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
             ("delete", "leases.coordination.k8s.io"),
             ("get", "deployments.apps"),
             ("list", "pods"),
+            ("list", "namespaces"),
             ("create", "pods"),
             ("create", "rolebindings.rbac.authorization.k8s.io"),
         ],

@@ -1,7 +1,7 @@
 //! The injection webhook against a real API server: registered by the operator with its own CA,
 //! called by the API server for every pod created, it adds the sidecar to the pods that ask
-//! (applied with kubectl), leaves the rest alone, says why when it cannot inject, and a second
-//! replica serves with the same CA.
+//! (applied with kubectl, or all of a labelled namespace's), leaves the rest alone, says why when
+//! it cannot inject, and a second replica serves with the same CA.
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
@@ -144,6 +144,18 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     let event = skipped.first().expect("a SidecarSkipped Event");
     assert_eq!(event.involved_object.name.as_deref(), Some("cache"));
     assert!(event.message.as_deref().unwrap_or_default().contains("host"), "{event:?}");
+
+    // A namespace labelled eden.io/inject=enabled asks for its pods; its annotation names the
+    // Migration; a pod's own "false" wins.
+    let labelled = control_plane.namespace("orders").await.unwrap();
+    control_plane.apply_manifest(&labelled, MANIFEST).unwrap();
+    control_plane.run_kubectl(&["label", "namespace", &labelled, "eden.io/inject=enabled"]).unwrap();
+    control_plane.run_kubectl(&["annotate", "namespace", &labelled, "eden.io/migration=cache"]).unwrap();
+    let in_labelled: Api<Pod> = Api::namespaced(client.clone(), &labelled);
+    control_plane.apply_manifest(&labelled, &pod("unannotated", "", "")).unwrap();
+    assert_eq!(sidecars(&in_labelled.get("unannotated").await.unwrap()).len(), 1);
+    control_plane.apply_manifest(&labelled, &pod("refuses", "eden.io/inject: \"false\"", "")).unwrap();
+    assert!(sidecars(&in_labelled.get("refuses").await.unwrap()).is_empty());
 
     // A second replica signs with the CA the first one stored, so the caBundle stays valid
     // when the API server calls it instead.

@@ -7,13 +7,18 @@
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{Container, Pod, Volume};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
 use crate::proxy::CONTAINER_NAME;
 
-/// Pod annotation: `"true"` asks for a sidecar, `"false"` (or no annotation) does not.
+/// Pod annotation: `"true"` asks for a sidecar, `"false"` refuses one, whatever the namespace
+/// says. Namespace label: `enabled` asks for every pod of the namespace without the annotation.
 pub const INJECT: &str = "eden.io/inject";
-/// Pod annotation: the Migration, in the pod's namespace, whose sidecar it gets.
+/// The namespace label's value that opts its pods in.
+pub const ENABLED: &str = "enabled";
+/// Pod annotation, else namespace annotation: the Migration, in the pod's namespace, whose
+/// sidecar it gets.
 pub const MIGRATION: &str = "eden.io/migration";
 /// Pod annotation the webhook sets on a pod that asked for a sidecar and did not get one: why.
 pub const SKIPPED: &str = "eden.io/skipped";
@@ -33,10 +38,37 @@ pub enum Decision {
     Inject { migration: String },
 }
 
-/// Decides from the pod alone; whether the Migration exists is the caller's to find out.
-pub fn decide(pod: &Pod, namespace: &str) -> Decision {
+/// What the pod's namespace says about injection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Namespace<'a> {
+    pub name: &'a str,
+    /// Labelled `eden.io/inject: enabled`.
+    pub enabled: bool,
+    /// Its `eden.io/migration` annotation.
+    pub migration: Option<&'a str>,
+}
+
+impl<'a> Namespace<'a> {
+    /// From the namespace's labels and annotations.
+    pub fn from_metadata(name: &'a str, metadata: &'a ObjectMeta) -> Self {
+        let enabled = metadata.labels.as_ref().and_then(|labels| labels.get(INJECT)).is_some_and(|v| v == ENABLED);
+        let migration = metadata.annotations.as_ref().and_then(|annotations| annotations.get(MIGRATION));
+        Namespace { name, enabled, migration: migration.map(String::as_str) }
+    }
+}
+
+/// Whether the pod's own annotation leaves the decision to its namespace.
+pub fn asks_namespace(pod: &Pod) -> bool {
+    pod.metadata.annotations.as_ref().is_none_or(|all| !all.contains_key(INJECT))
+}
+
+/// Decides from the pod and its namespace; whether the Migration exists is the caller's to find
+/// out. The pod's own annotation wins over its namespace's label, so a pod can opt out of an
+/// opted-in namespace.
+pub fn decide(pod: &Pod, namespace: &Namespace) -> Decision {
     let annotation = |name: &str| pod.metadata.annotations.as_ref().and_then(|all| all.get(name));
     match annotation(INJECT).map(String::as_str) {
+        None if namespace.enabled => {}
         None | Some("false") => return Decision::Leave,
         Some("true") => {}
         Some(other) => return Decision::Skip(format!("{INJECT} must be \"true\" or \"false\", not {other:?}")),
@@ -44,8 +76,8 @@ pub fn decide(pod: &Pod, namespace: &str) -> Decision {
     if has_sidecar(pod) {
         return Decision::Leave;
     }
-    if SYSTEM_NAMESPACES.contains(&namespace) {
-        return Decision::Skip(format!("pods in {namespace} never get a sidecar"));
+    if SYSTEM_NAMESPACES.contains(&namespace.name) {
+        return Decision::Skip(format!("pods in {} never get a sidecar", namespace.name));
     }
     if pod.spec.as_ref().and_then(|spec| spec.host_network) == Some(true) {
         return Decision::Skip(
@@ -53,9 +85,11 @@ pub fn decide(pod: &Pod, namespace: &str) -> Decision {
                 .into(),
         );
     }
-    match annotation(MIGRATION).filter(|name| !name.is_empty()) {
-        Some(name) => Decision::Inject { migration: name.clone() },
-        None => Decision::Skip(format!("{INJECT} is \"true\" but {MIGRATION} names no Migration")),
+    match annotation(MIGRATION).map(String::as_str).or(namespace.migration).filter(|name| !name.is_empty()) {
+        Some(name) => Decision::Inject { migration: name.to_string() },
+        None => Decision::Skip(format!(
+            "asked for a sidecar, but neither the pod nor its namespace names a Migration ({MIGRATION})"
+        )),
     }
 }
 
@@ -142,21 +176,22 @@ mod tests {
         Container { name: CONTAINER_NAME.into(), image: Some("eden-sidecar:dev".into()), ..Default::default() }
     }
 
+    const SHOP: Namespace = Namespace { name: "shop", enabled: false, migration: None };
+
     #[test]
     fn only_pods_that_ask_with_a_migration_get_a_sidecar() {
         let inject = Decision::Inject { migration: "cache".into() };
-        assert_eq!(decide(&pod(opted_in(), app()), "shop"), inject);
-        assert_eq!(decide(&pod(serde_json::json!({}), app()), "shop"), Decision::Leave);
+        assert_eq!(decide(&pod(opted_in(), app()), &SHOP), inject);
+        assert_eq!(decide(&pod(serde_json::json!({}), app()), &SHOP), Decision::Leave);
         assert_eq!(
-            decide(&pod(serde_json::json!({INJECT: "false", MIGRATION: "cache"}), app()), "shop"),
+            decide(&pod(serde_json::json!({INJECT: "false", MIGRATION: "cache"}), app()), &SHOP),
             Decision::Leave
         );
-        let Decision::Skip(reason) = decide(&pod(serde_json::json!({INJECT: "true"}), app()), "shop") else {
+        let Decision::Skip(reason) = decide(&pod(serde_json::json!({INJECT: "true"}), app()), &SHOP) else {
             panic!("no Migration named")
         };
         assert!(reason.contains(MIGRATION), "{reason}");
-        let Decision::Skip(reason) =
-            decide(&pod(serde_json::json!({INJECT: "yes", MIGRATION: "cache"}), app()), "shop")
+        let Decision::Skip(reason) = decide(&pod(serde_json::json!({INJECT: "yes", MIGRATION: "cache"}), app()), &SHOP)
         else {
             panic!("not a boolean")
         };
@@ -164,21 +199,43 @@ mod tests {
     }
 
     #[test]
+    fn an_opted_in_namespace_asks_for_its_pods_and_a_pod_may_refuse_or_name_another_migration() {
+        let metadata: ObjectMeta = serde_json::from_value(serde_json::json!({
+            "labels": {INJECT: ENABLED},
+            "annotations": {MIGRATION: "cache"},
+        }))
+        .unwrap();
+        let shop = Namespace::from_metadata("shop", &metadata);
+        let inject = |name: &str| Decision::Inject { migration: name.into() };
+        let unannotated = pod(serde_json::json!({}), app());
+        assert!(asks_namespace(&unannotated));
+        assert_eq!(decide(&unannotated, &shop), inject("cache"));
+        let refuses = pod(serde_json::json!({INJECT: "false"}), app());
+        assert!(!asks_namespace(&refuses));
+        assert_eq!(decide(&refuses, &shop), Decision::Leave, "the pod's opt-out wins");
+        assert_eq!(decide(&pod(serde_json::json!({MIGRATION: "sessions"}), app()), &shop), inject("sessions"));
+        let unnamed = Namespace { migration: None, ..shop };
+        assert!(matches!(decide(&unannotated, &unnamed), Decision::Skip(r) if r.contains(MIGRATION)));
+        let otherwise: ObjectMeta = serde_json::from_value(serde_json::json!({"labels": {INJECT: "true"}})).unwrap();
+        assert!(!Namespace::from_metadata("shop", &otherwise).enabled, "only `enabled` opts a namespace in");
+    }
+
+    #[test]
     fn system_and_host_network_pods_are_skipped_with_the_reason() {
         assert!(
-            matches!(decide(&pod(opted_in(), app()), "kube-system"), Decision::Skip(r) if r.contains("kube-system"))
+            matches!(decide(&pod(opted_in(), app()), &Namespace { name: "kube-system", ..SHOP }), Decision::Skip(r) if r.contains("kube-system"))
         );
         let host = serde_json::json!({"hostNetwork": true, "containers": [{"name": "app"}]});
-        assert!(matches!(decide(&pod(opted_in(), host), "shop"), Decision::Skip(r) if r.contains("hostNetwork")));
+        assert!(matches!(decide(&pod(opted_in(), host), &SHOP), Decision::Skip(r) if r.contains("hostNetwork")));
     }
 
     #[test]
     fn a_pod_with_its_sidecar_already_is_left_alone() {
         let pod = pod(opted_in(), app());
         let once = patched(&pod, &injection(&pod, sidecar(), None, true));
-        assert_eq!(decide(&once, "shop"), Decision::Leave);
+        assert_eq!(decide(&once, &SHOP), Decision::Leave);
         let once = patched(&pod, &injection(&pod, sidecar(), None, false));
-        assert_eq!(decide(&once, "shop"), Decision::Leave);
+        assert_eq!(decide(&once, &SHOP), Decision::Leave);
     }
 
     #[test]

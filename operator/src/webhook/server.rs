@@ -17,7 +17,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -85,7 +86,8 @@ impl Injector {
             return response.into_review();
         };
         let name = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or_default();
-        let patch = match inject::decide(pod, namespace) {
+        let namespace_metadata = self.namespace_metadata(namespace, pod).await;
+        let patch = match inject::decide(pod, &inject::Namespace::from_metadata(namespace, &namespace_metadata)) {
             Decision::Leave => return response.into_review(),
             Decision::Skip(reason) => {
                 self.skipped(namespace, pod, name, &reason, request.dry_run).await;
@@ -113,6 +115,23 @@ impl Injector {
             Err(err) => {
                 warn!(namespace, pod = name, %err, "could not encode the patch; admitting the pod unchanged");
                 response.into_review()
+            }
+        }
+    }
+
+    /// The labels and annotations of the pod's namespace, when the pod leaves something to them
+    /// (whether to inject, or which Migration); empty otherwise, or when they cannot be read.
+    async fn namespace_metadata(&self, namespace: &str, pod: &Pod) -> ObjectMeta {
+        let names_migration = pod.metadata.annotations.as_ref().is_some_and(|all| all.contains_key(inject::MIGRATION));
+        if !inject::asks_namespace(pod) && names_migration {
+            return ObjectMeta::default();
+        }
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        match namespaces.get_metadata(namespace).await {
+            Ok(found) => found.metadata,
+            Err(err) => {
+                warn!(namespace, %err, "cannot read the namespace's injection label; going by the pod alone");
+                ObjectMeta::default()
             }
         }
     }
