@@ -95,6 +95,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             namespace: args.leader_election_namespace.clone(),
             image: args.sidecar_image.clone(),
             instance: Some(identity.clone()),
+            metrics: metrics.clone(),
         };
         webhook::start(client.clone(), options).await?;
     }

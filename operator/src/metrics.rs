@@ -14,6 +14,12 @@ pub struct ControllerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `injected`, `skipped` (asked, and told why not) or `untouched`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub controller: &'static str,
     pub error: &'static str,
@@ -24,6 +30,7 @@ pub struct Metrics {
     reconciliations: Family<ControllerLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabels, Histogram>,
+    admissions: Family<AdmissionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -37,7 +44,13 @@ impl Default for Metrics {
         registry.register("reconciliations", "Reconciliations started", reconciliations.clone());
         registry.register("reconcile_failures", "Reconciliations that returned an error", failures.clone());
         registry.register("reconcile_duration_seconds", "Time spent in one reconciliation", duration.clone());
-        Metrics { registry, reconciliations, failures, duration }
+        let admissions = Family::<AdmissionLabels, Counter>::default();
+        registry.register(
+            "webhook_admissions",
+            "Pods the injection webhook answered for, by outcome",
+            admissions.clone(),
+        );
+        Metrics { registry, reconciliations, failures, duration, admissions }
     }
 }
 
@@ -50,6 +63,11 @@ impl Metrics {
 
     pub fn failed(&self, controller: &'static str, error: &'static str) {
         self.failures.get_or_create(&FailureLabels { controller, error }).inc();
+    }
+
+    /// Counts one pod the injection webhook answered for.
+    pub fn admitted(&self, outcome: &'static str) {
+        self.admissions.get_or_create(&AdmissionLabels { outcome }).inc();
     }
 
     /// The registry in Prometheus text format.

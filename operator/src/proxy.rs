@@ -63,13 +63,14 @@ pub fn container(
         "--log-format",
         "json",
     ];
-    let probe = |path: &str| Probe {
+    let probe = |path: &str, period_seconds: i32, failure_threshold: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String(ADMIN_PORT_NAME.into()),
             ..Default::default()
         }),
-        period_seconds: Some(5),
+        period_seconds: Some(period_seconds),
+        failure_threshold: Some(failure_threshold),
         ..Default::default()
     };
     let volume = upstreams.target_secret.map(|secret| Volume {
@@ -108,8 +109,13 @@ pub fn container(
             container_port: ADMIN_PORT,
             ..Default::default()
         }]),
-        readiness_probe: Some(probe("/readyz")),
-        liveness_probe: Some(probe("/healthz")),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 5, 3)),
+        // The sidecar is ready once it has applied its Migration's strategy. As a native
+        // sidecar, it counts as started only then, so the application's containers start after
+        // it listens and never send a command before Eden knows where it goes; ten minutes
+        // without a strategy restarts it.
+        startup_probe: Some(probe("/readyz", 1, 600)),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".to_string(), Quantity("50m".into())),

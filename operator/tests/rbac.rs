@@ -200,6 +200,7 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
         namespace: system.clone(),
         image: DEFAULT_IMAGE.into(),
         instance: Some("op-0".into()),
+        metrics: Arc::new(Metrics::default()),
     };
     let webhook =
         webhook::start(as_operator.clone(), webhook_options).await.expect("the webhook starts as the operator");

@@ -6,7 +6,10 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use eden_e2e::ControlPlane;
+use eden_operator::metrics::Metrics;
 use eden_operator::proxy::{CONTAINER_NAME, DEFAULT_IMAGE};
 use eden_operator::webhook::inject::SKIPPED;
 use eden_operator::webhook::register::NAME;
@@ -53,7 +56,8 @@ fn free_address() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-async fn start_replica(client: &kube::Client, operator_namespace: &str, instance: &str) {
+async fn start_replica(client: &kube::Client, operator_namespace: &str, instance: &str) -> Arc<Metrics> {
+    let metrics = Arc::new(Metrics::default());
     let listen = free_address();
     let options = WebhookOptions {
         listen,
@@ -64,8 +68,10 @@ async fn start_replica(client: &kube::Client, operator_namespace: &str, instance
         namespace: operator_namespace.into(),
         image: DEFAULT_IMAGE.into(),
         instance: Some(instance.into()),
+        metrics: metrics.clone(),
     };
     webhook::start(client.clone(), options).await.expect("the webhook starts and registers");
+    metrics
 }
 
 fn sidecars(pod: &Pod) -> Vec<&Container> {
@@ -80,7 +86,7 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     let client = control_plane.client().await.unwrap();
     let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
     let namespace = control_plane.namespace("shop").await.unwrap();
-    start_replica(&client, &operator_namespace, "replica-a").await;
+    let metrics = start_replica(&client, &operator_namespace, "replica-a").await;
     control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
 
@@ -101,6 +107,8 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     ] {
         assert!(args.contains(expected), "{expected:?} in {args}");
     }
+    let startup = sidecar.startup_probe.as_ref().and_then(|probe| probe.http_get.as_ref()).unwrap();
+    assert_eq!(startup.path.as_deref(), Some("/readyz"), "the application starts once the sidecar has a strategy");
     let security = sidecar.security_context.as_ref().unwrap();
     assert_eq!((security.run_as_non_root, security.read_only_root_filesystem), (Some(true), Some(true)));
     let volume = &injected.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
@@ -156,6 +164,12 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     assert_eq!(sidecars(&in_labelled.get("unannotated").await.unwrap()).len(), 1);
     control_plane.apply_manifest(&labelled, &pod("refuses", "eden.io/inject: \"false\"", "")).unwrap();
     assert!(sidecars(&in_labelled.get("refuses").await.unwrap()).is_empty());
+
+    let counted = metrics.render();
+    for (outcome, count) in [("injected", 2), ("skipped", 2), ("untouched", 3)] {
+        let series = format!("eden_operator_webhook_admissions_total{{outcome=\"{outcome}\"}} {count}");
+        assert!(counted.contains(&series), "{series} in\n{counted}");
+    }
 
     // A second replica signs with the CA the first one stored, so the caBundle stays valid
     // when the API server calls it instead.

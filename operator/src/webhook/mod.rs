@@ -17,6 +17,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use tokio::task::JoinHandle;
 
+use crate::metrics::Metrics;
+
 pub use register::{CallTarget, FailurePolicy};
 
 /// Why the webhook could not start.
@@ -45,6 +47,8 @@ pub struct WebhookOptions {
     pub image: String,
     /// This replica's name, for Events.
     pub instance: Option<String>,
+    /// Where the admissions are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The CA Secret's name, in the operator's namespace.
@@ -57,8 +61,8 @@ pub async fn start(client: Client, options: WebhookOptions) -> Result<JoinHandle
     let tls = authority.server_config(&options.call.certificate_names())?;
     let listener = server::bind(options.listen).await?;
     let native = server::Injector::native_sidecars(&client).await?;
-    let injector =
-        Arc::new(server::Injector::new(client.clone(), options.image.clone(), native, options.instance.clone()));
+    let (image, instance, metrics) = (options.image.clone(), options.instance.clone(), options.metrics.clone());
+    let injector = Arc::new(server::Injector::new(client.clone(), image, native, instance, metrics));
     let serving = tokio::spawn(server::serve(listener, tls, injector));
     let configuration = register::configuration(&options, authority.bundle());
     if let Err(err) = register::apply(&client, &configuration).await {

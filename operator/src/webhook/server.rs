@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use super::WebhookError;
 use super::inject::{self, Decision};
 use crate::crd::{Endpoint, Migration};
+use crate::metrics::Metrics;
 use crate::proxy::{self, Upstreams};
 
 /// The path the webhook configuration points at.
@@ -53,13 +54,14 @@ pub struct Injector {
     image: String,
     native: bool,
     recorder: Recorder,
+    metrics: Arc<Metrics>,
 }
 
 impl Injector {
     /// `native`: whether the cluster runs native sidecars (Kubernetes ≥ 1.29).
-    pub fn new(client: Client, image: String, native: bool, instance: Option<String>) -> Self {
+    pub fn new(client: Client, image: String, native: bool, instance: Option<String>, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter { controller: "eden-operator-webhook".into(), instance };
-        Injector { recorder: Recorder::new(client.clone(), reporter), client, image, native }
+        Injector { recorder: Recorder::new(client.clone(), reporter), client, image, native, metrics }
     }
 
     /// Asks the API server its version, for [`Injector::new`]'s `native`.
@@ -88,7 +90,10 @@ impl Injector {
         let name = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or_default();
         let namespace_metadata = self.namespace_metadata(namespace, pod).await;
         let patch = match inject::decide(pod, &inject::Namespace::from_metadata(namespace, &namespace_metadata)) {
-            Decision::Leave => return response.into_review(),
+            Decision::Leave => {
+                self.metrics.admitted("untouched");
+                return response.into_review();
+            }
             Decision::Skip(reason) => {
                 self.skipped(namespace, pod, name, &reason, request.dry_run).await;
                 inject::skip(pod, &reason)
@@ -102,6 +107,7 @@ impl Injector {
                     let (container, volume) =
                         proxy::container(&resolved.migration, &self.image, SIDECAR_LISTEN, &upstreams);
                     info!(namespace, pod = name, migration, native = self.native, "injecting the sidecar");
+                    self.metrics.admitted("injected");
                     inject::injection(pod, container, volume, self.native)
                 }
                 Err(reason) => {
@@ -160,6 +166,7 @@ impl Injector {
     /// Migration it named, when there is one to put it on and this is not a dry run.
     async fn skipped(&self, namespace: &str, pod: &Pod, name: &str, reason: &str, dry_run: bool) {
         warn!(namespace, pod = name, reason, dry_run, "not injecting the sidecar");
+        self.metrics.admitted("skipped");
         if dry_run {
             return;
         }
