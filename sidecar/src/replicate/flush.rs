@@ -32,8 +32,12 @@ impl FlushWatch {
         let dbsize: u64 = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
         let emptied = self.dbsize > 0 && dbsize == 0;
         self.dbsize = dbsize;
-        let stats: Result<String, _> = source.cmd("INFO commandstats", cmd("INFO").arg("commandstats")).await;
-        let calls = stats.ok().and_then(|text| flush_calls(&text));
+        let calls = match source.cmd::<String>("INFO commandstats", cmd("INFO").arg("commandstats")).await {
+            Ok(text) => flush_calls(&text),
+            // Lost, not hidden: the caller reconnects and asks again.
+            Err(err) if err.is_disconnect() => return Err(err),
+            Err(_hidden) => None,
+        };
         let changed = match (self.calls, calls) {
             (Some(before), Some(now)) => before != now,
             (_, None) => emptied,

@@ -295,6 +295,8 @@ struct Turns {
     /// Read, not written yet.
     read: Option<(Batch, Read)>,
     flush: FlushWatch,
+    /// A source flush seen, and the target not flushed yet.
+    flush_pending: bool,
     last_flush_check: Instant,
     seen_barrier: u64,
     pass_started: Instant,
@@ -375,6 +377,7 @@ impl CopyLoop {
     async fn run_inner(&self, state: Checkpoint, mut links: ValueLinks) -> Result<(), ReplicateError> {
         let mut turns = Turns {
             flush: FlushWatch::start(&self.copier.source).await?,
+            flush_pending: false,
             last_flush_check: Instant::now(),
             seen_barrier: 0,
             pass_started: Instant::now(),
@@ -442,7 +445,10 @@ impl CopyLoop {
         if barrier != t.seen_barrier || t.last_flush_check.elapsed() >= self.options.flush_check {
             t.last_flush_check = Instant::now();
             t.seen_barrier = barrier;
-            if t.flush.flushed(source).await? {
+            // A flush seen is pending until the target is flushed too: the watch will not see it
+            // again if that fails and the loop carries on after reconnecting.
+            t.flush_pending |= t.flush.flushed(source).await?;
+            if t.flush_pending {
                 if self.options.replace != ReplacePolicy::Replace {
                     let evidence = "its FLUSHDB and FLUSHALL call counts changed, or it emptied; \
                                     CONFIG RESETSTAT looks the same";
@@ -452,8 +458,9 @@ impl CopyLoop {
                     });
                 }
                 warn!("source was flushed; flushing the target and restarting the backfill");
-                self.shared.dirty().clear();
                 self.copier.target.cmd::<()>("FLUSHDB", &cmd("FLUSHDB")).await?;
+                t.flush_pending = false;
+                self.shared.dirty().clear();
                 t.state.passes.clear();
                 t.state.passes.push_back(Pass::Recopy { cursor: 0 });
                 t.snapshot.flushes += 1;
@@ -482,20 +489,20 @@ impl CopyLoop {
             t.settled = None;
         }
 
-        // Live changes first, so lag stays low during a long backfill. `take` removes the keys
-        // from the dirty set before anything of them is read (the ordering the proof needs).
-        let dirty = self.shared.dirty().take(self.options.batch);
         let pass = t.ahead.front().copied();
+        if pass.is_some_and(pass_is_starting) {
+            t.pass_started = Instant::now();
+            t.state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
+        }
+        // Live changes first, so lag stays low during a long backfill. `take` removes the keys
+        // from the dirty set before anything of them is read (the ordering the proof needs);
+        // from here on they are in a batch, so a failure below cannot lose them.
+        let dirty = self.shared.dirty().take(self.options.batch);
         if pass.is_none() && dirty.is_empty() && t.unread.is_none() && t.read.is_none() {
             self.publish(&mut t.snapshot, &t.state, barrier, t.pass_started, 0);
             let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
             return Ok(());
         }
-        if pass.is_some_and(pass_is_starting) {
-            t.pass_started = Instant::now();
-            t.state.total = source.cmd("DBSIZE", &cmd("DBSIZE")).await?;
-        }
-        // The dirty keys are in a batch from here on, so a failure below cannot lose them.
         let mut formed = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, t.settled.as_mut()));
         let to_read = t.unread.take();
         let (to_write, read) = t.read.take().unzip();
