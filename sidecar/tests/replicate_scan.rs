@@ -140,6 +140,7 @@ async fn a_resumed_skip_run_keeps_keys_only_the_target_has() {
         let (mut source, mut target) = (pair.source().await, pair.target().await);
         seed_strings(&mut source, 5_000).await;
         let _: () = target.set("target-only", "kept").await.unwrap();
+        let _: () = target.set("key:1", "the target's own").await.unwrap();
         let replicator = pair.replicate(ScanOptions { batch: 100, replace: policy, ..Default::default() }).await;
         let mut progress = replicator.progress();
         progress.wait_for(|p| p.checkpoint.copied >= 1_000).await.unwrap();
@@ -152,8 +153,12 @@ async fn a_resumed_skip_run_keeps_keys_only_the_target_has() {
         assert!(progress.checkpoint.backfill_done(), "{policy:?}: the full pass ran");
         let kept: Option<String> = target.get("target-only").await.unwrap();
         let deleted: bool = target.exists("key:0").await.unwrap();
+        let conflict: String = target.get("key:1").await.unwrap();
         match policy {
-            ReplacePolicy::Skip => assert_eq!(kept.as_deref(), Some("kept"), "not ours to prune"),
+            ReplacePolicy::Skip => {
+                assert_eq!(kept.as_deref(), Some("kept"), "not ours to prune");
+                assert_eq!(conflict, "the target's own", "the re-copy keeps what skip kept");
+            }
             _ => assert!(kept.is_none() && !deleted, "replace prunes what the source lacks"),
         }
     }
@@ -226,6 +231,35 @@ async fn lost_copy_connections_are_reopened_without_a_full_pass() {
     assert!(scans < 400, "the keyspace was scanned once, not again: {scans} SCAN calls");
     assert!(info_stat(&mut target, "total_connections_received").await > connections_before, "it reconnected");
     assert_clean(&pair.verify().await);
+}
+
+/// Notifications lost mid-run (the subscription killed) mean a full re-copy, in which the source
+/// is the truth for every key but those `skip` kept: they stay the target's, unless the
+/// application writes them on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recopy_after_lost_notifications_keeps_what_skip_kept() {
+    let pair = Pair::start();
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    seed_strings(&mut source, 2_000).await;
+    let _: () = target.set("key:7", "the target's own").await.unwrap();
+    let _: () = target.set("key:8", "the target's own").await.unwrap();
+    let options = ScanOptions { batch: 100, replace: ReplacePolicy::Skip, ..Default::default() };
+    let mut replicator = pair.replicate(options).await;
+    caught_up(&mut replicator).await;
+    let _: () = source.set("key:8", "written by the application").await.unwrap();
+    let _: () = source.set("key:9", "written by the application").await.unwrap();
+    caught_up(&mut replicator).await;
+
+    let killed: u64 = redis::cmd("CLIENT").arg(&["KILL", "TYPE", "pubsub"]).query_async(&mut source).await.unwrap();
+    assert_eq!(killed, 1, "the keyspace subscription");
+    let mut progress = replicator.progress();
+    progress.wait_for(|p| p.resyncs >= 1).await.unwrap();
+    let progress = caught_up_progress(&mut replicator).await;
+    assert!(progress.checkpoint.backfill_done(), "the re-copy ran");
+    let values: (String, String, String) =
+        redis::pipe().get("key:7").get("key:8").get("key:9").query_async(&mut target).await.unwrap();
+    let app = "written by the application".to_string();
+    assert_eq!(values, ("the target's own".to_string(), app.clone(), app));
 }
 
 /// A source that restarts has forgotten the CONFIG SET that turned keyspace notifications on:

@@ -92,11 +92,13 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Counts from copying one batch.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct CopyStats {
     pub(crate) copied: u64,
     pub(crate) deleted: u64,
     pub(crate) skipped: u64,
+    /// The keys skipped: the target had them, and `skip` kept its value.
+    pub(crate) kept: Vec<Key>,
 }
 
 impl std::ops::AddAssign for CopyStats {
@@ -104,6 +106,7 @@ impl std::ops::AddAssign for CopyStats {
         self.copied += other.copied;
         self.deleted += other.deleted;
         self.skipped += other.skipped;
+        self.kept.extend(other.kept);
     }
 }
 
@@ -458,6 +461,7 @@ impl Copier {
             }
             _ => {
                 stats.skipped += 1;
+                stats.kept.push(key.to_vec());
                 Ok(())
             }
         }

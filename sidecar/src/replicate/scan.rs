@@ -53,6 +53,14 @@
 //! backfill under `replace`; under `skip` and `fail` it stops replication, as the target's own
 //! keys are not the source's to flush.
 //!
+//! Under `skip`, a re-copy must not undo what the backfill kept: the source is the truth for
+//! every key but those the target had and `skip` kept, until the application writes them on the
+//! source. A run that began with the backfill remembers them (`Turns::kept`) and the write stage
+//! exempts them from a re-copy batch when it writes it, after every earlier batch has recorded
+//! what it kept. A resumed run cannot know them, so its re-copy skips every key the target has:
+//! a copy that went stale while notifications were lost stays stale, for the verifier to report,
+//! rather than the target's own value being overwritten.
+//!
 //! A lost copy connection breaks nothing of the argument: the batches not written yet are
 //! dropped, their dirty keys go back to the dirty set and their pass steps are formed again, so
 //! every key they held is taken by a batch formed (and read) later ([`CopyLoop::run_inner`]).
@@ -290,6 +298,11 @@ struct Turns {
     /// Where the next batch's pass step comes from: ahead of `state` by the batches in flight.
     ahead: VecDeque<Pass>,
     settled: Option<Settled>,
+    /// The keys a `skip` run found on the target and kept, and the application has not written
+    /// since; there while this process has seen every one (the run began with the backfill).
+    /// A re-copy leaves them out. A resumed run cannot know them, so its re-copy skips every key
+    /// the target has.
+    kept: Option<Fingerprints>,
     /// Formed, not read yet.
     unread: Option<Batch>,
     /// Read, not written yet.
@@ -384,6 +397,9 @@ impl CopyLoop {
             snapshot: self.progress.borrow().clone(),
             ahead: state.passes.clone(),
             settled: self.tracked(&state.passes).then(Settled::default),
+            // A resumed checkpoint always has a re-copy queued, so only a fresh run matches.
+            kept: (self.options.replace != ReplacePolicy::Replace && state.passes == Checkpoint::fresh().passes)
+                .then(Fingerprints::default),
             state,
             unread: None,
             read: None,
@@ -505,13 +521,25 @@ impl CopyLoop {
         }
         let mut formed = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, t.settled.as_mut()));
         let to_read = t.unread.take();
-        let (to_write, read) = t.read.take().unzip();
+        let (mut to_write, read) = t.read.take().unzip();
+        if let (Some(batch), Some(kept)) = (&mut to_write, &t.kept) {
+            // Decided now, not when the batch was formed: every batch written before this one
+            // has recorded what it kept.
+            if matches!(batch.step, Some((Pass::Recopy { .. }, _))) {
+                for (key, policy) in &mut batch.keys[batch.dirty..] {
+                    if kept.contains(key) {
+                        *policy = ReplacePolicy::Skip;
+                    }
+                }
+            }
+        }
         let (copier, settled) = (&self.copier, t.settled.as_mut());
+        let kept_known = self.options.replace == ReplacePolicy::Replace || t.kept.is_some();
         let ValueLinks { dumps, late_dumps, restores } = links;
         let outcome = tokio::try_join!(
             async {
                 match (&mut formed, pass) {
-                    (Some(batch), Some(pass)) => self.step(batch, pass, settled).await,
+                    (Some(batch), Some(pass)) => self.step(batch, pass, settled, kept_known).await,
                     _ => Ok(()),
                 }
             },
@@ -553,6 +581,15 @@ impl CopyLoop {
             {
                 info!(?pass, "pass complete");
             }
+            if let Some(kept) = &mut t.kept {
+                // The application wrote these since: the source's value is on the target now.
+                for (key, _) in batch.keys[..batch.dirty].iter().filter(|(_, p)| *p == ReplacePolicy::Replace) {
+                    kept.remove(key);
+                }
+                for key in &stats.kept {
+                    kept.insert(key);
+                }
+            }
             t.state.copied += stats.copied;
             t.state.deleted += stats.deleted;
             t.state.skipped += stats.skipped;
@@ -587,12 +624,26 @@ impl CopyLoop {
     }
 
     /// Adds one step of the current pass to a batch.
-    async fn step(&self, batch: &mut Batch, pass: Pass, settled: Option<&mut Settled>) -> Result<(), ReplicateError> {
+    /// `kept_known`: whether a re-copy may replace, the keys `skip` kept being known (always,
+    /// under `replace`).
+    async fn step(
+        &self,
+        batch: &mut Batch,
+        pass: Pass,
+        settled: Option<&mut Settled>,
+        kept_known: bool,
+    ) -> Result<(), ReplicateError> {
         let (source, target) = (&self.copier.source, &self.copier.target);
         match pass {
             Pass::Backfill { cursor } | Pass::Recopy { cursor } => {
                 let backfill = matches!(pass, Pass::Backfill { .. });
-                let policy = if backfill { self.options.replace } else { ReplacePolicy::Replace };
+                let policy = match (backfill, kept_known) {
+                    (true, _) => self.options.replace,
+                    // The source is the truth for every key but those `skip` kept, which the
+                    // write stage exempts; without knowing them, no key the target has is touched.
+                    (false, true) => ReplacePolicy::Replace,
+                    (false, false) => ReplacePolicy::Skip,
+                };
                 let (next, found) = keys::scan(source, cursor, self.options.batch).await?;
                 match settled.filter(|_| backfill) {
                     Some(settled) => {
@@ -651,20 +702,14 @@ impl CopyLoop {
 /// next write, which the verifier run before cutover reports.
 #[derive(Default)]
 struct Settled {
-    fingerprints: HashSet<u64>,
-    hasher: RandomState,
+    keys: Fingerprints,
 }
 
 impl Settled {
     /// Records `key` as settled; when it was not yet, returns true and adds its fingerprint to
     /// `added`.
     fn settle(&mut self, key: &[u8], added: &mut Vec<u64>) -> bool {
-        let fingerprint = self.hasher.hash_one(key);
-        let new = self.fingerprints.insert(fingerprint);
-        if new {
-            added.push(fingerprint);
-        }
-        new
+        self.keys.insert(key).map(|fingerprint| added.push(fingerprint)).is_some()
     }
 
     /// What the backfill does with a key SCAN found, under the pass's `policy` (`fail` or
@@ -682,8 +727,32 @@ impl Settled {
     /// Takes back the fingerprints a batch dropped unwritten had added.
     fn forget(&mut self, added: &[u64]) {
         for fingerprint in added {
-            self.fingerprints.remove(fingerprint);
+            self.keys.set.remove(fingerprint);
         }
+    }
+}
+
+/// A set of keys held as 64-bit SipHash fingerprints with a random seed (so key names cannot be
+/// chosen to collide), whatever the keys' length; see [`Settled`] for the cost and the odds.
+#[derive(Default)]
+struct Fingerprints {
+    set: HashSet<u64>,
+    hasher: RandomState,
+}
+
+impl Fingerprints {
+    /// Adds `key`; its fingerprint when it was not there yet.
+    fn insert(&mut self, key: &[u8]) -> Option<u64> {
+        let fingerprint = self.hasher.hash_one(key);
+        self.set.insert(fingerprint).then_some(fingerprint)
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        self.set.remove(&self.hasher.hash_one(key));
+    }
+
+    fn contains(&self, key: &[u8]) -> bool {
+        self.set.contains(&self.hasher.hash_one(key))
     }
 }
 
