@@ -118,6 +118,7 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
             ("create", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
             ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
             ("get", "namespaces"),
+            ("create", "subjectaccessreviews.authorization.k8s.io"),
         ],
     );
     // The webhook's CA Secret is created in the operator's own namespace, nowhere else.

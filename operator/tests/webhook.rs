@@ -4,7 +4,6 @@
 //! it cannot inject, and a second replica serves with the same CA.
 
 use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
 
 use std::sync::Arc;
 
@@ -18,6 +17,8 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Container, Event, Pod, Secret};
 use kube::Api;
 use kube::api::ListParams;
+
+const SIDECAR_RULES: &str = include_str!("../../charts/eden/rbac/sidecar-rules.yaml");
 
 const MANIFEST: &str = "apiVersion: eden.io/v1alpha1
 kind: Endpoint
@@ -50,6 +51,24 @@ spec:
   containers: [{{name: app, image: \"app:1\"}}]
 "
     )
+}
+
+/// The chart's sidecar Role and RoleBinding for `namespace`.
+fn sidecar_rbac(namespace: &str) -> String {
+    format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: eden-sidecar}}\nrules:\n{SIDECAR_RULES}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: eden-sidecar}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: eden-sidecar}}\n\
+         subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: Group, name: \"system:serviceaccounts:{namespace}\"}}]\n"
+    )
+}
+
+/// The Events of `namespace` with `reason`.
+async fn events(client: &kube::Client, namespace: &str, reason: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let mut found = events.list(&ListParams::default()).await.unwrap().items;
+    found.retain(|event| event.reason.as_deref() == Some(reason));
+    found
 }
 
 fn free_address() -> SocketAddr {
@@ -138,25 +157,21 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     let host = pods.get("host").await.unwrap();
     assert!(sidecars(&host).is_empty());
     assert!(host.metadata.annotations.as_ref().unwrap()[SKIPPED].contains("hostNetwork"));
-    // The Migration it named tells its owner too.
-    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
-    let mut skipped = Vec::new();
-    for _ in 0..50 {
-        skipped = events.list(&ListParams::default()).await.unwrap().items;
-        skipped.retain(|event| event.reason.as_deref() == Some("SidecarSkipped"));
-        if !skipped.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let event = skipped.first().expect("a SidecarSkipped Event");
+    // The Migration it named tells its owner too. The webhook records Events before it answers.
+    let skipped = events(&client, &namespace, "SidecarSkipped").await;
+    let event = skipped.iter().find(|e| e.message.as_deref().unwrap_or_default().contains("pod host")).unwrap();
     assert_eq!(event.involved_object.name.as_deref(), Some("cache"));
-    assert!(event.message.as_deref().unwrap_or_default().contains("host"), "{event:?}");
+    // This namespace is not among the chart's sidecarNamespaces: the injected sidecars' default
+    // ServiceAccount may not read their ConfigMap, which their Migration is told.
+    let lacking = events(&client, &namespace, "SidecarLacksAccess").await;
+    let note = lacking.first().and_then(|e| e.message.clone()).expect("a SidecarLacksAccess Event");
+    assert!(note.contains("pod injected") && note.contains("sidecarNamespaces"), "{note}");
 
     // A namespace labelled eden.io/inject=enabled asks for its pods; its annotation names the
     // Migration; a pod's own "false" wins.
     let labelled = control_plane.namespace("orders").await.unwrap();
     control_plane.apply_manifest(&labelled, MANIFEST).unwrap();
+    control_plane.apply_manifest(&labelled, &sidecar_rbac(&labelled)).unwrap();
     control_plane.run_kubectl(&["label", "namespace", &labelled, "eden.io/inject=enabled"]).unwrap();
     control_plane.run_kubectl(&["annotate", "namespace", &labelled, "eden.io/migration=cache"]).unwrap();
     let in_labelled: Api<Pod> = Api::namespaced(client.clone(), &labelled);
@@ -164,6 +179,7 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     assert_eq!(sidecars(&in_labelled.get("unannotated").await.unwrap()).len(), 1);
     control_plane.apply_manifest(&labelled, &pod("refuses", "eden.io/inject: \"false\"", "")).unwrap();
     assert!(sidecars(&in_labelled.get("refuses").await.unwrap()).is_empty());
+    assert!(events(&client, &labelled, "SidecarLacksAccess").await.is_empty(), "the chart's Role is there");
 
     let counted = metrics.render();
     for (outcome, count) in [("injected", 2), ("skipped", 2), ("untouched", 3)] {

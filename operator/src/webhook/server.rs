@@ -17,8 +17,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::PostParams;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -40,6 +42,10 @@ pub const PATH: &str = "/mutate-pods";
 const MAX_BODY: usize = 4 << 20;
 /// Where the injected sidecar listens: the address the application used for Redis.
 const SIDECAR_LISTEN: &str = "127.0.0.1:6379";
+/// What the sidecar's ServiceAccount must be allowed in its namespace (charts/eden/rbac/
+/// sidecar-rules.yaml): follow its ConfigMap, acknowledge in its Lease.
+const SIDECAR_NEEDS: [(&str, &str, &str); 2] =
+    [("watch", "", "configmaps"), ("patch", "coordination.k8s.io", "leases")];
 
 /// A Migration a pod asked for, with what its sidecar needs from the Migration's Endpoints.
 struct Resolved {
@@ -108,6 +114,13 @@ impl Injector {
                         proxy::container(&resolved.migration, &self.image, SIDECAR_LISTEN, &upstreams);
                     info!(namespace, pod = name, migration, native = self.native, "injecting the sidecar");
                     self.metrics.admitted("injected");
+                    if let Some(problem) = self.sidecar_access(namespace, pod).await {
+                        let note = format!("pod {name}: {problem}");
+                        warn!(namespace, pod = name, problem, "the injected sidecar will not get its strategy");
+                        if !request.dry_run {
+                            self.event(&resolved.migration, "SidecarLacksAccess", note).await;
+                        }
+                    }
                     inject::injection(pod, container, volume, self.native)
                 }
                 Err(reason) => {
@@ -175,15 +188,64 @@ impl Injector {
         };
         let migrations: Api<Migration> = Api::namespaced(self.client.clone(), namespace);
         let Ok(Some(migration)) = migrations.get_opt(migration).await else { return };
+        self.event(&migration, "SidecarSkipped", format!("pod {name}: {reason}")).await;
+    }
+
+    /// Whether the pod's ServiceAccount may do what its sidecar must: watch the ConfigMap and
+    /// write its Lease. Without that the sidecar never gets a strategy, and as a native sidecar
+    /// it holds the application's start; the chart grants it in `sidecarNamespaces`. The
+    /// problem, if there is one; nothing when the API cannot say.
+    async fn sidecar_access(&self, namespace: &str, pod: &Pod) -> Option<String> {
+        let account = pod.spec.as_ref().and_then(|spec| spec.service_account_name.as_deref()).unwrap_or("default");
+        let user = format!("system:serviceaccount:{namespace}:{account}");
+        let groups = vec!["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}")];
+        let reviews: Api<SubjectAccessReview> = Api::all(self.client.clone());
+        let mut missing = Vec::new();
+        for (verb, group, resource) in SIDECAR_NEEDS {
+            let review = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(user.clone()),
+                    groups: Some(groups.clone()),
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(namespace.into()),
+                        verb: Some(verb.into()),
+                        group: Some(group.into()),
+                        resource: Some(resource.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            match reviews.create(&PostParams::default(), &review).await {
+                Ok(answer) if answer.status.as_ref().is_some_and(|status| status.allowed) => {}
+                Ok(_) => missing.push(format!("{verb} {resource}")),
+                Err(err) => {
+                    warn!(namespace, %err, "cannot check the sidecar's permissions");
+                    return None;
+                }
+            }
+        }
+        (!missing.is_empty()).then(|| {
+            format!(
+                "ServiceAccount {account} may not {}, so its eden-sidecar cannot follow the Migration; \
+                 add {namespace} to the chart's sidecarNamespaces",
+                missing.join(" or ")
+            )
+        })
+    }
+
+    /// Puts a Warning Event on the Migration; a failure to record is only logged.
+    async fn event(&self, migration: &Migration, reason: &str, note: String) {
         let event = Event {
             type_: EventType::Warning,
-            reason: "SidecarSkipped".into(),
-            note: Some(format!("pod {name}: {reason}")),
+            reason: reason.into(),
+            note: Some(note),
             action: "InjectSidecar".into(),
             secondary: None,
         };
         if let Err(err) = self.recorder.publish(&event, &migration.object_ref(&())).await {
-            warn!(namespace, %err, "could not record the SidecarSkipped Event");
+            warn!(reason, %err, "could not record the Event");
         }
     }
 }
