@@ -15,6 +15,7 @@ pub mod leader;
 pub mod metrics;
 pub mod migration;
 pub mod owned;
+pub mod plugin;
 pub mod proxy;
 pub mod sidecars;
 pub mod webhook;
