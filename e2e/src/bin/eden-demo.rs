@@ -92,7 +92,7 @@ async fn demo() -> Result<()> {
     done(&format!("source holds {} keys; the target is empty", dbsize(&mut on_source).await?));
 
     step("kubectl apply a Migration: sync the data, then send 25% of reads to the target");
-    control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: oldAuthoritative", false))?;
+    control_plane.apply_manifest(NAMESPACE, MIGRATION)?;
     step("kubectl apply the application's pod, annotated eden.io/inject; the webhook adds eden-sidecar");
     control_plane.apply_manifest(NAMESPACE, APP_POD)?;
     let pod: serde_json::Value = serde_json::from_str(&control_plane.run_kubectl(&[
@@ -157,8 +157,8 @@ async fn demo() -> Result<()> {
     from_target += routed_reads(admin).await? - before;
     done(&format!("{from_target} of {reads} reads of user:42 were served by the target (readPercentage 25)"));
 
-    step("Cut over: the target becomes authoritative; writes are mirrored back to the source");
-    control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: newAuthoritative", false))?;
+    step("`kubectl eden cutover shop`: the target becomes authoritative; writes are mirrored back to the source");
+    done(&kubectl_eden(&control_plane, &["cutover", "shop"])?);
     wait_phase(&control_plane, "CutOver", "60s")?;
     wait_until("the sidecar to apply the flip", || async {
         Ok(sidecar_generation(admin).await? >= configmap_generation(&control_plane)?)
@@ -173,8 +173,8 @@ async fn demo() -> Result<()> {
     .await?;
     done("last-order = order-1002 answered by the target and mirrored to the source: a rollback would lose nothing");
 
-    step("Complete: the source is detached, every read and write goes to the target");
-    control_plane.apply_manifest(NAMESPACE, &migration(25, "dualWrite, policy: newAuthoritative", true))?;
+    step("`kubectl eden complete shop`: the source is detached, every read and write goes to the target");
+    done(&kubectl_eden(&control_plane, &["complete", "shop"])?);
     wait_phase(&control_plane, "Completed", "60s")?;
     let (on_both_source, on_both_target) = (dbsize(&mut on_source).await?, dbsize(&mut on_target).await?);
     if on_both_source != on_both_target {
@@ -221,22 +221,17 @@ fn on_loopback(injected: &[String], listen: u16, admin: u16, pod: &str) -> Vec<S
     args
 }
 
-fn migration(read_percentage: u32, write_mode: &str, complete: bool) -> String {
-    format!(
-        "apiVersion: eden.io/v1alpha1
+const MIGRATION: &str = "apiVersion: eden.io/v1alpha1
 kind: Migration
-metadata: {{name: shop}}
+metadata: {name: shop}
 spec:
-  source: {{endpointRef: {{name: source}}}}
-  target: {{endpointRef: {{name: target}}}}
+  source: {endpointRef: {name: source}}
+  target: {endpointRef: {name: target}}
   strategy:
-    readPercentage: {read_percentage}
-    writeMode: {{mode: {write_mode}}}
-  data: {{type: sync}}
-  complete: {complete}
-"
-    )
-}
+    readPercentage: 25
+    writeMode: {mode: dualWrite, policy: oldAuthoritative}
+  data: {type: sync}
+";
 
 fn wait_phase(control_plane: &ControlPlane, phase: &str, timeout: &str) -> Result<()> {
     let condition = format!("--for=jsonpath={{.status.phase}}={phase}");
@@ -311,6 +306,23 @@ fn indent(text: &str) -> String {
 }
 
 /// Eden's binaries are built next to this one (`cargo build` puts them in the same directory).
+/// `kubectl eden ARGS` in the demo's namespace, the plugin found on PATH beside this binary; its
+/// first line of output.
+fn kubectl_eden(control_plane: &ControlPlane, args: &[&str]) -> Result<String> {
+    let plugin = sibling_binary("kubectl-eden")?;
+    let path = format!("{}:{}", plugin.parent().unwrap_or(Path::new(".")).display(), std::env::var("PATH")?);
+    let output = Command::new("kubectl")
+        .env("KUBECONFIG", control_plane.kubeconfig())
+        .env("PATH", path)
+        .args(["eden", "-n", NAMESPACE])
+        .args(args)
+        .output()?;
+    if !output.status.success() {
+        return Err(format!("kubectl eden {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr)).into());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or_default().to_string())
+}
+
 fn sibling_binary(name: &str) -> Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
     if !path.is_file() {
