@@ -134,6 +134,10 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     assert_eq!(volume.secret.as_ref().unwrap().secret_name.as_deref(), Some("target-password"));
     assert_eq!(injected.spec.as_ref().unwrap().containers.len(), 1, "the application's container is as it was");
 
+    // The README's example Deployment is one the API server takes.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/app.yaml");
+    control_plane.run_kubectl(&["apply", "--dry-run=server", "-n", &namespace, "-f", example]).unwrap();
+
     // Not asked, or asked for a sidecar it has already: untouched.
     control_plane.apply_manifest(&namespace, &pod("plain", "", "")).unwrap();
     assert!(sidecars(&pods.get("plain").await.unwrap()).is_empty());
