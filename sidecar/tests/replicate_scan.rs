@@ -212,7 +212,7 @@ async fn lost_copy_connections_are_reopened_without_a_full_pass() {
     progress.wait_for(|p| p.checkpoint.copied >= 5_000).await.unwrap();
     // Writing while the connections drop, so that the batches lost with them hold dirty keys.
     let writers = spawn_writers(&source, 2, 2_000, 20_000);
-    progress.wait_for(|p| p.dirty > 0).await.unwrap();
+    within(progress.wait_for(|p| p.dirty > 0), "a dirty key").await.unwrap();
     let connections_before = info_stat(&mut target, "total_connections_received").await;
     for con in [&mut source, &mut target] {
         // Normal clients only: the keyspace subscription is a pubsub client and stays.
@@ -253,13 +253,31 @@ async fn a_recopy_after_lost_notifications_keeps_what_skip_kept() {
     let killed: u64 = redis::cmd("CLIENT").arg(&["KILL", "TYPE", "pubsub"]).query_async(&mut source).await.unwrap();
     assert_eq!(killed, 1, "the keyspace subscription");
     let mut progress = replicator.progress();
-    progress.wait_for(|p| p.resyncs >= 1).await.unwrap();
+    within(progress.wait_for(|p| p.resyncs >= 1), "a full re-copy queued").await.unwrap();
     let progress = caught_up_progress(&mut replicator).await;
     assert!(progress.checkpoint.backfill_done(), "the re-copy ran");
     let values: (String, String, String) =
         redis::pipe().get("key:7").get("key:8").get("key:9").query_async(&mut target).await.unwrap();
     let app = "written by the application".to_string();
     assert_eq!(values, ("the target's own".to_string(), app.clone(), app));
+}
+
+/// A target that restarts empty loses what was copied to it: the replicator, which rides out the
+/// lost connections, sees its new run_id and copies everything again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_restarts_empty_is_copied_again() {
+    let mut pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 5_000).await;
+    let mut replicator = pair.replicate(ScanOptions { batch: 100, ..Default::default() }).await;
+    caught_up(&mut replicator).await;
+    pair.target.restart().unwrap();
+    let _: () = source.set("after-restart", 1).await.unwrap();
+
+    let mut progress = replicator.progress();
+    within(progress.wait_for(|p| p.resyncs >= 1), "a full re-copy queued").await.unwrap();
+    caught_up(&mut replicator).await;
+    assert_clean(&pair.verify().await);
 }
 
 /// A source that restarts has forgotten the CONFIG SET that turned keyspace notifications on:
@@ -274,7 +292,7 @@ async fn a_restarted_source_gets_its_notifications_turned_on_again() {
     pair.source.restart().unwrap();
     let mut source = pair.source().await;
     let mut progress = replicator.progress();
-    progress.wait_for(|p| p.resyncs >= 1).await.unwrap();
+    within(progress.wait_for(|p| p.resyncs >= 1), "a full re-copy queued").await.unwrap();
     caught_up(&mut replicator).await;
 
     let _: () = source.set("after-restart", 1).await.unwrap();
@@ -283,6 +301,11 @@ async fn a_restarted_source_gets_its_notifications_turned_on_again() {
     let copied: Option<u32> = target.get("after-restart").await.unwrap();
     assert_eq!(copied, Some(1));
     assert_clean(&pair.verify().await);
+}
+
+/// `future`'s output, or a panic naming `what` after 30 s: a test fails, it does not hang.
+async fn within<F: std::future::Future>(future: F, what: &str) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), future).await.unwrap_or_else(|_| panic!("no {what} within 30s"))
 }
 
 async fn info_stat(con: &mut MultiplexedConnection, field: &str) -> u64 {

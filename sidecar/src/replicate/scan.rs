@@ -310,6 +310,8 @@ struct Turns {
     flush: FlushWatch,
     /// A source flush seen, and the target not flushed yet.
     flush_pending: bool,
+    /// The target's `run_id`, which changes when it restarts or another server takes its place.
+    target_run: Option<String>,
     last_flush_check: Instant,
     seen_barrier: u64,
     pass_started: Instant,
@@ -391,6 +393,7 @@ impl CopyLoop {
         let mut turns = Turns {
             flush: FlushWatch::start(&self.copier.source).await?,
             flush_pending: false,
+            target_run: run_id(&self.copier.target).await?,
             last_flush_check: Instant::now(),
             seen_barrier: 0,
             pass_started: Instant::now(),
@@ -482,6 +485,16 @@ impl CopyLoop {
                 t.snapshot.flushes += 1;
                 restart = true;
             }
+            // A target that restarted (or failed over to a replica) may have lost what was copied
+            // to it, and nothing else would say so now that lost connections are ridden out.
+            let run = run_id(&self.copier.target).await?;
+            if t.target_run.is_some() && run.is_some() && t.target_run != run {
+                warn!("the target restarted or failed over and may have lost keys; queueing a full re-copy");
+                t.state.queue_full_pass(self.options.replace == ReplacePolicy::Replace);
+                t.snapshot.resyncs += 1;
+                restart = true;
+            }
+            t.target_run = run.or(t.target_run.take());
         }
         let overflowed = self.shared.dirty().take_overflow();
         if overflowed || self.shared.take_resync() {
@@ -778,6 +791,16 @@ async fn probe(source: &Endpoint, shared: &Shared, barrier_channel: &str) -> Res
             server: source.label().clone(),
             detail: "CONFIG is refused and a probe write produced no keyevent notification".into(),
         })
+    }
+}
+
+/// A server's `run_id` from `INFO server`; `None` when it does not say (a lost connection is
+/// an error, so that the caller reconnects and asks again).
+async fn run_id(server: &Endpoint) -> Result<Option<String>, ReplicateError> {
+    match server.cmd::<String>("INFO server", cmd("INFO").arg("server")).await {
+        Ok(info) => Ok(info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_string())),
+        Err(err) if err.is_disconnect() => Err(err),
+        Err(_refused) => Ok(None),
     }
 }
 
