@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use json_patch::Patch;
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -104,30 +105,7 @@ impl Injector {
                 self.skipped(namespace, pod, name, &reason, request.dry_run).await;
                 inject::skip(pod, &reason)
             }
-            Decision::Inject { migration } => match self.resolve(namespace, &migration).await {
-                Ok(resolved) => {
-                    let upstreams = Upstreams {
-                        source_uri: &resolved.source_uri,
-                        target_secret: resolved.target_secret.as_deref(),
-                    };
-                    let (container, volume) =
-                        proxy::container(&resolved.migration, &self.image, SIDECAR_LISTEN, &upstreams);
-                    info!(namespace, pod = name, migration, native = self.native, "injecting the sidecar");
-                    self.metrics.admitted("injected");
-                    if let Some(problem) = self.sidecar_access(namespace, pod).await {
-                        let note = format!("pod {name}: {problem}");
-                        warn!(namespace, pod = name, problem, "the injected sidecar will not get its strategy");
-                        if !request.dry_run {
-                            self.event(&resolved.migration, "SidecarLacksAccess", note).await;
-                        }
-                    }
-                    inject::injection(pod, container, volume, self.native)
-                }
-                Err(reason) => {
-                    self.skipped(namespace, pod, name, &reason, request.dry_run).await;
-                    inject::skip(pod, &reason)
-                }
-            },
+            Decision::Inject { migration } => self.inject(namespace, pod, name, &migration, request.dry_run).await,
         };
         match response.clone().with_patch(patch) {
             Ok(patched) => patched.into_review(),
@@ -153,6 +131,29 @@ impl Injector {
                 ObjectMeta::default()
             }
         }
+    }
+
+    /// The patch that adds `migration`'s sidecar to the pod, or that records why it cannot.
+    async fn inject(&self, namespace: &str, pod: &Pod, name: &str, migration: &str, dry_run: bool) -> Patch {
+        let resolved = match self.resolve(namespace, migration).await {
+            Ok(resolved) => resolved,
+            Err(reason) => {
+                self.skipped(namespace, pod, name, &reason, dry_run).await;
+                return inject::skip(pod, &reason);
+            }
+        };
+        let upstreams =
+            Upstreams { source_uri: &resolved.source_uri, target_secret: resolved.target_secret.as_deref() };
+        let (container, volume) = proxy::container(&resolved.migration, &self.image, SIDECAR_LISTEN, &upstreams);
+        info!(namespace, pod = name, migration, native = self.native, "injecting the sidecar");
+        self.metrics.admitted("injected");
+        if let Some(problem) = self.sidecar_access(namespace, pod).await {
+            warn!(namespace, pod = name, problem, "the injected sidecar will not get its strategy");
+            if !dry_run {
+                self.event(&resolved.migration, "SidecarLacksAccess", format!("pod {name}: {problem}")).await;
+            }
+        }
+        inject::injection(pod, container, volume, self.native)
     }
 
     /// The Migration and what its sidecar needs; or why there is none to inject.
