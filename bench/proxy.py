@@ -9,17 +9,16 @@ writes it into BENCHMARKS.md between the proxy markers.
 
 The machine is shared and noisy (2 cores), so every figure is a ratio against direct Redis measured
 in the same round: rounds are interleaved (each round runs each test on every target back to back,
-in a rotating order), ratios are taken within a round, and the median round is reported. A pipelined
-run moves a million requests per test, so that it lasts a few seconds on every target: at 200,000 it
-was over in under a second, and one scheduling hiccup from another process swung a whole round.
+in a rotating order), ratios are taken within a round, and the median round is reported.
 
-Single-client latency is the opposite case: a loopback round trip is tens of microseconds, and what
-the rest of the machine does moves it by as much from one second to the next. So each round's
-latency test is cut into short slices, every target runs each slice back to back, and each target's
-added latency is taken against direct Redis in the same slice, a second or so apart; the reported
-figure is the median over every slice of every round. One 20,000-request run per target per round
-paired runs several seconds apart, and the added p50 of the same binaries swung between -16 and
-+72 µs from round to round.
+What the rest of the machine does moves every figure from one second to the next, so the pipelined
+and single-client tests are cut into slices: every target runs each slice back to back, each ratio is
+taken within a slice, and the reported figure is the median over every slice of every round. Pairs
+a few seconds apart track each other; one run per target per round paired runs tens of seconds apart,
+and then the added p50 of the same binaries swung between -16 and +72 µs from round to round, and the
+sidecar's pipelined throughput over twemproxy's (a CPU-bound single thread, which any other process
+on the machine slows) between 1.5× and 3.1×. A slice still moves 250,000 pipelined requests, so that
+it lasts about a second on the fastest target; one hiccup then moves one slice of twenty, not a round.
 
 Usage:  bench/proxy.py [--sidecar-build-failed] [SIDECAR_BINARY]
         (`make bench` builds the release sidecar and calls this; SIDECAR_BINARY defaults to
@@ -28,7 +27,8 @@ Usage:  bench/proxy.py [--sidecar-build-failed] [SIDECAR_BINARY]
 Environment (defaults in brackets):
   BENCH_ROUNDS [5]                   interleaved rounds; the median is reported
   BENCH_REQUESTS [100000]            requests per test, 50 clients, no pipeline
-  BENCH_PIPELINED_REQUESTS [1000000] requests per test, 50 clients, -P 16
+  BENCH_PIPELINED_REQUESTS [1000000] requests per round, 50 clients, -P 16, split into slices
+  BENCH_PIPELINED_SLICES [4]         slices of the pipelined test per round
   BENCH_LATENCY_REQUESTS [20000]     requests per round, 1 client, split into slices
   BENCH_LATENCY_SLICES [8]           slices of the single-client test per round
   BENCH_IDLE_CLIENTS [1000]          idle clients held open for the sidecar's RSS
@@ -55,6 +55,7 @@ from common import (BenchError, bench_main, benchmark_args, check_binary, childr
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
 PIPELINED_REQUESTS = env_int("BENCH_PIPELINED_REQUESTS", 1_000_000)
+PIPELINED_SLICES = env_int("BENCH_PIPELINED_SLICES", 4)
 LATENCY_REQUESTS = env_int("BENCH_LATENCY_REQUESTS", 20_000)
 LATENCY_SLICES = env_int("BENCH_LATENCY_SLICES", 8)
 IDLE_CLIENTS = env_int("BENCH_IDLE_CLIENTS", 1000)
@@ -66,7 +67,7 @@ FOOTPRINT = "sidecar footprint"  # failures' key for the RSS and readiness measu
 # subset of commands.
 TESTS = [
     ("plain", 50, 1, REQUESTS, 1),
-    ("piped", 50, 16, PIPELINED_REQUESTS, 1),
+    ("piped", 50, 16, max(1, PIPELINED_REQUESTS // PIPELINED_SLICES), PIPELINED_SLICES),
     ("single", 1, 1, max(1, LATENCY_REQUESTS // LATENCY_SLICES), LATENCY_SLICES),
 ]
 RUNS_PER_ROUND = {key: runs for key, *_, runs in TESTS}
@@ -227,10 +228,10 @@ def raise_fd_limit():
 
 
 # ---------------------------------------------------------------------------------------------
-# Summarising: within-round ratios, then the median over rounds.
+# Summarising: ratios within a slice, then the median over slices.
 
 def summarise(rounds, name):
-    """Medians over rounds for one target; ratios against direct in the same round."""
+    """Medians over slices for one target; ratios against direct in the same slice."""
     runs, direct = rounds[name], rounds["direct"]
     n = min(len(runs[key]) // RUNS_PER_ROUND[key] for key in RUNS_PER_ROUND)  # whole rounds measured
     if n == 0 or min(len(direct[key]) // RUNS_PER_ROUND[key] for key in RUNS_PER_ROUND) < n:
@@ -255,8 +256,8 @@ def latency(result, percentile):
 
 
 def piped_vs(rounds, name, other):
-    """Pipelined throughput of one target over another's, round by round (geometric mean of the
-    SET and GET ratios), median over rounds; None when either was not measured."""
+    """Pipelined throughput of one target over another's, slice by slice (geometric mean of the
+    SET and GET ratios), median over slices; None when either was not measured."""
     ratios = [geomean([a["set_rps"] / b["set_rps"], a["get_rps"] / b["get_rps"]])
               for a, b in zip(rounds[name]["piped"], rounds[other]["piped"])]
     return statistics.median(ratios) if ratios else None
@@ -353,25 +354,34 @@ def targets_table(rounds, failures, footprint):
 
 
 def rounds_table(rounds):
-    """Every round's figures, so that a reader can see how much the machine moved."""
+    """Every round's figures (the median of its slices), so that a reader can see how much the
+    machine moved."""
     lines = ["| target | round | SET / GET rps, 50 clients (ratio) | SET / GET rps, -P 16 (ratio) | p50 / p99 µs |",
              "|---|---|---|---|---|"]
+    med = statistics.median
     direct = rounds.get("direct")
     for name in TARGETS:
-        if name not in rounds:
+        if name not in rounds or not direct:
             continue
-        runs = rounds[name]
-        slices = [runs["single"][i:i + LATENCY_SLICES] for i in range(0, len(runs["single"]), LATENCY_SLICES)]
-        for number, (plain, piped, single) in enumerate(zip(runs["plain"], runs["piped"], slices)):
+        for number in range(ROUNDS):
+            runs, base = (round_of(results, number) for results in (rounds[name], direct))
+            if any(len(runs[key]) < runs_per_round for key, runs_per_round in RUNS_PER_ROUND.items()):
+                break
             cells = []
-            for key, result in (("plain", plain), ("piped", piped)):
-                base = direct[key][number] if number < len(direct[key]) else None
-                ratios = f" ({result['set_rps'] / base['set_rps']:.2f} / {result['get_rps'] / base['get_rps']:.2f})" \
-                    if base else ""
-                cells.append(f"{result['set_rps']:.0f} / {result['get_rps']:.0f}{ratios}")
-            p50, p99 = (statistics.median(latency(r, q) for r in single) for q in ("p50", "p99"))
+            for key in ("plain", "piped"):
+                pairs = list(zip(runs[key], base[key]))
+                ratios = f" ({med(t['set_rps'] / d['set_rps'] for t, d in pairs):.2f} / " \
+                         f"{med(t['get_rps'] / d['get_rps'] for t, d in pairs):.2f})" if pairs else ""
+                cells.append(f"{med(r['set_rps'] for r in runs[key]):.0f} / "
+                             f"{med(r['get_rps'] for r in runs[key]):.0f}{ratios}")
+            p50, p99 = (med(latency(r, q) for r in runs["single"]) for q in ("p50", "p99"))
             lines.append(f"| {name} | {number + 1} | {cells[0]} | {cells[1]} | {p50:.0f} / {p99:.0f} |")
     return lines
+
+
+def round_of(results, number):
+    """One round's runs of every test, from a target's results."""
+    return {key: runs[number * RUNS_PER_ROUND[key]:(number + 1) * RUNS_PER_ROUND[key]] for key, runs in results.items()}
 
 
 def render(args, rounds, failures, footprint, elapsed_s):
@@ -384,14 +394,14 @@ def render(args, rounds, failures, footprint, elapsed_s):
         "Machine: " + "; ".join(machine_facts(args.sidecar, not args.sidecar_build_failed,
                                         ("redis-server", "redis-benchmark", "haproxy", "nutcracker"))) + ".",
         "",
-        f"{ROUNDS} interleaved rounds; each figure is the median over rounds, and each ratio is against "
-        "direct Redis in the same round. Every target fronts one private redis-server (no persistence) "
+        f"{ROUNDS} interleaved rounds of slices (below); each ratio is against direct Redis in the same "
+        "slice. Every target fronts one private redis-server (no persistence) "
         "on loopback; HAProxy in `mode tcp` with one server and no health checks; twemproxy with "
         "`redis: true`, `preconnect: true`, `server_connections: 1`.",
         "",
         *throughput_table(rounds, failures),
         "",
-        "CPU time per pipelined request (µs, median over rounds; user + system, from /proc), by process:",
+        "CPU time per pipelined request (µs, median over slices; user + system, from /proc), by process:",
         "",
         *cpu_table(rounds, failures),
         "",
@@ -405,11 +415,13 @@ def render(args, rounds, failures, footprint, elapsed_s):
         *command_lines,
         "```",
         "",
-        f"The single-client test runs as {LATENCY_SLICES} slices per round, each slice on every target back to "
-        "back. p50/p99 are the mean of the SET and GET percentiles from redis-benchmark's histogram, whose "
-        "buckets are 8 µs wide below 1 ms, and the median over all slices. p50 added is the median over "
-        "all slices of (target − direct) within a slice, so it need not equal the difference of the two "
-        "medians shown. The rounds below show each round's median slice.",
+        f"The pipelined test runs as {PIPELINED_SLICES} slices per round and the single-client test as "
+        f"{LATENCY_SLICES}, each slice on every target back to back; every figure is the median over all "
+        "slices, and every ratio the median over all slices of the ratio within a slice (the sidecar's over "
+        "HAProxy's and twemproxy's too), so a ratio need not equal the quotient of the medians shown. "
+        "p50/p99 are the mean of the SET and GET percentiles from redis-benchmark's histogram, whose "
+        "buckets are 8 µs wide below 1 ms; p50 added is (target − direct) within a slice. The rounds "
+        "below show the median of each round's slices.",
         "",
         "<details><summary>Every round</summary>",
         "",
