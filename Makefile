@@ -11,7 +11,7 @@ export CARGO_TERM_COLOR ?= never
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help deps control-plane crds check-crds lint test demo bench
+.PHONY: help deps control-plane helm crds check-crds lint test demo bench
 
 help:
 	@echo "make demo   run Eden end to end on a local control plane and two redis-servers"
@@ -33,6 +33,11 @@ deps:
 control-plane:
 	@bash e2e/control-plane/build.sh >/dev/null
 
+# Helm, built once per version from its published module into $(EDEN_CACHE_DIR)/bin: the tests
+# install the chart with it.
+helm:
+	@bash e2e/helm/build.sh >/dev/null
+
 # The chart carries its own copy of the CRDs (Helm installs charts/eden/crds/ before templates).
 crds:
 	cargo run -q -p eden-operator --bin crdgen > crds/eden.yaml
@@ -44,11 +49,12 @@ check-crds:
 	@diff -u crds/eden.yaml charts/eden/crds/eden.yaml \
 	  || { echo "charts/eden/crds/eden.yaml is stale: run 'make crds'"; exit 1; }
 
-lint:
+lint: helm
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
+	@"$$(bash e2e/helm/build.sh)" lint --strict --quiet charts/eden
 
-test: deps control-plane lint check-crds
+test: deps control-plane helm lint check-crds
 	cargo test --workspace
 
 demo: deps control-plane

@@ -81,15 +81,7 @@ impl ControlPlane {
     /// The path of `eden-control-plane`, building it first if this source version has no
     /// cached binary. `EDEN_CONTROL_PLANE` overrides the lookup.
     pub fn binary() -> Result<PathBuf, FixtureError> {
-        if let Some(path) = std::env::var_os("EDEN_CONTROL_PLANE") {
-            return Ok(PathBuf::from(path));
-        }
-        let script = crate::repo_root().join("e2e/control-plane/build.sh");
-        let output = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output()?;
-        if !output.status.success() {
-            return Err(FixtureError::Build { what: script.display().to_string(), status: output.status });
-        }
-        Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        crate::go_program("EDEN_CONTROL_PLANE", "e2e/control-plane/build.sh")
     }
 
     pub fn kubeconfig(&self) -> &Path {
@@ -134,35 +126,27 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Installs the repository's chart (`charts/eden`, rendered by `helm`) as release `eden` in
+    /// `namespace` with one `--set` for each of `values`, and waits until its CRDs are
+    /// established. `kubectl apply` rather than `helm install`: the objects are the same, and a
+    /// test's namespaces come and go without Helm's release records.
+    pub fn install_chart(&self, helm: &crate::Helm, namespace: &str, values: &[&str]) -> Result<(), FixtureError> {
+        // No `-n`: the sidecar RBAC goes to the sidecar namespaces, the rest names the release's.
+        crate::stdout_of(self.kubectl().args(["apply", "-f", "-"]), Some(&helm.template_eden(namespace, values)?))?;
+        self.run_kubectl(&["wait", "--for=condition=Established", "crd/endpoints.eden.io", "crd/migrations.eden.io"])?;
+        Ok(())
+    }
+
     /// Runs kubectl with `args` and returns its stdout; a non-zero exit is an error that
     /// carries kubectl's stderr.
     pub fn run_kubectl(&self, args: &[&str]) -> Result<String, FixtureError> {
-        let output = self.kubectl().args(args).output()?;
-        if !output.status.success() {
-            return Err(FixtureError::Kubectl {
-                args: args.join(" "),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        crate::stdout_of(self.kubectl().args(args), None)
     }
 
     /// `kubectl apply -n NAMESPACE -f -` with `manifest` on stdin; returns kubectl's stdout, or
     /// an error carrying its stderr (what a user would read when the API server refuses).
     pub fn apply_manifest(&self, namespace: &str, manifest: &str) -> Result<String, FixtureError> {
-        use std::io::Write;
-        let args = ["apply", "-n", namespace, "-f", "-"];
-        let mut child =
-            self.kubectl().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-        child.stdin.take().expect("stdin is piped").write_all(manifest.as_bytes())?;
-        let output = child.wait_with_output()?;
-        if !output.status.success() {
-            return Err(FixtureError::Kubectl {
-                args: args.join(" "),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        crate::stdout_of(self.kubectl().args(["apply", "-n", namespace, "-f", "-"]), Some(manifest))
     }
 
     /// Creates a fresh namespace named `<prefix>-<n>`, unique within this process, so tests

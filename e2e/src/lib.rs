@@ -1,17 +1,21 @@
-//! Real components for Eden's tests and its demo: `redis-server` processes and a local
-//! Kubernetes control plane (etcd + kube-apiserver built from the upstream Go module).
+//! Real components for Eden's tests and its demo: `redis-server` processes, a local Kubernetes
+//! control plane (etcd + kube-apiserver built from the upstream Go module) and Helm (built from
+//! its published module).
 //!
 //! Nothing here is a mock. Tests and the demo start what a user would have, on free loopback
 //! ports, and tear it down when the fixture is dropped.
 
 mod control_plane;
+mod helm;
 mod redis;
 mod tls;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 pub use control_plane::ControlPlane;
+pub use helm::Helm;
 pub use redis::{RedisConfig, RedisServer};
 pub use tls::{TestPki, TlsFiles};
 
@@ -24,8 +28,8 @@ pub enum FixtureError {
     NotReady { what: String, detail: String },
     #[error("building {what} failed ({status})")]
     Build { what: String, status: std::process::ExitStatus },
-    #[error("kubectl {args} failed: {stderr}")]
-    Kubectl { args: String, stderr: String },
+    #[error("{command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -45,4 +49,42 @@ pub fn repo_root() -> PathBuf {
 /// binds it; fixtures that lose that race fail with a clear "did not become ready".
 pub fn free_port() -> Result<u16, FixtureError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The path of a Go program of the test kit: `$override` when set, else what its build script
+/// (relative to the repository root) prints, which builds the program first when this source
+/// version has no cached binary.
+fn go_program(override_var: &str, script: &str) -> Result<PathBuf, FixtureError> {
+    if let Some(path) = std::env::var_os(override_var) {
+        return Ok(PathBuf::from(path));
+    }
+    let script = repo_root().join(script);
+    let output = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output()?;
+    if !output.status.success() {
+        return Err(FixtureError::Build { what: script.display().to_string(), status: output.status });
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}
+
+/// Runs `command` (with `stdin` written to it, if any) and returns its stdout; a non-zero exit
+/// is an error that carries the command line and its stderr.
+fn stdout_of(command: &mut Command, stdin: Option<&str>) -> Result<String, FixtureError> {
+    use std::io::Write;
+    let mut child = command
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(input) = stdin {
+        child.stdin.take().expect("stdin is piped").write_all(input.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        let words: Vec<_> = std::iter::once(command.get_program()).chain(command.get_args()).collect();
+        return Err(FixtureError::Failed {
+            command: words.iter().map(|word| word.to_string_lossy()).collect::<Vec<_>>().join(" "),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -1,14 +1,12 @@
-//! The chart's RBAC against a real API server that authorizes with RBAC: the templates in
-//! `charts/eden/templates` are rendered (the few Helm expressions they use, nothing else),
-//! applied, checked with `kubectl auth can-i` as the ServiceAccounts, and then the operator and
-//! a sidecar run as those ServiceAccounts through a migration with a gateway and the injection
-//! webhook, so a permission
-//! the code needs and the chart lacks fails here.
+//! The chart's RBAC against a real API server that authorizes with RBAC: the chart is rendered
+//! by Helm and applied, checked with `kubectl auth can-i` as the ServiceAccounts, and then the
+//! operator and a sidecar run as those ServiceAccounts through a migration with a gateway and
+//! the injection webhook, so a permission the code needs and the chart lacks fails here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
+use eden_e2e::{ControlPlane, Helm, RedisConfig, RedisServer};
 use eden_operator::crd::{Migration, Phase};
 use eden_operator::leader::{LeaderElector, Timing};
 use eden_operator::proxy::DEFAULT_IMAGE;
@@ -20,21 +18,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, DeleteParams};
 use tokio::sync::watch;
-
-const SERVICE_ACCOUNT: &str = include_str!("../../charts/eden/templates/serviceaccount.yaml");
-const OPERATOR_RBAC: &str = include_str!("../../charts/eden/templates/operator-rbac.yaml");
-const OPERATOR_RULES: &str = include_str!("../../charts/eden/rbac/operator-rules.yaml");
-const SIDECAR_RBAC: &str = include_str!("../../charts/eden/templates/sidecar-rbac.yaml");
-const SIDECAR_RULES: &str = include_str!("../../charts/eden/rbac/sidecar-rules.yaml");
-
-/// Replaces each Helm expression with its value and refuses any expression left over: the test
-/// must check what Helm would install, not something near it.
-fn render(template: &str, values: &[(&str, &str)]) -> String {
-    let rendered =
-        values.iter().fold(template.to_string(), |text, (expression, value)| text.replace(expression, value));
-    assert!(!rendered.contains("{{"), "a Helm expression this test does not render:\n{rendered}");
-    rendered
-}
 
 /// `kubectl auth can-i` as `user`: whether the API server's RBAC allows `verb resource`.
 fn can_i(control_plane: &ControlPlane, user: &str, namespace: &str, verb: &str, resource: &str) -> bool {
@@ -70,25 +53,10 @@ fn assert_rights(control_plane: &ControlPlane, user: &str, namespace: &str, allo
 async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
     let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
     let control_plane = ControlPlane::shared();
-    control_plane.install_eden_crds().unwrap();
     let system = control_plane.namespace("eden-system").await.unwrap();
     let app = control_plane.namespace("shop").await.unwrap();
-    control_plane.apply_manifest(&system, &render(SERVICE_ACCOUNT, &[("{{ .Release.Namespace }}", &system)])).unwrap();
-    let operator_rbac = render(
-        OPERATOR_RBAC,
-        &[("{{ .Release.Namespace }}", &system), ("{{ .Files.Get \"rbac/operator-rules.yaml\" }}", OPERATOR_RULES)],
-    );
-    control_plane.apply_manifest(&system, &operator_rbac).unwrap();
-    let sidecar_rbac = render(
-        SIDECAR_RBAC,
-        &[
-            ("{{- range $namespace := .Values.sidecarNamespaces }}", ""),
-            ("{{- end }}", ""),
-            ("{{ $namespace }}", &app),
-            ("{{ $.Files.Get \"rbac/sidecar-rules.yaml\" }}", SIDECAR_RULES),
-        ],
-    );
-    control_plane.apply_manifest(&app, &sidecar_rbac).unwrap();
+    let helm = Helm::find().unwrap();
+    control_plane.install_chart(&helm, &system, &[&format!("sidecarNamespaces={{{app}}}")]).unwrap();
 
     let operator = format!("system:serviceaccount:{system}:eden-operator");
     assert_rights(

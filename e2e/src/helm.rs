@@ -1,0 +1,39 @@
+//! Helm, built from its published Go module (`e2e/helm/`, once per version, into the same cache
+//! as the control plane), so that tests install the chart as `helm install` or Argo CD renders
+//! it rather than an imitation of it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::FixtureError;
+
+/// The Helm binary.
+#[derive(Debug, Clone)]
+pub struct Helm {
+    binary: PathBuf,
+}
+
+impl Helm {
+    /// Builds Helm first when this version has no cached binary. `EDEN_HELM` overrides the
+    /// lookup.
+    pub fn find() -> Result<Self, FixtureError> {
+        Ok(Helm { binary: crate::go_program("EDEN_HELM", "e2e/helm/build.sh")? })
+    }
+
+    /// `helm` with `args`.
+    pub fn command(&self) -> Command {
+        Command::new(&self.binary)
+    }
+
+    /// The manifests of the repository's chart (`charts/eden`) installed as release `eden` in
+    /// `namespace`, CRDs first, with one `--set` for each of `values` (Helm's `key=value`).
+    pub fn template_eden(&self, namespace: &str, values: &[&str]) -> Result<String, FixtureError> {
+        let mut command = self.command();
+        command.args(["template", "eden"]).arg(crate::repo_root().join("charts/eden"));
+        command.args(["--namespace", namespace, "--include-crds"]);
+        for value in values {
+            command.args(["--set", value]);
+        }
+        crate::stdout_of(&mut command, None)
+    }
+}

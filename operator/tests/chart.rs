@@ -1,0 +1,174 @@
+//! The Helm chart as a user installs it: real Helm renders `charts/eden` (CRDs included), the
+//! API server takes every object, and the operator binary runs the way the rendered Deployment
+//! runs it: with the container's environment, as the chart's ServiceAccount (a token the API
+//! server issues), so a value the chart passes that the operator rejects, or a permission it
+//! lacks, fails here.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eden_e2e::{ControlPlane, Helm, RedisServer, free_port};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::config::{AuthInfo, Kubeconfig};
+
+/// The replica's pod name: what the downward API would give `metadata.name`.
+const POD_NAME: &str = "eden-operator-7d9f8-x2x4q";
+
+#[tokio::test]
+async fn the_rendered_chart_installs_and_its_operator_runs_as_deployed() {
+    let control_plane = ControlPlane::shared();
+    let helm = Helm::find().unwrap();
+    let system = control_plane.namespace("eden-system").await.unwrap();
+    let app = control_plane.namespace("shop").await.unwrap();
+    let values = [format!("sidecarNamespaces={{{app}}}"), "webhook.failurePolicy=fail".into()];
+    control_plane.install_chart(&helm, &system, &values.each_ref().map(String::as_str)).unwrap();
+
+    let client = control_plane.client().await.unwrap();
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &system).get("eden-operator").await.unwrap();
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("eden-operator"));
+    let container = &pod.containers[0];
+
+    // The webhook's path: Service port 443 → the container port named `webhook` → the address
+    // the operator listens on.
+    let service = Api::<Service>::namespaced(client.clone(), &system).get("eden-operator-webhook").await.unwrap();
+    let service_port = &service.spec.unwrap().ports.unwrap()[0];
+    assert_eq!(service_port.port, 443);
+    let Some(IntOrString::String(target_port)) = &service_port.target_port else { panic!("{service_port:?}") };
+    let env = container_env(container, &system);
+    assert_eq!(env["EDEN_WEBHOOK_LISTEN"].rsplit_once(':').unwrap().1, container_port(container, target_port));
+
+    // In its pod the operator has these ports to itself; here they are free loopback ports.
+    let (admin, webhook) = (free_port().unwrap(), free_port().unwrap());
+    let kubeconfig = service_account_kubeconfig(control_plane, &system, "eden-operator");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut operator = Operator {
+        child: Command::new(env!("CARGO_BIN_EXE_eden-operator"))
+            .envs(&env)
+            .env("EDEN_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("EDEN_WEBHOOK_LISTEN", format!("127.0.0.1:{webhook}"))
+            .env("KUBECONFIG", kubeconfig.path())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap(),
+        log,
+    };
+
+    // It registers the webhook behind the chart's Service, with the chart's failure policy.
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let registered = within(&mut operator, "the webhook registration", || {
+        let configurations = configurations.clone();
+        async move { configurations.get_opt("eden-sidecar-injector").await.unwrap() }
+    })
+    .await;
+    let hook = &registered.webhooks.unwrap()[0];
+    assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
+    let called = hook.client_config.service.as_ref().unwrap();
+    assert_eq!(
+        (called.namespace.as_str(), called.name.as_str(), called.port),
+        (system.as_str(), "eden-operator-webhook", Some(443))
+    );
+    // `fail` is in force: with no Service network here the API server cannot reach the webhook,
+    // so a pod in an opted-in namespace is refused rather than created without its sidecar.
+    let refused = Api::<Pod>::namespaced(client.clone(), &app).create(&PostParams::default(), &app_pod()).await;
+    let refused = refused.map(|pod| pod.metadata.name).unwrap_err().to_string();
+    assert!(refused.contains("failed calling webhook"), "{refused}");
+
+    // And it reconciles, as the chart's ServiceAccount: an Endpoint in a sidecar namespace
+    // becomes Ready.
+    let redis = RedisServer::start().unwrap();
+    let endpoint = format!(
+        "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: cache}}\nspec: {{uri: '{}'}}\n",
+        redis.url()
+    );
+    control_plane.apply_manifest(&app, &endpoint).unwrap();
+    let ready = control_plane.run_kubectl(&[
+        "wait",
+        "-n",
+        &app,
+        "--for=condition=Ready",
+        "endpoints.eden.io/cache",
+        "--timeout=60s",
+    ]);
+    assert!(ready.is_ok(), "{ready:?}\noperator log:\n{}", operator.log());
+
+    configurations.delete("eden-sidecar-injector", &DeleteParams::default()).await.unwrap();
+}
+
+/// The container's environment as the kubelet would set it: literal values, and the two
+/// downward-API fields the chart uses.
+fn container_env(container: &Container, namespace: &str) -> BTreeMap<String, String> {
+    let resolve = |var: &EnvVar| match (&var.value, var.value_from.as_ref().and_then(|from| from.field_ref.as_ref())) {
+        (Some(value), _) => value.clone(),
+        (None, Some(field)) if field.field_path == "metadata.name" => POD_NAME.into(),
+        (None, Some(field)) if field.field_path == "metadata.namespace" => namespace.into(),
+        _ => panic!("an environment variable this test cannot resolve: {var:?}"),
+    };
+    container.env.iter().flatten().map(|var| (var.name.clone(), resolve(var))).collect()
+}
+
+fn container_port(container: &Container, name: &str) -> String {
+    let ports = container.ports.iter().flatten();
+    ports.filter(|port| port.name.as_deref() == Some(name)).map(|port| port.container_port.to_string()).next().unwrap()
+}
+
+/// A kubeconfig for the same API server that authenticates as `namespace/name` with a token
+/// the API server issues (`kubectl create token`), as a pod's projected token would.
+fn service_account_kubeconfig(control_plane: &ControlPlane, namespace: &str, name: &str) -> tempfile::NamedTempFile {
+    let token = control_plane.run_kubectl(&["create", "token", name, "-n", namespace]).unwrap();
+    let mut kubeconfig = Kubeconfig::read_from(control_plane.kubeconfig()).unwrap();
+    for user in &mut kubeconfig.auth_infos {
+        user.auth_info = Some(AuthInfo { token: Some(token.trim().to_string().into()), ..Default::default() });
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    serde_yaml::to_writer(&file, &kubeconfig).unwrap();
+    file
+}
+
+fn app_pod() -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "app", "annotations": {"eden.io/inject": "true", "eden.io/migration": "cache"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+    }))
+    .unwrap()
+}
+
+/// The operator process, killed when the test ends however it ends.
+struct Operator {
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl Operator {
+    /// What it logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `probe` until it returns something, for at most 60 s; fails with the operator's log.
+async fn within<T, F: Future<Output = Option<T>>>(operator: &mut Operator, what: &str, probe: impl Fn() -> F) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        if Instant::now() > deadline || operator.child.try_wait().unwrap().is_some() {
+            panic!("{what}: not within 60 s; operator log:\n{}", operator.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
