@@ -404,6 +404,29 @@ async fn a_cutover_waits_while_replication_lags_behind_the_guard() {
     assert_eq!(balance, 101);
 }
 
+/// `replace: skip` keeps the target's value of a key both servers have; the verification the
+/// cutover waits for counts that key apart instead of failing on it.
+#[tokio::test]
+async fn a_skip_migration_passes_verification_with_the_keys_it_kept_counted_apart() {
+    let harness = Harness::start("migration-skip").await;
+    let (source, target) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
+    let mut on_source = connect(&source).await;
+    let mut on_target = connect(&target).await;
+    let _: () =
+        redis::pipe().set("greeting", "the source's").set("only-source", 1).query_async(&mut on_source).await.unwrap();
+    let _: () = on_target.set("greeting", "the target's own").await.unwrap();
+    harness.apply(&endpoints(&source, &target));
+    harness.apply(&migration("keep", "sync, replace: skip", 0, "oldAuthoritative"));
+
+    let ready = harness.wait_phase("keep", Phase::Ready).await;
+    let verification = ready.status.unwrap().last_verification.unwrap();
+    assert_eq!((verification.missing, verification.extra, verification.mismatched), (0, 0, 0));
+    assert_eq!(verification.kept, 1);
+    let kept: String = on_target.get("greeting").await.unwrap();
+    assert_eq!(kept, "the target's own");
+    harness.wait_described("keep", "Kept:").await;
+}
+
 #[tokio::test]
 async fn a_restarted_operator_continues_the_replication_stream_without_a_new_copy() {
     let mut harness = Harness::start("migration-restart").await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use eden_sidecar::replicate::{
-    Checkpoint, Mode, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, ScanOptions,
+    Checkpoint, Mode, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, ScanOptions, VerifyOptions,
 };
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
@@ -235,7 +235,8 @@ async fn lost_copy_connections_are_reopened_without_a_full_pass() {
 
 /// Notifications lost mid-run (the subscription killed) mean a full re-copy, in which the source
 /// is the truth for every key but those `skip` kept: they stay the target's, unless the
-/// application writes them on the source.
+/// application writes them on the source. The verifier, given what the replicator kept, counts
+/// the one still kept apart and finds the servers otherwise equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recopy_after_lost_notifications_keeps_what_skip_kept() {
     let pair = Pair::start();
@@ -260,6 +261,9 @@ async fn a_recopy_after_lost_notifications_keeps_what_skip_kept() {
         redis::pipe().get("key:7").get("key:8").get("key:9").query_async(&mut target).await.unwrap();
     let app = "written by the application".to_string();
     assert_eq!(values, ("the target's own".to_string(), app.clone(), app));
+    let report = pair.verify_with(VerifyOptions { kept: replicator.kept_keys(), ..Default::default() }).await;
+    assert_clean(&report);
+    assert_eq!(report.kept, 1, "key:7; key:8 was written since");
 }
 
 /// A target that restarts empty loses what was copied to it: the replicator, which rides out the

@@ -143,8 +143,9 @@ async fn strings_of_every_encoding_load_and_replace_what_the_target_had() {
 }
 
 /// `skip` keeps the keys the target already has, strings (loaded with SET NX) as well as other
-/// types (RESTORE's BUSYKEY), counts them, and copies the rest; the verifier finds exactly the
-/// kept keys. `fail` stops at such a key, naming it.
+/// types (RESTORE's BUSYKEY), counts them, and copies the rest; a verifier given the keys the
+/// replicator kept counts them apart and finds nothing else, and one without finds exactly
+/// them. `fail` stops at such a key, naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_and_fail_leave_existing_keys_alone() {
     let pair = Pair::with_source(diskless());
@@ -164,6 +165,9 @@ async fn skip_and_fail_leave_existing_keys_alone() {
     assert_eq!(progress.checkpoint.copied, progress.checkpoint.total - 3);
     let kept: (String, i64) = redis::pipe().get("raw").pttl("ttl:lzf").query_async(&mut target).await.unwrap();
     assert_eq!(kept, ("the target's".to_string(), -1));
+    let report = pair.verify_with(VerifyOptions { kept: replicator.kept_keys(), ..Default::default() }).await;
+    assert_clean(&report);
+    assert_eq!(report.kept, 3);
     let report = pair.verify().await;
     let mut differing: Vec<&str> = report.samples.iter().map(|d| d.key.as_str()).collect();
     differing.sort();

@@ -366,6 +366,10 @@ pub struct Verification {
     pub missing: i64,
     pub extra: i64,
     pub mismatched: i64,
+    /// Keys not compared because `data.replace: skip` kept the target's own value (not
+    /// differences).
+    #[serde(default)]
+    pub kept: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Time>,
 }

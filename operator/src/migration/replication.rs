@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eden_sidecar::replicate::{
-    Checkpoint, Mode, OpsLimits, Progress, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, Verifier,
-    VerifyOptions, VerifyReport,
+    Checkpoint, KeptKeys, Mode, OpsLimits, Progress, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions,
+    Verifier, VerifyOptions, VerifyReport,
 };
 use eden_sidecar::upstream::TlsSettings;
 use tokio::sync::watch;
@@ -71,6 +71,8 @@ struct Run {
     progress: watch::Receiver<Progress>,
     plan_urls: (String, String),
     tls: TlsSettings,
+    /// The keys `skip` kept, which outlive the replicator (verification goes on after it stops).
+    kept: Option<KeptKeys>,
     failure: Option<(String, Instant)>,
     verification: Verification,
 }
@@ -108,6 +110,7 @@ impl Replications {
         let replicator = Replicator::start(&plan.source_url, &plan.target_url, mode, options, checkpoint).await?;
         let run = Run {
             progress: replicator.progress(),
+            kept: replicator.kept_keys(),
             replicator: Some(replicator),
             plan_urls: (plan.source_url.clone(), plan.target_url.clone()),
             tls: plan.tls.clone(),
@@ -126,6 +129,7 @@ impl Replications {
             progress,
             plan_urls: (plan.source_url.clone(), plan.target_url.clone()),
             tls: plan.tls.clone(),
+            kept: None,
             failure: Some((error, Instant::now())),
             verification: Verification::NotRun,
         };
@@ -234,7 +238,7 @@ impl Replications {
             _ => return false,
         };
         let (source, target) = run.plan_urls.clone();
-        let options = VerifyOptions { tls: run.tls.clone(), ..VerifyOptions::default() };
+        let options = VerifyOptions { tls: run.tls.clone(), kept: run.kept.clone(), ..VerifyOptions::default() };
         let recheck = previous.is_some();
         // In the reconcile's span, so that the verifier's lines name the migration too.
         let task = tokio::spawn(

@@ -225,6 +225,7 @@ impl Report<'_> {
             missing: report.missing as i64,
             extra: report.extra as i64,
             mismatched: (report.type_mismatch + report.value_mismatch + report.ttl_mismatch) as i64,
+            kept: report.kept as i64,
             time: None,
         };
         verification.time = match &self.previous.last_verification {
@@ -235,8 +236,8 @@ impl Report<'_> {
     }
 }
 
-fn counts(v: &Verification) -> (i64, i64, i64, i64) {
-    (v.checked, v.missing, v.extra, v.mismatched)
+fn counts(v: &Verification) -> (i64, i64, i64, i64, i64) {
+    (v.checked, v.missing, v.extra, v.mismatched, v.kept)
 }
 
 fn differences(v: &Verification) -> i64 {

@@ -17,7 +17,7 @@
 //! [`chunks`] (bounded-memory iteration over big collections), [`budget`] (the bytes one batch may
 //! hold), [`copy`] (one batch of keys, source → target), [`streams`] (a big stream's groups and
 //! pending entries), [`dirty`] (keys waiting for a re-copy), [`notify`] (keyspace notifications),
-//! [`flush`] (FLUSHDB/FLUSHALL detection), [`checkpoint`], [`progress`], [`scan`] (the replicator
+//! [`flush`] (FLUSHDB/FLUSHALL detection), [`kept`] (the keys `skip` kept), [`checkpoint`], [`progress`], [`scan`] (the replicator
 //! loop), [`compare`] and [`verify`] (the verifier), [`pace`] (rate limiting), [`sync`] (the
 //! replica), [`replicator`] (the handle over both).
 
@@ -30,6 +30,7 @@ mod dirty;
 mod endpoint;
 mod error;
 mod flush;
+mod kept;
 mod keys;
 mod notify;
 mod pace;
@@ -43,6 +44,7 @@ mod verify;
 pub use checkpoint::{Checkpoint, Pass, SyncPosition};
 pub use copy::ReplacePolicy;
 pub use error::ReplicateError;
+pub use kept::KeptKeys;
 pub use keys::KeyType;
 pub use pace::OpsLimits;
 pub use progress::Progress;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
-    Checkpoint, OpsLimits, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions,
+    Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions,
     SyncReplicator,
 };
 use crate::upstream::TlsSettings;
@@ -115,6 +115,16 @@ impl Replicator {
         match &self.engine {
             Engine::Sync(r) => r.progress(),
             Engine::Scan(r) => r.progress(),
+        }
+    }
+
+    /// The keys `replace: skip` kept, for the verifier to count apart (see [`KeptKeys`]):
+    /// `None` under `replace`, and for a replicator started from a checkpoint, which cannot
+    /// know them.
+    pub fn kept_keys(&self) -> Option<KeptKeys> {
+        match &self.engine {
+            Engine::Sync(r) => r.kept_keys(),
+            Engine::Scan(r) => r.kept_keys(),
         }
     }
 

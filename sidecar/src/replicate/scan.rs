@@ -65,8 +65,7 @@
 //! dropped, their dirty keys go back to the dirty set and their pass steps are formed again, so
 //! every key they held is taken by a batch formed (and read) later ([`CopyLoop::run_inner`]).
 
-use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -80,6 +79,7 @@ use super::checkpoint::Pass;
 use super::copy::{Copier, ExpiryCommand, Read};
 use super::endpoint::Endpoint;
 use super::flush::FlushWatch;
+use super::kept::{Fingerprints, KeptKeys};
 use super::notify::{self, Shared};
 use super::sync::link::{Address, Link};
 use super::sync::load::SetExpiry;
@@ -136,6 +136,7 @@ pub struct ScanReplicator {
     progress: watch::Receiver<Progress>,
     copier: JoinHandle<Result<(), ReplicateError>>,
     subscriber: JoinHandle<()>,
+    kept: Option<KeptKeys>,
 }
 
 impl ScanReplicator {
@@ -219,7 +220,19 @@ impl ScanReplicator {
             rebuilt_types: Default::default(),
         };
         info!(parent: &span, passes = ?checkpoint.passes, "scan replication starting");
-        let run = CopyLoop { copier, addresses, shared, options, progress: progress_tx, started: Instant::now() };
+        // A resumed checkpoint always has a re-copy queued, so only a fresh run matches.
+        let kept = (options.replace != ReplacePolicy::Replace && checkpoint.passes == Checkpoint::fresh().passes)
+            .then(KeptKeys::default);
+        let run = CopyLoop {
+            db: copier.target.db() as u64,
+            copier,
+            addresses,
+            shared,
+            options,
+            progress: progress_tx,
+            kept: kept.clone(),
+            started: Instant::now(),
+        };
         Ok(ScanReplicator {
             source,
             barrier_channel,
@@ -227,6 +240,7 @@ impl ScanReplicator {
             progress,
             copier: tokio::spawn(run.run(checkpoint, links).instrument(span)),
             subscriber,
+            kept,
         })
     }
 
@@ -238,6 +252,12 @@ impl ScanReplicator {
             other => other?,
         }
         Ok(n)
+    }
+
+    /// The keys `skip` kept (see [`KeptKeys`]): `None` under `replace`, and for a resumed run,
+    /// which cannot know them.
+    pub fn kept_keys(&self) -> Option<KeptKeys> {
+        self.kept.clone()
     }
 
     /// Progress snapshots, updated after every batch.
@@ -284,10 +304,17 @@ const RECONNECT_ATTEMPTS: u32 = 5;
 /// The single task that writes to the target; see the module docs for why there is only one.
 struct CopyLoop {
     copier: Copier,
+    /// The target's database, which [`CopyLoop::kept`] is about.
+    db: u64,
     addresses: LinkAddresses,
     shared: Arc<Shared>,
     options: ScanOptions,
     progress: watch::Sender<Progress>,
+    /// The keys a `skip` run found on the target and kept, and the application has not written
+    /// since; there while this process has seen every one (the run began with the backfill).
+    /// A re-copy leaves them out. A resumed run cannot know them, so its re-copy skips every key
+    /// the target has.
+    kept: Option<KeptKeys>,
     started: Instant,
 }
 
@@ -298,11 +325,6 @@ struct Turns {
     /// Where the next batch's pass step comes from: ahead of `state` by the batches in flight.
     ahead: VecDeque<Pass>,
     settled: Option<Settled>,
-    /// The keys a `skip` run found on the target and kept, and the application has not written
-    /// since; there while this process has seen every one (the run began with the backfill).
-    /// A re-copy leaves them out. A resumed run cannot know them, so its re-copy skips every key
-    /// the target has.
-    kept: Option<Fingerprints>,
     /// Formed, not read yet.
     unread: Option<Batch>,
     /// Read, not written yet.
@@ -400,9 +422,6 @@ impl CopyLoop {
             snapshot: self.progress.borrow().clone(),
             ahead: state.passes.clone(),
             settled: self.tracked(&state.passes).then(Settled::default),
-            // A resumed checkpoint always has a re-copy queued, so only a fresh run matches.
-            kept: (self.options.replace != ReplacePolicy::Replace && state.passes == Checkpoint::fresh().passes)
-                .then(Fingerprints::default),
             state,
             unread: None,
             read: None,
@@ -535,19 +554,19 @@ impl CopyLoop {
         let mut formed = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, t.settled.as_mut()));
         let to_read = t.unread.take();
         let (mut to_write, read) = t.read.take().unzip();
-        if let (Some(batch), Some(kept)) = (&mut to_write, &t.kept) {
+        if let (Some(batch), Some(kept)) = (&mut to_write, &self.kept) {
             // Decided now, not when the batch was formed: every batch written before this one
             // has recorded what it kept.
             if matches!(batch.step, Some((Pass::Recopy { .. }, _))) {
                 for (key, policy) in &mut batch.keys[batch.dirty..] {
-                    if kept.contains(key) {
+                    if kept.contains(self.db, key) {
                         *policy = ReplacePolicy::Skip;
                     }
                 }
             }
         }
         let (copier, settled) = (&self.copier, t.settled.as_mut());
-        let kept_known = self.options.replace == ReplacePolicy::Replace || t.kept.is_some();
+        let kept_known = self.options.replace == ReplacePolicy::Replace || self.kept.is_some();
         let ValueLinks { dumps, late_dumps, restores } = links;
         let outcome = tokio::try_join!(
             async {
@@ -594,13 +613,13 @@ impl CopyLoop {
             {
                 info!(?pass, "pass complete");
             }
-            if let Some(kept) = &mut t.kept {
+            if let Some(kept) = &self.kept {
                 // The application wrote these since: the source's value is on the target now.
                 for (key, _) in batch.keys[..batch.dirty].iter().filter(|(_, p)| *p == ReplacePolicy::Replace) {
-                    kept.remove(key);
+                    kept.remove(self.db, key);
                 }
                 for key in &stats.kept {
-                    kept.insert(key);
+                    kept.insert(self.db, key);
                 }
             }
             t.state.copied += stats.copied;
@@ -704,12 +723,9 @@ impl CopyLoop {
 /// The keys a `fail` or `skip` backfill has settled on the target so far (see the module docs),
 /// kept only while that backfill runs.
 ///
-/// Each key is kept as a 64-bit SipHash fingerprint with a random seed (so key names cannot be
-/// chosen to collide), not as the key itself: a hash set of `u64` costs 10 to 21 bytes per key
-/// (buckets of 8 bytes plus a control byte, at most 7/8 full, doubling as it grows), whatever
-/// the key's length; about 100 to 200 MB for 10 million keys, freed when the backfill pass ends. A collision makes a key not yet visited look settled; with n keys
-/// that happens in a whole backfill with probability below n²/2⁶⁵ (3·10⁻⁶ for 10 million keys).
-/// Under `fail` the key is then replaced rather than checked: still copied exactly, and it only
+/// Each key is kept as a fingerprint, not as the key itself ([`Fingerprints`] gives the cost,
+/// freed when the backfill pass ends). A collision makes a key not yet visited look settled;
+/// with n keys that happens in a whole backfill with probability below n²/2⁶⁵. Under `fail` the key is then replaced rather than checked: still copied exactly, and it only
 /// matters if that very key was also on the target before, which the run would otherwise have
 /// stopped on. Under `skip` the key is left out of the backfill: missing on the target until its
 /// next write, which the verifier run before cutover reports.
@@ -742,30 +758,6 @@ impl Settled {
         for fingerprint in added {
             self.keys.set.remove(fingerprint);
         }
-    }
-}
-
-/// A set of keys held as 64-bit SipHash fingerprints with a random seed (so key names cannot be
-/// chosen to collide), whatever the keys' length; see [`Settled`] for the cost and the odds.
-#[derive(Default)]
-struct Fingerprints {
-    set: HashSet<u64>,
-    hasher: RandomState,
-}
-
-impl Fingerprints {
-    /// Adds `key`; its fingerprint when it was not there yet.
-    fn insert(&mut self, key: &[u8]) -> Option<u64> {
-        let fingerprint = self.hasher.hash_one(key);
-        self.set.insert(fingerprint).then_some(fingerprint)
-    }
-
-    fn remove(&mut self, key: &[u8]) {
-        self.set.remove(&self.hasher.hash_one(key));
-    }
-
-    fn contains(&self, key: &[u8]) -> bool {
-        self.set.contains(&self.hasher.hash_one(key))
     }
 }
 

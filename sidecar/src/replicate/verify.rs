@@ -16,7 +16,7 @@ use tracing::{Instrument, info, info_span};
 use super::endpoint::{Endpoint, as_bytes, printable};
 use super::keys;
 use super::pace::Pace;
-use super::{Key, KeyType, POSITION_KEY, ReplicateError, compare};
+use super::{KeptKeys, Key, KeyType, POSITION_KEY, ReplicateError, compare};
 use crate::upstream::TlsSettings;
 use std::num::NonZeroU32;
 
@@ -39,6 +39,9 @@ pub struct VerifyOptions {
     pub chunk: usize,
     /// Trust for `rediss://` servers.
     pub tls: TlsSettings,
+    /// The keys a `skip` replication kept: the target's own values, not compared (counted in
+    /// [`VerifyReport::kept`]).
+    pub kept: Option<KeptKeys>,
 }
 
 impl Default for VerifyOptions {
@@ -52,6 +55,7 @@ impl Default for VerifyOptions {
             big_key_bytes: 16 << 20,
             chunk: 1000,
             tls: TlsSettings::default(),
+            kept: None,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Difference {
 pub struct VerifyReport {
     /// Source keys examined.
     pub checked: u64,
+    /// Keys not compared because `skip` kept the target's value (not differences).
+    pub kept: u64,
     pub missing: u64,
     pub extra: u64,
     pub type_mismatch: u64,
@@ -169,7 +175,9 @@ impl Verifier {
                     found.into_iter().zip(on_source).filter(|(_, on)| !on).map(|(key, _)| key).collect();
                 let infos = keys::inspect(&self.target, &only_on_target).await?;
                 for (key, info) in only_on_target.iter().zip(infos) {
-                    if info.kind.is_some() && !self.expiring(info.pttl) {
+                    if info.kind.is_some() && self.kept(key) {
+                        report.kept += 1;
+                    } else if info.kind.is_some() && !self.expiring(info.pttl) {
                         report.record(&self.options, key, DifferenceKind::Extra, "not on the source".into());
                     }
                 }
@@ -179,7 +187,12 @@ impl Verifier {
                     break;
                 }
             }
-            info!(checked = report.checked, differences = report.differences(), "verification finished");
+            info!(
+                checked = report.checked,
+                kept = report.kept,
+                differences = report.differences(),
+                "verification finished"
+            );
             Ok(report)
         }
         .instrument(span)
@@ -199,6 +212,11 @@ impl Verifier {
         Ok(report)
     }
 
+    /// Whether `skip` kept the target's `key`: its value is the target's own, on purpose.
+    fn kept(&self, key: &[u8]) -> bool {
+        self.options.kept.as_ref().is_some_and(|kept| kept.contains(self.target.db() as u64, key))
+    }
+
     /// Whether a key with this PTTL is due to expire within the TTL tolerance. The servers are
     /// read one after the other, so such a key may be gone from the second by then: that is not
     /// a difference.
@@ -214,6 +232,10 @@ impl Verifier {
             report.checked += 1;
             let (kind, other) = match (s.kind, t.kind) {
                 (None, None) => continue,
+                (_, Some(_)) if self.kept(key) => {
+                    report.kept += 1;
+                    continue;
+                }
                 (None, Some(_)) if self.expiring(t.pttl) => continue,
                 (Some(_), None) if self.expiring(s.pttl) => continue,
                 (None, Some(_)) => {

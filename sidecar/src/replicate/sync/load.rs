@@ -34,6 +34,7 @@ use super::decode;
 use super::link::{Decimal, encode_bulk, encode_into, encode_len};
 use super::rdb::{CRC64, Entry, Feed, KeyEntry, Snapshot};
 use super::target::Target;
+use crate::replicate::KeptKeys;
 use crate::replicate::copy::{now_ms, redis_version};
 use crate::replicate::endpoint::printable;
 use crate::replicate::{ReplacePolicy, ReplicateError};
@@ -56,8 +57,11 @@ enum Sent {
     Restore(KeyEntry),
     /// An `MSET` of this many keys, or a `SET` of one, that overwrites.
     Set(usize),
-    /// A `SET … NX` of this key: nil when the target already has it.
-    SetIfAbsent(Vec<u8>),
+    /// A `SET … NX` of this key of this database: nil when the target already has it.
+    SetIfAbsent {
+        db: u64,
+        key: Vec<u8>,
+    },
 }
 
 #[derive(Default)]
@@ -95,6 +99,8 @@ pub(crate) struct Loader<'a> {
     pub(crate) rebuilt_types: decode::Announced,
     /// When loading began: until it ends, that is how far behind the target is.
     pub(crate) started: Instant,
+    /// Where the keys `skip` kept are recorded.
+    pub(crate) kept: Option<&'a KeptKeys>,
 }
 
 impl Loader<'_> {
@@ -201,7 +207,7 @@ impl Loader<'_> {
             return;
         }
         encode_set(&mut batch.request, &entry.key, &entry.value, entry.expire_at_ms, self.policy, self.set_expiry);
-        batch.sent.push(if replace { Sent::Set(1) } else { Sent::SetIfAbsent(entry.key) });
+        batch.sent.push(if replace { Sent::Set(1) } else { Sent::SetIfAbsent { db: entry.db, key: entry.key } });
     }
 
     /// Reads a batch's replies in order; returns the keys the target could not RESTORE.
@@ -211,27 +217,27 @@ impl Loader<'_> {
             let reply = self.target.link.reply().await?;
             let error = match (reply, &sent) {
                 (BytesFrame::Error(err), _) => err.to_string(),
-                (BytesFrame::Null, Sent::SetIfAbsent(key)) => {
-                    self.exists(key)?;
+                (BytesFrame::Null, Sent::SetIfAbsent { db, key }) => {
+                    self.exists(*db, key)?;
                     continue;
                 }
                 (_, sent) => {
                     self.reporter.progress.checkpoint.copied += match sent {
                         Sent::Set(keys) => *keys as u64,
-                        Sent::Restore(_) | Sent::SetIfAbsent(_) => 1,
+                        Sent::Restore(_) | Sent::SetIfAbsent { .. } => 1,
                         Sent::Select | Sent::Function => 0,
                     };
                     continue;
                 }
             };
             match sent {
-                Sent::Restore(entry) if error.starts_with("BUSYKEY") => self.exists(&entry.key)?,
+                Sent::Restore(entry) if error.starts_with("BUSYKEY") => self.exists(entry.db, &entry.key)?,
                 Sent::Restore(entry) if decode::unreadable_payload(&error) => refused.push(entry),
                 Sent::Restore(entry) => {
                     let key = printable(&entry.key);
                     return Err(self.target.link.error(format!("RESTORE of key {key} failed: {error}")));
                 }
-                Sent::SetIfAbsent(key) => {
+                Sent::SetIfAbsent { key, .. } => {
                     let key = printable(&key);
                     return Err(self.target.link.error(format!("SET of key {key} failed: {error}")));
                 }
@@ -247,8 +253,8 @@ impl Loader<'_> {
         Ok(refused)
     }
 
-    /// The target already has `key` (and the policy is not to replace it).
-    fn exists(&mut self, key: &[u8]) -> Result<(), ReplicateError> {
+    /// The target already has `key` in database `db` (and the policy is not to replace it).
+    fn exists(&mut self, db: u64, key: &[u8]) -> Result<(), ReplicateError> {
         if self.policy == ReplacePolicy::Fail {
             return Err(ReplicateError::TargetKeyExists {
                 server: self.target.link.label().clone(),
@@ -256,6 +262,9 @@ impl Loader<'_> {
             });
         }
         self.reporter.progress.checkpoint.skipped += 1;
+        if let Some(kept) = self.kept {
+            kept.insert(db, key);
+        }
         Ok(())
     }
 

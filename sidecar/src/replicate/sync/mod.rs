@@ -42,7 +42,7 @@ use self::psync::Outcome;
 use self::rdb::Snapshot;
 use self::target::{Position, Target};
 use super::checkpoint::SyncPosition;
-use super::{Checkpoint, OpsLimits, Progress, ReplacePolicy, ReplicateError};
+use super::{Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError};
 use crate::upstream::TlsSettings;
 
 /// Tuning for [`SyncReplicator`].
@@ -86,6 +86,7 @@ pub struct SyncReplicator {
     source: Address,
     progress: watch::Receiver<Progress>,
     task: JoinHandle<Result<(), ReplicateError>>,
+    kept: Option<KeptKeys>,
 }
 
 impl SyncReplicator {
@@ -123,9 +124,18 @@ impl SyncReplicator {
             watch::channel(Progress { checkpoint, behind_since: Some(Instant::now()), ..Default::default() });
         let reporter = Reporter { tx, started: Instant::now(), progress: progress.borrow().clone() };
         let addresses = (source.clone(), target);
-        let session = Session { addresses, connections, options, reporter, restart, handshakes: 0 };
+        // A restart loads no snapshot under `skip` (it stops rather than flush), so it never
+        // meets the keys the first run kept.
+        let kept = (!restart && options.replace != ReplacePolicy::Replace).then(KeptKeys::default);
+        let session = Session { addresses, connections, options, reporter, restart, handshakes: 0, kept: kept.clone() };
         let task = tokio::spawn(session.run().instrument(span));
-        Ok(SyncReplicator { source, progress, task })
+        Ok(SyncReplicator { source, progress, task, kept })
+    }
+
+    /// The keys `skip` kept while loading the snapshot (see [`KeptKeys`]): `None` under
+    /// `replace`, and after a restart, which cannot know them.
+    pub fn kept_keys(&self) -> Option<KeptKeys> {
+        self.kept.clone()
     }
 
     /// Progress snapshots, updated after every batch and at least once a second.
@@ -220,6 +230,7 @@ struct Session {
     restart: bool,
     /// PSYNC handshakes the source answered.
     handshakes: u64,
+    kept: Option<KeptKeys>,
 }
 
 impl Session {
@@ -309,6 +320,7 @@ impl Session {
                     reporter: &mut self.reporter,
                     rebuilt_types: Default::default(),
                     started: loading_started,
+                    kept: self.kept.as_ref(),
                 };
                 loader.run(&mut snapshot).await?;
                 target.write_position(&position).await?;
