@@ -51,6 +51,12 @@ pub fn free_port() -> Result<u16, FixtureError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `argocd-health` (`e2e/argocd-health/`), which runs an Argo CD resource health script as Argo
+/// CD does, built first when this source version has no cached binary.
+pub fn argocd_health() -> Result<PathBuf, FixtureError> {
+    go_program("EDEN_ARGOCD_HEALTH", "e2e/argocd-health/build.sh")
+}
+
 /// The path of a Go program of the test kit: `$override` when set, else what its build script
 /// (relative to the repository root) prints, which builds the program first when this source
 /// version has no cached binary.
