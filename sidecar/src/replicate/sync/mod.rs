@@ -282,10 +282,9 @@ impl Session {
         let outcome = psync::handshake(link, recorded.as_ref()).await?;
         self.handshakes += 1;
         let applied = match outcome {
-            Outcome::Continue { replid } => {
-                let recorded = recorded.unwrap_or_else(|| unreachable!("CONTINUE answers a PSYNC with a position"));
-                info!(offset = recorded.offset, "the source continues its stream where the target stands");
-                Position { replid, ..recorded }
+            Outcome::Continue { position } => {
+                info!(offset = position.offset, "the source continues its stream where the target stands");
+                position
             }
             Outcome::Full { position, framing } => {
                 if self.restart {

@@ -15,8 +15,9 @@ use crate::replicate::ReplicateError;
 pub(crate) enum Outcome {
     /// A snapshot follows, taken at `position`; then the stream from there.
     Full { position: Position, framing: Framing },
-    /// The stream continues after the requested offset, under this replication ID.
-    Continue { replid: String },
+    /// The stream continues after the requested position (under the replication ID the source
+    /// named, when it named one).
+    Continue { position: Position },
 }
 
 /// Runs the handshake on a fresh connection to the source.
@@ -40,10 +41,15 @@ pub(crate) async fn handshake(link: &mut Link, from: Option<&Position>) -> Resul
             let framing = preamble(link).await?;
             Ok(Outcome::Full { position: Position { replid, offset, db: 0 }, framing })
         }
-        Some("+CONTINUE") => {
-            let replid = words.next().map(str::to_string).or_else(|| from.map(|p| p.replid.clone()));
-            Ok(Outcome::Continue { replid: replid.unwrap_or_default() })
-        }
+        // Only a request from a position can continue; a server that says so to `PSYNC ? -1`
+        // is not one Eden can replicate.
+        Some("+CONTINUE") => match from {
+            Some(from) => {
+                let replid = words.next().map_or_else(|| from.replid.clone(), str::to_string);
+                Ok(Outcome::Continue { position: Position { replid, ..from.clone() } })
+            }
+            None => Err(refused(link, "PSYNC", &reply)),
+        },
         _ => Err(refused(link, "PSYNC", &reply)),
     }
 }
@@ -91,5 +97,47 @@ async fn line(link: &mut Link) -> Result<String, ReplicateError> {
             return Err(link.error("a reply line longer than any handshake reply"));
         }
         link.fill(1).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::replicate::sync::link::Address;
+    use crate::upstream::TlsSettings;
+
+    /// A server that answers the two REPLCONFs with +OK and PSYNC with `psync_reply`: no real
+    /// Redis answers `+CONTINUE` to `PSYNC ? -1`, so this one is made up.
+    async fn handshake_with(psync_reply: &'static str, from: Option<&Position>) -> Result<Outcome, ReplicateError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("redis://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            let mut request = vec![0; 4096];
+            for reply in ["+OK\r\n", "+OK\r\n", psync_reply] {
+                let _ = peer.read(&mut request).await.unwrap();
+                peer.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        let mut link = Address::parse("source", &uri, &TlsSettings::default()).unwrap().connect().await.unwrap();
+        handshake(&mut link, from).await
+    }
+
+    #[tokio::test]
+    async fn continue_is_taken_only_where_a_position_was_asked_for() {
+        let recorded = Position { replid: "a".repeat(40), offset: 1000, db: 3 };
+        match handshake_with("+CONTINUE\r\n", Some(&recorded)).await {
+            Ok(Outcome::Continue { position }) => assert_eq!(position, recorded),
+            other => panic!("{other:?}"),
+        }
+        let renamed = handshake_with("+CONTINUE bbbb\r\n", Some(&recorded)).await;
+        assert!(
+            matches!(renamed, Ok(Outcome::Continue { position }) if position.replid == "bbbb" && position.offset == 1000)
+        );
+        let err = handshake_with("+CONTINUE\r\n", None).await.err().expect("a full copy was asked for");
+        assert!(matches!(err, ReplicateError::SyncRefused { command: "PSYNC", .. }), "{err}");
     }
 }
