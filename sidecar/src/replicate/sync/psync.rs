@@ -137,7 +137,7 @@ mod tests {
         assert!(
             matches!(renamed, Ok(Outcome::Continue { position }) if position.replid == "bbbb" && position.offset == 1000)
         );
-        let err = handshake_with("+CONTINUE\r\n", None).await.err().expect("a full copy was asked for");
-        assert!(matches!(err, ReplicateError::SyncRefused { command: "PSYNC", .. }), "{err}");
+        let refused = handshake_with("+CONTINUE\r\n", None).await;
+        assert!(matches!(refused, Err(ReplicateError::SyncRefused { command: "PSYNC", .. })), "{refused:?}");
     }
 }
