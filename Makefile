@@ -8,6 +8,9 @@ EDEN_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/eden
 export EDEN_CACHE_DIR
 export CARGO_TARGET_DIR ?= $(EDEN_CACHE_DIR)/target
 export CARGO_TERM_COLOR ?= never
+# Incremental caches are per checkout: every fresh clone (CI) would add gigabytes to the shared
+# target directory for no gain on a one-off build.
+export CARGO_INCREMENTAL ?= 0
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 

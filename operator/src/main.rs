@@ -96,6 +96,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             image: args.sidecar_image.clone(),
             instance: Some(identity.clone()),
             metrics: metrics.clone(),
+            lifetimes: Default::default(),
         };
         webhook::start(client.clone(), options).await?;
     }

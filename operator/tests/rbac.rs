@@ -91,6 +91,13 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
     );
     // The webhook's CA Secret is created in the operator's own namespace, nowhere else.
     assert_rights(control_plane, &operator, &system, true, &[("create", "secrets")]);
+    // ...and rewritten when the CA rotates: that Secret, no other.
+    for (secret, allowed) in [("secret/eden-webhook-ca", "yes"), ("secret/other", "no")] {
+        let as_operator = format!("--as={operator}");
+        let args = ["auth", "can-i", "update", secret, "-n", &system, &as_operator];
+        let answer = control_plane.kubectl().args(args).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&answer.stdout).trim(), allowed, "update {secret}");
+    }
     assert_rights(
         control_plane,
         &operator,
@@ -170,6 +177,7 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
         image: DEFAULT_IMAGE.into(),
         instance: Some("op-0".into()),
         metrics: Arc::new(Metrics::default()),
+        lifetimes: Default::default(),
     };
     let webhook =
         webhook::start(as_operator.clone(), webhook_options).await.expect("the webhook starts as the operator");

@@ -1,22 +1,32 @@
 //! The injection webhook against a real API server: registered by the operator with its own CA,
 //! called by the API server for every pod created, it adds the sidecar to the pods that ask
 //! (applied with kubectl, or all of a labelled namespace's), leaves the rest alone, says why when
-//! it cannot inject, and a second replica serves with the same CA.
+//! it cannot inject, a second replica serves with the same CA, and the CA and the serving
+//! certificates rotate without a pod going without its sidecar.
 
+use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
-
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use eden_e2e::ControlPlane;
 use eden_operator::metrics::Metrics;
 use eden_operator::proxy::{CONTAINER_NAME, DEFAULT_IMAGE};
 use eden_operator::webhook::inject::SKIPPED;
 use eden_operator::webhook::register::NAME;
-use eden_operator::webhook::{self, CA_SECRET, CallTarget, FailurePolicy, WebhookOptions};
+use eden_operator::webhook::{self, CA_SECRET, CallTarget, FailurePolicy, Lifetimes, WebhookOptions};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Container, Event, Pod, Secret};
 use kube::Api;
 use kube::api::ListParams;
+use tokio::sync::Mutex;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+/// The API server has one configuration of this webhook, which every replica writes: the tests
+/// of this file take turns.
+static ONE_CONFIGURATION: Mutex<()> = Mutex::const_new(());
 
 const SIDECAR_RULES: &str = include_str!("../../charts/eden/rbac/sidecar-rules.yaml");
 
@@ -75,7 +85,12 @@ fn free_address() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-async fn start_replica(client: &kube::Client, operator_namespace: &str, instance: &str) -> Arc<Metrics> {
+async fn start_replica(
+    client: &kube::Client,
+    operator_namespace: &str,
+    instance: &str,
+    lifetimes: Lifetimes,
+) -> (Arc<Metrics>, SocketAddr) {
     let metrics = Arc::new(Metrics::default());
     let listen = free_address();
     let options = WebhookOptions {
@@ -88,9 +103,10 @@ async fn start_replica(client: &kube::Client, operator_namespace: &str, instance
         image: DEFAULT_IMAGE.into(),
         instance: Some(instance.into()),
         metrics: metrics.clone(),
+        lifetimes,
     };
     webhook::start(client.clone(), options).await.expect("the webhook starts and registers");
-    metrics
+    (metrics, listen)
 }
 
 fn sidecars(pod: &Pod) -> Vec<&Container> {
@@ -100,12 +116,13 @@ fn sidecars(pod: &Pod) -> Vec<&Container> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why() {
+    let _turn = ONE_CONFIGURATION.lock().await;
     let control_plane = ControlPlane::shared();
     control_plane.install_eden_crds().unwrap();
     let client = control_plane.client().await.unwrap();
     let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
     let namespace = control_plane.namespace("shop").await.unwrap();
-    let metrics = start_replica(&client, &operator_namespace, "replica-a").await;
+    let (metrics, _) = start_replica(&client, &operator_namespace, "replica-a", Lifetimes::default()).await;
     control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
 
@@ -198,8 +215,74 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     let first = bundle(configurations.get(NAME).await.unwrap());
     let secret = Api::<Secret>::namespaced(client.clone(), &operator_namespace).get(CA_SECRET).await.unwrap();
     assert_eq!(first.0, secret.data.unwrap()["ca.crt"].0);
-    start_replica(&client, &operator_namespace, "replica-b").await;
+    start_replica(&client, &operator_namespace, "replica-b", Lifetimes::default()).await;
     assert_eq!(bundle(configurations.get(NAME).await.unwrap()), first);
     control_plane.apply_manifest(&namespace, &pod("second", opted_in, "")).unwrap();
     assert_eq!(sidecars(&pods.get("second").await.unwrap()).len(), 1);
+}
+
+/// The CA (12 s here) and the serving certificates (4 s) rotate while pods are created: with
+/// `Fail`, a pod the API server could not call the webhook for would be refused, and every one
+/// gets its sidecar; a new connection always gets a certificate the live `caBundle` trusts; the
+/// replaced CA stays in the bundle until it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_and_the_serving_certificates_rotate_while_pods_keep_getting_their_sidecar() {
+    let _turn = ONE_CONFIGURATION.lock().await;
+    let control_plane = ControlPlane::shared();
+    control_plane.install_eden_crds().unwrap();
+    let client = control_plane.client().await.unwrap();
+    let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
+    let namespace = control_plane.namespace("rotating").await.unwrap();
+    control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
+    let lifetimes = Lifetimes {
+        ca: Duration::from_secs(12),
+        serving: Duration::from_secs(4),
+        check_every: Duration::from_millis(250),
+    };
+    let (_, listen) = start_replica(&client, &operator_namespace, "replica-a", lifetimes).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &operator_namespace);
+    let generation = |secret: Secret| String::from_utf8(secret.data.unwrap()["ca.generation"].0.clone()).unwrap();
+    assert_eq!(generation(secrets.get(CA_SECRET).await.unwrap()), "1");
+
+    let (mut served, mut most_cas_trusted) = (HashSet::new(), 0);
+    let started = Instant::now();
+    for n in 0.. {
+        if started.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+        let name = format!("app-{n}");
+        control_plane
+            .apply_manifest(&namespace, &pod(&name, "eden.io/inject: \"true\", eden.io/migration: cache", ""))
+            .unwrap();
+        assert_eq!(sidecars(&pods.get(&name).await.unwrap()).len(), 1, "{name}");
+        let bundle = configurations.get(NAME).await.unwrap().webhooks.unwrap()[0].client_config.ca_bundle.clone();
+        let bundle = bundle.unwrap().0;
+        most_cas_trusted = most_cas_trusted.max(CertificateDer::pem_slice_iter(&bundle).count());
+        served.insert(served_certificate(listen, &bundle).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(generation(secrets.get(CA_SECRET).await.unwrap()).parse::<u32>().unwrap() >= 2, "the CA rotated");
+    assert_eq!(most_cas_trusted, 2, "the replaced CA was trusted beside the new one for a while");
+    assert!(served.len() >= 4, "serving certificates renewed: {} seen", served.len());
+}
+
+/// The certificate a new TLS connection to `listen` gets, verified against `bundle` (PEM).
+async fn served_certificate(listen: SocketAddr, bundle: &[u8]) -> Vec<u8> {
+    let mut roots = RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(bundle) {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let stream = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let server = ServerName::IpAddress(listen.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(server, stream).await;
+    let tls = tls.unwrap_or_else(|err| panic!("the served certificate is not trusted by the live caBundle: {err}"));
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }

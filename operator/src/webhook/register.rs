@@ -107,10 +107,19 @@ pub fn configuration(options: &WebhookOptions, ca_bundle: &str) -> MutatingWebho
     }
 }
 
-/// Writes the configuration with server-side apply (every replica writes the same).
-pub async fn apply(client: &Client, configuration: &MutatingWebhookConfiguration) -> Result<(), WebhookError> {
+/// Writes the configuration with server-side apply (every replica writes the same) and returns
+/// it as the API server now has it.
+pub async fn apply(
+    client: &Client,
+    configuration: &MutatingWebhookConfiguration,
+) -> Result<MutatingWebhookConfiguration, WebhookError> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(NAME, &params, &Patch::Apply(configuration)).await?;
-    Ok(())
+    Ok(api.patch(NAME, &params, &Patch::Apply(configuration)).await?)
+}
+
+/// Whether the webhook of `configuration` trusts the CA certificate `ca` (PEM).
+pub fn trusts(configuration: &MutatingWebhookConfiguration, ca: &str) -> bool {
+    let bundles = configuration.webhooks.iter().flatten().filter_map(|hook| hook.client_config.ca_bundle.as_ref());
+    bundles.into_iter().any(|bundle| String::from_utf8_lossy(&bundle.0).contains(ca.trim()))
 }
