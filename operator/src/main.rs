@@ -1,12 +1,14 @@
 //! `eden-operator`: wires the controllers, the admin endpoint and logging together.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use clap::Parser;
 use eden_operator::leader::{LeaderElector, Timing};
-use eden_operator::webhook::{self, CallTarget, FailurePolicy, WebhookOptions};
+use eden_operator::webhook::{self, CallTarget, Certificates, FailurePolicy, Lifetimes, WebhookOptions};
 use eden_operator::{context::Context, endpoint, metrics::Metrics, migration, proxy};
 use eden_sidecar::admin;
 use eden_sidecar::telemetry::{LogFormat, init_logging};
@@ -52,6 +54,11 @@ struct Args {
     /// refuses them.
     #[arg(long, env = "EDEN_WEBHOOK_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Ignore)]
     webhook_failure_policy: FailurePolicy,
+    /// Serve the certificate in this directory (`tls.crt`, `tls.key`, and `ca.crt` for the
+    /// caBundle: a cert-manager Secret, mounted), read again every minute, instead of the
+    /// operator's own rotating CA.
+    #[arg(long, env = "EDEN_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -96,7 +103,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             image: args.sidecar_image.clone(),
             instance: Some(identity.clone()),
             metrics: metrics.clone(),
-            lifetimes: Default::default(),
+            certificates: match &args.webhook_cert_dir {
+                // cert-manager renews its Secret in place; the kubelet updates the mounted files.
+                Some(dir) => Certificates::Mounted { dir: dir.clone(), check_every: Duration::from_secs(60) },
+                None => Certificates::Managed(Lifetimes::default()),
+            },
         };
         webhook::start(client.clone(), options).await?;
     }

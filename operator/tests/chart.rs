@@ -8,19 +8,25 @@ use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use eden_e2e::{ControlPlane, Helm, RedisServer, free_port};
+use eden_e2e::{ControlPlane, Helm, RedisServer, TestPki, free_port};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::config::{AuthInfo, Kubeconfig};
+use tokio::sync::Mutex;
 
 /// The replica's pod name: what the downward API would give `metadata.name`.
 const POD_NAME: &str = "eden-operator-7d9f8-x2x4q";
 
+/// The API server has one configuration of the webhook, which the operator writes: the tests
+/// of this file take turns.
+static ONE_CONFIGURATION: Mutex<()> = Mutex::const_new(());
+
 #[tokio::test]
 async fn the_rendered_chart_installs_and_its_operator_runs_as_deployed() {
+    let _turn = ONE_CONFIGURATION.lock().await;
     let control_plane = ControlPlane::shared();
     let helm = Helm::find().unwrap();
     let system = control_plane.namespace("eden-system").await.unwrap();
@@ -43,30 +49,11 @@ async fn the_rendered_chart_installs_and_its_operator_runs_as_deployed() {
     let env = container_env(container, &system);
     assert_eq!(env["EDEN_WEBHOOK_LISTEN"].rsplit_once(':').unwrap().1, container_port(container, target_port));
 
-    // In its pod the operator has these ports to itself; here they are free loopback ports.
-    let (admin, webhook) = (free_port().unwrap(), free_port().unwrap());
-    let kubeconfig = service_account_kubeconfig(control_plane, &system, "eden-operator");
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut operator = Operator {
-        child: Command::new(env!("CARGO_BIN_EXE_eden-operator"))
-            .envs(&env)
-            .env("EDEN_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-            .env("EDEN_WEBHOOK_LISTEN", format!("127.0.0.1:{webhook}"))
-            .env("KUBECONFIG", kubeconfig.path())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap(),
-        log,
-    };
+    let mut operator = Operator::start(control_plane, &system, env);
 
     // It registers the webhook behind the chart's Service, with the chart's failure policy.
     let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
-    let registered = within(&mut operator, "the webhook registration", || {
-        let configurations = configurations.clone();
-        async move { configurations.get_opt("eden-sidecar-injector").await.unwrap() }
-    })
-    .await;
+    let registered = operator.registration(&configurations).await;
     let hook = &registered.webhooks.unwrap()[0];
     assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
     let called = hook.client_config.service.as_ref().unwrap();
@@ -139,13 +126,89 @@ fn app_pod() -> Pod {
     .unwrap()
 }
 
+/// With `webhook.certManager.enabled`, the operator serves the certificate cert-manager keeps
+/// in the Secret the Deployment mounts, issued for the webhook Service's names, and registers
+/// its `ca.crt` as the `caBundle`. cert-manager is not installed here: its objects are checked
+/// as rendered, and the files its Secret would hold are written where the operator reads them.
+#[tokio::test]
+async fn with_cert_manager_the_operator_serves_the_mounted_certificate() {
+    let _turn = ONE_CONFIGURATION.lock().await;
+    let control_plane = ControlPlane::shared();
+    let helm = Helm::find().unwrap();
+    let system = control_plane.namespace("eden-system").await.unwrap();
+    let rendered = helm.template_eden(&system, &["webhook.certManager.enabled=true"]).unwrap();
+    let (cert_manager, rest): (Vec<&str>, Vec<&str>) =
+        rendered.split("\n---").partition(|document| document.contains("apiVersion: cert-manager.io/"));
+    control_plane.apply_manifest(&system, &rest.join("\n---")).unwrap();
+
+    let serving = cert_manager
+        .iter()
+        .map(|document| serde_yaml::from_str::<serde_json::Value>(document).unwrap())
+        .find(|object| object["kind"] == "Certificate" && object["spec"]["isCA"] != true)
+        .expect("a serving Certificate");
+    let dns_names = serving["spec"]["dnsNames"].as_array().unwrap();
+    assert!(dns_names.contains(&format!("eden-operator-webhook.{system}.svc").into()), "{dns_names:?}");
+    let client = control_plane.client().await.unwrap();
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &system).get("eden-operator").await.unwrap();
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let volume = &pod.volumes.as_ref().unwrap()[0];
+    assert_eq!(volume.secret.as_ref().unwrap().secret_name.as_deref(), serving["spec"]["secretName"].as_str());
+    let container = &pod.containers[0];
+    let mount = container.volume_mounts.iter().flatten().find(|mount| mount.name == volume.name).unwrap();
+    let mut env = container_env(container, &system);
+    assert_eq!(env["EDEN_WEBHOOK_CERT_DIR"], mount.mount_path);
+
+    let mounted = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&[&format!("eden-operator-webhook.{system}.svc")]).unwrap();
+    pki.write_to(mounted.path()).unwrap();
+    env.insert("EDEN_WEBHOOK_CERT_DIR".into(), mounted.path().display().to_string());
+    let mut operator = Operator::start(control_plane, &system, env);
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client);
+    let registered = operator.registration(&configurations).await;
+    let bundle = &registered.webhooks.unwrap()[0].client_config.ca_bundle;
+    assert_eq!(bundle.as_ref().map(|bundle| bundle.0.as_slice()), Some(pki.ca_pem.as_bytes()));
+    configurations.delete("eden-sidecar-injector", &DeleteParams::default()).await.unwrap();
+}
+
 /// The operator process, killed when the test ends however it ends.
 struct Operator {
     child: Child,
     log: tempfile::NamedTempFile,
+    _kubeconfig: tempfile::NamedTempFile,
 }
 
 impl Operator {
+    /// The operator binary with the rendered container's environment `env`, as the chart's
+    /// ServiceAccount.
+    fn start(control_plane: &ControlPlane, namespace: &str, env: BTreeMap<String, String>) -> Operator {
+        // In its pod the operator has these ports to itself; here they are free loopback ports.
+        let (admin, webhook) = (free_port().unwrap(), free_port().unwrap());
+        let kubeconfig = service_account_kubeconfig(control_plane, namespace, "eden-operator");
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_eden-operator"))
+            .envs(&env)
+            .env("EDEN_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("EDEN_WEBHOOK_LISTEN", format!("127.0.0.1:{webhook}"))
+            .env("KUBECONFIG", kubeconfig.path())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        Operator { child, log, _kubeconfig: kubeconfig }
+    }
+
+    /// The webhook configuration, once the operator has registered it.
+    async fn registration(
+        &mut self,
+        configurations: &Api<MutatingWebhookConfiguration>,
+    ) -> MutatingWebhookConfiguration {
+        within(self, "the webhook registration", || {
+            let configurations = configurations.clone();
+            async move { configurations.get_opt("eden-sidecar-injector").await.unwrap() }
+        })
+        .await
+    }
+
     /// What it logged so far.
     fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()

@@ -10,7 +10,7 @@ use eden_e2e::{ControlPlane, Helm, RedisConfig, RedisServer};
 use eden_operator::crd::{Migration, Phase};
 use eden_operator::leader::{LeaderElector, Timing};
 use eden_operator::proxy::DEFAULT_IMAGE;
-use eden_operator::webhook::{self, CallTarget, FailurePolicy, WebhookOptions};
+use eden_operator::webhook::{self, CallTarget, Certificates, FailurePolicy, WebhookOptions};
 use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
 use eden_sidecar::config::Applier;
 use eden_sidecar::lease::LeaseReporter;
@@ -177,7 +177,7 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
         image: DEFAULT_IMAGE.into(),
         instance: Some("op-0".into()),
         metrics: Arc::new(Metrics::default()),
-        lifetimes: Default::default(),
+        certificates: Certificates::Managed(Default::default()),
     };
     let webhook =
         webhook::start(as_operator.clone(), webhook_options).await.expect("the webhook starts as the operator");

@@ -9,12 +9,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eden_e2e::ControlPlane;
+use eden_e2e::{ControlPlane, TestPki};
 use eden_operator::metrics::Metrics;
 use eden_operator::proxy::{CONTAINER_NAME, DEFAULT_IMAGE};
 use eden_operator::webhook::inject::SKIPPED;
 use eden_operator::webhook::register::NAME;
-use eden_operator::webhook::{self, CA_SECRET, CallTarget, FailurePolicy, Lifetimes, WebhookOptions};
+use eden_operator::webhook::{self, CA_SECRET, CallTarget, Certificates, FailurePolicy, Lifetimes, WebhookOptions};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Container, Event, Pod, Secret};
 use kube::Api;
@@ -89,7 +89,7 @@ async fn start_replica(
     client: &kube::Client,
     operator_namespace: &str,
     instance: &str,
-    lifetimes: Lifetimes,
+    certificates: Certificates,
 ) -> (Arc<Metrics>, SocketAddr) {
     let metrics = Arc::new(Metrics::default());
     let listen = free_address();
@@ -103,7 +103,7 @@ async fn start_replica(
         image: DEFAULT_IMAGE.into(),
         instance: Some(instance.into()),
         metrics: metrics.clone(),
-        lifetimes,
+        certificates,
     };
     webhook::start(client.clone(), options).await.expect("the webhook starts and registers");
     (metrics, listen)
@@ -122,7 +122,8 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     let client = control_plane.client().await.unwrap();
     let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
     let namespace = control_plane.namespace("shop").await.unwrap();
-    let (metrics, _) = start_replica(&client, &operator_namespace, "replica-a", Lifetimes::default()).await;
+    let (metrics, _) =
+        start_replica(&client, &operator_namespace, "replica-a", Certificates::Managed(Lifetimes::default())).await;
     control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
 
@@ -215,7 +216,7 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     let first = bundle(configurations.get(NAME).await.unwrap());
     let secret = Api::<Secret>::namespaced(client.clone(), &operator_namespace).get(CA_SECRET).await.unwrap();
     assert_eq!(first.0, secret.data.unwrap()["ca.crt"].0);
-    start_replica(&client, &operator_namespace, "replica-b", Lifetimes::default()).await;
+    start_replica(&client, &operator_namespace, "replica-b", Certificates::Managed(Lifetimes::default())).await;
     assert_eq!(bundle(configurations.get(NAME).await.unwrap()), first);
     control_plane.apply_manifest(&namespace, &pod("second", opted_in, "")).unwrap();
     assert_eq!(sidecars(&pods.get("second").await.unwrap()).len(), 1);
@@ -239,7 +240,7 @@ async fn the_ca_and_the_serving_certificates_rotate_while_pods_keep_getting_thei
         serving: Duration::from_secs(4),
         check_every: Duration::from_millis(250),
     };
-    let (_, listen) = start_replica(&client, &operator_namespace, "replica-a", lifetimes).await;
+    let (_, listen) = start_replica(&client, &operator_namespace, "replica-a", Certificates::Managed(lifetimes)).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &operator_namespace);
@@ -266,6 +267,71 @@ async fn the_ca_and_the_serving_certificates_rotate_while_pods_keep_getting_thei
     assert!(generation(secrets.get(CA_SECRET).await.unwrap()).parse::<u32>().unwrap() >= 2, "the CA rotated");
     assert_eq!(most_cas_trusted, 2, "the replaced CA was trusted beside the new one for a while");
     assert!(served.len() >= 4, "serving certificates renewed: {} seen", served.len());
+}
+
+/// A certificate another issuer keeps in files (cert-manager's Secret, mounted) is served with
+/// its `ca.crt` as the `caBundle`, and served anew when the issuer replaces the files, even with
+/// a new CA; files that cannot be read leave the served certificate as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_certificate_is_served_and_reloaded_when_its_issuer_renews_it() {
+    let _turn = ONE_CONFIGURATION.lock().await;
+    let control_plane = ControlPlane::shared();
+    control_plane.install_eden_crds().unwrap();
+    let client = control_plane.client().await.unwrap();
+    let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
+    let namespace = control_plane.namespace("mounted").await.unwrap();
+    control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestPki::new(&["127.0.0.1"]).unwrap();
+    mount(dir.path(), &first);
+    let certificates = Certificates::Mounted { dir: dir.path().into(), check_every: Duration::from_millis(200) };
+    let (_, listen) = start_replica(&client, &operator_namespace, "replica-a", certificates).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let live_bundle = async || {
+        let configuration = configurations.get(NAME).await.unwrap();
+        configuration.webhooks.unwrap()[0].client_config.ca_bundle.clone().unwrap().0
+    };
+    let injected = async |name: &str| {
+        let opted_in = "eden.io/inject: \"true\", eden.io/migration: cache";
+        control_plane.apply_manifest(&namespace, &pod(name, opted_in, "")).unwrap();
+        sidecars(&pods.get(name).await.unwrap()).len() == 1
+    };
+    assert_eq!(live_bundle().await, first.ca_pem.as_bytes());
+    assert!(injected("first").await);
+    let served = served_certificate(listen, first.ca_pem.as_bytes()).await;
+    let pem_of = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec();
+    assert_eq!(served, pem_of(&first.cert_pem));
+
+    // Unreadable files: a warning, and the certificate served stays.
+    std::fs::write(dir.path().join("..data/tls.crt"), "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(served_certificate(listen, first.ca_pem.as_bytes()).await, served);
+    assert!(injected("while-broken").await);
+
+    // Renewed, with a new CA: the bundle follows, then the certificate.
+    let renewed = TestPki::new(&["127.0.0.1"]).unwrap();
+    mount(dir.path(), &renewed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live_bundle().await != renewed.ca_pem.as_bytes() {
+        assert!(Instant::now() < deadline, "the renewed ca.crt never became the caBundle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served_certificate(listen, renewed.ca_pem.as_bytes()).await, pem_of(&renewed.cert_pem));
+    assert!(injected("after-renewal").await);
+}
+
+/// Writes `pki` into `dir` as the kubelet updates a mounted Secret: the files are links into
+/// `..data`, itself a link to the current version's directory, replaced in one rename.
+fn mount(dir: &std::path::Path, pki: &TestPki) {
+    let version = tempfile::Builder::new().prefix("..version-").tempdir_in(dir).unwrap().keep();
+    pki.write_to(&version).unwrap();
+    let staged = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(&version, &staged).unwrap();
+    std::fs::rename(&staged, dir.join("..data")).unwrap();
+    for name in ["ca.crt", "tls.crt", "tls.key"] {
+        let _ = std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name));
+    }
 }
 
 /// The certificate a new TLS connection to `listen` gets, verified against `bundle` (PEM).

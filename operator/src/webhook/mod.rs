@@ -22,7 +22,7 @@ use tokio::time::MissedTickBehavior;
 use crate::metrics::Metrics;
 
 pub use register::{CallTarget, FailurePolicy};
-pub use tls::Lifetimes;
+pub use tls::{Certificates, Lifetimes};
 
 /// Why the webhook could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +52,8 @@ pub struct WebhookOptions {
     pub instance: Option<String>,
     /// Where the admissions are counted.
     pub metrics: Arc<Metrics>,
-    /// How long the CA and the serving certificates live.
-    pub lifetimes: Lifetimes,
+    /// Where the serving certificate comes from.
+    pub certificates: Certificates,
 }
 
 /// The CA Secret's name, in the operator's namespace.
@@ -64,24 +64,48 @@ pub const CA_SECRET: &str = "eden-webhook-ca";
 pub async fn start(client: Client, options: WebhookOptions) -> Result<JoinHandle<()>, WebhookError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &options.namespace);
     let names = options.call.certificate_names();
-    let authority = tls::Authority::current(&secrets, CA_SECRET, &options.lifetimes).await?;
-    let issued = authority.sign(&names, options.lifetimes.serving)?;
-    let certificate = tls::ServingCertificate::new(&issued);
+    let (current, bundle) = match &options.certificates {
+        Certificates::Managed(lifetimes) => {
+            let authority = tls::Authority::current(&secrets, CA_SECRET, lifetimes).await?;
+            (Current::Issued(authority.sign(&names, lifetimes.serving)?), authority.bundle())
+        }
+        Certificates::Mounted { dir, .. } => {
+            let mounted = tls::Mounted::read(dir)?;
+            let bundle = mounted.bundle().to_string();
+            (Current::Mounted(mounted), bundle)
+        }
+    };
+    let certificate = tls::ServingCertificate::new(current.certified());
     let tls = certificate.server_config()?;
     // Bound before it is registered: the API server's first calls wait in the backlog.
     let listener = server::bind(options.listen).await?;
     let native = server::Injector::native_sidecars(&client).await?;
     let (image, instance, metrics) = (options.image.clone(), options.instance.clone(), options.metrics.clone());
     let injector = Arc::new(server::Injector::new(client.clone(), image, native, instance, metrics));
-    register::apply(&client, &register::configuration(&options, &authority.bundle())).await?;
+    register::apply(&client, &register::configuration(&options, &bundle)).await?;
     tracing::info!(listen = %options.listen, native_sidecars = native, "injection webhook serving and registered");
-    let renewal = Renewal { client, options, secrets, names, certificate, issued };
+    let renewal = Renewal { client, options, secrets, names, certificate, current };
     Ok(tokio::spawn(async move {
         tokio::select! {
             () = server::serve(listener, tls, injector) => {}
             () = renewal.run() => {}
         }
     }))
+}
+
+/// The certificate being served.
+enum Current {
+    Issued(tls::Issued),
+    Mounted(tls::Mounted),
+}
+
+impl Current {
+    fn certified(&self) -> &Arc<tokio_rustls::rustls::sign::CertifiedKey> {
+        match self {
+            Current::Issued(issued) => issued.certified(),
+            Current::Mounted(mounted) => mounted.certified(),
+        }
+    }
 }
 
 /// What a replica needs to keep its certificates fresh.
@@ -91,12 +115,12 @@ struct Renewal {
     secrets: Api<Secret>,
     names: Vec<String>,
     certificate: Arc<tls::ServingCertificate>,
-    issued: tls::Issued,
+    current: Current,
 }
 
 impl Renewal {
     async fn run(mut self) {
-        let mut every = tokio::time::interval(self.options.lifetimes.check_every);
+        let mut every = tokio::time::interval(self.options.certificates.check_every());
         every.set_missed_tick_behavior(MissedTickBehavior::Delay);
         every.tick().await; // the first tick is now: everything was just made
         loop {
@@ -107,17 +131,42 @@ impl Renewal {
         }
     }
 
+    async fn check(&mut self) -> Result<(), WebhookError> {
+        match self.options.certificates.clone() {
+            Certificates::Managed(lifetimes) => self.renew(&lifetimes).await,
+            Certificates::Mounted { dir, .. } => self.reload(&dir).await,
+        }
+    }
+
     /// Rotates the CA when it is due (any replica may), writes the bundle that trusts it, and
     /// renews this replica's certificate when that is due, once the bundle trusts its CA.
-    async fn check(&mut self) -> Result<(), WebhookError> {
-        let lifetimes = self.options.lifetimes;
-        let authority = tls::Authority::current(&self.secrets, CA_SECRET, &lifetimes).await?;
+    async fn renew(&mut self, lifetimes: &Lifetimes) -> Result<(), WebhookError> {
+        let authority = tls::Authority::current(&self.secrets, CA_SECRET, lifetimes).await?;
         let live = register::apply(&self.client, &register::configuration(&self.options, &authority.bundle())).await?;
-        if self.issued.due(&authority, lifetimes.serving) && register::trusts(&live, authority.certificate()) {
-            self.issued = authority.sign(&self.names, lifetimes.serving)?;
-            self.certificate.replace(&self.issued);
+        let due = match &self.current {
+            Current::Issued(issued) => issued.due(&authority, lifetimes.serving),
+            Current::Mounted(_) => true,
+        };
+        if due && register::trusts(&live, authority.certificate()) {
+            let issued = authority.sign(&self.names, lifetimes.serving)?;
+            self.certificate.replace(issued.certified());
+            self.current = Current::Issued(issued);
             tracing::info!("webhook serving certificate renewed");
         }
+        Ok(())
+    }
+
+    /// Serves the mounted files again when the issuer has renewed them, after writing their
+    /// `ca.crt` as the bundle.
+    async fn reload(&mut self, dir: &std::path::Path) -> Result<(), WebhookError> {
+        let mounted = tls::Mounted::read(dir)?;
+        if matches!(&self.current, Current::Mounted(current) if current.same_as(&mounted)) {
+            return Ok(());
+        }
+        register::apply(&self.client, &register::configuration(&self.options, mounted.bundle())).await?;
+        self.certificate.replace(mounted.certified());
+        self.current = Current::Mounted(mounted);
+        tracing::info!(dir = %dir.display(), "webhook serving certificate reloaded from its files");
         Ok(())
     }
 }

@@ -12,8 +12,13 @@
 //! trusted. A replica serves a certificate from the new CA only once the configuration it has
 //! just written trusts that CA; it renews its own certificate the same way when a third of its
 //! lifetime is left. [`ServingCertificate`] swaps the certificate under a running listener.
+//!
+//! Or another issuer keeps the certificate (cert-manager, through its Secret mounted in the
+//! pod: [`Certificates::Mounted`]): the operator serves the files and writes their `ca.crt` as
+//! the `caBundle`, and reads them again at every check, since the issuer renews them in place.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -44,6 +49,25 @@ const PREVIOUS_NOT_AFTER: &str = "previous-ca.not-after";
 const CA_SUBJECT: &str = "eden-operator webhook CA";
 /// Certificates start this long before they are made: clocks of replicas and API servers differ.
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum Certificates {
+    /// The operator's own CA, in a Secret; both rotate.
+    Managed(Lifetimes),
+    /// Files another issuer keeps current (cert-manager's Secret, mounted): `tls.crt` (the
+    /// chain), `tls.key`, and `ca.crt` (the `caBundle`), read again every `check_every`.
+    Mounted { dir: PathBuf, check_every: Duration },
+}
+
+impl Certificates {
+    pub fn check_every(&self) -> Duration {
+        match self {
+            Certificates::Managed(lifetimes) => lifetimes.check_every,
+            Certificates::Mounted { check_every, .. } => *check_every,
+        }
+    }
+}
 
 /// How long certificates live, and how often each replica checks whether one is due.
 #[derive(Debug, Clone, Copy)]
@@ -213,10 +237,63 @@ pub struct Issued {
 }
 
 impl Issued {
+    pub fn certified(&self) -> &Arc<CertifiedKey> {
+        &self.certified
+    }
+
     /// Whether it should give way to one signed by `authority`: another CA signed it, or a
     /// third of its `lifetime` is left.
     pub fn due(&self, authority: &Authority, lifetime: Duration) -> bool {
         self.ca_generation != authority.generation || due(self.not_after, lifetime)
+    }
+}
+
+/// A certificate read from a [`Certificates::Mounted`] directory.
+pub struct Mounted {
+    certified: Arc<CertifiedKey>,
+    bundle: String,
+    /// The files' text, to tell when the issuer has renewed them.
+    files: String,
+}
+
+impl Mounted {
+    pub fn read(dir: &Path) -> Result<Self, WebhookError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|err| WebhookError::Tls(format!("{}: {err}", path.display())))
+        };
+        let (chain_pem, key_pem, bundle) = (read("tls.crt")?, read("tls.key")?, read("ca.crt")?);
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| WebhookError::Tls(format!("{}/tls.crt: {err}", dir.display())))?;
+        if chain.is_empty() || !bundle.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(WebhookError::Tls(format!("{}: tls.crt and ca.crt must hold certificates", dir.display())));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|err| WebhookError::Tls(format!("{}/tls.key: {err}", dir.display())))?;
+        let signing_key = sign::any_supported_type(&key)
+            .map_err(|err| WebhookError::Tls(format!("{}/tls.key: {err}", dir.display())))?;
+        let certified = CertifiedKey::new(chain, signing_key);
+        // A certificate and a key from two different renewals (files written one by one).
+        certified
+            .keys_match()
+            .map_err(|err| WebhookError::Tls(format!("{}: tls.key does not go with tls.crt: {err}", dir.display())))?;
+        let files = format!("{chain_pem}{key_pem}{bundle}");
+        Ok(Mounted { certified: Arc::new(certified), bundle, files })
+    }
+
+    pub fn certified(&self) -> &Arc<CertifiedKey> {
+        &self.certified
+    }
+
+    /// The `caBundle`: the directory's `ca.crt`.
+    pub fn bundle(&self) -> &str {
+        &self.bundle
+    }
+
+    /// Whether `other` was read from the same files.
+    pub fn same_as(&self, other: &Mounted) -> bool {
+        self.files == other.files
     }
 }
 
@@ -226,12 +303,12 @@ impl Issued {
 pub struct ServingCertificate(RwLock<Arc<CertifiedKey>>);
 
 impl ServingCertificate {
-    pub fn new(issued: &Issued) -> Arc<Self> {
-        Arc::new(ServingCertificate(RwLock::new(issued.certified.clone())))
+    pub fn new(certified: &Arc<CertifiedKey>) -> Arc<Self> {
+        Arc::new(ServingCertificate(RwLock::new(certified.clone())))
     }
 
-    pub fn replace(&self, issued: &Issued) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = issued.certified.clone();
+    pub fn replace(&self, certified: &Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = certified.clone();
     }
 
     /// A server configuration that serves whatever this holds.
