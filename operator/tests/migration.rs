@@ -27,6 +27,7 @@ struct Harness {
     namespace: String,
     client: kube::Client,
     controllers: Vec<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Harness {
@@ -38,7 +39,8 @@ impl Harness {
         control_plane.install_eden_crds().unwrap();
         let namespace = control_plane.namespace(prefix).await.unwrap();
         let client = control_plane.client().await.unwrap();
-        let mut harness = Harness { control_plane, namespace, client, controllers: Vec::new() };
+        let metrics = Arc::new(Metrics::default());
+        let mut harness = Harness { control_plane, namespace, client, controllers: Vec::new(), metrics };
         harness.start_operator();
         harness
     }
@@ -46,7 +48,7 @@ impl Harness {
     /// Starts the controllers with a fresh context: a restarted operator knows only what the
     /// API server holds.
     fn start_operator(&mut self) {
-        let ctx = Context::new(self.client.clone(), Arc::new(Metrics::default()), None, DEFAULT_IMAGE.into());
+        let ctx = Context::new(self.client.clone(), self.metrics.clone(), None, DEFAULT_IMAGE.into());
         self.controllers.push(tokio::spawn(endpoint::run(ctx.clone())));
         self.controllers.push(tokio::spawn(migration::run(ctx, Some(self.namespace.clone()))));
     }
@@ -89,6 +91,13 @@ impl Harness {
         }
         let status = self.migrations().get(name).await.unwrap().status;
         panic!("Migration {name} never reached {what}: {status:#?}");
+    }
+
+    /// `eden_replication_lag_ms` of Migration `name`, if the operator exports one.
+    fn lag_metric(&self, name: &str) -> Option<i64> {
+        let series = format!("eden_replication_lag_ms{{namespace=\"{}\",migration=\"{name}\"}} ", self.namespace);
+        let rendered = self.metrics.render();
+        rendered.lines().find_map(|line| line.strip_prefix(series.as_str())).map(|value| value.parse().unwrap())
     }
 
     async fn wait_phase(&self, name: &str, phase: Phase) -> Migration {
@@ -394,6 +403,7 @@ async fn a_cutover_waits_while_replication_lags_behind_the_guard() {
         })
         .await;
     assert!(condition(&held, "ReadyForCutover").message.contains("above maxLagMillis 100"), "{held:?}");
+    assert!(harness.lag_metric("lagging").is_some_and(|lag| lag > 100), "{}", harness.metrics.render());
     assert_ne!(phase_of(&held), Some(Phase::CutOver));
     assert_eq!(harness.payload("lagging").await.write_policy, WritePolicy::OldAuthoritative);
 
@@ -402,6 +412,7 @@ async fn a_cutover_waits_while_replication_lags_behind_the_guard() {
     harness.wait_phase("lagging", Phase::CutOver).await;
     let balance: i64 = connect(&target).await.get("balance").await.unwrap();
     assert_eq!(balance, 101);
+    assert_eq!(harness.lag_metric("lagging"), None, "replication stopped at the flip");
 }
 
 /// `replace: skip` keeps the target's value of a key both servers have; the verification the

@@ -197,6 +197,9 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
     }
 
     let snapshot = ctx.replications.observe(&uid).await;
+    // Only while the engine runs here: a stopped or failed run's last figure is not a lag.
+    let lag = snapshot.as_ref().filter(|s| s.failure.is_none() && s.checkpoint.is_some()).map(|s| s.lag_millis);
+    ctx.metrics.replication_lag(&migration.namespace().unwrap_or_default(), &name, lag);
     if migration.spec.cutover.require_verification
         && decision.replicate
         && snapshot.as_ref().is_some_and(|s| {
@@ -407,6 +410,7 @@ async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Err
     }
     forget_sync_position(&migration, ctx).await;
     let namespace = migration.namespace().unwrap_or_default();
+    ctx.metrics.replication_lag(&namespace, &migration.name_any(), None);
     let name = configmap::name(&migration);
     delete_owned::<ConfigMap>(ctx, &namespace, &name).await?;
     // Sidecars that lost writes keep their Leases after exiting (see `sidecars`); a later
