@@ -14,13 +14,14 @@ export CARGO_INCREMENTAL ?= 0
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help deps control-plane helm crds check-crds lint test demo bench
+.PHONY: help deps control-plane helm crds check-crds lint test demo bench images
 
 help:
 	@echo "make demo   run Eden end to end on a local control plane and two redis-servers"
 	@echo "make test   the whole suite: format, lint, CRDs up to date, unit and end-to-end tests"
 	@echo "make bench  benchmarks; results go to BENCHMARKS.md"
 	@echo "make crds   regenerate crds/ from the Rust types"
+	@echo "make images OCI archives of eden-operator and eden-sidecar (no container engine needed)"
 
 # Debian's redis-server and redis-tools, when missing.
 deps:
@@ -29,6 +30,10 @@ deps:
 	  $(SUDO) apt-get update -qq; \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server redis-tools >/dev/null; \
 	  $(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true; \
+	fi
+	@if ! command -v umoci >/dev/null; then \
+	  echo "installing umoci from Debian packages (the image test unpacks images with it)"; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq umoci >/dev/null; \
 	fi
 	@command -v kubectl >/dev/null || { echo "kubectl is required on PATH"; exit 1; }
 
@@ -80,3 +85,11 @@ bench: deps control-plane
 	done; \
 	[ -z "$$failed" ] || echo "benchmarks that failed:$$failed"; \
 	[ $$built = 0 ] && [ -z "$$failed" ]
+
+# Release binaries packed as OCI archives (images/build.py) into $(CARGO_TARGET_DIR)/images,
+# tagged with the chart's appVersion: `docker load`, `podman load` or `skopeo copy` them.
+images:
+	cargo build -q --release -p eden-operator -p eden-sidecar --bin eden-operator --bin eden-sidecar
+	python3 images/build.py --out "$(CARGO_TARGET_DIR)/images" \
+	  --tag "$$(awk '$$1 == "appVersion:" { gsub(/"/, "", $$2); print $$2 }' charts/eden/Chart.yaml)" \
+	  "$(CARGO_TARGET_DIR)/release/eden-operator" "$(CARGO_TARGET_DIR)/release/eden-sidecar"

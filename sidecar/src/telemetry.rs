@@ -29,7 +29,14 @@ fn subscriber<W>(format: LogFormat, filter: EnvFilter, ansi: bool, writer: W) ->
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
+    // A log line that cannot be written is lost, and nothing else: by default the subscriber
+    // reports the failure with `eprintln!`, which panics when stderr itself is what failed
+    // (closed), and that took the proxy and every client connection down with it.
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(writer)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => {
             Box::new(logs.json().flatten_event(true).with_current_span(true).with_span_list(true).finish())

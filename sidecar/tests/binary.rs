@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use eden_e2e::RedisServer;
 use support::{RawClient, resp};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{ChildStderr, Command};
 
 fn sidecar() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_eden-sidecar"));
@@ -35,6 +35,24 @@ async fn get(addr: &str, path: &str) -> (u16, String) {
     (head[9..12].parse().unwrap(), body.to_string())
 }
 
+/// The JSON log line a sidecar started with `--log-format json` writes once it is ready, and
+/// the rest of its log, to hold open while it runs.
+async fn ready_line(child: &mut tokio::process::Child) -> (serde_json::Value, Lines<BufReader<ChildStderr>>) {
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = logs.next_line().await.unwrap().expect("a ready line before exit");
+            let line: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
+            if line["message"] == "eden-sidecar ready" {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("ready within 10 s");
+    (ready, logs)
+}
+
 #[tokio::test]
 async fn bad_flags_are_explained_and_exit_2() {
     for args in [&["--source", "redis://127.0.0.1:1", "--listen", "not-an-address"][..], &["--listen", "127.0.0.1:0"]] {
@@ -55,18 +73,9 @@ async fn the_binary_proxies_reports_on_its_admin_port_and_drains_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let line = logs.next_line().await.unwrap().expect("a ready line before exit");
-            let line: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
-            if line["message"] == "eden-sidecar ready" {
-                return line;
-            }
-        }
-    })
-    .await
-    .expect("ready within 10 s");
+    // Its log reader goes away: the logs are lost, the proxy is not.
+    let (ready, logs) = ready_line(&mut child).await;
+    drop(logs);
     // Debug build on a shared machine: generous, but still catches a start-up that blocks.
     assert!(started.elapsed() < Duration::from_secs(2), "ready after {:?}", started.elapsed());
     let (listen, admin) = (ready["listen"].as_str().unwrap(), ready["admin"].as_str().unwrap());
@@ -160,4 +169,54 @@ async fn with_a_config_file_the_binary_routes_by_its_strategy() {
     for line in ["eden_config_applied_generation 3", "eden_commands_total{route=\"target\",kind=\"read\"} 1"] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
+}
+
+/// The binary's container image (`images/build.py`, what `make images` runs): umoci unpacks it
+/// as an OCI runtime bundle (digests checked) that runs the sidecar as user 65532, and its root
+/// filesystem alone, entered with `unshare --root`, runs a proxy serving a real redis-server.
+#[tokio::test]
+async fn the_image_unpacks_and_its_root_filesystem_alone_runs_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |program: &str, args: &[&std::ffi::OsStr]| {
+        let output = std::process::Command::new(program).args(args).output().unwrap();
+        assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    let script = eden_e2e::repo_root().join("images/build.py");
+    let binary = env!("CARGO_BIN_EXE_eden-sidecar");
+    run(
+        "python3",
+        &[
+            script.as_os_str(),
+            "--out".as_ref(),
+            dir.path().as_os_str(),
+            "--tag".as_ref(),
+            "test".as_ref(),
+            binary.as_ref(),
+        ],
+    );
+    let (layout, bundle) = (dir.path().join("layout"), dir.path().join("bundle"));
+    std::fs::create_dir(&layout).unwrap();
+    let archive = dir.path().join("eden-sidecar-test.oci.tar");
+    run("tar", &["xf".as_ref(), archive.as_os_str(), "-C".as_ref(), layout.as_os_str()]);
+    let image = format!("{}:test", layout.display());
+    run("umoci", &["unpack".as_ref(), "--rootless".as_ref(), "--image".as_ref(), image.as_ref(), bundle.as_os_str()]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["process"]["user"]["uid"], 65532, "the chart's non-root user");
+    assert_eq!(config["process"]["args"], serde_json::json!(["/usr/local/bin/eden-sidecar"]));
+
+    let server = RedisServer::start().unwrap();
+    let root = format!("--root={}", bundle.join("rootfs").display());
+    let mut child = Command::new("unshare")
+        .args(["--map-root-user", &root, "/usr/local/bin/eden-sidecar"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--source", &server.url()])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (ready, _logs) = ready_line(&mut child).await;
+    let mut client = RawClient::connect(ready["listen"].as_str().unwrap().parse().unwrap()).await;
+    client.send(&[resp(&["SET", "k", "from the image"]), resp(&["GET", "k"])].concat()).await;
+    client.expect(b"+OK\r\n$14\r\nfrom the image\r\n").await;
 }

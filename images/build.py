@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Container images of eden-operator and eden-sidecar, without a container engine.
+
+Each image is one layer: the binary, the shared libraries it links (as `ldd` finds them on the
+build machine, with the dynamic loader), the machine's CA certificates, an nsswitch.conf, and a
+passwd/group naming the non-root user the chart runs as (65532). Nothing is downloaded. The
+layer is built reproducibly (sorted entries, zero timestamps and owners), so the same binaries
+give the same image digest.
+
+The output is an OCI image layout in a tar file (an "OCI archive"), which `docker load` (Docker
+25 or later), `podman load`, `skopeo copy oci-archive:FILE docker://REGISTRY/NAME:TAG` and
+`crane push` take as they are.
+
+Usage:  images/build.py --out DIR --tag TAG BINARY...
+        (`make images` builds the release binaries and calls this)
+Prints the path of each archive written.
+"""
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+USER = 65532
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+FILES = {
+    "etc/passwd": f"root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:{USER}:{USER}:nonroot:/home/nonroot:/sbin/nologin\n",
+    "etc/group": f"root:x:0:\nnonroot:x:{USER}:\n",
+    # Names from /etc/hosts (the kubelet writes it), then DNS (its resolv.conf).
+    "etc/nsswitch.conf": "hosts: files dns\n",
+}
+
+
+def shared_libraries(binary):
+    """The absolute paths of what `binary` links, the dynamic loader included."""
+    output = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    paths = []
+    for line in output.splitlines():
+        found = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if found:
+            paths.append(found.group(1))
+    if not any("ld-linux" in path for path in paths):
+        raise SystemExit(f"{binary}: no dynamic loader in `ldd` output; is it a Linux executable?\n{output}")
+    return paths
+
+
+def layer(binary):
+    """The image's one layer, as an uncompressed tar (bytes)."""
+    entries = {}  # path in the image -> (bytes, mode)
+    name = os.path.basename(binary)
+    with open(binary, "rb") as f:
+        entries[f"usr/local/bin/{name}"] = (f.read(), 0o755)
+    for path in shared_libraries(binary):
+        with open(os.path.realpath(path), "rb") as f:
+            entries[path.lstrip("/")] = (f.read(), 0o755)
+    with open(CA_BUNDLE, "rb") as f:
+        entries[CA_BUNDLE.lstrip("/")] = (f.read(), 0o644)
+    for path, text in FILES.items():
+        entries[path] = (text.encode(), 0o644)
+    directories = {"tmp", "home", "home/nonroot"}
+    for path in entries:
+        parts = path.split("/")[:-1]
+        directories.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for directory in sorted(directories):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+            if directory == "tmp":
+                info.mode = 0o1777
+            if directory == "home/nonroot":
+                info.uid = info.gid = USER
+            tar.addfile(info)
+        for path in sorted(entries):
+            data, mode = entries[path]
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), mode, 0
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def blob(blobs, data, media_type):
+    """Stores `data` under its digest; returns its OCI descriptor."""
+    digest = hashlib.sha256(data).hexdigest()
+    blobs[digest] = data
+    return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+
+def canonical(value):
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def image(binary, tag):
+    """The OCI archive of `binary`'s image (bytes) and its manifest digest."""
+    name = os.path.basename(binary)
+    tar = layer(binary)
+    blobs = {}
+    compressed = gzip.compress(tar, mtime=0)
+    layer_descriptor = blob(blobs, compressed, "application/vnd.oci.image.layer.v1.tar+gzip")
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "User": f"{USER}:{USER}",
+            "Entrypoint": [f"/usr/local/bin/{name}"],
+            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", f"SSL_CERT_FILE={CA_BUNDLE}"],
+            "Labels": {"org.opencontainers.image.title": name, "org.opencontainers.image.version": tag},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(tar).hexdigest()}"]},
+        "history": [{"created_by": "images/build.py"}],
+    }
+    config_descriptor = blob(blobs, canonical(config), "application/vnd.oci.image.config.v1+json")
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config_descriptor,
+        "layers": [layer_descriptor],
+    }
+    manifest_descriptor = blob(blobs, canonical(manifest), "application/vnd.oci.image.manifest.v1+json")
+    manifest_descriptor["annotations"] = {"org.opencontainers.image.ref.name": tag,
+                                          "io.containerd.image.name": f"{name}:{tag}"}
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [manifest_descriptor]}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        files = {"oci-layout": canonical({"imageLayoutVersion": "1.0.0"}), "index.json": canonical(index)}
+        files.update({f"blobs/sha256/{digest}": data for digest, data in blobs.items()})
+        for directory in ["blobs", "blobs/sha256"]:
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+            archive.addfile(info)
+        for path in sorted(files):
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(files[path]), 0o644, 0
+            archive.addfile(info, io.BytesIO(files[path]))
+    return out.getvalue(), manifest_descriptor["digest"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory for the archives")
+    parser.add_argument("--tag", required=True, help="the images' tag, e.g. the chart's appVersion")
+    parser.add_argument("binaries", nargs="+")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for binary in args.binaries:
+        if not os.path.isfile(binary):
+            sys.exit(f"images/build.py: no binary at {binary}")
+        archive, digest = image(binary, args.tag)
+        path = os.path.join(args.out, f"{os.path.basename(binary)}-{args.tag}.oci.tar")
+        with open(path, "wb") as f:
+            f.write(archive)
+        print(f"{path} {digest}")
+
+
+if __name__ == "__main__":
+    main()
