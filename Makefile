@@ -23,17 +23,18 @@ help:
 	@echo "make crds   regenerate crds/ from the Rust types"
 	@echo "make images OCI archives of eden-operator and eden-sidecar (no container engine needed)"
 
-# Debian's redis-server and redis-tools, when missing.
+# From Debian's packages, when missing: redis-server and redis-tools (every Redis the tests and the
+# demo run), umoci (the image test unpacks images with it).
 deps:
-	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then \
-	  echo "installing redis-server and redis-tools from Debian packages"; \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	command -v umoci >/dev/null || missing="$$missing umoci"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing from Debian packages"; \
 	  $(SUDO) apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server redis-tools >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	  $(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true; \
-	fi
-	@if ! command -v umoci >/dev/null; then \
-	  echo "installing umoci from Debian packages (the image test unpacks images with it)"; \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq umoci >/dev/null; \
 	fi
 	@command -v kubectl >/dev/null || { echo "kubectl is required on PATH"; exit 1; }
 
