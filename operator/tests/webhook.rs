@@ -222,7 +222,7 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
     assert_eq!(sidecars(&pods.get("second").await.unwrap()).len(), 1);
 }
 
-/// The CA (12 s here) and the serving certificates (4 s) rotate while pods are created: with
+/// The CA (18 s here) and the serving certificates (6 s) rotate while pods are created: with
 /// `Fail`, a pod the API server could not call the webhook for would be refused, and every one
 /// gets its sidecar; a new connection always gets a certificate the live `caBundle` trusts; the
 /// replaced CA stays in the bundle until it expires.
@@ -236,8 +236,8 @@ async fn the_ca_and_the_serving_certificates_rotate_while_pods_keep_getting_thei
     let namespace = control_plane.namespace("rotating").await.unwrap();
     control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
     let lifetimes = Lifetimes {
-        ca: Duration::from_secs(12),
-        serving: Duration::from_secs(4),
+        ca: Duration::from_secs(18),
+        serving: Duration::from_secs(6),
         check_every: Duration::from_millis(250),
     };
     let (_, listen) = start_replica(&client, &operator_namespace, "replica-a", Certificates::Managed(lifetimes)).await;
@@ -250,7 +250,7 @@ async fn the_ca_and_the_serving_certificates_rotate_while_pods_keep_getting_thei
     let (mut served, mut most_cas_trusted) = (HashSet::new(), 0);
     let started = Instant::now();
     for n in 0.. {
-        if started.elapsed() > Duration::from_secs(15) {
+        if started.elapsed() > Duration::from_secs(20) {
             break;
         }
         let name = format!("app-{n}");
