@@ -21,6 +21,26 @@ use tempfile::TempDir;
 
 use crate::FixtureError;
 
+/// The state directories' prefix, in the temporary directory.
+const DIR_PREFIX: &str = "eden-control-plane-";
+/// The process a state directory belongs to, in it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes the state directories of control planes whose process has ended. A shared control
+/// plane lives in a static, which is never dropped, so its directory (etcd's data, some 70 MB)
+/// would outlive every test binary that made one.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for dir in entries.flatten().map(|entry| entry.path()) {
+        let named = dir.file_name().and_then(|name| name.to_str()).is_some_and(|name| name.starts_with(DIR_PREFIX));
+        // A directory without an owner is one being made right now: left alone.
+        let owner = std::fs::read_to_string(dir.join(OWNER_FILE)).ok();
+        if named && owner.is_some_and(|pid| !Path::new("/proc").join(pid.trim()).exists()) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// A running control plane and the admin kubeconfig that reaches it.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -35,7 +55,9 @@ impl ControlPlane {
     /// Builds the binary if needed, starts it, and waits until `/readyz` answers.
     pub fn start() -> Result<Self, FixtureError> {
         let binary = Self::binary()?;
-        let dir = tempfile::Builder::new().prefix("eden-control-plane-").tempdir()?;
+        remove_stale_dirs();
+        let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
+        std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())?;
         let mut child = Command::new(&binary)
             .arg("--dir")
             .arg(dir.path())
