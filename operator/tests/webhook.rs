@@ -19,7 +19,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Container, Event, Pod, Secret};
 use kube::Api;
 use kube::api::ListParams;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
@@ -109,6 +109,19 @@ async fn start_replica(
     (metrics, listen)
 }
 
+/// This test's turn, the shared control plane with Eden's CRDs, an admin client, a namespace
+/// for the operator, and one named after `prefix` holding [`MANIFEST`]'s Migration.
+async fn cluster(prefix: &str) -> (MutexGuard<'static, ()>, &'static ControlPlane, kube::Client, String, String) {
+    let turn = ONE_CONFIGURATION.lock().await;
+    let control_plane = ControlPlane::shared();
+    control_plane.install_eden_crds().unwrap();
+    let client = control_plane.client().await.unwrap();
+    let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
+    let namespace = control_plane.namespace(prefix).await.unwrap();
+    control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
+    (turn, control_plane, client, operator_namespace, namespace)
+}
+
 fn sidecars(pod: &Pod) -> Vec<&Container> {
     let spec = pod.spec.as_ref().unwrap();
     spec.containers.iter().chain(spec.init_containers.iter().flatten()).filter(|c| c.name == CONTAINER_NAME).collect()
@@ -116,15 +129,9 @@ fn sidecars(pod: &Pod) -> Vec<&Container> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why() {
-    let _turn = ONE_CONFIGURATION.lock().await;
-    let control_plane = ControlPlane::shared();
-    control_plane.install_eden_crds().unwrap();
-    let client = control_plane.client().await.unwrap();
-    let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
-    let namespace = control_plane.namespace("shop").await.unwrap();
+    let (_turn, control_plane, client, operator_namespace, namespace) = cluster("shop").await;
     let (metrics, _) =
         start_replica(&client, &operator_namespace, "replica-a", Certificates::Managed(Lifetimes::default())).await;
-    control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
 
     // Asked, for an existing Migration: a native sidecar, first among the init containers.
@@ -228,13 +235,7 @@ async fn pods_that_ask_get_the_sidecar_and_the_others_are_left_alone_or_told_why
 /// replaced CA stays in the bundle until it expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_and_the_serving_certificates_rotate_while_pods_keep_getting_their_sidecar() {
-    let _turn = ONE_CONFIGURATION.lock().await;
-    let control_plane = ControlPlane::shared();
-    control_plane.install_eden_crds().unwrap();
-    let client = control_plane.client().await.unwrap();
-    let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
-    let namespace = control_plane.namespace("rotating").await.unwrap();
-    control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
+    let (_turn, control_plane, client, operator_namespace, namespace) = cluster("rotating").await;
     let lifetimes = Lifetimes {
         ca: Duration::from_secs(18),
         serving: Duration::from_secs(6),
@@ -274,13 +275,7 @@ async fn the_ca_and_the_serving_certificates_rotate_while_pods_keep_getting_thei
 /// a new CA; files that cannot be read leave the served certificate as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mounted_certificate_is_served_and_reloaded_when_its_issuer_renews_it() {
-    let _turn = ONE_CONFIGURATION.lock().await;
-    let control_plane = ControlPlane::shared();
-    control_plane.install_eden_crds().unwrap();
-    let client = control_plane.client().await.unwrap();
-    let operator_namespace = control_plane.namespace("eden-system").await.unwrap();
-    let namespace = control_plane.namespace("mounted").await.unwrap();
-    control_plane.apply_manifest(&namespace, MANIFEST).unwrap();
+    let (_turn, control_plane, client, operator_namespace, namespace) = cluster("mounted").await;
     let dir = tempfile::tempdir().unwrap();
     let first = TestPki::new(&["127.0.0.1"]).unwrap();
     mount(dir.path(), &first);
