@@ -176,20 +176,20 @@ impl Authority {
                 WebhookError::Tls(format!("Secret {name} has no readable {key}; delete it to have a new CA made"))
             })
         };
-        let time = |key: &str| -> Result<SystemTime, WebhookError> {
-            let seconds = required(key)?.trim().parse().map_err(|err| {
-                WebhookError::Tls(format!("Secret {name}: {key} is not a time: {err}; delete it to have a new CA made"))
-            })?;
-            Ok(UNIX_EPOCH + Duration::from_secs(seconds))
+        let number = |key: &str| -> Result<u64, WebhookError> {
+            required(key)?.trim().parse().map_err(|err| {
+                WebhookError::Tls(format!(
+                    "Secret {name}: {key} is not a number: {err}; delete it to have a new CA made"
+                ))
+            })
         };
+        let time = |key: &str| number(key).map(|seconds| UNIX_EPOCH + Duration::from_secs(seconds));
         let previous = match field(PREVIOUS_CERT) {
             Some(cert) => Some((cert, time(PREVIOUS_NOT_AFTER)?)),
             None => None,
         };
         Ok(Authority {
-            generation: required(CA_GENERATION)?.trim().parse().map_err(|err| {
-                WebhookError::Tls(format!("Secret {name}: {CA_GENERATION}: {err}; delete it to have a new CA made"))
-            })?,
+            generation: number(CA_GENERATION)?,
             cert_pem: required(CA_CERT)?,
             key: KeyPair::from_pem(&required(CA_KEY)?)?,
             not_after: time(CA_NOT_AFTER)?,
