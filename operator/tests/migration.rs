@@ -569,3 +569,163 @@ async fn a_gateway_follows_its_spec_and_goes_with_its_migration() {
     harness.wait_objects::<Deployment>(&["eden-shop-gateway"], false).await;
     harness.wait_objects::<Service>(&["eden-shop"], false).await;
 }
+
+/// An `eden-sidecar` process with the command line the webhook injects, on free loopback
+/// ports, reaching the API server through `kubeconfig`. Short fencing bounds keep the test
+/// quick; the argument does not depend on their size.
+struct SidecarProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl SidecarProcess {
+    fn spawn(harness: &Harness, pod: &str, source: &RedisServer, kubeconfig: &std::path::Path) -> SidecarProcess {
+        let (port, admin) = (eden_e2e::free_port().unwrap(), eden_e2e::free_port().unwrap());
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("{}-{pod}.log", harness.namespace))).unwrap();
+        let child = std::process::Command::new(eden_e2e::workspace_binary("eden-sidecar").unwrap())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(["--source", &source.url(), "--configmap", "eden-shop", "--namespace", &harness.namespace])
+            .args(["--pod-name", pod, "--confirm-every-ms", "200", "--fence-after-ms", "2000"])
+            .args(["--max-write-pause-ms", "3000"])
+            .env("KUBECONFIG", kubeconfig)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        SidecarProcess { child, port }
+    }
+
+    /// A client connection, once the sidecar serves (after it applied a strategy).
+    async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap();
+        for _ in 0..300 {
+            if let Ok(connection) = client.get_multiplexed_async_connection_with_config(&config).await {
+                return connection;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("sidecar on port {} never served", self.port);
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one writer's clients were told.
+#[derive(Debug, Default)]
+struct Acknowledged {
+    /// INCRs answered with a count.
+    incr: i64,
+    /// RPUSHed values, each answered with a length.
+    pushed: Vec<i64>,
+    /// Writes answered with an error (refused by a fenced sidecar).
+    refused: u64,
+    /// The longest one write waited for its reply.
+    longest: Duration,
+}
+
+/// Writes `INCR counter:<name>` and `RPUSH seq:<name> n` through `sidecar` until `stop`,
+/// recording every acknowledgement.
+async fn write_until(
+    mut sidecar: redis::aio::MultiplexedConnection,
+    name: &'static str,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Acknowledged {
+    let mut acknowledged = Acknowledged::default();
+    for n in 0.. {
+        if *stop.borrow_and_update() {
+            break;
+        }
+        let started = std::time::Instant::now();
+        let incr: redis::RedisResult<i64> = sidecar.incr(format!("counter:{name}"), 1).await;
+        let push: redis::RedisResult<i64> = sidecar.rpush(format!("seq:{name}"), n).await;
+        acknowledged.longest = acknowledged.longest.max(started.elapsed());
+        for outcome in [incr.as_ref().map(|_| ()), push.as_ref().map(|_| ())] {
+            if let Err(err) = outcome {
+                assert!(!err.is_io_error() && !err.is_timeout(), "{name}: the sidecar failed the client: {err}");
+                assert!(err.to_string().contains("eden:"), "{name}: an error that is not a refusal: {err}");
+                acknowledged.refused += 1;
+            }
+        }
+        acknowledged.incr += i64::from(incr.is_ok());
+        if push.is_ok() {
+            acknowledged.pushed.push(n);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    acknowledged
+}
+
+#[tokio::test]
+async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowledged_write() {
+    let harness = Harness::start("fencing").await;
+    let (source, target) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
+    harness.apply(&endpoints(&source, &target));
+    harness.apply(&migration("shop", "sync", 0, "oldAuthoritative"));
+    harness.wait_phase("shop", Phase::Ready).await;
+
+    // Two sidecars: one talks to the API server directly, the other through a relay that is
+    // cut during the cutover while its path to Redis stays up.
+    let relay = eden_e2e::Relay::start(harness.control_plane.api_addr().unwrap()).await.unwrap();
+    let relayed = std::env::temp_dir().join(format!("{}-relayed.kubeconfig", harness.namespace));
+    harness.control_plane.kubeconfig_via(relay.addr(), &relayed).unwrap();
+    let direct = SidecarProcess::spawn(&harness, "direct", &source, harness.control_plane.kubeconfig());
+    let cut_off = SidecarProcess::spawn(&harness, "cut-off", &source, &relayed);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let writers = [
+        tokio::spawn(write_until(direct.connect().await, "direct", stopped.clone())),
+        tokio::spawn(write_until(cut_off.connect().await, "cut-off", stopped)),
+    ];
+    harness
+        .wait("shop", "both sidecars acknowledged", |m| {
+            m.status.as_ref().and_then(|s| s.sidecars.as_ref()).is_some_and(|s| s.acknowledged == 2)
+        })
+        .await;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.cut();
+    harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+    let cut_over = harness.wait_phase("shop", Phase::CutOver).await;
+    let sidecars = cut_over.status.unwrap().sidecars.unwrap();
+    assert_eq!((sidecars.acknowledged, sidecars.fenced), (1, 1), "{sidecars:?}");
+    // Cut off for longer than its pause bound (3 s): its held writes are refused.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    relay.heal();
+    // Back in touch, the fenced sidecar applies the flip and writes to the target.
+    harness
+        .wait("shop", "the fenced sidecar acknowledged the flip", |m| {
+            m.status.as_ref().and_then(|s| s.sidecars.as_ref()).is_some_and(|s| s.acknowledged == 2)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send_replace(true);
+
+    // Every acknowledged write is on the target, the authoritative side, exactly once.
+    let mut target = connect(&target).await;
+    for (writer, name) in writers.into_iter().zip(["direct", "cut-off"]) {
+        let acknowledged = writer.await.unwrap();
+        eprintln!(
+            "{name}: {} INCRs and {} RPUSHes acknowledged, {} refused, longest wait {:?}",
+            acknowledged.incr,
+            acknowledged.pushed.len(),
+            acknowledged.refused,
+            acknowledged.longest
+        );
+        let counter: i64 = target.get(format!("counter:{name}")).await.unwrap();
+        assert_eq!(counter, acknowledged.incr, "{name}: INCRs acknowledged vs applied on the target");
+        let sequence: Vec<i64> = target.lrange(format!("seq:{name}"), 0, -1).await.unwrap();
+        assert_eq!(sequence, acknowledged.pushed, "{name}: RPUSHes acknowledged vs on the target, in order");
+        match name {
+            "cut-off" => assert!(acknowledged.refused > 0, "the cut-off sidecar was fenced: it refused writes"),
+            _ => {
+                assert_eq!(acknowledged.refused, 0, "a sidecar in touch only ever held writes");
+                assert!(acknowledged.longest < Duration::from_secs(3), "held past the pause bound");
+            }
+        }
+    }
+}

@@ -29,6 +29,7 @@ use super::replies::{Due, Replies, Shared};
 use super::{BUFFER, unreachable_reply};
 use crate::command::{CommandKind, RecentCommand};
 use crate::frame::{Request, RequestScanner};
+use crate::hold::{HoldReason, HoldState};
 use crate::metrics::{CommandCounts, ErrorKind, MirrorOutcome, ProxyMetrics, ShadowOutcome};
 use crate::mirror::{ConnectionState, Job, MirrorLink, hashed_key};
 use crate::plan::{Plan, Routing};
@@ -126,6 +127,10 @@ enum Txn {
         mirror: Option<Side>,
         multi: bool,
     },
+    /// Inside a MULTI that no server has seen, whose first write was refused (`hold`): answered
+    /// here as Redis answers a transaction with a command that failed to queue, up to the
+    /// EXEC (`-EXECABORT`) or DISCARD that ends it.
+    Refused(HoldReason),
 }
 
 /// What a request's reply is for.
@@ -215,6 +220,10 @@ impl Session {
             self.pin(plan, bytes, kind).await;
             return true;
         }
+        if let Txn::Refused(reason) = self.txn {
+            self.refused_transaction(reason, name, kind);
+            return true;
+        }
         if kind == CommandKind::Transaction {
             self.transaction(strategy, plan, name, key, bytes).await;
             return true;
@@ -223,6 +232,12 @@ impl Session {
             Txn::Multi(_) => {
                 if strategy.holding() && writes(kind) {
                     return false;
+                }
+                if let Some(reason) = strategy.refusing().filter(|_| writes(kind)) {
+                    self.pending.push(Due::Made(Bytes::from_static(b"+OK\r\n")));
+                    self.refuse(reason);
+                    self.txn = Txn::Refused(reason);
+                    return true;
                 }
                 let (side, mirror) = strategy.transaction(key);
                 self.start_multi(plan, side, mirror).await;
@@ -234,6 +249,7 @@ impl Session {
             }
             _ => match strategy.route(kind, key, &mut self.dice) {
                 Route::Hold => return false,
+                Route::Refuse(reason) => self.refuse(reason),
                 Route::Send { answer, shadow: true, .. } => {
                     let (copy, answered) = oneshot::channel();
                     if self.send(plan, answer, bytes, kind, Reply::Copied(copy)).await {
@@ -252,6 +268,32 @@ impl Session {
             },
         }
         true
+    }
+
+    /// Answers a write the gate refuses.
+    fn refuse(&mut self, reason: HoldReason) {
+        self.metrics.write_refused();
+        self.pending.push(Due::Made(Bytes::from_static(HoldState::refusal(reason))));
+    }
+
+    /// A request inside a [`Txn::Refused`] transaction, answered as Redis would.
+    fn refused_transaction(&mut self, reason: HoldReason, name: &[u8], kind: CommandKind) {
+        let is = |expected: &str| name.eq_ignore_ascii_case(expected.as_bytes());
+        let reply: &'static [u8] = if is("EXEC") {
+            self.txn = Txn::None;
+            b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+        } else if is("DISCARD") {
+            self.txn = Txn::None;
+            b"+OK\r\n"
+        } else if is("MULTI") {
+            b"-ERR MULTI calls can not be nested\r\n"
+        } else if writes(kind) {
+            self.metrics.write_refused();
+            HoldState::refusal(reason)
+        } else {
+            b"+QUEUED\r\n"
+        };
+        self.pending.push(Due::Made(Bytes::from_static(reply)));
     }
 
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.
