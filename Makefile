@@ -70,18 +70,19 @@ demo: deps control-plane
 	cargo build -q --bins -p eden-operator -p eden-sidecar -p eden-e2e
 	"$(CARGO_TARGET_DIR)/debug/eden-demo"
 
-# Three benchmarks in turn, each writing its own section of BENCHMARKS.md (helpers in bench/common.py):
+# Four benchmarks in turn, each writing its own section of BENCHMARKS.md (helpers in bench/common.py):
 #   bench/proxy.py        the sidecar against direct Redis, HAProxy and twemproxy (installs haproxy
 #                         and nutcracker, Debian packages, when missing);
 #   bench/strategy.py     ConfigMap update -> applied on the local control plane, dual-write throughput;
-#   bench/replication.py  sync and scan backfill of 1M keys against native REPLICAOF, peak RSS.
+#   bench/replication.py  sync and scan backfill of 1M keys against native REPLICAOF, peak RSS;
+#   bench/cutover.py      cutover and rollback write pause with 10 and 100 sidecars, API cost at rest.
 # Knobs (BENCH_ROUNDS, BENCH_REPLICATION_ROUNDS, BENCH_KEYS, ...) are in each script's header. A
 # sidecar that does not build is still reported and then fails the target; so does a benchmark that fails.
 bench: deps control-plane
-	@built=0; cargo build -q --release -p eden-sidecar --bin eden-sidecar || built=$$?; \
+	@built=0; cargo build -q --release -p eden-sidecar --bin eden-sidecar -p eden-operator --bin eden-operator || built=$$?; \
 	flag=$$([ $$built = 0 ] || echo --sidecar-build-failed); \
 	failed=""; \
-	for script in proxy strategy replication; do \
+	for script in proxy strategy replication cutover; do \
 	  python3 bench/$$script.py $$flag "$(CARGO_TARGET_DIR)/release/eden-sidecar" || failed="$$failed $$script"; \
 	done; \
 	[ -z "$$failed" ] || echo "benchmarks that failed:$$failed"; \

@@ -1,17 +1,21 @@
-"""Helpers shared by the benchmarks in this directory (proxy.py, strategy.py, replication.py).
+"""Helpers shared by the benchmarks in this directory (proxy.py, strategy.py, replication.py, cutover.py).
 
 Each benchmark is a script that starts its own private servers on free loopback ports, measures
 against a baseline taken in the same run (the machine is shared and noisy), prints a Markdown
 report and rewrites its own section of BENCHMARKS.md between its markers. This module holds what
 they have in common: installing tools from Debian packages, starting and always stopping child
-processes, talking RESP and HTTP on loopback, the machine facts and the section writer.
+processes, talking RESP and HTTP on loopback, the local Kubernetes API server, the machine facts and
+the section writer.
 """
 
 import argparse
+import base64
 import contextlib
 import csv
 import ctypes
+import http.client
 import io
+import json
 import math
 import os
 import platform
@@ -21,10 +25,13 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -525,3 +532,107 @@ def bench_main(run, args, tools):
             return 130
         finally:
             procs.stop_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The local Kubernetes API server (e2e/control-plane) and a minimal client for it.
+
+def start_control_plane(procs):
+    """Builds (once) and starts e2e/control-plane; returns its kubeconfig path. It exits when its
+    stdin closes, i.e. with this script, and on SIGTERM from the cleanup."""
+    build = subprocess.run(["bash", str(REPO / "e2e/control-plane/build.sh")], capture_output=True, text=True,
+                           timeout=1800)
+    if build.returncode != 0:
+        raise BenchError(f"e2e/control-plane/build.sh failed: {build.stderr.strip()[-500:]}")
+    binary = build.stdout.strip()
+    state = procs.scratch / "control-plane"
+    log_path = procs.scratch / "control-plane.log"
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen([binary, "--dir", str(state), "--exit-on-stdin-close"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=log_file, cwd=procs.scratch,
+                                 preexec_fn=_die_with_parent)
+    child.log_path = log_path
+    procs.children.append(child)
+    found = {}
+
+    def read_stdout():
+        for line in child.stdout:
+            if line.startswith(b"ready "):
+                found["kubeconfig"] = line[len(b"ready "):].decode().strip()
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while "kubeconfig" not in found:
+        if child.poll() is not None:
+            raise exited(child, "the control plane")
+        if time.monotonic() > deadline:
+            raise BenchError(f"the control plane was not ready within 120s: {log_tail(child)}")
+        time.sleep(0.05)
+    return found["kubeconfig"]
+
+
+class Kube:
+    """Just enough of the Kubernetes API for this benchmark, from the admin kubeconfig the control
+    plane writes (server, CA data, static token)."""
+
+    def __init__(self, kubeconfig):
+        text = Path(kubeconfig).read_text()
+        server = urllib.parse.urlsplit(re.search(r"server:\s*(\S+)", text).group(1))
+        self.host, self.port = server.hostname, server.port
+        ca = base64.b64decode(re.search(r"certificate-authority-data:\s*(\S+)", text).group(1)).decode()
+        self.context = ssl.create_default_context(cadata=ca)
+        self.token = re.search(r"token:\s*(\S+)", text).group(1)
+        self.conn = self.connect()
+
+    def connect(self, timeout=10):
+        return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=timeout)
+
+    def text(self, path):
+        """GET `path` as text (the API server's /metrics)."""
+        self.conn.request("GET", path, headers={"Authorization": f"Bearer {self.token}"})
+        answer = self.conn.getresponse()
+        data = answer.read().decode(errors="replace")
+        if answer.status != 200:
+            raise BenchError(f"GET {path}: HTTP {answer.status}: {data[:300]}")
+        return data
+
+    def request(self, method, path, body=None, content_type="application/json", ok=(200, 201)):
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+            body = json.dumps(body)
+        try:
+            self.conn.request(method, path, body=body, headers=headers)
+            answer = self.conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()  # one retry on a fresh connection (keep-alive closed by the server)
+            self.conn = self.connect()
+            self.conn.request(method, path, body=body, headers=headers)
+            answer = self.conn.getresponse()
+        data = answer.read()
+        if answer.status not in ok:
+            raise BenchError(f"{method} {path}: HTTP {answer.status}: {data[:300].decode(errors='replace')}")
+        return json.loads(data)
+
+    def watch(self, path, on_object):
+        """Watches a list path in a thread; on_object(obj, monotonic time) for every event."""
+        conn = self.connect(timeout=None)
+        separator = "&" if "?" in path else "?"
+        conn.request("GET", f"{path}{separator}watch=true",
+                     headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json"})
+        answer = conn.getresponse()
+        if answer.status != 200:
+            raise BenchError(f"watch {path}: HTTP {answer.status}: {answer.read()[:300].decode(errors='replace')}")
+
+        def follow():
+            while True:
+                try:
+                    line = answer.readline()
+                except (OSError, http.client.HTTPException, ValueError):
+                    return
+                if not line:
+                    return
+                now = time.monotonic()
+                on_object(json.loads(line).get("object", {}), now)
+
+        threading.Thread(target=follow, daemon=True).start()

@@ -36,25 +36,19 @@ Exits non-zero when something could not be started or measured; BENCHMARKS.md is
 was. A MISS against a target figure is a result, not a failure.
 """
 
-import base64
 import datetime
-import http.client
-import json
 import random
 import re
 import shlex
-import ssl
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
-from pathlib import Path
 
-from common import (BenchError, Conn, REPO, _die_with_parent, bench_main, benchmark_args, check_binary, env_int, exited,
-                    free_port, http_get, invocation, launch_sidecar, log, log_tail, machine_facts, parse_args, passed,
-                    percentile, publish, redis_benchmark, sidecar_env, start_redis, wait_serving)
+from common import (BenchError, Conn, Kube, bench_main, benchmark_args, check_binary, env_int, exited, free_port, http_get,
+                    invocation, launch_sidecar, log, log_tail, machine_facts, parse_args, passed, percentile, publish,
+                    redis_benchmark, sidecar_env, start_control_plane, start_redis, wait_serving)
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
@@ -74,101 +68,6 @@ DUAL_WRITE_MIN_RATIO = 0.7
 TARGETS = ["direct", "plain proxy", "dual-write"]
 # (key, clients, pipeline, requests)
 TESTS = [("plain", 50, 1, REQUESTS), ("piped", 50, 16, PIPELINED_REQUESTS)]
-
-
-# ---------------------------------------------------------------------------------------------
-# The local Kubernetes API server and a minimal client for it.
-
-def start_control_plane(procs):
-    """Builds (once) and starts e2e/control-plane; returns its kubeconfig path. It exits when its
-    stdin closes, i.e. with this script, and on SIGTERM from the cleanup."""
-    build = subprocess.run(["bash", str(REPO / "e2e/control-plane/build.sh")], capture_output=True, text=True,
-                           timeout=1800)
-    if build.returncode != 0:
-        raise BenchError(f"e2e/control-plane/build.sh failed: {build.stderr.strip()[-500:]}")
-    binary = build.stdout.strip()
-    state = procs.scratch / "control-plane"
-    log_path = procs.scratch / "control-plane.log"
-    with open(log_path, "ab") as log_file:
-        child = subprocess.Popen([binary, "--dir", str(state), "--exit-on-stdin-close"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=log_file, cwd=procs.scratch,
-                                 preexec_fn=_die_with_parent)
-    child.log_path = log_path
-    procs.children.append(child)
-    found = {}
-
-    def read_stdout():
-        for line in child.stdout:
-            if line.startswith(b"ready "):
-                found["kubeconfig"] = line[len(b"ready "):].decode().strip()
-
-    threading.Thread(target=read_stdout, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while "kubeconfig" not in found:
-        if child.poll() is not None:
-            raise exited(child, "the control plane")
-        if time.monotonic() > deadline:
-            raise BenchError(f"the control plane was not ready within 120s: {log_tail(child)}")
-        time.sleep(0.05)
-    return found["kubeconfig"]
-
-
-class Kube:
-    """Just enough of the Kubernetes API for this benchmark, from the admin kubeconfig the control
-    plane writes (server, CA data, static token)."""
-
-    def __init__(self, kubeconfig):
-        text = Path(kubeconfig).read_text()
-        server = urllib.parse.urlsplit(re.search(r"server:\s*(\S+)", text).group(1))
-        self.host, self.port = server.hostname, server.port
-        ca = base64.b64decode(re.search(r"certificate-authority-data:\s*(\S+)", text).group(1)).decode()
-        self.context = ssl.create_default_context(cadata=ca)
-        self.token = re.search(r"token:\s*(\S+)", text).group(1)
-        self.conn = self.connect()
-
-    def connect(self, timeout=10):
-        return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=timeout)
-
-    def request(self, method, path, body=None, content_type="application/json", ok=(200, 201)):
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-            body = json.dumps(body)
-        try:
-            self.conn.request(method, path, body=body, headers=headers)
-            answer = self.conn.getresponse()
-        except (OSError, http.client.HTTPException):
-            self.conn.close()  # one retry on a fresh connection (keep-alive closed by the server)
-            self.conn = self.connect()
-            self.conn.request(method, path, body=body, headers=headers)
-            answer = self.conn.getresponse()
-        data = answer.read()
-        if answer.status not in ok:
-            raise BenchError(f"{method} {path}: HTTP {answer.status}: {data[:300].decode(errors='replace')}")
-        return json.loads(data)
-
-    def watch(self, path, on_object):
-        """Watches a list path in a thread; on_object(obj, monotonic time) for every event."""
-        conn = self.connect(timeout=None)
-        separator = "&" if "?" in path else "?"
-        conn.request("GET", f"{path}{separator}watch=true",
-                     headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json"})
-        answer = conn.getresponse()
-        if answer.status != 200:
-            raise BenchError(f"watch {path}: HTTP {answer.status}: {answer.read()[:300].decode(errors='replace')}")
-
-        def follow():
-            while True:
-                try:
-                    line = answer.readline()
-                except (OSError, http.client.HTTPException, ValueError):
-                    return
-                if not line:
-                    return
-                now = time.monotonic()
-                on_object(json.loads(line).get("object", {}), now)
-
-        threading.Thread(target=follow, daemon=True).start()
 
 
 def payload(generation, source_port, target_port, read_percentage=0, mirror=False):
