@@ -16,7 +16,9 @@
 //!   (`read_routing`). A shadowed read (`shadow_read_percentage`) is answered by the key's
 //!   owner and also sent to the other side for comparison.
 //! - Blocking commands go to the owner and are never mirrored (a second BLPOP would pop a
-//!   second item). Connection state, admin and pub/sub commands stay on the source.
+//!   second item). Admin commands (CONFIG, INFO, OBJECT, CLIENT…) go to the owner too, of
+//!   their key when they name one, else of keyless writes: they inspect or tune the server
+//!   that serves the client's data. Connection state and pub/sub stay on the source.
 //! - While writes are held ([`HoldState::Holding`]) a write is not routed at all; once the
 //!   hold has expired without a flip, writes go to the source whatever the payload says.
 
@@ -101,6 +103,7 @@ impl Strategy {
                 Route::Send { answer: owner, mirror: mirror(config, owner), shadow: false }
             }
             CommandKind::Blocking => Route::to(owner(config, key)),
+            CommandKind::Admin => Route::to(self.owner(key)),
             CommandKind::Read => {
                 if dice.percent() < config.shadow_read_percentage {
                     return Route::Send { answer: owner(config, key), mirror: None, shadow: true };
@@ -111,9 +114,7 @@ impl Strategy {
                 };
                 Route::to(if roll < config.read_percentage { Side::Target } else { Side::Source })
             }
-            CommandKind::Transaction | CommandKind::PubSub | CommandKind::Connection | CommandKind::Admin => {
-                Route::SOURCE
-            }
+            CommandKind::Transaction | CommandKind::PubSub | CommandKind::Connection => Route::SOURCE,
         }
     }
 
@@ -121,21 +122,28 @@ impl Strategy {
     /// first key, and where its requests are mirrored. Transactions are never held part-way:
     /// once started they finish on their side.
     pub fn transaction(&self, key: Option<&[u8]>) -> (Side, Option<Side>) {
-        if self.hold == HoldState::Expired {
-            return (Side::Source, None);
-        }
         match &self.config {
-            Some(config) => {
+            Some(config) if self.hold != HoldState::Expired => {
                 let owner = owner(config, key);
                 (owner, mirror(config, owner))
             }
-            None => (Side::Source, None),
+            _ => (Side::Source, None),
         }
+    }
+
+    /// The side that owns writes to `key` (keyless: writes that name no key) right now.
+    pub fn owner(&self, key: Option<&[u8]>) -> Side {
+        self.transaction(key).0
     }
 
     /// Whether writes are held right now.
     pub fn holding(&self) -> bool {
         self.hold == HoldState::Holding
+    }
+
+    /// Whether the strategy names a target: there is another side.
+    pub fn has_target(&self) -> bool {
+        self.config.is_some()
     }
 
     pub fn generation(&self) -> Option<u64> {
@@ -302,6 +310,24 @@ mod tests {
         assert_eq!(split.route(Write, None, dice), send(Side::Source, None), "keyless writes stay on the source");
         let all = config(|c| (c.write_mode, c.write_percentage) = (WriteMode::Cutover, 100));
         assert_eq!(all.route(Write, None, dice), send(Side::Target, None));
+    }
+
+    #[test]
+    fn admin_commands_go_to_the_owner_of_their_key_or_of_keyless_writes() {
+        let dice = &mut Dice::new();
+        let canary = config(|c| c.read_percentage = 100);
+        assert_eq!(canary.route(CommandKind::Admin, Some(b"k"), dice), send(Side::Source, None), "not a read");
+        let cut_over = config(|c| (c.write_policy, c.mirror_writes) = (WritePolicy::NewAuthoritative, true));
+        assert_eq!(cut_over.route(CommandKind::Admin, None, dice), send(Side::Target, None), "never mirrored");
+        let split = config(|c| (c.write_mode, c.write_percentage) = (WriteMode::Cutover, 50));
+        assert_eq!(split.route(CommandKind::Admin, None, dice), send(Side::Source, None));
+        for i in 0..100 {
+            let key = format!("key:{i}");
+            let owner = if key_bucket(key.as_bytes()) < 50 { Side::Target } else { Side::Source };
+            assert_eq!(split.route(CommandKind::Admin, Some(key.as_bytes()), dice), send(owner, None), "{key}");
+        }
+        let expired = Strategy { hold: HoldState::Expired, ..cut_over };
+        assert_eq!(expired.route(CommandKind::Admin, None, dice), send(Side::Source, None), "writes went back");
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! ConfigMap patches on a live connection, each write mode answers from the right side and
 //! mirrors exactly once, a dead mirror never fails a client, writes the source misses after the
 //! flip are reported in the Lease, held writes survive a cutover pause in order, and shadow reads count what differs.
+//! A routed session answers as the server that serves it would, when it would: MULTI at once in
+//! every state, a replica's SYNC from the source, scripts and functions wherever they run,
+//! admin commands from the owner of the client's data.
 
 mod support;
 
@@ -512,4 +515,218 @@ async fn transactions_run_whole_on_one_side() {
     raw.expect(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n").await;
     let _: i64 = source.publish("news", "hi").await.unwrap();
     raw.expect(b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n").await;
+}
+
+/// The strategy after a cutover: the target answers reads and writes, which are mirrored back.
+const CUT_OVER: &str = "read_percentage: 100\nwrite_policy: new_authoritative\nmirror_writes: true";
+
+#[tokio::test]
+async fn an_interactive_multi_is_answered_at_once_and_runs_whole_on_the_owner_in_every_state() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let (source, target) = (direct(&migration.source).await, direct(&migration.target).await);
+    let split = "write_mode: cutover\nwrite_percentage: 50\nmirror_writes: true";
+    let owned_by = |on_target: bool| {
+        (0..).map(|i| format!("txn:split:{i}")).find(|key| (key_bucket(key.as_bytes()) < 50) == on_target).unwrap()
+    };
+    // (strategy, key, answered by the target, mirrored to the other side)
+    let states = [
+        ("read_percentage: 50", "txn:canary".to_string(), false, false),
+        ("read_percentage: 50\nmirror_writes: true", "txn:dual".to_string(), false, true),
+        ("write_policy: new_authoritative", "txn:new".to_string(), true, false),
+        (CUT_OVER, "txn:cut-over".to_string(), true, true),
+        (split, owned_by(true), true, true),
+        (split, owned_by(false), false, false),
+    ];
+    // One client through every state, waiting for each reply before it sends on.
+    let mut app = proxy.raw().await;
+    for (generation, (strategy, key, on_target, mirrored)) in (1..).zip(states) {
+        migration.apply(generation, strategy).await;
+        let value = generation.to_string();
+        app.send(&resp(&["MULTI"])).await;
+        app.expect(b"+OK\r\n").await;
+        app.send(&resp(&["SET", &key, &value])).await;
+        app.expect(b"+QUEUED\r\n").await;
+        app.send(&resp(&["GET", &key])).await;
+        app.expect(b"+QUEUED\r\n").await;
+        app.send(&resp(&["EXEC"])).await;
+        app.expect(format!("*2\r\n+OK\r\n${}\r\n{value}\r\n", value.len()).as_bytes()).await;
+
+        let (mut owner, mut other) =
+            if on_target { (target.clone(), source.clone()) } else { (source.clone(), target.clone()) };
+        assert_eq!(owner.get::<_, Option<String>>(&key).await.unwrap(), Some(value.clone()), "{key} on its owner");
+        if mirrored {
+            eventually("the mirror ran the transaction", || {
+                let (mut other, key, value) = (other.clone(), key.clone(), value.clone());
+                async move { other.get::<_, Option<String>>(&key).await.unwrap() == Some(value) }
+            })
+            .await;
+        } else {
+            assert_eq!(other.get::<_, Option<String>>(&key).await.unwrap(), None, "{key} only on its owner");
+        }
+    }
+
+    // WATCH still guards a transaction on the side that owns the watched key.
+    let watched = owned_by(true);
+    app.send(&resp(&["WATCH", &watched])).await;
+    app.expect(b"+OK\r\n").await;
+    let _: () = target.clone().set(&watched, "changed by another client").await.unwrap();
+    app.send(&resp(&["MULTI"])).await;
+    app.expect(b"+OK\r\n").await;
+    app.send(&resp(&["SET", &watched, "mine"])).await;
+    app.expect(b"+QUEUED\r\n").await;
+    app.send(&resp(&["EXEC"])).await;
+    app.expect(b"*-1\r\n").await;
+    assert_eq!(target.clone().get::<_, String>(&watched).await.unwrap(), "changed by another client");
+}
+
+#[tokio::test]
+async fn a_multi_during_the_cutover_pause_is_answered_at_once_and_its_writes_reach_the_new_owner() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(10)).await;
+    migration.apply(1, "writes: paused").await;
+    let mut app = proxy.raw().await;
+    app.send(&resp(&["MULTI"])).await;
+    app.expect(b"+OK\r\n").await;
+    // The first write inside is held until the flip, then queued on the new owner.
+    app.send(&resp(&["INCR", "held"])).await;
+    eventually("the write is held", || async { proxy.metric("eden_writes_holding") == 1 }).await;
+    migration.apply(2, "write_policy: new_authoritative").await;
+    app.expect(b"+QUEUED\r\n").await;
+    app.send(&resp(&["EXEC"])).await;
+    app.expect(b"*1\r\n:1\r\n").await;
+    assert_eq!(direct(&migration.target).await.get::<_, Option<i64>>("held").await.unwrap(), Some(1));
+    assert_eq!(direct(&migration.source).await.get::<_, Option<i64>>("held").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_replica_syncs_from_the_source_through_a_routed_session() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, CUT_OVER).await;
+    let mut source = direct(&migration.source).await;
+    let _: () = source.set("in-snapshot", "snapshot-value").await.unwrap();
+    for (handshake, first) in [(resp(&["SYNC"]), &b"$"[..]), (resp(&["PSYNC", "?", "-1"]), b"+FULLRESYNC ")] {
+        let mut replica = proxy.raw().await;
+        replica.send(&handshake).await;
+        let before: Vec<u8> = replica.read_until(b"REDIS0").await.into_iter().filter(|&b| b != b'\n').collect();
+        assert!(before.starts_with(first), "{:?}", String::from_utf8_lossy(&before));
+        replica.read_until(b"snapshot-value").await;
+        // Then the stream of the source's writes, as bytes.
+        let streamed = format!("streamed-{}", first.len());
+        let _: () = source.set("after-snapshot", &streamed).await.unwrap();
+        replica.read_until(streamed.as_bytes()).await;
+    }
+}
+
+/// redis-py 8.1.0's `Lock` scripts, verbatim: `extend()` and `release()` run them with EVALSHA,
+/// loading them with SCRIPT LOAD after a NOSCRIPT.
+const LOCK_EXTEND: &str = "\n        local token = redis.call('get', KEYS[1])\n        if not token or token ~= ARGV[1] then\n            return 0\n        end\n        local expiration = redis.call('pttl', KEYS[1])\n        if not expiration then\n            expiration = 0\n        end\n        if expiration < 0 then\n            return 0\n        end\n\n        local newttl = ARGV[2]\n        if ARGV[3] == \"0\" then\n            newttl = ARGV[2] + expiration\n        end\n        redis.call('pexpire', KEYS[1], newttl)\n        return 1\n    ";
+const LOCK_RELEASE: &str = "\n        local token = redis.call('get', KEYS[1])\n        if not token or token ~= ARGV[1] then\n            return 0\n        end\n        redis.call('del', KEYS[1])\n        return 1\n    ";
+const LIBRARY: &str =
+    "#!lua name=eden\nredis.register_function('bump', function(keys) return redis.call('INCR', keys[1]) end)";
+
+async fn load_script(connection: &mut redis::aio::MultiplexedConnection, script: &str) -> String {
+    redis::cmd("SCRIPT").arg("LOAD").arg(script).query_async(connection).await.unwrap()
+}
+
+async fn script_exists(server: &RedisServer, sha: &str) -> bool {
+    let exists: Vec<bool> =
+        redis::cmd("SCRIPT").arg("EXISTS").arg(sha).query_async(&mut direct(server).await).await.unwrap();
+    exists == [true]
+}
+
+#[tokio::test]
+async fn scripts_and_functions_loaded_on_one_side_of_a_cutover_run_on_the_other() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let mut target = direct(&migration.target).await;
+    migration.apply(1, "read_percentage: 0").await;
+    let mut app = proxy.client().await;
+
+    // The target already has the library (replication brought it): it refuses it again, and
+    // the client gets the source's answer.
+    let load = || redis::cmd("FUNCTION").arg("LOAD").arg(LIBRARY).clone();
+    let _: String = load().query_async(&mut target).await.unwrap();
+    assert_eq!(load().query_async::<String>(&mut app).await.unwrap(), "eden");
+    // A lock acquired before the cutover, as redis-py does (SET NX PX); replication copies it.
+    let (extend, release) = (load_script(&mut app, LOCK_EXTEND).await, load_script(&mut app, LOCK_RELEASE).await);
+    assert!(script_exists(&migration.target, &extend).await, "loaded on the target too");
+    let acquired: Option<String> =
+        redis::cmd("SET").arg(&["lock", "token", "NX", "PX", "10000"]).query_async(&mut app).await.unwrap();
+    assert_eq!(acquired.as_deref(), Some("OK"));
+    let _: () = redis::cmd("SET").arg(&["lock", "token", "PX", "10000"]).query_async(&mut target).await.unwrap();
+
+    // After the cutover the target runs them.
+    migration.apply(2, CUT_OVER).await;
+    let evalsha = |sha: &str, args: &[&str]| redis::cmd("EVALSHA").arg(sha).arg(1).arg("lock").arg(args).clone();
+    assert_eq!(evalsha(&extend, &["token", "60000", "0"]).query_async::<i64>(&mut app).await.unwrap(), 1, "extended");
+    assert!(target.pttl::<_, i64>("lock").await.unwrap() > 60_000);
+    let bumped: i64 = redis::cmd("FCALL").arg(&["bump", "1", "calls"]).query_async(&mut app).await.unwrap();
+    assert_eq!((bumped, target.get::<_, i64>("calls").await.unwrap()), (1, 1));
+    assert_eq!(evalsha(&release, &["token"]).query_async::<i64>(&mut app).await.unwrap(), 1, "released");
+    assert_eq!(target.exists::<_, i64>("lock").await.unwrap(), 0);
+
+    // Loaded after the cutover, run after a rollback, on the source.
+    let after = load_script(&mut app, "return 'loaded after the cutover'").await;
+    migration.apply(3, "read_percentage: 0").await;
+    let ran: String = redis::cmd("EVALSHA").arg(&after).arg(0).query_async(&mut app).await.unwrap();
+    assert_eq!(ran, "loaded after the cutover");
+
+    // Flushed everywhere.
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut app).await.unwrap();
+    for server in [&migration.source, &migration.target] {
+        assert!(!script_exists(server, &after).await, "flushed on {}", server.url());
+    }
+}
+
+async fn config_get(connection: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
+    let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(connection).await.unwrap();
+    pair[1].clone()
+}
+
+#[tokio::test]
+async fn admin_commands_answer_for_the_server_that_serves_the_clients_data() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let (mut source, mut target) = (direct(&migration.source).await, direct(&migration.target).await);
+    migration.apply(1, CUT_OVER).await;
+    let mut app = proxy.client().await;
+
+    // The setting, the write and the question about it all reach the target.
+    let _: () =
+        redis::cmd("CONFIG").arg(&["SET", "hash-max-listpack-value", "1000"]).query_async(&mut app).await.unwrap();
+    let _: i64 = app.hset("hash", "field", "x".repeat(200)).await.unwrap();
+    let encoding = || redis::cmd("OBJECT").arg(&["ENCODING", "hash"]).clone();
+    assert_eq!(encoding().query_async::<String>(&mut app).await.unwrap(), "listpack");
+    assert_eq!(config_get(&mut target, "hash-max-listpack-value").await, "1000");
+    assert_eq!(config_get(&mut source, "hash-max-listpack-value").await, "64", "the source keeps its own");
+
+    // A client blocked through the sidecar waits on the target: that is the server INFO and
+    // CLIENT LIST describe.
+    let mut blocked = proxy.raw().await;
+    blocked.send(&resp(&["BLPOP", "queue", "0"])).await;
+    eventually("INFO counts the blocked client", || {
+        let mut app = app.clone();
+        async move {
+            let info: String = redis::cmd("INFO").arg("clients").query_async(&mut app).await.unwrap();
+            info.contains("blocked_clients:1\r\n")
+        }
+    })
+    .await;
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut app).await.unwrap();
+    assert!(clients.contains("cmd=blpop"), "{clients}");
+    let _: i64 = app.lpush("queue", "item").await.unwrap();
+    blocked.expect(b"*2\r\n$5\r\nqueue\r\n$4\r\nitem\r\n").await;
+
+    // Before the cutover it is the source, whatever share of reads the target serves.
+    eventually("the hash mirrored to the source", || {
+        let mut source = source.clone();
+        async move { source.exists::<_, bool>("hash").await.unwrap() }
+    })
+    .await;
+    migration.apply(2, "read_percentage: 100").await;
+    for _ in 0..20 {
+        assert_eq!(encoding().query_async::<String>(&mut app).await.unwrap(), "hashtable", "the source's encoding");
+    }
 }

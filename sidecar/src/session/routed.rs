@@ -8,11 +8,16 @@
 //!
 //! - AUTH, HELLO and SELECT are answered by the source and replayed to every other connection
 //!   of the session, including ones opened later ([`ConnectionState`]).
-//! - A transaction runs on one side, the owner of its first key: MULTI is held back until the
-//!   first command inside it names a key, and WATCH picks the side for what follows it. Reads
-//!   after WATCH and inside MULTI go to that side.
-//! - SUBSCRIBE and friends, MONITOR and CLIENT REPLY make replies unpredictable in number: the
-//!   session pins itself to the source and becomes a plain byte copy from then on.
+//! - A transaction runs on one side, the owner of its first key, and WATCH picks the side for
+//!   what follows it. Reads after WATCH and inside MULTI go to that side. MULTI itself is
+//!   answered at once, by the side a transaction with no key would run on; when the first
+//!   command inside belongs to the other side, the transaction moves there before anything is
+//!   queued ([`Session::settle`]).
+//! - Scripts and function libraries are loaded (and flushed, deleted, restored) on both sides,
+//!   the owner of keyless writes answering, so EVALSHA and FCALL find them wherever they run.
+//! - SUBSCRIBE and friends, MONITOR, CLIENT REPLY and a replica's SYNC, PSYNC and REPLCONF make
+//!   replies unpredictable in number: the session pins itself to the source and becomes a
+//!   plain byte copy from then on.
 //! - While writes are held, the session stops at the first held request and reads nothing more
 //!   from the client; replies to earlier requests still flow. When the hold ends the rest is
 //!   routed with the strategy then in force, so held writes go to the new owner after a flip,
@@ -118,8 +123,9 @@ enum Forwarded {
 /// Where the session is in a transaction.
 enum Txn {
     None,
-    /// MULTI arrived; it goes out with the first command that says which side to use.
-    Multi(Bytes),
+    /// MULTI went to this side, which answered the client; nothing is queued yet, and the
+    /// first command inside decides where the transaction runs ([`Session::settle`]).
+    Opened(Side),
     /// Running on `side`: after WATCH (`multi` false) or inside MULTI.
     On {
         side: Side,
@@ -220,18 +226,19 @@ impl Session {
             return true;
         }
         match self.txn {
-            Txn::Multi(_) => {
+            Txn::Opened(_) => {
                 if strategy.holding() && writes(kind) {
                     return false;
                 }
                 let (side, mirror) = strategy.transaction(key);
-                self.start_multi(plan, side, mirror).await;
+                self.settle(plan, side, mirror).await;
                 self.in_transaction(plan, side, mirror, bytes, kind).await;
             }
             Txn::On { side, mirror, multi: true } => self.in_transaction(plan, side, mirror, bytes, kind).await,
             Txn::On { side, multi: false, .. } if kind == CommandKind::Read => {
                 self.send(plan, side, bytes, kind, Reply::Client).await;
             }
+            _ if changes_code(kind, name, bytes, request) => self.everywhere(strategy, plan, bytes, kind).await,
             _ => match strategy.route(kind, key, &mut self.dice) {
                 Route::Hold => return false,
                 Route::Send { answer, shadow: true, .. } => {
@@ -259,13 +266,18 @@ impl Session {
         let kind = CommandKind::Transaction;
         let is = |expected: &str| name.eq_ignore_ascii_case(expected.as_bytes());
         if is("MULTI") && matches!(self.txn, Txn::None) {
-            self.txn = Txn::Multi(Bytes::copy_from_slice(bytes));
+            // Answered now, by the side a keyless transaction runs on; `settle` moves it when
+            // its first command belongs elsewhere. A MULTI that failed opened nothing.
+            let side = strategy.owner(None);
+            if self.send(plan, side, bytes, kind, Reply::Client).await {
+                self.txn = Txn::Opened(side);
+            }
             return;
         }
-        if matches!(self.txn, Txn::Multi(_)) {
+        if matches!(self.txn, Txn::Opened(_)) {
             // Nothing inside the transaction named a key: it runs where keyless writes go.
             let (side, mirror) = strategy.transaction(if is("WATCH") { key } else { None });
-            self.start_multi(plan, side, mirror).await;
+            self.settle(plan, side, mirror).await;
         }
         let Txn::On { side, mirror, multi } = self.txn else {
             // Not in a transaction: WATCH starts one; anything else is Redis's to answer.
@@ -293,12 +305,43 @@ impl Session {
         }
     }
 
-    /// Sends the held-back MULTI to `side`.
-    async fn start_multi(&mut self, plan: &Plan, side: Side, mirror: Option<Side>) {
-        let Txn::Multi(multi) = std::mem::replace(&mut self.txn, Txn::On { side, mirror, multi: true }) else {
+    /// Fixes where an [`Txn::Opened`] transaction runs, as its first command arrives: on
+    /// `side`, mirrored whole to `mirror`. MULTI went to a guess, the owner of keyless writes,
+    /// so that the client had its reply at once (a client may wait for it before sending
+    /// more). When the first command belongs to the other side (a key the target owns in a
+    /// split, or an owner that changed while the command was held), the guess's MULTI is
+    /// discarded and one opened on `side`, both replies dropped: nothing was queued on the
+    /// guess yet, so the transaction still runs whole on the owner of its first key, and only
+    /// one MULTI reply ever reaches the client. The guess is right whenever the strategy has
+    /// one owner, so this costs nothing then; in a split it costs two pipelined requests that
+    /// nobody waits for, where opening MULTI on both sides would cost them every time.
+    async fn settle(&mut self, plan: &Plan, side: Side, mirror: Option<Side>) {
+        let Txn::Opened(guess) = std::mem::replace(&mut self.txn, Txn::On { side, mirror, multi: true }) else {
             return;
         };
-        self.in_transaction(plan, side, mirror, &multi, CommandKind::Transaction).await;
+        if guess != side {
+            self.send_unanswered(plan, guess, DISCARD).await;
+            self.send_unanswered(plan, side, MULTI).await;
+        }
+        if let Some(mirror) = mirror {
+            self.mirror(plan, mirror, MULTI);
+        }
+    }
+
+    /// A script or function library change (see [`changes_code`]), sent to both sides: to the
+    /// side that does not answer first, its reply dropped, then to the owner of keyless writes,
+    /// whose reply the client gets. Replies go out in request order, so the client has its
+    /// answer only once both sides have loaded the library, and whatever it sends next (an
+    /// EVALSHA routed as a read to the target, an FCALL on a key the other side owns, any
+    /// command after a cutover or a rollback) finds it. Neither write rule is broken: a
+    /// script cache is not data, and a function library the sync engine also replicates to
+    /// the target is the same library (its second load is refused there and changes nothing).
+    async fn everywhere(&mut self, strategy: &Strategy, plan: &Plan, bytes: &[u8], kind: CommandKind) {
+        let answer = strategy.owner(None);
+        if strategy.has_target() {
+            self.send_unanswered(plan, answer.other(), bytes).await;
+        }
+        self.send(plan, answer, bytes, kind, Reply::Client).await;
     }
 
     /// A request inside MULTI: to the transaction's side, and all of it to the mirror, so the
@@ -356,6 +399,14 @@ impl Session {
             Reply::Copied(copy) => self.pending.push(Due::Copied { side, copy }),
         }
         true
+    }
+
+    /// Queues `request` for `side` with its reply dropped; nothing when `side` is unreachable.
+    async fn send_unanswered(&mut self, plan: &Plan, side: Side, request: &[u8]) {
+        if self.connected(plan, side).await {
+            self.out[side as usize].extend_from_slice(request);
+            self.expect(side, true);
+        }
     }
 
     /// One more reply due from `side`, merged with the previous due when it is the same kind.
@@ -486,15 +537,40 @@ impl Session {
 }
 
 /// Whether this request makes the number of replies unpredictable: subscriptions, MONITOR,
-/// CLIENT REPLY.
+/// CLIENT REPLY, and a replica's handshake and stream (SYNC, PSYNC, REPLCONF), whose
+/// snapshot is a bulk string without its CRLF.
 fn pins(kind: CommandKind, name: &[u8], bytes: &[u8], request: &Request) -> bool {
     let is = |expected: &str| name.eq_ignore_ascii_case(expected.as_bytes());
     match kind {
         CommandKind::PubSub => !(is("PUBLISH") || is("SPUBLISH") || is("PUBSUB")),
-        CommandKind::Admin => is("MONITOR"),
-        CommandKind::Connection => {
-            is("CLIENT") && request.args(bytes).nth(1).is_some_and(|arg| bytes[arg].eq_ignore_ascii_case(b"REPLY"))
+        CommandKind::Admin => {
+            is("MONITOR")
+                || is("SYNC")
+                || is("PSYNC")
+                || is("REPLCONF")
+                || (is("CLIENT") && subcommand_in(bytes, request, &["REPLY"]))
         }
         _ => false,
     }
 }
+
+/// Whether this request changes the scripts or function libraries a server holds, which
+/// EVALSHA and FCALL need on whichever side runs them.
+fn changes_code(kind: CommandKind, name: &[u8], bytes: &[u8], request: &Request) -> bool {
+    let is = |expected: &str| name.eq_ignore_ascii_case(expected.as_bytes());
+    kind == CommandKind::Admin
+        && ((is("SCRIPT") && subcommand_in(bytes, request, &["LOAD", "FLUSH"]))
+            || (is("FUNCTION") && subcommand_in(bytes, request, &["LOAD", "DELETE", "FLUSH", "RESTORE"])))
+}
+
+/// Whether the request's first argument is one of `names` (upper case), case-insensitively.
+fn subcommand_in(bytes: &[u8], request: &Request, names: &[&str]) -> bool {
+    request
+        .args(bytes)
+        .nth(1)
+        .is_some_and(|arg| names.iter().any(|name| bytes[arg.clone()].eq_ignore_ascii_case(name.as_bytes())))
+}
+
+/// Requests Eden sends on its own to move a transaction (see [`Session::settle`]).
+const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
+const DISCARD: &[u8] = b"*1\r\n$7\r\nDISCARD\r\n";
