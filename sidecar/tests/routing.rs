@@ -23,6 +23,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use redis::AsyncCommands;
 use support::{Proxy, resp, wait_for_lease};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 /// Two servers and a strategy fed straight to an [`Applier`].
 struct Migration {
@@ -729,4 +730,35 @@ async fn admin_commands_answer_for_the_server_that_serves_the_clients_data() {
     for _ in 0..20 {
         assert_eq!(encoding().query_async::<String>(&mut app).await.unwrap(), "hashtable", "the source's encoding");
     }
+}
+
+#[tokio::test]
+async fn a_redis_py_lock_taken_before_the_cutover_is_extended_and_released_after_it() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "read_percentage: 0").await;
+    let script = eden_e2e::repo_root().join("sidecar/tests/clients/redis_py_lock.py");
+    let mut python = tokio::process::Command::new(eden_e2e::python_clients().unwrap())
+        .arg(script)
+        .arg(proxy.url())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(python.stdout.take().unwrap()).lines();
+    let mut step = async || tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap();
+    assert_eq!(step().await.as_deref(), Some("acquired"));
+
+    // Replication copies the lock to the target; then the cutover.
+    let mut source = direct(&migration.source).await;
+    let (token, ttl): (String, i64) = (source.get("lock").await.unwrap(), source.pttl("lock").await.unwrap());
+    let _: () = direct(&migration.target).await.pset_ex("lock", token, ttl as u64).await.unwrap();
+    migration.apply(2, CUT_OVER).await;
+    python.stdin.take().unwrap().write_all(b"go\n").await.unwrap();
+    let released = step().await.unwrap();
+    let extended_ttl: i64 = released.strip_prefix("released ").unwrap().parse().unwrap();
+    assert!(extended_ttl > 50_000, "extended on the target: {released}");
+    assert_eq!(direct(&migration.target).await.exists::<_, i64>("lock").await.unwrap(), 0, "released on the target");
+    assert!(python.wait().await.unwrap().success());
 }
