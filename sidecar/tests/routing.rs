@@ -29,6 +29,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 struct Migration {
     source: RedisServer,
     target: RedisServer,
+    /// The target's `credentials_file`, when Eden authenticates to it itself.
+    target_secret: Option<std::path::PathBuf>,
     applier: Applier,
     config: CurrentConfig,
 }
@@ -40,15 +42,24 @@ impl Migration {
 
     fn with_target(target: RedisServer) -> Migration {
         let (applier, config) = Applier::new();
-        Migration { source: RedisServer::start().unwrap(), target, applier, config }
+        Migration { source: RedisServer::start().unwrap(), target, target_secret: None, applier, config }
+    }
+
+    /// A target that wants a password, which Eden reads from a file in `dir`.
+    fn with_target_secret(dir: &std::path::Path) -> Migration {
+        std::fs::write(dir.join("password"), "t0p\n").unwrap();
+        let target = RedisServer::with_config(RedisConfig::default().directive("requirepass", "t0p")).unwrap();
+        Migration { target_secret: Some(dir.join("password")), ..Migration::with_target(target) }
     }
 
     /// An `eden.yaml` naming these servers, with `fields` (YAML lines) on top.
     fn payload(&self, generation: u64, fields: &str) -> String {
+        let secret = self.target_secret.as_ref().map(|file| format!(", credentials_file: '{}'", file.display()));
         format!(
-            "generation: {generation}\nmigration: shop/cache\nsource: {{uri: '{}'}}\ntarget: {{uri: '{}'}}\n{fields}\n",
+            "generation: {generation}\nmigration: shop/cache\nsource: {{uri: '{}'}}\ntarget: {{uri: '{}'{}}}\n{fields}\n",
             self.source.url(),
-            self.target.url()
+            self.target.url(),
+            secret.unwrap_or_default(),
         )
     }
 
@@ -465,18 +476,8 @@ async fn shadow_reads_are_answered_by_the_owner_and_mismatches_counted() {
 #[tokio::test]
 async fn the_target_uses_its_secret_and_connection_state_is_replayed() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("password"), "t0p\n").unwrap();
-    let target = RedisServer::with_config(RedisConfig::default().directive("requirepass", "t0p")).unwrap();
-    let mut migration = Migration::with_target(target);
-    let secret = dir.path().join("password").display().to_string();
-    let fields = "read_percentage: 100\nwrite_policy: new_authoritative";
-    let payload = migration.payload(1, fields).replace(
-        &format!("target: {{uri: '{}'}}", migration.target.url()),
-        &format!("target: {{uri: '{}', credentials_file: '{secret}'}}", migration.target.url()),
-    );
-    assert!(migration.applier.offer(&payload, "test"));
-    migration.config.wait_for(|c| c.is_some()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut migration = Migration::with_target_secret(dir.path());
+    migration.apply(1, "read_percentage: 100\nwrite_policy: new_authoritative").await;
     let proxy = migration.proxy(Duration::from_secs(5)).await;
 
     let mut raw = proxy.raw().await;
@@ -761,4 +762,103 @@ async fn a_redis_py_lock_taken_before_the_cutover_is_extended_and_released_after
     assert!(extended_ttl > 50_000, "extended on the target: {released}");
     assert_eq!(direct(&migration.target).await.exists::<_, i64>("lock").await.unwrap(), 0, "released on the target");
     assert!(python.wait().await.unwrap().success());
+}
+
+async fn blocked_clients(server: &RedisServer) -> String {
+    let info: String = redis::cmd("INFO").arg("clients").query_async(&mut direct(server).await).await.unwrap();
+    info.lines().find_map(|line| line.strip_prefix("blocked_clients:")).unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_while_blocked_leaves_no_pop_waiting_on_either_side() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "write_mode: cutover\nwrite_percentage: 50").await;
+    let owned_by = |on_target: bool| {
+        (0..).map(|i| format!("queue:{i}")).find(|key| (key_bucket(key.as_bytes()) < 50) == on_target).unwrap()
+    };
+    let mut app = proxy.client().await;
+    for (key, owner) in [(owned_by(true), &migration.target), (owned_by(false), &migration.source)] {
+        let mut waiting = proxy.raw().await;
+        waiting.send(&resp(&["BLPOP", &key, "0"])).await;
+        eventually("the pop waits on the key's owner", || async { blocked_clients(owner).await == "1" }).await;
+        drop(waiting);
+        eventually("the pop is gone with its client", || async { blocked_clients(owner).await == "0" }).await;
+        let _: i64 = app.lpush(&key, "item").await.unwrap();
+        assert_eq!(direct(owner).await.llen::<_, i64>(&key).await.unwrap(), 1, "{key}: nobody took the item");
+    }
+}
+
+/// `HELLO <version>`, read up to the end of its reply (the last field is an empty module list).
+async fn hello(raw: &mut support::RawClient, version: &str) {
+    raw.send(&resp(&["HELLO", version])).await;
+    raw.read_until(b"$7\r\nmodules\r\n*0\r\n").await;
+}
+
+#[tokio::test]
+async fn hello_switches_the_protocol_on_both_sides() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    for server in [&migration.source, &migration.target] {
+        let _: i64 = direct(server).await.hset("hash", "f", "v").await.unwrap();
+    }
+    migration.apply(1, "read_percentage: 50").await;
+    let mut raw = proxy.raw().await;
+    for (version, reply) in [("3", &b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n"[..]), ("2", b"*2\r\n$1\r\nf\r\n$1\r\nv\r\n")] {
+        hello(&mut raw, version).await;
+        for _ in 0..20 {
+            raw.send(&resp(&["HGETALL", "hash"])).await;
+            raw.expect(reply).await;
+        }
+    }
+    assert!(proxy.metric("eden_commands_total{route=\"target\",kind=\"read\"}") > 0, "the target answered some");
+}
+
+#[tokio::test]
+async fn reset_ends_a_transaction_on_whichever_side_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // The target is authenticated by Eden: the client's RESET never reaches it.
+    let mut migration = Migration::with_target_secret(dir.path());
+    migration.apply(1, CUT_OVER).await;
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let mut raw = proxy.raw().await;
+    raw.send(&[resp(&["MULTI"]), resp(&["RESET"]), resp(&["SET", "k", "v"]), resp(&["EXEC"])].concat()).await;
+    raw.expect(b"+OK\r\n+RESET\r\n+OK\r\n-ERR EXEC without MULTI\r\n").await;
+
+    raw.send(&[resp(&["WATCH", "k"]), resp(&["RESET"])].concat()).await;
+    raw.expect(b"+OK\r\n+RESET\r\n").await;
+    let mut target = redis::Client::open(format!("redis://:t0p@{}", migration.target.addr()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = target.set("k", "changed by another client").await.unwrap();
+    raw.send(&[resp(&["MULTI"]), resp(&["SET", "k", "mine"]), resp(&["EXEC"])].concat()).await;
+    raw.expect(b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n").await;
+    assert_eq!(target.get::<_, String>("k").await.unwrap(), "mine", "no longer watched");
+}
+
+#[tokio::test]
+async fn client_side_caching_hears_of_writes_on_either_side() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    for server in [&migration.source, &migration.target] {
+        let _: () = direct(server).await.set("cached", "v").await.unwrap();
+    }
+    migration.apply(1, "read_percentage: 50").await;
+    let mut raw = proxy.raw().await;
+    hello(&mut raw, "3").await;
+    raw.send(&resp(&["CLIENT", "TRACKING", "ON"])).await;
+    raw.expect(b"+OK\r\n").await;
+    for _ in 0..20 {
+        raw.send(&resp(&["GET", "cached"])).await;
+        raw.expect(b"$1\r\nv\r\n").await;
+    }
+    // The value changes on both sides (replication brings the source's write to the target):
+    // each side that served it says so.
+    let invalidate = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$6\r\ncached\r\n";
+    for server in [&migration.source, &migration.target] {
+        let _: () = direct(server).await.set("cached", "new").await.unwrap();
+        raw.expect(invalidate).await;
+    }
 }

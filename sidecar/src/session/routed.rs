@@ -6,8 +6,10 @@
 //! once per batch of requests (one `Arc` snapshot), so a configuration change applies between
 //! batches and never inside one. Per-connection semantics survive the split:
 //!
-//! - AUTH, HELLO and SELECT are answered by the source and replayed to every other connection
-//!   of the session, including ones opened later ([`ConnectionState`]).
+//! - AUTH, HELLO, SELECT and CLIENT TRACKING are answered by the source and replayed to every
+//!   other connection of the session, including ones opened later ([`ConnectionState`]), so
+//!   every side answers in the client's protocol and reports changes to what it served. RESET
+//!   undoes them everywhere, and ends a transaction where it runs.
 //! - A transaction runs on one side, the owner of its first key, and WATCH picks the side for
 //!   what follows it. Reads after WATCH and inside MULTI go to that side. MULTI itself is
 //!   answered at once, by the side a transaction with no key would run on; when the first
@@ -211,9 +213,12 @@ impl Session {
         }
         let name = &bytes[request.name.clone()];
         let key = command.key.map(|key| &bytes[key]);
-        if kind == CommandKind::Connection
-            && let Some(name) = ConnectionState::changed_by(name)
-        {
+        let state = match kind {
+            CommandKind::Connection => ConnectionState::changed_by(name),
+            CommandKind::Admin if tracking(name, bytes, request) => Some(ConnectionState::TRACKING),
+            _ => None,
+        };
+        if let Some(name) = state {
             self.connection_state(plan, name, bytes).await;
             return true;
         }
@@ -354,8 +359,12 @@ impl Session {
         }
     }
 
-    /// AUTH, HELLO, SELECT, RESET: answered by the source, replayed everywhere else.
+    /// AUTH, HELLO, SELECT, RESET, CLIENT TRACKING: answered by the source, replayed
+    /// everywhere else.
     async fn connection_state(&mut self, plan: &Plan, name: &'static str, bytes: &[u8]) {
+        if name == "RESET" {
+            self.end_transaction(plan).await;
+        }
         self.send(plan, Side::Source, bytes, CommandKind::Connection, Reply::Client).await;
         let target = Side::Target as usize;
         if self.conns[target].is_some() && ConnectionState::forward_to(name, self.eden_authenticated[target]) {
@@ -369,6 +378,22 @@ impl Session {
             link.send(Job::State { name, request: request.clone() });
         }
         self.state.record(name, request);
+    }
+
+    /// Before a RESET: ends the transaction or WATCH on its side and its mirror with DISCARD
+    /// or UNWATCH (replies dropped), as the RESET does on the source. A connection Eden
+    /// authenticates itself never gets the client's RESET, and would stay in the transaction.
+    async fn end_transaction(&mut self, plan: &Plan) {
+        let (side, mirror, multi) = match std::mem::replace(&mut self.txn, Txn::None) {
+            Txn::None => return,
+            Txn::Opened(side) => (side, None, true),
+            Txn::On { side, mirror, multi } => (side, mirror, multi),
+        };
+        let end = if multi { DISCARD } else { UNWATCH };
+        self.send_unanswered(plan, side, end).await;
+        if let Some(mirror) = mirror.filter(|_| multi) {
+            self.mirror(plan, mirror, end);
+        }
     }
 
     /// From this request on, the client talks to the source alone, as bytes.
@@ -563,6 +588,11 @@ fn changes_code(kind: CommandKind, name: &[u8], bytes: &[u8], request: &Request)
             || (is("FUNCTION") && subcommand_in(bytes, request, &["LOAD", "DELETE", "FLUSH", "RESTORE"])))
 }
 
+/// Whether this is CLIENT TRACKING, which every connection serving the client's reads needs.
+fn tracking(name: &[u8], bytes: &[u8], request: &Request) -> bool {
+    name.eq_ignore_ascii_case(b"CLIENT") && subcommand_in(bytes, request, &["TRACKING"])
+}
+
 /// Whether the request's first argument is one of `names` (upper case), case-insensitively.
 fn subcommand_in(bytes: &[u8], request: &Request, names: &[&str]) -> bool {
     request
@@ -571,6 +601,7 @@ fn subcommand_in(bytes: &[u8], request: &Request, names: &[&str]) -> bool {
         .is_some_and(|arg| names.iter().any(|name| bytes[arg.clone()].eq_ignore_ascii_case(name.as_bytes())))
 }
 
-/// Requests Eden sends on its own to move a transaction (see [`Session::settle`]).
+/// Requests Eden sends on its own to move or end a transaction (see [`Session::settle`]).
 const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
 const DISCARD: &[u8] = b"*1\r\n$7\r\nDISCARD\r\n";
+const UNWATCH: &[u8] = b"*1\r\n$7\r\nUNWATCH\r\n";
