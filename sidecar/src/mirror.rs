@@ -57,15 +57,9 @@ pub struct ConnectionState {
     auth: Option<Bytes>,
     hello: Option<Bytes>,
     select: Option<Bytes>,
-    /// CLIENT TRACKING: a connection that serves the client's reads must report what changes.
-    tracking: Option<Bytes>,
 }
 
 impl ConnectionState {
-    /// The name [`record`](Self::record) knows CLIENT TRACKING by (a subcommand, which
-    /// [`changed_by`](Self::changed_by) cannot see).
-    pub const TRACKING: &str = "CLIENT TRACKING";
-
     /// The canonical name of a command that changes connection state; `None` for others.
     pub fn changed_by(name: &[u8]) -> Option<&'static str> {
         ["AUTH", "HELLO", "SELECT", "RESET"].into_iter().find(|n| name.eq_ignore_ascii_case(n.as_bytes()))
@@ -73,7 +67,7 @@ impl ConnectionState {
 
     /// Whether no request has changed the state yet (or RESET undid it).
     pub fn is_initial(&self) -> bool {
-        self.auth.is_none() && self.hello.is_none() && self.select.is_none() && self.tracking.is_none()
+        self.auth.is_none() && self.hello.is_none() && self.select.is_none()
     }
 
     /// Records a request named `name` (as [`changed_by`](Self::changed_by) returns it).
@@ -82,17 +76,15 @@ impl ConnectionState {
             "RESET" => *self = ConnectionState::default(),
             "AUTH" => self.auth = Some(request),
             "HELLO" => self.hello = Some(request),
-            ConnectionState::TRACKING => self.tracking = Some(request),
             _ => self.select = Some(request),
         }
     }
 
-    /// What a fresh connection needs, in order (tracking after HELLO: RESP3 carries its
-    /// invalidations). A connection Eden authenticates itself (the target's Secret) does not
-    /// get the client's AUTH (DESIGN §6).
+    /// What a fresh connection needs, in order. A connection Eden authenticates itself (the
+    /// target's Secret) does not get the client's AUTH (DESIGN §6).
     pub fn replay(&self, eden_authenticated: bool) -> impl Iterator<Item = &Bytes> {
         let auth = self.auth.as_ref().filter(|_| !eden_authenticated);
-        auth.into_iter().chain(&self.hello).chain(&self.select).chain(&self.tracking)
+        auth.into_iter().chain(&self.hello).chain(&self.select)
     }
 
     /// Whether `name` should be forwarded to an already open connection (a RESET or AUTH

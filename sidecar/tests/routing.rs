@@ -862,3 +862,23 @@ async fn client_side_caching_hears_of_writes_on_either_side() {
         raw.expect(invalidate).await;
     }
 }
+
+#[tokio::test]
+async fn client_settings_follow_the_client_to_every_side() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "read_percentage: 0").await;
+    let mut raw = proxy.raw().await;
+    let settings = [resp(&["CLIENT", "SETNAME", "checkout"]), resp(&["CLIENT", "NO-EVICT", "ON"])];
+    raw.send(&settings.concat()).await;
+    raw.expect(b"+OK\r\n+OK\r\n").await;
+
+    // After the cutover the target serves the client, on a connection opened since.
+    migration.apply(2, CUT_OVER).await;
+    raw.send(&resp(&["CLIENT", "GETNAME"])).await;
+    raw.expect(b"$8\r\ncheckout\r\n").await;
+    let clients: String =
+        redis::cmd("CLIENT").arg("LIST").query_async(&mut direct(&migration.target).await).await.unwrap();
+    let named = |line: &&str| line.contains(" name=checkout ") && line.contains(" flags=e ");
+    assert_eq!(clients.lines().filter(named).count(), 1, "{clients}");
+}

@@ -6,9 +6,10 @@
 //! once per batch of requests (one `Arc` snapshot), so a configuration change applies between
 //! batches and never inside one. Per-connection semantics survive the split:
 //!
-//! - AUTH, HELLO, SELECT and CLIENT TRACKING are answered by the source and replayed to every
-//!   other connection of the session, including ones opened later ([`ConnectionState`]), so
-//!   every side answers in the client's protocol and reports changes to what it served. RESET
+//! - AUTH, HELLO and SELECT ([`ConnectionState`]) and the CLIENT settings (name, library,
+//!   tracking: [`ClientSettings`]) are answered by the source and replayed to every other
+//!   connection of the session, including ones opened later, so every side answers in the
+//!   client's protocol, knows it by its name and reports changes to what it served. RESET
 //!   undoes them everywhere, and ends a transaction where it runs.
 //! - A transaction runs on one side, the owner of its first key, and WATCH picks the side for
 //!   what follows it. Reads after WATCH and inside MULTI go to that side. MULTI itself is
@@ -67,6 +68,7 @@ where
         unreachable: [None, None],
         links: [None, None],
         state: ConnectionState::default(),
+        settings: ClientSettings::default(),
         txn: Txn::None,
         pinned: false,
         counts: CommandCounts::default(),
@@ -162,6 +164,7 @@ struct Session {
     unreachable: [Option<Bytes>; 2],
     links: [Option<MirrorLink>; 2],
     state: ConnectionState,
+    settings: ClientSettings,
     txn: Txn,
     /// A subscriber or monitor: everything goes to the source as bytes.
     pinned: bool,
@@ -213,13 +216,15 @@ impl Session {
         }
         let name = &bytes[request.name.clone()];
         let key = command.key.map(|key| &bytes[key]);
-        let state = match kind {
-            CommandKind::Connection => ConnectionState::changed_by(name),
-            CommandKind::Admin if tracking(name, bytes, request) => Some(ConnectionState::TRACKING),
-            _ => None,
-        };
-        if let Some(name) = state {
+        if kind == CommandKind::Connection
+            && let Some(name) = ConnectionState::changed_by(name)
+        {
             self.connection_state(plan, name, bytes).await;
+            return true;
+        }
+        if let Some(setting) = client_setting(kind, name, bytes, request) {
+            self.set_everywhere(plan, bytes, kind, true).await;
+            self.settings.record(setting, Bytes::copy_from_slice(bytes));
             return true;
         }
         if pins(kind, name, bytes, request) {
@@ -359,18 +364,14 @@ impl Session {
         }
     }
 
-    /// AUTH, HELLO, SELECT, RESET, CLIENT TRACKING: answered by the source, replayed
-    /// everywhere else.
+    /// AUTH, HELLO, SELECT, RESET: answered by the source, replayed everywhere else.
     async fn connection_state(&mut self, plan: &Plan, name: &'static str, bytes: &[u8]) {
         if name == "RESET" {
             self.end_transaction(plan).await;
+            self.settings.reset();
         }
-        self.send(plan, Side::Source, bytes, CommandKind::Connection, Reply::Client).await;
-        let target = Side::Target as usize;
-        if self.conns[target].is_some() && ConnectionState::forward_to(name, self.eden_authenticated[target]) {
-            self.out[target].extend_from_slice(bytes);
-            self.expect(Side::Target, true);
-        }
+        let forward = ConnectionState::forward_to(name, self.eden_authenticated[Side::Target as usize]);
+        self.set_everywhere(plan, bytes, CommandKind::Connection, forward).await;
         let request = Bytes::copy_from_slice(bytes);
         for link in self.links.iter_mut().flatten() {
             // A shared connection must keep its state: the session continues on its own.
@@ -378,6 +379,18 @@ impl Session {
             link.send(Job::State { name, request: request.clone() });
         }
         self.state.record(name, request);
+    }
+
+    /// Sends a request that sets state of the client's connection to the source, which
+    /// answers, and, when `forward`, to the target connection if it is open (one opened later
+    /// gets it replayed).
+    async fn set_everywhere(&mut self, plan: &Plan, bytes: &[u8], kind: CommandKind, forward: bool) {
+        self.send(plan, Side::Source, bytes, kind, Reply::Client).await;
+        let target = Side::Target as usize;
+        if forward && self.conns[target].is_some() {
+            self.out[target].extend_from_slice(bytes);
+            self.expect(Side::Target, true);
+        }
     }
 
     /// Before a RESET: ends the transaction or WATCH on its side and its mirror with DISCARD
@@ -470,7 +483,8 @@ impl Session {
                 self.pending.push(Due::Opened { side, from, addr: upstream.addr().into() });
                 self.conns[index] = Some(to);
                 self.eden_authenticated[index] = upstream.has_credentials();
-                let replay: Vec<Bytes> = self.state.replay(upstream.has_credentials()).cloned().collect();
+                let state = self.state.replay(upstream.has_credentials());
+                let replay: Vec<Bytes> = state.chain(self.settings.replay()).cloned().collect();
                 for request in replay {
                     self.out[index].extend_from_slice(&request);
                     self.expect(side, true);
@@ -588,9 +602,44 @@ fn changes_code(kind: CommandKind, name: &[u8], bytes: &[u8], request: &Request)
             || (is("FUNCTION") && subcommand_in(bytes, request, &["LOAD", "DELETE", "FLUSH", "RESTORE"])))
 }
 
-/// Whether this is CLIENT TRACKING, which every connection serving the client's reads needs.
-fn tracking(name: &[u8], bytes: &[u8], request: &Request) -> bool {
-    name.eq_ignore_ascii_case(b"CLIENT") && subcommand_in(bytes, request, &["TRACKING"])
+/// The client's CLIENT settings, the latest request for each, in the order they were made:
+/// replayed on every connection the session opens, so each side knows the client by its name
+/// and library, and tracking is on wherever its reads are served. Mirror links do without:
+/// they serve no reads and nobody looks for them by name, and a session with settings of its
+/// own (every client that sends SETINFO on connect) still shares a mirror connection.
+#[derive(Debug, Default)]
+struct ClientSettings(Vec<(&'static str, Bytes)>);
+
+impl ClientSettings {
+    fn record(&mut self, setting: &'static str, request: Bytes) {
+        self.0.retain(|(set, _)| *set != setting);
+        self.0.push((setting, request));
+    }
+
+    /// RESET turns tracking, NO-EVICT and NO-TOUCH off; the name and library stay.
+    fn reset(&mut self) {
+        self.0.retain(|(set, _)| matches!(*set, "SETNAME" | "LIB-NAME" | "LIB-VER"));
+    }
+
+    fn replay(&self) -> impl Iterator<Item = &Bytes> {
+        self.0.iter().map(|(_, request)| request)
+    }
+}
+
+/// The setting a CLIENT subcommand makes on the connection it arrives on, by name: SETNAME,
+/// each SETINFO attribute, NO-EVICT, NO-TOUCH, TRACKING. `None` for other requests.
+fn client_setting(kind: CommandKind, name: &[u8], bytes: &[u8], request: &Request) -> Option<&'static str> {
+    if kind != CommandKind::Admin || !name.eq_ignore_ascii_case(b"CLIENT") {
+        return None;
+    }
+    let find =
+        |arg: &[u8], names: &[&'static str]| names.iter().copied().find(|n| arg.eq_ignore_ascii_case(n.as_bytes()));
+    let mut args = request.args(bytes).skip(1).map(|arg| &bytes[arg]);
+    let subcommand = args.next()?;
+    match find(subcommand, &["SETINFO"]) {
+        Some(_) => find(args.next()?, &["LIB-NAME", "LIB-VER"]),
+        None => find(subcommand, &["SETNAME", "NO-EVICT", "NO-TOUCH", "TRACKING"]),
+    }
 }
 
 /// Whether the request's first argument is one of `names` (upper case), case-insensitively.
