@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use redis::AsyncCommands;
 use support::{Proxy, resp, wait_for_lease};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// Two servers and a strategy fed straight to an [`Applier`].
 struct Migration {
@@ -881,4 +881,30 @@ async fn client_settings_follow_the_client_to_every_side() {
         redis::cmd("CLIENT").arg("LIST").query_async(&mut direct(&migration.target).await).await.unwrap();
     let named = |line: &&str| line.contains(" name=checkout ") && line.contains(" flags=e ");
     assert_eq!(clients.lines().filter(named).count(), 1, "{clients}");
+}
+
+#[tokio::test]
+async fn a_transaction_whose_target_connection_closes_closes_the_client_instead_of_running_outside_it() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, CUT_OVER).await;
+    let mut raw = proxy.raw().await;
+    raw.send(&[resp(&["MULTI"]), resp(&["SET", "a", "1"])].concat()).await;
+    raw.expect(b"+OK\r\n+QUEUED\r\n").await;
+    let mut target = direct(&migration.target).await;
+    let killed: i64 = redis::cmd("CLIENT").arg(&["KILL", "TYPE", "normal"]).query_async(&mut target).await.unwrap();
+    assert!(killed >= 1, "the session's connection to the target");
+
+    // The next request finds the connection gone (or learns it from its own error), and the
+    // one after that must not be run on a new connection, outside the transaction.
+    raw.send(&resp(&["SET", "b", "2"])).await;
+    let mut first = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.stream.read(&mut first)).await.unwrap().unwrap();
+    if n > 0 {
+        assert!(first[..n].starts_with(b"-ERR eden: upstream"), "{:?}", String::from_utf8_lossy(&first[..n]));
+        raw.send(&resp(&["SET", "c", "3"])).await;
+        assert_eq!(raw.read_to_close().await, "", "closed without a reply");
+    }
+    let written: i64 = target.exists(&["a", "b", "c"]).await.unwrap();
+    assert_eq!(written, 0, "nothing of the transaction ran");
 }

@@ -15,7 +15,9 @@
 //!   what follows it. Reads after WATCH and inside MULTI go to that side. MULTI itself is
 //!   answered at once, by the side a transaction with no key would run on; when the first
 //!   command inside belongs to the other side, the transaction moves there before anything is
-//!   queued ([`Session::settle`]).
+//!   queued ([`Session::settle`]). When the connection a transaction runs on closes, the
+//!   client's closes too, at its next request, which must not run outside the transaction on
+//!   a new connection.
 //! - Scripts and function libraries are loaded (and flushed, deleted, restored) on both sides,
 //!   the owner of keyless writes answering, so EVALSHA and FCALL find them wherever they run.
 //! - SUBSCRIBE and friends, MONITOR, CLIENT REPLY and a replica's SYNC, PSYNC and REPLCONF make
@@ -179,6 +181,15 @@ impl Session {
         loop {
             match self.scanner.scan(&buffer[done..]) {
                 Ok(Some(request)) => {
+                    if self.transaction_lost() {
+                        // Its MULTI or WATCH went with the connection: what follows must not
+                        // run outside it on a new one. The client sees its connection close,
+                        // as it would see Redis's.
+                        tracing::debug!("the connection a transaction ran on closed; closing the client's");
+                        self.flush().await;
+                        self.finish(Vec::new());
+                        return Forwarded::Close;
+                    }
                     let bytes = &buffer[done..done + request.len];
                     // An empty request (`*0`, a blank line) gets no reply from Redis either.
                     if request.argc > 0 && !self.dispatch(&strategy, &plan, bytes, &request).await {
@@ -312,6 +323,15 @@ impl Session {
             }
         } else if (multi && (is("EXEC") || is("DISCARD"))) || (!multi && is("UNWATCH")) {
             self.txn = Txn::None;
+        }
+    }
+
+    /// Whether the connection a transaction (or a WATCH) runs on has closed since it began.
+    /// A loss before it began does not count: its first request reconnected.
+    fn transaction_lost(&self) -> bool {
+        match self.txn {
+            Txn::Opened(side) | Txn::On { side, .. } => self.shared.lost[side as usize].load(Ordering::Relaxed),
+            Txn::None => false,
         }
     }
 
