@@ -674,3 +674,37 @@ fn subcommand_in(bytes: &[u8], request: &Request, names: &[&str]) -> bool {
 const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
 const DISCARD: &[u8] = b"*1\r\n$7\r\nDISCARD\r\n";
 const UNWATCH: &[u8] = b"*1\r\n$7\r\nUNWATCH\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::RequestScanner;
+
+    /// `classify` applied to one request, given as its arguments.
+    fn on<T>(args: &[&str], classify: impl FnOnce(CommandKind, &[u8], &[u8], &Request) -> T) -> T {
+        let mut bytes = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            bytes.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+        }
+        let request = RequestScanner::default().scan(&bytes).unwrap().expect("a complete request");
+        let name = &bytes[request.name.clone()];
+        classify(CommandKind::of(name), name, &bytes, &request)
+    }
+
+    #[test]
+    fn subcommands_say_how_a_request_is_handled() {
+        assert_eq!(on(&["client", "setinfo", "lib-ver", "8.1.0"], client_setting), Some("LIB-VER"));
+        assert_eq!(on(&["CLIENT", "TRACKING", "on", "BCAST"], client_setting), Some("TRACKING"));
+        assert_eq!(on(&["CLIENT", "SETINFO"], client_setting), None, "no attribute: the server's error");
+        assert_eq!(on(&["CLIENT", "LIST"], client_setting), None);
+        assert!(on(&["script", "load", "return 1"], changes_code));
+        assert!(on(&["FUNCTION", "RESTORE", "payload", "REPLACE"], changes_code));
+        assert!(!on(&["SCRIPT", "EXISTS", "sha"], changes_code));
+        assert!(!on(&["FUNCTION", "LIST"], changes_code));
+        assert!(on(&["PSYNC", "?", "-1"], pins));
+        assert!(on(&["client", "reply", "off"], pins));
+        assert!(on(&["SSUBSCRIBE", "orders"], pins));
+        assert!(!on(&["PUBLISH", "news", "hi"], pins));
+        assert!(!on(&["CLIENT", "ID"], pins));
+    }
+}
