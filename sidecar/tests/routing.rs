@@ -908,3 +908,18 @@ async fn a_transaction_whose_target_connection_closes_closes_the_client_instead_
     let written: i64 = target.exists(&["a", "b", "c"]).await.unwrap();
     assert_eq!(written, 0, "nothing of the transaction ran");
 }
+
+#[tokio::test]
+async fn hello_with_the_clients_credentials_switches_the_protocol_of_a_target_eden_authenticates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut migration = Migration::with_target_secret(dir.path());
+    migration.apply(1, CUT_OVER).await;
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let mut raw = proxy.raw().await;
+    // As Lettuce and redis-py (protocol 3) greet a server when given a password; the source
+    // has none, so any password passes there.
+    raw.send(&resp(&["HELLO", "3", "AUTH", "default", "the-source-password"])).await;
+    raw.read_until(b"$7\r\nmodules\r\n*0\r\n").await;
+    raw.send(&[resp(&["HSET", "hash", "f", "v"]), resp(&["HGETALL", "hash"])].concat()).await;
+    raw.expect(b":1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n").await;
+}

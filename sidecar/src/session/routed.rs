@@ -234,7 +234,7 @@ impl Session {
             return true;
         }
         if let Some(setting) = client_setting(kind, name, bytes, request) {
-            self.set_everywhere(plan, bytes, kind, true).await;
+            self.set_everywhere(plan, bytes, kind, Some(bytes)).await;
             self.settings.record(setting, Bytes::copy_from_slice(bytes));
             return true;
         }
@@ -390,9 +390,9 @@ impl Session {
             self.end_transaction(plan).await;
             self.settings.reset();
         }
-        let forward = ConnectionState::forward_to(name, self.eden_authenticated[Side::Target as usize]);
-        self.set_everywhere(plan, bytes, CommandKind::Connection, forward).await;
         let request = Bytes::copy_from_slice(bytes);
+        let forwarded = ConnectionState::forwarded(name, &request, self.eden_authenticated[Side::Target as usize]);
+        self.set_everywhere(plan, bytes, CommandKind::Connection, forwarded.as_deref()).await;
         for link in self.links.iter_mut().flatten() {
             // A shared connection must keep its state: the session continues on its own.
             link.own(&self.state);
@@ -402,13 +402,15 @@ impl Session {
     }
 
     /// Sends a request that sets state of the client's connection to the source, which
-    /// answers, and, when `forward`, to the target connection if it is open (one opened later
-    /// gets it replayed).
-    async fn set_everywhere(&mut self, plan: &Plan, bytes: &[u8], kind: CommandKind, forward: bool) {
+    /// answers, and `to_target` (the request as the target connection should get it, if at
+    /// all) to the target connection if it is open; one opened later gets it replayed.
+    async fn set_everywhere(&mut self, plan: &Plan, bytes: &[u8], kind: CommandKind, to_target: Option<&[u8]>) {
         self.send(plan, Side::Source, bytes, kind, Reply::Client).await;
         let target = Side::Target as usize;
-        if forward && self.conns[target].is_some() {
-            self.out[target].extend_from_slice(bytes);
+        if let Some(request) = to_target
+            && self.conns[target].is_some()
+        {
+            self.out[target].extend_from_slice(request);
             self.expect(Side::Target, true);
         }
     }
@@ -504,7 +506,7 @@ impl Session {
                 self.conns[index] = Some(to);
                 self.eden_authenticated[index] = upstream.has_credentials();
                 let state = self.state.replay(upstream.has_credentials());
-                let replay: Vec<Bytes> = state.chain(self.settings.replay()).cloned().collect();
+                let replay: Vec<Bytes> = state.chain(self.settings.replay().cloned()).collect();
                 for request in replay {
                     self.out[index].extend_from_slice(&request);
                     self.expect(side, true);
