@@ -923,3 +923,29 @@ async fn hello_with_the_clients_credentials_switches_the_protocol_of_a_target_ed
     raw.send(&[resp(&["HSET", "hash", "f", "v"]), resp(&["HGETALL", "hash"])].concat()).await;
     raw.expect(b":1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n").await;
 }
+
+#[tokio::test]
+async fn a_connection_pinned_to_the_source_is_closed_rather_than_write_there_after_the_flip() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "read_percentage: 0").await;
+    // A pooled connection that once subscribed, as Jedis hands it out again.
+    let mut raw = proxy.raw().await;
+    raw.send(&resp(&["SUBSCRIBE", "news"])).await;
+    raw.expect(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n").await;
+    raw.send(&resp(&["UNSUBSCRIBE", "news"])).await;
+    raw.expect(b"*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:0\r\n").await;
+    raw.send(&resp(&["SET", "before", "1"])).await;
+    raw.expect(b"+OK\r\n").await;
+
+    // Its writes wait out the cutover pause like any others, then find the target owning them.
+    migration.apply(2, "writes: paused").await;
+    raw.send(&resp(&["SET", "after", "1"])).await;
+    eventually("the write is held", || async { proxy.metric("eden_writes_holding") == 1 }).await;
+    migration.apply(3, CUT_OVER).await;
+    assert_eq!(raw.read_to_close().await, "", "closed, without a reply");
+    for server in [&migration.source, &migration.target] {
+        assert_eq!(direct(server).await.exists::<_, i64>("after").await.unwrap(), 0, "{}", server.url());
+    }
+    assert_eq!(direct(&migration.source).await.get::<_, String>("before").await.unwrap(), "1");
+}

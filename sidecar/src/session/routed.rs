@@ -22,7 +22,9 @@
 //!   the owner of keyless writes answering, so EVALSHA and FCALL find them wherever they run.
 //! - SUBSCRIBE and friends, MONITOR, CLIENT REPLY and a replica's SYNC, PSYNC and REPLCONF make
 //!   replies unpredictable in number: the session pins itself to the source and becomes a
-//!   plain byte copy from then on.
+//!   plain byte copy from then on. Its writes are held by a pause like any others; one the
+//!   source may not take alone (the target's after a flip, or one to mirror) closes the
+//!   connection instead, as its reply could only come from the source.
 //! - While writes are held, the session stops at the first held request and reads nothing more
 //!   from the client; replies to earlier requests still flow. When the hold ends the rest is
 //!   routed with the strategy then in force, so held writes go to the new owner after a flip,
@@ -181,16 +183,13 @@ impl Session {
         loop {
             match self.scanner.scan(&buffer[done..]) {
                 Ok(Some(request)) => {
-                    if self.transaction_lost() {
-                        // Its MULTI or WATCH went with the connection: what follows must not
-                        // run outside it on a new one. The client sees its connection close,
-                        // as it would see Redis's.
-                        tracing::debug!("the connection a transaction ran on closed; closing the client's");
+                    let bytes = &buffer[done..done + request.len];
+                    if let Some(why) = self.cannot_continue(&strategy, bytes, &request) {
+                        tracing::debug!(why, "closing the client's connection");
                         self.flush().await;
                         self.finish(Vec::new());
                         return Forwarded::Close;
                     }
-                    let bytes = &buffer[done..done + request.len];
                     // An empty request (`*0`, a blank line) gets no reply from Redis either.
                     if request.argc > 0 && !self.dispatch(&strategy, &plan, bytes, &request).await {
                         outcome = Forwarded::Held;
@@ -221,6 +220,9 @@ impl Session {
         let command = self.recent.command(bytes, request);
         let kind = command.kind;
         if self.pinned {
+            if writes(kind) && strategy.holding() {
+                return false;
+            }
             self.out[Side::Source as usize].extend_from_slice(bytes);
             self.counts.count(Side::Source, kind);
             return true;
@@ -326,13 +328,32 @@ impl Session {
         }
     }
 
-    /// Whether the connection a transaction (or a WATCH) runs on has closed since it began.
-    /// A loss before it began does not count: its first request reconnected.
-    fn transaction_lost(&self) -> bool {
-        match self.txn {
+    /// Why the client's connection must close before `request` runs, if it must; the client
+    /// sees it close after the replies due, as it would see Redis's:
+    /// - The connection a transaction (or a WATCH) runs on has closed since it began (a loss
+    ///   before it began does not count: its first request reconnected). Its MULTI or WATCH
+    ///   went with it, and what follows must not run outside it on a new connection.
+    /// - A pinned session (a subscriber that unsubscribed, a connection that ran MONITOR or
+    ///   CLIENT REPLY, in a pool that hands it out again) sends a write the source may not
+    ///   take alone: one the strategy gives to the target or mirrors. Its replies can only
+    ///   come from the source, and a write there would be lost; an error is better.
+    fn cannot_continue(&mut self, strategy: &Strategy, bytes: &[u8], request: &Request) -> Option<&'static str> {
+        let lost = match self.txn {
             Txn::Opened(side) | Txn::On { side, .. } => self.shared.lost[side as usize].load(Ordering::Relaxed),
             Txn::None => false,
+        };
+        if lost {
+            return Some("the connection its transaction ran on closed");
         }
+        if self.pinned && request.argc > 0 && !strategy.holding() {
+            let command = self.recent.command(bytes, request);
+            let key = command.key.map(|key| &bytes[key]);
+            let source_alone = Route::Send { answer: Side::Source, mirror: None, shadow: false };
+            if writes(command.kind) && strategy.route(command.kind, key, &mut self.dice) != source_alone {
+                return Some("a pinned connection's write belongs to the target");
+            }
+        }
+        None
     }
 
     /// Fixes where an [`Txn::Opened`] transaction runs, as its first command arrives: on
