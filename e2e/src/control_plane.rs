@@ -110,6 +110,29 @@ impl ControlPlane {
         &self.kubeconfig
     }
 
+    /// The API server's address, as the admin kubeconfig names it.
+    pub fn api_addr(&self) -> Result<std::net::SocketAddr, FixtureError> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?;
+        text.lines()
+            .find_map(|line| line.trim_start().strip_prefix("server: https://")?.parse().ok())
+            .ok_or_else(|| FixtureError::NotReady { what: "kubeconfig".into(), detail: "no server address".into() })
+    }
+
+    /// A copy of the admin kubeconfig that reaches the API server through `addr` (a [`crate::Relay`]
+    /// to it, on loopback like the server itself), written to `path`.
+    pub fn kubeconfig_via(&self, addr: std::net::SocketAddr, path: &Path) -> Result<(), FixtureError> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?;
+        let rewritten: Vec<String> = text
+            .lines()
+            .map(|line| match line.trim_start().strip_prefix("server: ") {
+                Some(_) => format!("{}server: https://{addr}", &line[..line.len() - line.trim_start().len()]),
+                None => line.to_string(),
+            })
+            .collect();
+        std::fs::write(path, rewritten.join("\n"))?;
+        Ok(())
+    }
+
     /// A kube-rs client with admin rights.
     pub async fn client(&self) -> Result<kube::Client, FixtureError> {
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).map_err(kube::Error::from)?;

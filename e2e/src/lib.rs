@@ -8,6 +8,7 @@
 mod control_plane;
 mod helm;
 mod redis;
+mod relay;
 mod tls;
 
 use std::net::TcpListener;
@@ -17,6 +18,7 @@ use std::process::{Command, Stdio};
 pub use control_plane::ControlPlane;
 pub use helm::Helm;
 pub use redis::{RedisConfig, RedisServer};
+pub use relay::Relay;
 pub use tls::{TestPki, TlsFiles};
 
 /// Why a fixture could not be set up.
@@ -49,6 +51,23 @@ pub fn repo_root() -> PathBuf {
 /// binds it; fixtures that lose that race fail with a clear "did not become ready".
 pub fn free_port() -> Result<u16, FixtureError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The path of one of the workspace's binaries (`eden-sidecar`, `eden-operator`), built first
+/// by cargo when it is not up to date, so a test of one package can run another's binary.
+pub fn workspace_binary(name: &str) -> Result<PathBuf, FixtureError> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo).args(["build", "-q", "--bin", name]).current_dir(repo_root()).status()?;
+    if !status.success() {
+        return Err(FixtureError::Build { what: name.into(), status });
+    }
+    // A test runs from `<target>/<profile>/deps`; binaries sit one level up.
+    let exe = std::env::current_exe()?;
+    let profile = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| FixtureError::NotReady {
+        what: name.into(),
+        detail: format!("{} is not in a cargo target directory", exe.display()),
+    })?;
+    Ok(profile.join(name))
 }
 
 /// `argocd-health` (`e2e/argocd-health/`), which runs an Argo CD resource health script as Argo

@@ -57,15 +57,23 @@ pub fn payload(
     }
 }
 
-/// The generation `desired` should carry, given what the ConfigMap holds now: the same one when
-/// nothing the sidecars act on changed, the next one otherwise.
-pub fn next_generation(current: Option<&EdenConfig>, desired: &EdenConfig) -> u64 {
+/// The generation `desired` should carry, given what the ConfigMap holds now and `floor`, the
+/// highest generation any sidecar applied or this process wrote: the same one when nothing the
+/// sidecars act on changed (and no `barrier` is asked for), else one above both. Generations
+/// only go forward, so a ConfigMap that was deleted or corrupted is rewritten above every
+/// generation a sidecar ever acknowledged, and an old acknowledgement never counts for a new
+/// strategy.
+pub fn next_generation(current: Option<&EdenConfig>, desired: &EdenConfig, floor: u64, barrier: bool) -> u64 {
     match current {
-        Some(current) if EdenConfig { generation: current.generation, ..desired.clone() } == *current => {
+        Some(current)
+            if !barrier
+                && current.generation >= floor
+                && EdenConfig { generation: current.generation, ..desired.clone() } == *current =>
+        {
             current.generation
         }
-        Some(current) => current.generation + 1,
-        None => 1,
+        Some(current) => current.generation.max(floor) + 1,
+        None => floor + 1,
     }
 }
 
@@ -137,11 +145,22 @@ mod tests {
     #[test]
     fn the_generation_moves_only_when_the_strategy_changes() {
         let first = payload_for(Writes::Source { mirror_to_target: false }, 0);
-        assert_eq!(next_generation(None, &first), 1);
+        assert_eq!(next_generation(None, &first, 0, false), 1);
         let stored = EdenConfig { generation: 1, ..first.clone() };
-        assert_eq!(next_generation(Some(&stored), &first), 1, "an idle reconcile keeps the generation");
+        assert_eq!(next_generation(Some(&stored), &first, 1, false), 1, "an idle reconcile keeps the generation");
         let changed = payload_for(Writes::Source { mirror_to_target: false }, 5);
-        assert_eq!(next_generation(Some(&stored), &changed), 2);
+        assert_eq!(next_generation(Some(&stored), &changed, 1, false), 2);
+        assert_eq!(next_generation(Some(&stored), &first, 1, true), 2, "a barrier moves it without a change");
+    }
+
+    #[test]
+    fn generations_only_go_forward_past_every_acknowledgement() {
+        let desired = payload_for(Writes::Paused, 0);
+        // The ConfigMap was deleted (or corrupted) after sidecars had applied generation 7.
+        assert_eq!(next_generation(None, &desired, 7, false), 8);
+        // Someone rewrote it by hand at a lower generation, with the operator's own content.
+        let rewritten = EdenConfig { generation: 2, ..desired.clone() };
+        assert_eq!(next_generation(Some(&rewritten), &desired, 7, false), 8);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What every reconciler shares: the API client, the Event recorder and the metrics.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -8,6 +9,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::metrics::Metrics;
 use crate::migration::replication::Replications;
+use crate::sidecars::FenceClock;
 
 /// The field manager for everything the operator writes with server-side apply.
 pub const FIELD_MANAGER: &str = "eden-operator";
@@ -19,6 +21,8 @@ pub struct Context {
     pub replications: Replications,
     /// The eden-sidecar image for gateways that do not name one.
     pub sidecar_image: String,
+    /// What this process has seen of each Migration's generations and Leases, by uid.
+    fence_clocks: Mutex<HashMap<String, FenceClock>>,
     recorder: Recorder,
 }
 
@@ -31,7 +35,21 @@ impl Context {
             metrics,
             replications: Replications::default(),
             sidecar_image,
+            fence_clocks: Mutex::default(),
         })
+    }
+
+    /// The fence clock of the Migration with `uid` (see [`crate::sidecars`]). Held only for a
+    /// computation, never across an await.
+    pub fn fence_clock(&self, uid: &str) -> FenceClockGuard<'_> {
+        let mut clocks = self.fence_clocks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        clocks.entry(uid.to_string()).or_default();
+        FenceClockGuard { clocks, uid: uid.to_string() }
+    }
+
+    /// Forgets a deleted Migration's clock.
+    pub fn forget_fence_clock(&self, uid: &str) {
+        self.fence_clocks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(uid);
     }
 
     /// Publishes an Event on `object`. A failure to record is logged, never fatal: the status
@@ -44,5 +62,25 @@ impl Context {
         if let Err(err) = self.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(object = %object.name_any(), reason, %err, "could not record Event");
         }
+    }
+}
+
+/// One Migration's [`FenceClock`], locked.
+pub struct FenceClockGuard<'a> {
+    clocks: MutexGuard<'a, HashMap<String, FenceClock>>,
+    uid: String,
+}
+
+impl std::ops::Deref for FenceClockGuard<'_> {
+    type Target = FenceClock;
+
+    fn deref(&self) -> &FenceClock {
+        self.clocks.get(&self.uid).expect("inserted on creation")
+    }
+}
+
+impl std::ops::DerefMut for FenceClockGuard<'_> {
+    fn deref_mut(&mut self) -> &mut FenceClock {
+        self.clocks.get_mut(&self.uid).expect("inserted on creation")
     }
 }

@@ -1,9 +1,18 @@
 //! The sidecar's acknowledgement to the operator: one `coordination.k8s.io` Lease per sidecar
-//! pod (DESIGN §6), renewed every [`RENEW_INTERVAL`].
+//! pod (DESIGN §6), written whenever what it reports changes and renewed every
+//! [`RENEW_INTERVAL`] otherwise.
 //!
-//! The operator counts a sidecar as live while its Lease is fresh, and as having acknowledged a
-//! strategy once the Lease's annotations show that generation applied. Renewal is a server-side
-//! apply of the whole Lease, so the first renewal creates it and a deleted Lease comes back.
+//! The Lease says which generation this sidecar applied and what its write gate does. A write
+//! the API server accepted is also what lets the sidecar confirm that generation (see
+//! `config::confirm`): the reporter publishes each acknowledged generation ([`Self::acked`]).
+//! The Lease declares, once and for the life of the process, how long a confirmation holds
+//! ([`ANNOTATION_FENCED_AFTER`]): the operator treats a sidecar that has not acknowledged a
+//! generation as fenced that long after the generation before it stopped being current, and
+//! it reads the bound from the sidecar itself rather than assuming one.
+//!
+//! Liveness is for people only (`status.sidecars.live`): safety never depends on a Lease being
+//! fresh. So the steady state costs one API write per sidecar every [`RENEW_INTERVAL`]; a
+//! renewal that fails is retried every [`RETRY_INTERVAL`].
 //!
 //! The Lease also carries how many mirrored writes never landed, per side. After the flip the
 //! source is kept current only by its mirrors, so each one lost is a write a rollback would
@@ -20,19 +29,24 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use tokio::sync::watch;
 
 use crate::config::{ConfigStatus, CurrentConfig, writes_paused};
 use crate::hold::CurrentHold;
 use crate::metrics::ProxyMetrics;
 use crate::route::Side;
 
-pub const RENEW_INTERVAL: Duration = Duration::from_secs(3);
-/// A Lease not renewed for this long belongs to a dead sidecar.
-pub const LEASE_DURATION: Duration = Duration::from_secs(10);
+pub const RENEW_INTERVAL: Duration = Duration::from_secs(30);
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// A Lease not renewed for this long belongs to a sidecar that is gone or cut off.
+pub const LEASE_DURATION: Duration = Duration::from_secs(90);
 
 pub const ANNOTATION_GENERATION: &str = "eden.io/applied-generation";
 pub const ANNOTATION_WRITES: &str = "eden.io/writes";
 pub const ANNOTATION_CONFIG_ERROR: &str = "eden.io/config-error";
+/// Milliseconds a confirmation of the strategy holds in this sidecar: the longest it can go on
+/// writing under a generation after that generation stopped being current.
+pub const ANNOTATION_FENCED_AFTER: &str = "eden.io/fenced-after-ms";
 /// Writes mirrored to the source that failed or were dropped, since the sidecar started.
 pub const ANNOTATION_LOST_SOURCE_WRITES: &str = "eden.io/lost-source-writes";
 /// Writes mirrored to the target that failed or were dropped, since the sidecar started.
@@ -51,6 +65,8 @@ pub struct LeaseReporter {
     status: Arc<ConfigStatus>,
     hold: Option<CurrentHold>,
     metrics: Option<Arc<ProxyMetrics>>,
+    fenced_after: Option<Duration>,
+    acked: Arc<watch::Sender<u64>>,
 }
 
 impl LeaseReporter {
@@ -62,7 +78,19 @@ impl LeaseReporter {
         config: CurrentConfig,
         status: Arc<ConfigStatus>,
     ) -> Self {
-        LeaseReporter { api, pod, migration, config, status, hold: None, metrics: None }
+        let acked = Arc::new(watch::Sender::new(0));
+        LeaseReporter { api, pod, migration, config, status, hold: None, metrics: None, fenced_after: None, acked }
+    }
+
+    /// Declares that this sidecar stops writing `fenced_after` past its last confirmation.
+    pub fn with_fencing(mut self, fenced_after: Duration) -> Self {
+        self.fenced_after = Some(fenced_after);
+        self
+    }
+
+    /// The latest generation a renewal wrote, once the API server accepted it.
+    pub fn acked(&self) -> watch::Receiver<u64> {
+        self.acked.subscribe()
     }
 
     /// Reports the sidecar's actual write hold (`flowing`, `paused` while holding, `expired`
@@ -87,15 +115,19 @@ impl LeaseReporter {
         format!("eden-sidecar-{}", self.pod)
     }
 
-    /// Renews at once, then on every tick and whenever the applied configuration, the hold or
-    /// the count of lost writes changes, so the operator sees each within one round trip.
+    /// Renews at once, then whenever the applied configuration, a rejection, the gate or the
+    /// count of lost writes changes, so the operator sees each within one round trip, and every
+    /// [`RENEW_INTERVAL`] otherwise ([`RETRY_INTERVAL`] after a failure).
     pub async fn run(mut self) {
-        let mut ticker = tokio::time::interval(RENEW_INTERVAL);
-        ticker.tick().await; // the first tick is immediate; the first renewal is below
+        let mut errors = self.status.errors();
         loop {
-            if let Err(err) = self.renew().await {
-                tracing::warn!(%err, lease = %self.lease_name(), "could not renew Lease; retrying");
-            }
+            let wait = match self.renew().await {
+                Ok(_) => RENEW_INTERVAL,
+                Err(err) => {
+                    tracing::warn!(%err, lease = %self.lease_name(), "could not renew Lease; retrying");
+                    RETRY_INTERVAL
+                }
+            };
             let hold = &mut self.hold;
             let hold_changed = async move {
                 match hold {
@@ -111,24 +143,29 @@ impl LeaseReporter {
                 }
             };
             tokio::select! {
-                _ = ticker.tick() => {}
+                () = tokio::time::sleep(wait) => {}
                 changed = self.config.changed() => if changed.is_err() { return },
+                _ = errors.changed() => {}
                 changed = hold_changed => if changed.is_err() { return },
                 () = lost_write => {}
             }
         }
     }
 
-    /// Writes the Lease as it should be now.
+    /// Writes the Lease as it should be now, and publishes the generation it acknowledged.
     pub async fn renew(&self) -> Result<Lease, kube::Error> {
+        let generation = self.status.applied_generation();
         let mut annotations = BTreeMap::from([
-            (ANNOTATION_GENERATION.to_string(), self.status.applied_generation().to_string()),
+            (ANNOTATION_GENERATION.to_string(), generation.to_string()),
             (ANNOTATION_WRITES.to_string(), self.writes().to_string()),
             (ANNOTATION_LOST_SOURCE_WRITES.to_string(), self.lost_writes(Side::Source).to_string()),
             (ANNOTATION_LOST_TARGET_WRITES.to_string(), self.lost_writes(Side::Target).to_string()),
         ]);
         if let Some(error) = self.status.last_error() {
             annotations.insert(ANNOTATION_CONFIG_ERROR.to_string(), error);
+        }
+        if let Some(fenced_after) = self.fenced_after {
+            annotations.insert(ANNOTATION_FENCED_AFTER.to_string(), fenced_after.as_millis().to_string());
         }
         let lease = Lease {
             metadata: ObjectMeta {
@@ -147,7 +184,12 @@ impl LeaseReporter {
         let mut value = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
         value["apiVersion"] = "coordination.k8s.io/v1".into();
         value["kind"] = "Lease".into();
-        self.api.patch(&self.lease_name(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value)).await
+        let written = self
+            .api
+            .patch(&self.lease_name(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value))
+            .await?;
+        self.acked.send_if_modified(|acked| generation > std::mem::replace(acked, generation.max(*acked)));
+        Ok(written)
     }
 
     fn writes(&self) -> &'static str {

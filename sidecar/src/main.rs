@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use eden_sidecar::cli::{self, Verb};
-use eden_sidecar::config::{Applier, ConfigStatus};
+use eden_sidecar::config::{Applier, ConfigStatus, Confirmations, Confirmer};
 use eden_sidecar::lease::LeaseReporter;
 use eden_sidecar::metrics::ProxyMetrics;
 use eden_sidecar::plan::{Routing, UpstreamSettings};
@@ -59,10 +59,21 @@ struct Args {
     /// This pod's name: the Lease's holder (default: $HOSTNAME).
     #[arg(long, env = "EDEN_POD_NAME")]
     pod_name: Option<String>,
-    /// Longest a cutover pause may hold writes before they go to the source, in milliseconds.
-    /// Set it above the Migration's maxWritePauseMillis, so the operator decides first.
+    /// Longest writes wait in the sidecar (a cutover pause without a decision, or a strategy it
+    /// cannot confirm as current) before they are answered with an error, in milliseconds. Set
+    /// it above the Migration's maxWritePauseMillis, so the operator decides first.
     #[arg(long, env = "EDEN_MAX_WRITE_PAUSE_MS", default_value_t = 5000)]
     max_write_pause_ms: u64,
+    /// With --configmap: how often the ConfigMap is read to confirm the strategy is current, in
+    /// milliseconds.
+    #[arg(long, env = "EDEN_CONFIRM_EVERY_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    confirm_every_ms: u64,
+    /// With --configmap: how long a confirmation holds, in milliseconds. A sidecar that cannot
+    /// confirm its strategy for this long stops writing; the operator moves writes without a
+    /// sidecar that does not acknowledge only this long (declared in its Lease) after the
+    /// strategy it had stopped being current. At least twice --confirm-every-ms.
+    #[arg(long, env = "EDEN_FENCE_AFTER_MS", default_value_t = 30_000)]
+    fence_after_ms: u64,
     /// PEM CA bundle for rediss:// upstreams (system roots when absent).
     #[arg(long, env = "EDEN_UPSTREAM_CA_FILE")]
     upstream_ca_file: Option<PathBuf>,
@@ -146,7 +157,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(strategy) => {
             let settings = UpstreamSettings { tls, connect_timeout: timeout, target: args.target.clone() };
             let max_pause = Duration::from_millis(args.max_write_pause_ms);
-            Backend::Routed(Routing::follow(source.clone(), settings, strategy.applier.subscribe(), max_pause))
+            let (config, confirmations) = (strategy.applier.subscribe(), strategy.confirmations.clone());
+            Backend::Routed(Routing::follow(source.clone(), settings, config, confirmations, max_pause))
         }
     };
     let lease = match (&strategy, &backend) {
@@ -230,6 +242,8 @@ struct Strategy {
     applier: Applier,
     /// Only with `--configmap`: acks need the API.
     lease: Option<LeaseReporter>,
+    /// Only with `--configmap`: a mounted file has no API to confirm it with.
+    confirmations: Option<Confirmations>,
 }
 
 impl Strategy {
@@ -243,7 +257,7 @@ impl Strategy {
         status.register(registry);
         if let Some(path) = &args.config {
             tokio::spawn(applier.clone().watch_file(path.clone(), FILE_POLL));
-            return Ok(Some(Strategy { applier, lease: None }));
+            return Ok(Some(Strategy { applier, lease: None, confirmations: None }));
         }
         let name = args.configmap.clone().unwrap_or_default();
         let client =
@@ -254,12 +268,23 @@ impl Strategy {
             .clone()
             .or_else(|| std::env::var("HOSTNAME").ok())
             .ok_or("--pod-name (or HOSTNAME) is needed to name this sidecar's Lease")?;
-        let config_maps = kube::Api::namespaced(client.clone(), &namespace);
-        tokio::spawn(applier.clone().watch_config_map(config_maps, name.clone()));
+        let (every, valid_for) =
+            (Duration::from_millis(args.confirm_every_ms), Duration::from_millis(args.fence_after_ms));
+        if valid_for < 2 * every {
+            return Err(format!(
+                "--fence-after-ms {} must be at least twice --confirm-every-ms {}: one failed read must not fence",
+                args.fence_after_ms, args.confirm_every_ms
+            )
+            .into());
+        }
+        let config_maps: kube::Api<_> = kube::Api::namespaced(client.clone(), &namespace);
+        tokio::spawn(applier.clone().watch_config_map(config_maps.clone(), name.clone()));
         // The ConfigMap is `eden-<migration>`; the Lease is labelled with the migration.
         let migration = name.strip_prefix("eden-").unwrap_or(&name).to_string();
         let leases = kube::Api::namespaced(client, &namespace);
-        let lease = LeaseReporter::new(leases, pod, migration, applier.subscribe(), status);
-        Ok(Some(Strategy { applier, lease: Some(lease) }))
+        let lease = LeaseReporter::new(leases, pod, migration, applier.subscribe(), status).with_fencing(valid_for);
+        let confirmer =
+            Confirmer { api: config_maps, name, applier: applier.clone(), acked: lease.acked(), every, valid_for };
+        Ok(Some(Strategy { applier, lease: Some(lease), confirmations: Some(confirmer.start()) }))
     }
 }

@@ -80,6 +80,7 @@ pub struct ProxyMetrics {
     shadow: [Counter; 3],
     holding: Gauge,
     held: Counter,
+    refused: Counter,
     /// Woken on every mirrored write that did not land (see [`Self::lost_mirror_write`]).
     mirror_loss: Notify,
 }
@@ -110,6 +111,12 @@ impl Default for ProxyMetrics {
         registry.register("shadow_reads", "Reads also sent to the other side and compared, by outcome", shadow.clone());
         registry.register("writes_holding", "Client connections whose next write is held (cutover)", holding.clone());
         registry.register("writes_held", "Writes held during a cutover pause", held.clone());
+        let refused = Counter::default();
+        registry.register(
+            "writes_refused",
+            "Writes answered with an error because they were held too long (a cutover without a decision, or a strategy this sidecar could not confirm)",
+            refused.clone(),
+        );
         let command = |side: Side| {
             CommandKind::ALL.map(|kind| {
                 commands.get_or_create(&CommandLabels { route: side.as_str(), kind: kind.as_str() }).clone()
@@ -131,6 +138,7 @@ impl Default for ProxyMetrics {
                 .map(|outcome| shadow.get_or_create(&OutcomeLabels { outcome }).clone()),
             holding,
             held,
+            refused,
             mirror_loss: Notify::new(),
         }
     }
@@ -176,6 +184,10 @@ impl ProxyMetrics {
         self.held.inc();
         self.holding.inc();
         HoldGuard(&self.holding)
+    }
+
+    pub fn write_refused(&self) {
+        self.refused.inc();
     }
 
     pub fn error(&self, kind: ErrorKind) {

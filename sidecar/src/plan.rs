@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::{CurrentConfig, EdenConfig, UpstreamConfig};
+use crate::config::{Confirmations, CurrentConfig, EdenConfig, UpstreamConfig};
 use crate::hold::{self, CurrentHold, HoldState};
 use crate::mirror::MirrorPool;
 use crate::route::{Side, Strategy};
@@ -71,10 +71,16 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Follows `config`: plans are rebuilt on every applied generation; a pause holds writes for
-    /// at most `max_pause`.
-    pub fn follow(source: Upstream, settings: UpstreamSettings, config: CurrentConfig, max_pause: Duration) -> Routing {
-        let hold = hold::follow(config.clone(), max_pause);
+    /// Follows `config`: plans are rebuilt on every applied generation; writes are held while
+    /// paused or unconfirmed (`confirmations`, with a ConfigMap) and refused after `max_pause`.
+    pub fn follow(
+        source: Upstream,
+        settings: UpstreamSettings,
+        config: CurrentConfig,
+        confirmations: Option<Confirmations>,
+        max_pause: Duration,
+    ) -> Routing {
+        let hold = hold::follow(config.clone(), confirmations, max_pause);
         let initial =
             Plan { config: None, source_mirror: source.clone(), source, target: None, mirrors: MirrorPool::default() };
         let (plans, plan) = watch::channel(Arc::new(initial));
@@ -89,12 +95,12 @@ impl Routing {
         (Strategy::new(plan.config.clone(), hold), plan)
     }
 
-    /// Resolves once writes are no longer held.
+    /// Resolves once writes are no longer held (they flow, or are refused).
     pub async fn released(&mut self) {
-        let _ = self.hold.wait_for(|state| *state != HoldState::Holding).await;
+        let _ = self.hold.wait_for(|state| !matches!(state, HoldState::Holding(_))).await;
     }
 
-    /// The hold as the Lease reports it.
+    /// The write gate as the Lease reports it.
     pub fn hold(&self) -> CurrentHold {
         self.hold.clone()
     }

@@ -19,15 +19,17 @@
 //!   second item). Admin commands (CONFIG, INFO, OBJECT, CLIENT…) go to the owner too, of
 //!   their key when they name one, else of keyless writes: they inspect or tune the server
 //!   that serves the client's data. Connection state and pub/sub stay on the source.
-//! - While writes are held ([`HoldState::Holding`]) a write is not routed at all; once the
-//!   hold has expired without a flip, writes go to the source whatever the payload says.
+//! - While writes are held ([`HoldState::Holding`]: the cutover pause, or a strategy this
+//!   sidecar cannot confirm as current) a write is not routed at all; once held too long
+//!   ([`HoldState::Refusing`]) it is answered with an error, never sent to a side that may no
+//!   longer own it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::command::CommandKind;
 use crate::config::{EdenConfig, ReadRouting, WriteMode, WritePolicy};
-use crate::hold::HoldState;
+use crate::hold::{HoldReason, HoldState};
 
 /// One of the two servers a migration moves between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,6 +65,8 @@ pub enum Route {
     Send { answer: Side, mirror: Option<Side>, shadow: bool },
     /// Writes are held: stop here until the hold ends, then ask again.
     Hold,
+    /// Writes are refused: answer with [`HoldState::refusal`].
+    Refuse(HoldReason),
 }
 
 impl Route {
@@ -91,8 +95,8 @@ impl Strategy {
     pub fn route(&self, kind: CommandKind, key: Option<&[u8]>, dice: &mut Dice) -> Route {
         if writes(kind) {
             match self.hold {
-                HoldState::Holding => return Route::Hold,
-                HoldState::Expired => return Route::SOURCE,
+                HoldState::Holding(_) => return Route::Hold,
+                HoldState::Refusing(reason) => return Route::Refuse(reason),
                 HoldState::Flowing => {}
             }
         }
@@ -123,11 +127,11 @@ impl Strategy {
     /// once started they finish on their side.
     pub fn transaction(&self, key: Option<&[u8]>) -> (Side, Option<Side>) {
         match &self.config {
-            Some(config) if self.hold != HoldState::Expired => {
+            Some(config) => {
                 let owner = owner(config, key);
                 (owner, mirror(config, owner))
             }
-            _ => (Side::Source, None),
+            None => (Side::Source, None),
         }
     }
 
@@ -138,7 +142,15 @@ impl Strategy {
 
     /// Whether writes are held right now.
     pub fn holding(&self) -> bool {
-        self.hold == HoldState::Holding
+        matches!(self.hold, HoldState::Holding(_))
+    }
+
+    /// Why writes are refused right now, if they are.
+    pub fn refusing(&self) -> Option<HoldReason> {
+        match self.hold {
+            HoldState::Refusing(reason) => Some(reason),
+            _ => None,
+        }
     }
 
     /// Whether the strategy names a target: there is another side.
@@ -326,8 +338,6 @@ mod tests {
             let owner = if key_bucket(key.as_bytes()) < 50 { Side::Target } else { Side::Source };
             assert_eq!(split.route(CommandKind::Admin, Some(key.as_bytes()), dice), send(owner, None), "{key}");
         }
-        let expired = Strategy { hold: HoldState::Expired, ..cut_over };
-        assert_eq!(expired.route(CommandKind::Admin, None, dice), send(Side::Source, None), "writes went back");
     }
 
     #[test]
@@ -354,15 +364,20 @@ mod tests {
     }
 
     #[test]
-    fn a_hold_stops_writes_only_and_its_expiry_sends_them_to_the_source() {
+    fn a_hold_stops_writes_only_and_past_its_bound_refuses_them() {
         let dice = &mut Dice::new();
         let new = config(|c| c.write_policy = WritePolicy::NewAuthoritative);
-        let holding = Strategy { hold: HoldState::Holding, ..new.clone() };
-        assert_eq!(holding.route(CommandKind::Write, Some(b"k"), dice), Route::Hold);
-        assert_eq!(holding.route(CommandKind::Read, Some(b"k"), dice), send(Side::Source, None));
-        let expired = Strategy { hold: HoldState::Expired, ..new };
-        assert_eq!(expired.route(CommandKind::Write, Some(b"k"), dice), send(Side::Source, None));
-        assert_eq!(expired.transaction(Some(b"k")), (Side::Source, None));
+        for reason in [HoldReason::Paused, HoldReason::Unconfirmed] {
+            let holding = Strategy { hold: HoldState::Holding(reason), ..new.clone() };
+            for kind in [CommandKind::Write, CommandKind::Blocking, CommandKind::Other] {
+                assert_eq!(holding.route(kind, Some(b"k"), dice), Route::Hold);
+            }
+            assert_eq!(holding.route(CommandKind::Read, Some(b"k"), dice), send(Side::Source, None));
+            let refusing = Strategy { hold: HoldState::Refusing(reason), ..new.clone() };
+            assert_eq!(refusing.route(CommandKind::Write, Some(b"k"), dice), Route::Refuse(reason));
+            assert_eq!(refusing.route(CommandKind::Read, Some(b"k"), dice), send(Side::Source, None));
+            assert_eq!(refusing.refusing(), Some(reason));
+        }
         assert_eq!(Strategy::default().route(CommandKind::Write, Some(b"k"), dice), send(Side::Source, None));
     }
 }

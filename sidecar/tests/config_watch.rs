@@ -74,9 +74,12 @@ async fn config_map_changes_apply_live_and_bad_payloads_are_rejected() {
     assert_eq!(lease.metadata.labels.unwrap()[LABEL_MIGRATION], "cache");
     assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("app-7f9c"));
 
-    for (broken, expected_error) in
-        [("generation: [unclosed\n".to_string(), "not valid"), (payload(3, "150", "flowing"), "read_percentage is 150")]
-    {
+    for (broken, expected_error) in [
+        ("generation: [unclosed\n".to_string(), "not valid"),
+        (payload(3, "150", "flowing"), "read_percentage is 150"),
+        (payload(1, "0", "flowing"), "generations only go forward"),
+        (payload(2, "99", "paused"), "a new generation for a changed strategy"),
+    ] {
         let rejected_before = status.rejected_total();
         set_payload(&config_maps, broken).await;
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -88,7 +91,7 @@ async fn config_map_changes_apply_live_and_bad_payloads_are_rejected() {
         .expect("the broken payload was seen and rejected");
         assert_eq!(current.borrow().as_ref().unwrap().generation, 2, "the last good configuration stays in force");
         assert!(status.last_error().unwrap().contains(expected_error), "{:?}", status.last_error());
-        // A rejection changes no configuration, so it reaches the Lease on the next renewal.
+        // A rejection changes no configuration; it reaches the Lease at once all the same.
         let reported =
             |a: &BTreeMap<String, String>| a.get(ANNOTATION_CONFIG_ERROR).is_some_and(|e| e.contains(expected_error));
         let lease = wait_for_lease(&leases, &lease_name, reported).await;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
 use eden_sidecar::config::{Applier, CurrentConfig, PAYLOAD_KEY};
+use eden_sidecar::hold::{HoldReason, HoldState};
 use eden_sidecar::lease::{
     ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_LOST_TARGET_WRITES,
     ANNOTATION_WRITES, LeaseReporter,
@@ -431,26 +432,57 @@ async fn held_writes_wait_for_the_flip_then_reach_the_new_owner_in_order() {
 }
 
 #[tokio::test]
-async fn held_writes_go_to_the_source_when_the_pause_times_out() {
+async fn held_writes_are_refused_in_order_when_the_pause_times_out_and_reach_no_server() {
     let mut migration = Migration::new();
     for server in [&migration.source, &migration.target] {
         let _: () = direct(server).await.set("k", "v").await.unwrap();
     }
     let proxy = migration.proxy(Duration::from_millis(400)).await;
-    // Even a payload that names the target as the writer: an expired pause writes to the source.
+    // The operator may flip at any moment: an expired pause must not pick a side on its own.
     migration.apply(1, "writes: paused\nwrite_policy: new_authoritative").await;
     let started = std::time::Instant::now();
-    for writer in held_writers(&proxy) {
-        tokio::time::timeout(Duration::from_secs(5), writer).await.unwrap().unwrap();
+    let (mut requests, mut expected) = (Vec::new(), Vec::new());
+    for i in 0..50 {
+        requests.extend(resp(&["RPUSH", "held", &i.to_string()]));
+        requests.extend(resp(&["GET", "k"]));
+        expected.extend_from_slice(HoldState::refusal(HoldReason::Paused));
+        expected.extend_from_slice(b"$1\r\nv\r\n");
     }
+    let mut raw = support::RawClient::connect(proxy.addr).await;
+    raw.send(&requests).await;
+    raw.expect(&expected).await;
     assert!(started.elapsed() >= Duration::from_millis(350), "held until the deadline: {:?}", started.elapsed());
-    let mut source = direct(&migration.source).await;
-    for connection in 0..3 {
-        let list: Vec<i64> = source.lrange(format!("held:{connection}"), 0, -1).await.unwrap();
-        assert_eq!(list, (0..50).collect::<Vec<_>>(), "connection {connection}: every write, in order, on the source");
+    for server in [&migration.source, &migration.target] {
+        let written: i64 = direct(server).await.exists("held").await.unwrap();
+        assert_eq!(written, 0, "a refused write reaches no server");
     }
-    let on_target: i64 = direct(&migration.target).await.exists(&["held:0", "held:1", "held:2"]).await.unwrap();
-    assert_eq!(on_target, 0);
+    assert_eq!(proxy.metric("eden_writes_refused_total"), 50);
+
+    // A decision ends the refusal: writes flow to the new owner.
+    migration.apply(2, "write_policy: new_authoritative").await;
+    let app = proxy.client().await;
+    eventually("writes flow again", || async { app.clone().rpush::<_, _, i64>("held", "after").await.is_ok() }).await;
+    let on_target: Vec<String> = direct(&migration.target).await.lrange("held", 0, -1).await.unwrap();
+    assert_eq!(on_target, ["after"]);
+}
+
+#[tokio::test]
+async fn a_transaction_whose_first_write_is_refused_is_aborted_and_leaves_no_multi_open() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_millis(300)).await;
+    migration.apply(1, "writes: paused").await;
+    let mut raw = proxy.raw().await;
+    raw.send(&resp(&["MULTI"])).await;
+    raw.expect(b"+OK\r\n").await;
+    raw.send(&[resp(&["SET", "k", "v"]), resp(&["GET", "k"]), resp(&["EXEC"])].concat()).await;
+    let refused = HoldState::refusal(HoldReason::Paused);
+    raw.expect(&[refused, b"+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n"].concat())
+        .await;
+    // The MULTI the source answered was discarded there: once writes flow, they run at once.
+    migration.apply(2, "").await;
+    raw.send(&resp(&["SET", "k", "after"])).await;
+    raw.expect(b"+OK\r\n").await;
+    assert_eq!(direct(&migration.source).await.get::<_, String>("k").await.unwrap(), "after");
 }
 
 #[tokio::test]

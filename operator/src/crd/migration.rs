@@ -321,6 +321,11 @@ pub struct MigrationStatus {
     /// When the cutover paused writes; it aborts `maxWritePauseMillis` later unless flipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutover_started_at: Option<MicroTime>,
+    /// The generation a cutover pushed before pausing writes, so that a sidecar cut off from
+    /// the API server is fenced before writes pause rather than during the pause (DESIGN §9,
+    /// "Fencing").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_barrier_generation: Option<i64>,
     /// The gateway the operator runs for `spec.gateway`; also how it finds what to delete when
     /// the gateway is removed or its Service renamed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -349,13 +354,17 @@ pub struct CopyProgress {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarCounts {
-    /// Sidecars whose Lease was renewed recently.
+    /// Sidecars whose Lease the operator saw renewed recently.
     pub live: i32,
-    /// Live sidecars that applied the current ConfigMap generation.
+    /// Sidecars that applied the current ConfigMap generation.
     pub acknowledged: i32,
+    /// Sidecars that did not, and are known to have stopped writing under anything older
+    /// (DESIGN §9, "Fencing").
+    #[serde(default)]
+    pub fenced: i32,
     /// The ConfigMap generation the operator last wrote.
     pub configured_generation: i64,
-    /// `acknowledged/live`, for the printer column.
+    /// `acknowledged/sidecars`, for the printer column.
     pub summary: String,
 }
 

@@ -178,17 +178,32 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
     drive_replication(&migration, ctx, &uid, &observation, &decision, replicate, &mut events).await;
 
     let mut generation = observation.configured_generation();
+    let mut barrier = match decision.phase {
+        Phase::CuttingOver => observation.status.cutover_barrier_generation,
+        _ => None,
+    };
+    let mut paused_now = false;
     if drained
         && let Some(effective) = &decision.effective
         && let Some(payload) = observation.payload(&migration, effective)
     {
-        let next = configmap::next_generation(observation.config.as_ref(), &payload);
+        // A cutover starts with a generation of its own, so that every sidecar either answers
+        // it or is fenced before writes pause (DESIGN §9, "Fencing").
+        let barrier_due =
+            decision.phase == Phase::CuttingOver && barrier.is_none() && effective.writes != Writes::Paused;
+        let floor = observation.sidecars.max_applied().max(ctx.fence_clock(&uid).latest());
+        let next = configmap::next_generation(observation.config.as_ref(), &payload, floor, barrier_due);
         if Some(next) != observation.config.as_ref().map(|c| c.generation) {
             let payload = eden_sidecar::config::EdenConfig { generation: next, ..payload };
             push_config(&migration, ctx, &payload).await?;
+            ctx.fence_clock(&uid).generation_seen(next, tokio::time::Instant::now());
             let note = status::describe_strategy(&payload);
             events.push(Notice::new(EventType::Normal, "StrategyPushed", format!("PushGeneration{next}"), note));
             generation = next;
+            paused_now = effective.writes == Writes::Paused;
+        }
+        if barrier_due {
+            barrier = Some(next as i64);
         }
     }
 
@@ -212,9 +227,10 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
 
     let gateway = sync_gateway(&migration, ctx, &observation, &mut events).await?;
 
-    let cutover_started_at = match (decision.phase, observation.phase) {
-        (Phase::CuttingOver, Phase::CuttingOver) => observation.status.cutover_started_at.clone(),
-        (Phase::CuttingOver, _) => Some(MicroTime(Timestamp::now())),
+    // The pause is timed from the push that started it.
+    let cutover_started_at = match decision.phase {
+        Phase::CuttingOver if paused_now => Some(MicroTime(Timestamp::now())),
+        Phase::CuttingOver => observation.status.cutover_started_at.clone(),
         _ => None,
     };
     let report = status::Report {
@@ -225,6 +241,7 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         snapshot: snapshot.as_ref(),
         configured_generation: generation,
         cutover_started_at,
+        cutover_barrier_generation: barrier,
         gateway,
     };
     let new_status = report.status();
@@ -407,6 +424,7 @@ async fn write_status(migration: &Migration, ctx: &Context, status: &crate::crd:
 async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error> {
     if let Some(uid) = migration.uid() {
         ctx.replications.stop(&uid).await;
+        ctx.forget_fence_clock(&uid);
     }
     forget_sync_position(&migration, ctx).await;
     let namespace = migration.namespace().unwrap_or_default();

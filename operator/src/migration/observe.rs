@@ -8,6 +8,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt};
+use tokio::time::Instant;
 
 use super::Error;
 use super::phase::{
@@ -20,7 +21,7 @@ use crate::configmap;
 use crate::context::Context;
 use crate::crd::{Endpoint, Migration, MigrationStatus, Phase};
 use crate::endpoint::ConnectionSettings;
-use crate::sidecars::{self, SidecarReport};
+use crate::sidecars::{self, FenceClock, Settlement, SidecarReport};
 
 /// Where the target Endpoint's Secret is mounted into sidecars (by the webhook, or by the
 /// gateway's Deployment), and the password file in it that the payload names (DESIGN §6).
@@ -72,6 +73,8 @@ pub struct Observation {
     /// The payload in the ConfigMap now, if there is a valid one.
     pub config: Option<EdenConfig>,
     pub sidecars: SidecarReport,
+    /// Every sidecar's standing with respect to the configured generation.
+    pub settlement: Settlement,
     pub observed: Observed,
     /// Why the spec cannot be acted on at all (an Endpoint that does not exist).
     pub missing: Vec<Held>,
@@ -102,13 +105,26 @@ impl Observation {
             .map_err(|source| Error::Read { what: format!("ConfigMap {config_name}"), source })?
             .as_ref()
             .and_then(configmap::read);
-        let configured_generation = config.as_ref().map_or(0, |c| c.generation) as i64;
+        let configured_generation = config.as_ref().map_or(0, |c| c.generation);
 
         let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
         let leases = sidecars::list(&leases, &migration.name_any())
             .await
             .map_err(|source| Error::Read { what: "sidecar Leases".into(), source })?;
-        let sidecars = sidecars::report(&leases, configured_generation, Timestamp::now());
+        // The ConfigMap was read before the Leases: a sidecar that acknowledged what was read
+        // has its acknowledgement in this list (DESIGN §9, "Fencing").
+        let now = Instant::now();
+        let uid = migration.uid().ok_or_else(|| Error::NoUid(migration.name_any()))?;
+        let (sidecars, settlement, cutover) = {
+            let mut clock = ctx.fence_clock(&uid);
+            if let Some(config) = &config {
+                clock.generation_seen(config.generation, now);
+            }
+            let sidecars = sidecars::report(&leases, &mut clock, now);
+            let settlement = sidecars.settle(configured_generation, false, &clock, now);
+            let cutover = cutover_progress(phase, config.as_ref(), &sidecars, &status, &clock, now);
+            (sidecars, settlement, cutover)
+        };
 
         let snapshot = match migration.uid() {
             Some(uid) => ctx.replications.observe(&uid).await,
@@ -134,10 +150,11 @@ impl Observation {
                 .lost_target_writes
                 .saturating_sub(accepted(migration, ANNOTATION_ACCEPT_LOST_TARGET_WRITES))
                 as i64,
-            sidecars_acked: sidecars.all_acknowledged(),
-            cutover: cutover_progress(phase, config.as_ref(), &sidecars, &status),
+            sidecars_settled: settlement.settled(),
+            sidecar_reports_unreadable: (!sidecars.unreadable.is_empty()).then(|| sidecars.unreadable.join(", ")),
+            cutover,
         };
-        Ok(Observation { phase, status, source, target, config, sidecars, observed, missing })
+        Ok(Observation { phase, status, source, target, config, sidecars, settlement, observed, missing })
     }
 
     pub fn configured_generation(&self) -> u64 {
@@ -192,22 +209,33 @@ fn cutover_progress(
     config: Option<&EdenConfig>,
     sidecars: &SidecarReport,
     status: &MigrationStatus,
+    clock: &FenceClock,
+    now: Instant,
 ) -> CutoverProgress {
     if phase != Phase::CuttingOver {
         return CutoverProgress::default();
     }
     let Some(config) = config else { return CutoverProgress::default() };
-    let all_acked = sidecars.all_acknowledged();
+    let paused = config.writes == WritesState::Paused;
     let flip_pushed = config.writes == WritesState::Flowing
         && (config.write_policy == WritePolicy::NewAuthoritative || config.write_mode == WriteMode::Cutover);
+    // Once writes are paused (or flipped) the barrier has done its work: it is not asked again.
+    let barrier = match status.cutover_barrier_generation {
+        _ if paused || flip_pushed => Some(sidecars.settle(config.generation, false, clock, now)),
+        Some(barrier) => Some(sidecars.settle(barrier as u64, false, clock, now)),
+        None => None,
+    };
     let paused_for_millis = status
         .cutover_started_at
         .as_ref()
         .map_or(0, |started| Timestamp::now().duration_since(started.0).as_millis() as i64);
+    let settled = |hold| sidecars.settle(config.generation, hold, clock, now);
     CutoverProgress {
-        writes_held: config.writes == WritesState::Paused && all_acked && sidecars.holding_writes == sidecars.live,
+        fenced: barrier.as_ref().is_some_and(|b| b.settled() || paused || flip_pushed),
+        waiting_for: barrier.filter(|b| !b.settled()).map(|b| b.describe_waiting()),
+        writes_held: paused && settled(true).settled(),
         flip_pushed,
-        flipped: flip_pushed && all_acked,
+        flipped: flip_pushed && settled(false).settled(),
         paused_for_millis,
     }
 }

@@ -35,8 +35,12 @@ pub struct Observed {
     /// Writes mirrored from the source to the target that never landed there, less those the
     /// user accepted losing. Only `data.type: none` mirrors to the target.
     pub lost_target_writes: i64,
-    /// Every live sidecar applied the ConfigMap generation the operator last wrote.
-    pub sidecars_acked: bool,
+    /// Every sidecar applied the ConfigMap generation the operator last wrote, or is fenced:
+    /// none can still be writing under an older one (DESIGN §9, "Fencing").
+    pub sidecars_settled: bool,
+    /// Lost-write counts in Leases that cannot be read (`pod: annotation=value`): the gates
+    /// that depend on them stay closed.
+    pub sidecar_reports_unreadable: Option<String>,
     pub cutover: CutoverProgress,
 }
 
@@ -48,16 +52,22 @@ pub struct Replication {
     pub failed: bool,
 }
 
-/// Where the cutover protocol (DESIGN §6) stands: pause writes, every sidecar holds them,
-/// replication drains to lag 0 and stops, flip to the target, every sidecar acknowledges and
-/// releases the held writes to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Where the cutover protocol (DESIGN §6, §9 "Fencing") stands: a barrier generation settles
+/// which sidecars may still write, writes pause, every sidecar holds them, replication drains
+/// to lag 0 and stops, flip to the target, every sidecar acknowledges and releases the held
+/// writes to it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CutoverProgress {
-    /// Every live sidecar acknowledged `writes: paused` and holds new writes.
+    /// Every sidecar acknowledged the cutover's barrier generation or is fenced (or writes
+    /// are paused already): pausing now waits only for sidecars that answer.
+    pub fenced: bool,
+    /// Who the cutover waits for, while it does.
+    pub waiting_for: Option<String>,
+    /// Every sidecar acknowledged `writes: paused` and holds new writes, or is fenced.
     pub writes_held: bool,
     /// The ConfigMap carries the flip. From here on the target may receive writes directly.
     pub flip_pushed: bool,
-    /// Every live sidecar acknowledged the flip.
+    /// Every sidecar acknowledged the flip, or is fenced.
     pub flipped: bool,
     /// Milliseconds since writes were paused, while they are.
     pub paused_for_millis: i64,
@@ -175,6 +185,10 @@ fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync
             }
         }
         CutOver if wants_target => CutOver,
+        CutOver if let Some(unreadable) = &observed.sidecar_reports_unreadable => {
+            held.push(unreadable_counts(unreadable));
+            CutOver
+        }
         CutOver if observed.lost_source_writes > 0 => {
             held.push(Held {
                 reason: "RollbackNotLossless",
@@ -187,7 +201,7 @@ fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync
             CutOver
         }
         CutOver => RollingBack,
-        RollingBack if observed.sidecars_acked => RolledBack,
+        RollingBack if observed.sidecars_settled => RolledBack,
         RollingBack => RollingBack,
         // Trying again after a rollback starts from a fresh copy: the target has diverged.
         RolledBack if wants_target => Syncing,
@@ -206,6 +220,9 @@ fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync
             if current == CuttingOver {
                 if observed.cutover.flipped {
                     return CutOver;
+                }
+                if let Some(waiting) = observed.cutover.waiting_for.clone() {
+                    held.push(Held { reason: "SidecarsNotSettled", message: waiting });
                 }
                 if observed.cutover.paused_for_millis > spec.cutover.max_write_pause_millis {
                     held.push(Held {
@@ -230,6 +247,9 @@ fn next_phase(spec: &MigrationSpec, observed: &Observed, current: Phase, in_sync
                 Syncing
             } else if wants_target && split_needs_key_filter(spec) {
                 held.push(split_held());
+                Ready
+            } else if wants_target && let Some(unreadable) = &observed.sidecar_reports_unreadable {
+                held.push(unreadable_counts(unreadable));
                 Ready
             } else if wants_target {
                 CuttingOver
@@ -313,6 +333,15 @@ fn in_sync(spec: &MigrationSpec, observed: &Observed, held: &mut Vec<Held>) -> b
     false
 }
 
+fn unreadable_counts(unreadable: &str) -> Held {
+    Held {
+        reason: "SidecarReportUnreadable",
+        message: format!(
+            "lost-write counts in sidecar Leases cannot be read ({unreadable}); moving writes could lose what they count"
+        ),
+    }
+}
+
 fn endpoints_not_ready(observed: &Observed) -> Held {
     let waiting: Vec<&str> = [(observed.source_ready, "source"), (observed.target_ready, "target")]
         .into_iter()
@@ -342,6 +371,11 @@ fn effective(spec: &MigrationSpec, observed: &Observed, phase: Phase, held: &mut
     let (reads, writes) = match phase {
         Phase::Ready => (requested, Writes::Source { mirror_to_target: spec.data.type_ == DataCopy::None }),
         Phase::CuttingOver if flip_due(spec, observed) => (requested, target_writes(spec, Phase::CutOver)),
+        // Before the pause, every sidecar either answers the barrier or is fenced: a sidecar
+        // cut off from the API server then costs time before writes pause, not during.
+        Phase::CuttingOver if !observed.cutover.fenced => {
+            (requested, Writes::Source { mirror_to_target: spec.data.type_ == DataCopy::None })
+        }
         Phase::CuttingOver => (requested, Writes::Paused),
         Phase::CutOver => (requested, target_writes(spec, phase)),
         // The source is detached: everything is served by the target.

@@ -44,7 +44,7 @@ fn in_sync() -> Observed {
     Observed {
         replication: Some(Replication { backfill_done: true, lag_millis: 0, failed: false }),
         verification_differences: Some(0),
-        sidecars_acked: true,
+        sidecars_settled: true,
         ..ready_endpoints()
     }
 }
@@ -117,7 +117,14 @@ fn during_cutover(
 ) -> Observed {
     Observed {
         replication: Some(Replication { backfill_done: true, lag_millis, failed: false }),
-        cutover: CutoverProgress { writes_held, flip_pushed, flipped, paused_for_millis },
+        cutover: CutoverProgress {
+            fenced: true,
+            writes_held,
+            flip_pushed,
+            flipped,
+            paused_for_millis,
+            waiting_for: None,
+        },
         ..in_sync()
     }
 }
@@ -125,7 +132,24 @@ fn during_cutover(
 #[test]
 fn cutover_holds_writes_drains_stops_replication_then_flips() {
     let spec = new_authoritative(spec());
-    let pausing = next(&spec, &in_sync(), Phase::Ready);
+    let barrier = next(&spec, &in_sync(), Phase::Ready);
+    assert_eq!(barrier.phase, Phase::CuttingOver);
+    assert_eq!(
+        writes(&barrier),
+        Writes::Source { mirror_to_target: false },
+        "writes flow until every sidecar is settled"
+    );
+    let waiting = Observed {
+        cutover: CutoverProgress { waiting_for: Some("waiting for app-1".into()), ..Default::default() },
+        ..in_sync()
+    };
+    let still = next(&spec, &waiting, Phase::CuttingOver);
+    assert_eq!((still.phase, writes(&still)), (Phase::CuttingOver, Writes::Source { mirror_to_target: false }));
+    assert_eq!(reasons(&still), ["SidecarsNotSettled"]);
+    assert_eq!(still.held[0].message, "waiting for app-1");
+
+    let fenced = Observed { cutover: CutoverProgress { fenced: true, ..Default::default() }, ..in_sync() };
+    let pausing = next(&spec, &fenced, Phase::CuttingOver);
     assert_eq!(pausing.phase, Phase::CuttingOver);
     assert_eq!(writes(&pausing), Writes::Paused);
     assert!(pausing.replicate);
@@ -172,7 +196,7 @@ fn rollback_after_cutover_is_lossless_or_held() {
     let back = spec();
     let flipped = Observed {
         cutover: CutoverProgress { flip_pushed: true, flipped: true, ..Default::default() },
-        sidecars_acked: false,
+        sidecars_settled: false,
         ..in_sync()
     };
 
@@ -181,7 +205,7 @@ fn rollback_after_cutover_is_lossless_or_held() {
     assert_eq!(writes(&rolling), Writes::Source { mirror_to_target: false });
     assert_eq!(rolling.effective.unwrap().read_percentage, 0);
     assert_eq!(next(&back, &flipped, Phase::RollingBack).phase, Phase::RollingBack, "until the sidecars ack");
-    let acked = Observed { sidecars_acked: true, ..flipped };
+    let acked = Observed { sidecars_settled: true, ..flipped.clone() };
     assert_eq!(next(&back, &acked, Phase::RollingBack).phase, Phase::RolledBack);
 
     let lossy = Observed { lost_source_writes: 3, ..flipped };
@@ -355,24 +379,45 @@ fn invariants_hold_everywhere() {
             for replication in replications {
                 for verification_differences in [None, Some(0), Some(4)] {
                     for (lost_source_writes, lost_target_writes) in [(0, 0), (2, 0), (0, 2)] {
-                        for sidecars_acked in [true, false] {
+                        for (sidecars_settled, sidecar_reports_unreadable) in [
+                            (true, None),
+                            (false, None),
+                            (true, Some("app-1: eden.io/lost-source-writes=\"x\"".to_string())),
+                        ] {
                             for cutover in [
                                 CutoverProgress::default(),
-                                CutoverProgress { writes_held: true, paused_for_millis: 100, ..Default::default() },
-                                CutoverProgress { writes_held: true, paused_for_millis: 5_000, ..Default::default() },
+                                CutoverProgress { fenced: true, ..Default::default() },
                                 CutoverProgress {
+                                    fenced: true,
+                                    writes_held: true,
+                                    paused_for_millis: 100,
+                                    ..Default::default()
+                                },
+                                CutoverProgress {
+                                    fenced: true,
+                                    writes_held: true,
+                                    paused_for_millis: 5_000,
+                                    ..Default::default()
+                                },
+                                CutoverProgress {
+                                    fenced: true,
+                                    waiting_for: None,
                                     writes_held: true,
                                     flip_pushed: true,
                                     flipped: false,
                                     paused_for_millis: 100,
                                 },
                                 CutoverProgress {
+                                    fenced: true,
+                                    waiting_for: None,
                                     writes_held: true,
                                     flip_pushed: true,
                                     flipped: false,
                                     paused_for_millis: 5_000,
                                 },
                                 CutoverProgress {
+                                    fenced: true,
+                                    waiting_for: None,
                                     writes_held: true,
                                     flip_pushed: true,
                                     flipped: true,
@@ -386,7 +431,8 @@ fn invariants_hold_everywhere() {
                                     verification_differences,
                                     lost_source_writes,
                                     lost_target_writes,
-                                    sidecars_acked,
+                                    sidecars_settled,
+                                    sidecar_reports_unreadable: sidecar_reports_unreadable.clone(),
                                     cutover,
                                 };
                                 for write_mode in &write_modes {
@@ -411,7 +457,7 @@ fn invariants_hold_everywhere() {
             }
         }
     }
-    assert_eq!(checked, 10 * 3 * 5 * 3 * 3 * 2 * 6 * 4 * 5);
+    assert_eq!(checked, 10 * 3 * 5 * 3 * 3 * 3 * 7 * 4 * 5);
 }
 
 fn check_invariants(spec: &MigrationSpec, observed: &Observed, current: Phase) {
@@ -432,13 +478,36 @@ fn check_invariants(spec: &MigrationSpec, observed: &Observed, current: Phase) {
             assert_ne!(decision.phase, Phase::CuttingOver, "no cutover over lost target writes: {}", context());
         }
     }
+    if observed.sidecar_reports_unreadable.is_some() {
+        assert!(
+            !(current == Phase::CutOver && decision.phase == Phase::RollingBack),
+            "no rollback over lost-write counts that cannot be read: {}",
+            context()
+        );
+        assert!(
+            current == Phase::CuttingOver || decision.phase != Phase::CuttingOver,
+            "no cutover over lost-write counts that cannot be read: {}",
+            context()
+        );
+    }
+    if current == Phase::RollingBack && decision.phase == Phase::RolledBack {
+        assert!(observed.sidecars_settled, "rolled back only once no sidecar can write to the target: {}", context());
+    }
     let Some(effective) = decision.effective else { return };
     match effective.writes {
         Writes::Paused => {
-            assert_eq!(decision.phase, Phase::CuttingOver, "writes are held only while cutting over: {}", context())
+            assert_eq!(decision.phase, Phase::CuttingOver, "writes are held only while cutting over: {}", context());
+            assert!(observed.cutover.fenced, "writes pause only once every sidecar is settled: {}", context());
         }
         Writes::Target { .. } | Writes::Split { .. } => {
             assert!(target_holds_writes || decision.phase == Phase::CuttingOver, "{}", context());
+            if decision.phase == Phase::CuttingOver {
+                assert!(
+                    observed.cutover.writes_held || observed.cutover.flip_pushed,
+                    "writes move only once every sidecar holds them or is fenced: {}",
+                    context()
+                );
+            }
         }
         Writes::Source { mirror_to_target } => {
             assert!(!target_holds_writes, "{}", context());

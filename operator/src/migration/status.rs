@@ -5,7 +5,7 @@
 //! - `Replicating`: the engine runs, with copy progress and lag, or why it does not;
 //! - `ReadyForCutover`: in sync within the lag guard and verified when that is required;
 //! - `Held`: something the spec asks for is not in effect yet, and why (reasons joined by `,`);
-//! - `SidecarsAcknowledged`: every live sidecar applied the configured generation.
+//! - `SidecarsAcknowledged`: every sidecar applied the configured generation or is fenced.
 
 use eden_sidecar::config::{EdenConfig, WriteMode, WritePolicy, WritesState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
@@ -16,7 +16,9 @@ use super::observe::Observation;
 use super::phase::{Decision, Held};
 use super::replication::Snapshot;
 use crate::conditions;
-use crate::crd::{CopyProgress, DataCopy, GatewayStatus, Migration, MigrationStatus, Phase, Verification};
+use crate::crd::{
+    CopyProgress, DataCopy, GatewayStatus, Migration, MigrationStatus, Phase, SidecarCounts, Verification,
+};
 
 /// An Event to record. The API folds Events with the same reason and action into one series
 /// that keeps its first note, so `action` names what tells one occurrence from another.
@@ -41,6 +43,7 @@ pub struct Report<'a> {
     pub snapshot: Option<&'a Snapshot>,
     pub configured_generation: u64,
     pub cutover_started_at: Option<MicroTime>,
+    pub cutover_barrier_generation: Option<i64>,
     pub gateway: Option<GatewayStatus>,
 }
 
@@ -73,7 +76,10 @@ impl Report<'_> {
                 None => self.previous.progress.clone(),
             },
             ready_for_cutover: self.decision.ready_for_cutover,
-            sidecars: Some(self.observation.sidecars.counts(self.configured_generation as i64)),
+            sidecars: Some(SidecarCounts {
+                configured_generation: self.configured_generation as i64,
+                ..self.observation.sidecars.counts(&self.observation.settlement)
+            }),
             last_verification: self.verification(),
             checkpoint: match self.snapshot.and_then(|s| s.checkpoint.clone()) {
                 Some(checkpoint) => Some(checkpoint),
@@ -81,6 +87,7 @@ impl Report<'_> {
                 None => self.previous.checkpoint.clone(),
             },
             cutover_started_at: self.cutover_started_at.clone(),
+            cutover_barrier_generation: self.cutover_barrier_generation,
             gateway: self.gateway.clone(),
         }
     }
@@ -201,18 +208,25 @@ impl Report<'_> {
     }
 
     fn sidecars_acknowledged(&self, generation: Option<i64>) -> Condition {
-        let report = &self.observation.sidecars;
-        let message = format!(
-            "{} of {} live sidecars applied generation {}",
-            report.acknowledged, report.live, self.configured_generation
+        let (report, settlement) = (&self.observation.sidecars, &self.observation.settlement);
+        let mut message = format!(
+            "{} of {} sidecars applied generation {}",
+            settlement.acknowledged.len(),
+            report.sidecars.len(),
+            settlement.generation
         );
+        if !settlement.fenced.is_empty() {
+            message += &format!("; fenced: {}", settlement.fenced.join(", "));
+        }
         if !report.config_errors.is_empty() {
             let message = format!("{message}; rejected: {}", report.config_errors.join("; "));
             return conditions::observed("SidecarsAcknowledged", false, "ConfigRejected", message, generation);
         }
-        let (status, reason) =
-            if report.all_acknowledged() { (true, "Acknowledged") } else { (false, "WaitingForAcks") };
-        conditions::observed("SidecarsAcknowledged", status, reason, message, generation)
+        if !settlement.settled() {
+            let message = format!("{message}; {}", settlement.describe_waiting());
+            return conditions::observed("SidecarsAcknowledged", false, "WaitingForAcks", message, generation);
+        }
+        conditions::observed("SidecarsAcknowledged", true, "Acknowledged", message, generation)
     }
 
     fn verification(&self) -> Option<Verification> {

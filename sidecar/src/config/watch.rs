@@ -8,8 +8,8 @@
 //! `Arc` snapshot from a `watch` channel, so a change never tears a command in half.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -21,7 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use super::{EdenConfig, WritesState};
+use super::{ConfigError, EdenConfig, WritesState};
 
 /// The ConfigMap key that holds the payload.
 pub const PAYLOAD_KEY: &str = "eden.yaml";
@@ -34,7 +34,7 @@ pub type CurrentConfig = watch::Receiver<Option<Arc<EdenConfig>>>;
 pub struct ConfigStatus {
     applied_generation: Gauge<u64, AtomicU64>,
     rejected_total: Counter,
-    last_error: Mutex<Option<String>>,
+    last_error: watch::Sender<Option<String>>,
 }
 
 impl ConfigStatus {
@@ -58,11 +58,16 @@ impl ConfigStatus {
 
     /// Why the most recent payload was rejected, if it was.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.last_error.borrow().clone()
+    }
+
+    /// Changes whenever [`Self::last_error`] does (the Lease reports it at once).
+    pub fn errors(&self) -> watch::Receiver<Option<String>> {
+        self.last_error.subscribe()
     }
 
     fn set_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
+        self.last_error.send_if_modified(|last| std::mem::replace(last, error.clone()) != error);
     }
 }
 
@@ -90,32 +95,35 @@ impl Applier {
     /// Offers one payload, read from `origin` (for the log line). Returns whether it is now in
     /// force.
     pub fn offer(&self, text: &str, origin: &str) -> bool {
-        match EdenConfig::from_yaml(text) {
-            Ok(config) => {
-                self.status.set_error(None);
-                let generation = config.generation;
-                self.sender.send_if_modified(|current| {
-                    if current.as_deref() == Some(&config) {
-                        return false;
-                    }
-                    *current = Some(Arc::new(config));
-                    // Before subscribers wake: the Lease reporter wakes on this change and must
-                    // read the new generation, or the ack waits for the next renewal; and the
-                    // log says "applied" before anything acts on it.
-                    self.status.applied_generation.set(generation);
-                    tracing::info!(generation, origin, "applied configuration");
-                    true
-                });
-                true
+        let mut refused = None;
+        let parsed = EdenConfig::from_yaml(text);
+        self.sender.send_if_modified(|current| {
+            let config = match parsed.and_then(|config| goes_forward(current.as_deref(), config)) {
+                Ok(config) => config,
+                Err(err) => {
+                    refused = Some(err);
+                    return false;
+                }
+            };
+            self.status.set_error(None);
+            if current.as_deref() == Some(&config) {
+                return false;
             }
-            Err(err) => {
-                self.status.rejected_total.inc();
-                let kept = self.status.applied_generation();
-                tracing::error!(%err, origin, kept_generation = kept, "rejected configuration; keeping the last good one");
-                self.status.set_error(Some(err.to_string()));
-                false
-            }
-        }
+            let generation = config.generation;
+            *current = Some(Arc::new(config));
+            // Before subscribers wake: the Lease reporter wakes on this change and must read
+            // the new generation, or the ack waits for the next renewal; and the log says
+            // "applied" before anything acts on it.
+            self.status.applied_generation.set(generation);
+            tracing::info!(generation, origin, "applied configuration");
+            true
+        });
+        let Some(err) = refused else { return true };
+        self.status.rejected_total.inc();
+        let kept = self.status.applied_generation();
+        tracing::error!(%err, origin, kept_generation = kept, "rejected configuration; keeping the last good one");
+        self.status.set_error(Some(err.to_string()));
+        false
     }
 
     /// Follows the ConfigMap `name` until the task is dropped. Watch errors (API server
@@ -167,6 +175,25 @@ impl Applier {
                 Err(_) => {}
             }
         }
+    }
+}
+
+/// Generations only go forward, and one generation means one strategy: an acknowledgement
+/// names exactly what it acknowledges, and the operator's fencing argument reads a Lease's
+/// generation as "this sidecar applied nothing later".
+fn goes_forward(applied: Option<&EdenConfig>, config: EdenConfig) -> Result<EdenConfig, ConfigError> {
+    match applied {
+        Some(applied) if config.generation < applied.generation => Err(ConfigError::Invalid {
+            field: "generation",
+            value: config.generation.to_string(),
+            expected: "not below the generation applied here; generations only go forward",
+        }),
+        Some(applied) if config.generation == applied.generation && config != *applied => Err(ConfigError::Invalid {
+            field: "generation",
+            value: config.generation.to_string(),
+            expected: "a new generation for a changed strategy; this one is applied here with other content",
+        }),
+        _ => Ok(config),
     }
 }
 

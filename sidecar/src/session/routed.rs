@@ -41,6 +41,7 @@ use super::replies::{Due, Replies, Shared};
 use super::{BUFFER, unreachable_reply};
 use crate::command::{CommandKind, RecentCommand};
 use crate::frame::{Request, RequestScanner};
+use crate::hold::{HoldReason, HoldState};
 use crate::metrics::{CommandCounts, ErrorKind, MirrorOutcome, ProxyMetrics, ShadowOutcome};
 use crate::mirror::{ConnectionState, Job, MirrorLink, hashed_key};
 use crate::plan::{Plan, Routing};
@@ -140,6 +141,11 @@ enum Txn {
         mirror: Option<Side>,
         multi: bool,
     },
+    /// Inside a MULTI whose first write was refused (`hold`), before anything was queued (the
+    /// side that answered MULTI discarded it): answered here as Redis answers a transaction
+    /// with a command that failed to queue, up to the EXEC (`-EXECABORT`) or DISCARD that ends
+    /// it.
+    Refused(HoldReason),
 }
 
 /// What a request's reply is for.
@@ -244,14 +250,24 @@ impl Session {
             self.pin(plan, bytes, kind).await;
             return true;
         }
+        if let Txn::Refused(reason) = self.txn {
+            self.refused_transaction(reason, name, kind);
+            return true;
+        }
         if kind == CommandKind::Transaction {
             self.transaction(strategy, plan, name, key, bytes).await;
             return true;
         }
         match self.txn {
-            Txn::Opened(_) => {
+            Txn::Opened(guess) => {
                 if strategy.holding() && writes(kind) {
                     return false;
+                }
+                if let Some(reason) = strategy.refusing().filter(|_| writes(kind)) {
+                    self.send_unanswered(plan, guess, DISCARD).await;
+                    self.refuse(reason);
+                    self.txn = Txn::Refused(reason);
+                    return true;
                 }
                 let (side, mirror) = strategy.transaction(key);
                 self.settle(plan, side, mirror).await;
@@ -264,6 +280,7 @@ impl Session {
             _ if changes_code(kind, name, bytes, request) => self.everywhere(strategy, plan, bytes, kind).await,
             _ => match strategy.route(kind, key, &mut self.dice) {
                 Route::Hold => return false,
+                Route::Refuse(reason) => self.refuse(reason),
                 Route::Send { answer, shadow: true, .. } => {
                     let (copy, answered) = oneshot::channel();
                     if self.send(plan, answer, bytes, kind, Reply::Copied(copy)).await {
@@ -282,6 +299,32 @@ impl Session {
             },
         }
         true
+    }
+
+    /// Answers a write the gate refuses.
+    fn refuse(&mut self, reason: HoldReason) {
+        self.metrics.write_refused();
+        self.pending.push(Due::Made(Bytes::from_static(HoldState::refusal(reason))));
+    }
+
+    /// A request inside a [`Txn::Refused`] transaction, answered as Redis would.
+    fn refused_transaction(&mut self, reason: HoldReason, name: &[u8], kind: CommandKind) {
+        let is = |expected: &str| name.eq_ignore_ascii_case(expected.as_bytes());
+        let reply: &'static [u8] = if is("EXEC") {
+            self.txn = Txn::None;
+            b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+        } else if is("DISCARD") {
+            self.txn = Txn::None;
+            b"+OK\r\n"
+        } else if is("MULTI") {
+            b"-ERR MULTI calls can not be nested\r\n"
+        } else if writes(kind) {
+            self.metrics.write_refused();
+            HoldState::refusal(reason)
+        } else {
+            b"+QUEUED\r\n"
+        };
+        self.pending.push(Due::Made(Bytes::from_static(reply)));
     }
 
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.
@@ -340,7 +383,7 @@ impl Session {
     fn cannot_continue(&mut self, strategy: &Strategy, bytes: &[u8], request: &Request) -> Option<&'static str> {
         let lost = match self.txn {
             Txn::Opened(side) | Txn::On { side, .. } => self.shared.lost[side as usize].load(Ordering::Relaxed),
-            Txn::None => false,
+            Txn::None | Txn::Refused(_) => false,
         };
         if lost {
             return Some("the connection its transaction ran on closed");
@@ -441,7 +484,7 @@ impl Session {
     /// authenticates itself never gets the client's RESET, and would stay in the transaction.
     async fn end_transaction(&mut self, plan: &Plan) {
         let (side, mirror, multi) = match std::mem::replace(&mut self.txn, Txn::None) {
-            Txn::None => return,
+            Txn::None | Txn::Refused(_) => return,
             Txn::Opened(side) => (side, None, true),
             Txn::On { side, mirror, multi } => (side, mirror, multi),
         };

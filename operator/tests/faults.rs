@@ -1,0 +1,293 @@
+//! Faults during a migration, caused for real while writers run through eden-sidecar processes
+//! (the command line the webhook injects): a sidecar cut off from the API server, the operator
+//! killed mid-cutover, the ConfigMap deleted or corrupted. Each scenario ends by checking, on the
+//! server that is authoritative then, that every write a client saw acknowledged is there exactly
+//! once, and how long the writers waited (DESIGN §9, "Fencing").
+
+mod support;
+
+use std::time::Duration;
+
+use eden_e2e::{ControlPlane, RedisServer, Relay};
+use eden_operator::crd::Phase;
+use eden_sidecar::config::{EdenConfig, PAYLOAD_KEY, WritesState};
+use eden_sidecar::route::Side;
+use futures::StreamExt;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use redis::AsyncCommands;
+use support::*;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// An `eden-sidecar` process with the command line the webhook injects, on free loopback
+/// ports, reaching the API server through `kubeconfig`. Short fencing bounds keep the test
+/// quick; the argument does not depend on their size.
+struct SidecarProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl SidecarProcess {
+    fn spawn(harness: &Harness, pod: &str, source: &RedisServer, kubeconfig: &std::path::Path) -> SidecarProcess {
+        let (port, admin) = (eden_e2e::free_port().unwrap(), eden_e2e::free_port().unwrap());
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("{}-{pod}.log", harness.namespace))).unwrap();
+        let child = std::process::Command::new(eden_e2e::workspace_binary("eden-sidecar").unwrap())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(["--source", &source.url(), "--configmap", "eden-shop", "--namespace", &harness.namespace])
+            .args(["--pod-name", pod, "--confirm-every-ms", "200", "--fence-after-ms", "2000"])
+            .args(["--max-write-pause-ms", "3000"])
+            .env("KUBECONFIG", kubeconfig)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        SidecarProcess { child, port }
+    }
+
+    /// A client connection, once the sidecar serves (after it applied a strategy).
+    async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap();
+        for _ in 0..300 {
+            if let Ok(connection) = client.get_multiplexed_async_connection_with_config(&config).await {
+                return connection;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("sidecar on port {} never served", self.port);
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one writer's clients were told.
+#[derive(Debug, Default)]
+struct Acknowledged {
+    /// INCRs answered with a count.
+    incr: i64,
+    /// RPUSHed values, each answered with a length.
+    pushed: Vec<i64>,
+    /// Writes answered with an error (refused by a fenced sidecar).
+    refused: u64,
+    /// The longest one write waited for its reply.
+    longest: Duration,
+}
+
+/// Writes `INCR counter:<name>` and `RPUSH seq:<name> n` through `sidecar` until `stop`,
+/// recording every acknowledgement.
+async fn write_until(
+    mut sidecar: redis::aio::MultiplexedConnection,
+    name: &'static str,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Acknowledged {
+    let mut acknowledged = Acknowledged::default();
+    for n in 0.. {
+        if *stop.borrow_and_update() {
+            break;
+        }
+        let started = std::time::Instant::now();
+        let incr: redis::RedisResult<i64> = sidecar.incr(format!("counter:{name}"), 1).await;
+        let push: redis::RedisResult<i64> = sidecar.rpush(format!("seq:{name}"), n).await;
+        acknowledged.longest = acknowledged.longest.max(started.elapsed());
+        for outcome in [incr.as_ref().map(|_| ()), push.as_ref().map(|_| ())] {
+            if let Err(err) = outcome {
+                assert!(!err.is_io_error() && !err.is_timeout(), "{name}: the sidecar failed the client: {err}");
+                assert!(err.to_string().contains("eden:"), "{name}: an error that is not a refusal: {err}");
+                acknowledged.refused += 1;
+            }
+        }
+        acknowledged.incr += i64::from(incr.is_ok());
+        if push.is_ok() {
+            acknowledged.pushed.push(n);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    acknowledged
+}
+
+/// A Ready `sync` migration `shop` whose clients write through eden-sidecar processes.
+struct Scenario {
+    harness: Harness,
+    source: RedisServer,
+    target: RedisServer,
+    _sidecars: Vec<SidecarProcess>,
+    stop: watch::Sender<bool>,
+    writers: Vec<(&'static str, JoinHandle<Acknowledged>)>,
+}
+
+impl Scenario {
+    /// One sidecar per entry: its pod name and, for one to be cut off, the relay through which
+    /// it reaches the API server.
+    async fn start(prefix: &str, sidecars: &[(&'static str, Option<&Relay>)]) -> Scenario {
+        let harness = Harness::start(prefix).await;
+        let (source, target) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
+        harness.apply(&endpoints(&source, &target));
+        harness.apply(&migration("shop", "sync", 0, "oldAuthoritative"));
+        harness.wait_phase("shop", Phase::Ready).await;
+        let (stop, stopped) = watch::channel(false);
+        let (mut processes, mut writers) = (Vec::new(), Vec::new());
+        for (pod, relay) in sidecars {
+            let kubeconfig = match relay {
+                Some(relay) => {
+                    let path = std::env::temp_dir().join(format!("{}-{pod}.kubeconfig", harness.namespace));
+                    harness.control_plane.kubeconfig_via(relay.addr(), &path).unwrap();
+                    path
+                }
+                None => harness.control_plane.kubeconfig().to_path_buf(),
+            };
+            let process = SidecarProcess::spawn(&harness, pod, &source, &kubeconfig);
+            writers.push((*pod, tokio::spawn(write_until(process.connect().await, pod, stopped.clone()))));
+            processes.push(process);
+        }
+        harness
+            .wait("shop", "every sidecar acknowledged", |m| {
+                m.status
+                    .as_ref()
+                    .and_then(|s| s.sidecars.as_ref())
+                    .is_some_and(|s| s.acknowledged == sidecars.len() as i32)
+            })
+            .await;
+        Scenario { harness, source, target, _sidecars: processes, stop, writers }
+    }
+
+    /// Stops the writers and checks that every write a client saw acknowledged is on the
+    /// `authoritative` side exactly once (counters) and in order (sequences); returns what each
+    /// writer was told.
+    async fn finish(self, authoritative: Side) -> Vec<(&'static str, Acknowledged)> {
+        self.stop.send_replace(true);
+        let mut server = connect(match authoritative {
+            Side::Source => &self.source,
+            Side::Target => &self.target,
+        })
+        .await;
+        let mut outcomes = Vec::new();
+        for (name, writer) in self.writers {
+            let acknowledged = writer.await.unwrap();
+            eprintln!(
+                "{name}: {} INCRs and {} RPUSHes acknowledged, {} refused, longest wait {:?}",
+                acknowledged.incr,
+                acknowledged.pushed.len(),
+                acknowledged.refused,
+                acknowledged.longest
+            );
+            let counter: Option<i64> = server.get(format!("counter:{name}")).await.unwrap();
+            assert_eq!(counter.unwrap_or(0), acknowledged.incr, "{name}: INCRs acknowledged vs applied");
+            let sequence: Vec<i64> = server.lrange(format!("seq:{name}"), 0, -1).await.unwrap();
+            assert_eq!(sequence, acknowledged.pushed, "{name}: RPUSHes acknowledged vs stored, in order");
+            outcomes.push((name, acknowledged));
+        }
+        outcomes
+    }
+}
+
+fn sidecar_counts(migration: &eden_operator::crd::Migration) -> Option<&eden_operator::crd::SidecarCounts> {
+    migration.status.as_ref()?.sidecars.as_ref()
+}
+
+#[tokio::test]
+async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowledged_write() {
+    // Two sidecars: one talks to the API server directly, the other through a relay that is
+    // cut during the cutover while its path to Redis stays up.
+    let relay = Relay::start(ControlPlane::shared().api_addr().unwrap()).await.unwrap();
+    let scenario = Scenario::start("cut-off", &[("direct", None), ("cut-off", Some(&relay))]).await;
+    let harness = &scenario.harness;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.cut();
+    harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+    let cut_over = harness.wait_phase("shop", Phase::CutOver).await;
+    let sidecars = sidecar_counts(&cut_over).unwrap();
+    assert_eq!((sidecars.acknowledged, sidecars.fenced), (1, 1), "{sidecars:?}");
+    // Cut off for longer than its pause bound (3 s): its held writes are refused.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    relay.heal();
+    // Back in touch, the fenced sidecar applies the flip and writes to the target.
+    harness
+        .wait("shop", "the fenced sidecar acknowledged the flip", |m| {
+            sidecar_counts(m).is_some_and(|s| s.acknowledged == 2)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, acknowledged) in scenario.finish(Side::Target).await {
+        if name == "cut-off" {
+            assert!(acknowledged.refused > 0, "the cut-off sidecar was fenced: it refused writes");
+        } else {
+            assert_eq!(acknowledged.refused, 0, "a sidecar in touch only ever held writes");
+            assert!(acknowledged.longest < Duration::from_secs(3), "held past the pause bound");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_operator_killed_while_writes_are_paused_loses_no_write_and_the_cutover_completes_after_it() {
+    let mut scenario = Scenario::start("operator-killed", &[("app-0", None), ("app-1", None)]).await;
+    // Watched, not polled: the operator is killed as soon as it has paused writes, well before
+    // the reconcile that could flip them (200 ms later at the soonest).
+    let watch = watcher(scenario.harness.config_maps(), watcher::Config::default().fields("metadata.name=eden-shop"));
+    let mut payloads = watch.applied_objects().boxed();
+    scenario.harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+    while let Some(config_map) = payloads.next().await {
+        let text = config_map.unwrap().data.and_then(|mut data| data.remove(PAYLOAD_KEY));
+        if text.and_then(|text| EdenConfig::from_yaml(&text).ok()).is_some_and(|p| p.writes == WritesState::Paused) {
+            break;
+        }
+    }
+    scenario.harness.stop_operator().await;
+    assert_eq!(scenario.harness.payload("shop").await.writes, WritesState::Paused, "killed during the pause");
+    // Nothing decides: the sidecars hold writes for their bound (3 s), then refuse them; none
+    // goes back to the source on a sidecar's own timer.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    scenario.harness.start_operator();
+    scenario.harness.wait_phase("shop", Phase::CutOver).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, acknowledged) in scenario.finish(Side::Target).await {
+        assert!(acknowledged.refused > 0, "{name}: writes were refused while no operator decided");
+        assert!(acknowledged.longest < Duration::from_secs(4), "{name}: no write waited past the bound");
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_or_corrupted_config_map_is_rewritten_above_every_generation_and_writes_go_on() {
+    let scenario = Scenario::start("config-map-lost", &[("app-0", None)]).await;
+    let harness = &scenario.harness;
+    let config_maps = harness.config_maps();
+    let generation = |config_map: Option<k8s_openapi::api::core::v1::ConfigMap>| {
+        let text = config_map?.data?.remove(PAYLOAD_KEY)?;
+        EdenConfig::from_yaml(&text).ok().map(|payload| payload.generation)
+    };
+    let mut last = generation(config_maps.get_opt("eden-shop").await.unwrap()).unwrap();
+    for fault in ["deleted", "corrupted"] {
+        match fault {
+            "deleted" => {
+                config_maps.delete("eden-shop", &DeleteParams::default()).await.unwrap();
+            }
+            _ => {
+                let patch = serde_json::json!({"data": {PAYLOAD_KEY: "generation: [corrupt"}});
+                config_maps.patch("eden-shop", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+            }
+        }
+        let mut rewritten = None;
+        for _ in 0..100 {
+            rewritten = generation(config_maps.get_opt("eden-shop").await.unwrap()).filter(|g| *g > last);
+            if rewritten.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rewritten = rewritten.unwrap_or_else(|| panic!("the {fault} ConfigMap was never rewritten above {last}"));
+        harness
+            .wait("shop", "the sidecar acknowledged the rewritten generation", |m| {
+                sidecar_counts(m).is_some_and(|s| s.configured_generation == rewritten as i64 && s.acknowledged == 1)
+            })
+            .await;
+        last = rewritten;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outcomes = scenario.finish(Side::Source).await;
+    assert_eq!(outcomes[0].1.refused, 0, "rewritten within the sidecar's bound: nothing refused");
+}
