@@ -11,7 +11,7 @@ use eden_sidecar::config::{EdenConfig, UpstreamConfig, WriteMode, WritePolicy, W
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
 
-use crate::crd::Migration;
+use crate::crd::{DataCopy, Migration};
 use crate::migration::phase::{Effective, Writes};
 
 /// The one key of the ConfigMap.
@@ -54,6 +54,8 @@ pub fn payload(
         mirror_writes,
         shadow_read_percentage: effective.shadow_read_percentage as u32,
         writes,
+        max_lag_ms: (migration.spec.data.type_ != DataCopy::None)
+            .then_some(migration.spec.cutover.max_lag_millis.max(0) as u64),
     }
 }
 

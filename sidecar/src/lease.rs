@@ -32,7 +32,7 @@ use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 use tokio::sync::watch;
 
 use crate::config::{ConfigStatus, CurrentConfig, writes_paused};
-use crate::hold::CurrentHold;
+use crate::hold::{CurrentHold, HoldReason, HoldState};
 use crate::metrics::ProxyMetrics;
 use crate::route::Side;
 
@@ -128,6 +128,7 @@ impl LeaseReporter {
                     RETRY_INTERVAL
                 }
             };
+            let (in_flight, pausing) = (self.metrics.clone(), self.writes() == "pausing");
             let hold = &mut self.hold;
             let hold_changed = async move {
                 match hold {
@@ -142,12 +143,19 @@ impl LeaseReporter {
                     None => std::future::pending().await,
                 }
             };
+            let settled = async move {
+                match in_flight.filter(|_| pausing) {
+                    Some(metrics) => metrics.no_writes_in_flight().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 changed = self.config.changed() => if changed.is_err() { return },
                 _ = errors.changed() => {}
                 changed = hold_changed => if changed.is_err() { return },
                 () = lost_write => {}
+                () = settled => {}
             }
         }
     }
@@ -192,9 +200,17 @@ impl LeaseReporter {
         Ok(written)
     }
 
+    /// The write gate as the operator reads it. A pause is reported only once no write routed
+    /// before it is still on its way to the source (`pausing` until then): the operator drains
+    /// replication to the source's offset after every sidecar says `paused`, and a write that
+    /// reached the source after that would be lost when replication stops.
     fn writes(&self) -> &'static str {
+        let in_flight = self.metrics.as_ref().is_some_and(|m| m.writes_in_flight() > 0);
         match &self.hold {
-            Some(hold) => hold.borrow().as_str(),
+            Some(hold) => match *hold.borrow() {
+                HoldState::Holding(HoldReason::Paused) if in_flight => "pausing",
+                state => state.as_str(),
+            },
             None if writes_paused(&self.config) => "paused",
             None => "flowing",
         }

@@ -18,6 +18,7 @@ pub mod command;
 pub mod command_info;
 pub mod config;
 pub mod frame;
+pub mod freshness;
 pub mod hold;
 pub mod lease;
 pub mod metrics;

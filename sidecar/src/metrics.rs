@@ -81,6 +81,10 @@ pub struct ProxyMetrics {
     holding: Gauge,
     held: Counter,
     refused: Counter,
+    /// Writes routed to the source whose replies have not reached their client yet.
+    writes_in_flight: Gauge,
+    /// Woken whenever [`Self::writes_in_flight`] drops to 0.
+    writes_settled: Notify,
     /// Woken on every mirrored write that did not land (see [`Self::lost_mirror_write`]).
     mirror_loss: Notify,
 }
@@ -111,7 +115,12 @@ impl Default for ProxyMetrics {
         registry.register("shadow_reads", "Reads also sent to the other side and compared, by outcome", shadow.clone());
         registry.register("writes_holding", "Client connections whose next write is held (cutover)", holding.clone());
         registry.register("writes_held", "Writes held during a cutover pause", held.clone());
-        let refused = Counter::default();
+        let (refused, writes_in_flight) = (Counter::default(), Gauge::default());
+        registry.register(
+            "writes_in_flight",
+            "Writes routed to the source whose replies have not reached their client yet",
+            writes_in_flight.clone(),
+        );
         registry.register(
             "writes_refused",
             "Writes answered with an error because they were held too long (a cutover without a decision, or a strategy this sidecar could not confirm)",
@@ -139,6 +148,8 @@ impl Default for ProxyMetrics {
             holding,
             held,
             refused,
+            writes_in_flight,
+            writes_settled: Notify::new(),
             mirror_loss: Notify::new(),
         }
     }
@@ -184,6 +195,30 @@ impl ProxyMetrics {
         self.held.inc();
         self.holding.inc();
         HoldGuard(&self.holding)
+    }
+
+    pub fn write_sent(&self) {
+        self.writes_in_flight.inc();
+    }
+
+    pub fn writes_settled(&self, count: u32) {
+        if self.writes_in_flight.dec_by(i64::from(count)) == i64::from(count) {
+            self.writes_settled.notify_waiters();
+        }
+    }
+
+    /// Writes routed to the source and not answered yet, across every session.
+    pub fn writes_in_flight(&self) -> i64 {
+        self.writes_in_flight.get()
+    }
+
+    /// Resolves the next time no write is in flight (see [`Self::writes_in_flight`]).
+    pub async fn no_writes_in_flight(&self) {
+        let settled = self.writes_settled.notified();
+        if self.writes_in_flight() == 0 {
+            return;
+        }
+        settled.await;
     }
 
     pub fn write_refused(&self) {

@@ -16,9 +16,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Confirmations, CurrentConfig, EdenConfig, UpstreamConfig};
+use crate::freshness::{self, Covered};
 use crate::hold::{self, CurrentHold, HoldState};
 use crate::mirror::MirrorPool;
-use crate::route::{Side, Strategy};
+use crate::route::{Side, Strategy, TargetReads};
 use crate::upstream::{Credentials, TlsSettings, Upstream};
 
 /// One generation's routing.
@@ -34,6 +35,25 @@ pub struct Plan {
     pub target: Option<Upstream>,
     /// Mirror connections the sessions of this plan share.
     pub mirrors: MirrorPool,
+    /// How fresh the target is, while reads of source-owned keys may go to it under a lag
+    /// guard (see [`crate::freshness`]).
+    pub freshness: Option<TargetFreshness>,
+}
+
+/// The freshness record followed on one target, under one lag guard.
+#[derive(Debug, Clone)]
+pub struct TargetFreshness {
+    uri: String,
+    max_lag: Duration,
+    covered: Covered,
+}
+
+impl TargetFreshness {
+    /// The gate now: the covered instant, if within the lag guard.
+    fn target_reads(&self) -> TargetReads {
+        let covered = *self.covered.borrow();
+        TargetReads::CoveredBefore(covered.filter(|at| at.elapsed() <= self.max_lag))
+    }
 }
 
 impl Plan {
@@ -81,8 +101,14 @@ impl Routing {
         max_pause: Duration,
     ) -> Routing {
         let hold = hold::follow(config.clone(), confirmations, max_pause);
-        let initial =
-            Plan { config: None, source_mirror: source.clone(), source, target: None, mirrors: MirrorPool::default() };
+        let initial = Plan {
+            config: None,
+            source_mirror: source.clone(),
+            source,
+            target: None,
+            mirrors: MirrorPool::default(),
+            freshness: None,
+        };
         let (plans, plan) = watch::channel(Arc::new(initial));
         tokio::spawn(rebuild(plans, config, settings));
         Routing { plan, hold }
@@ -92,7 +118,8 @@ impl Routing {
     pub fn snapshot(&self) -> (Strategy, Arc<Plan>) {
         let plan = self.plan.borrow().clone();
         let hold = *self.hold.borrow();
-        (Strategy::new(plan.config.clone(), hold), plan)
+        let target_reads = plan.freshness.as_ref().map_or(TargetReads::Ungated, TargetFreshness::target_reads);
+        (Strategy::new(plan.config.clone(), hold).with_target_reads(target_reads), plan)
     }
 
     /// Resolves once writes are no longer held (they flow, or are refused).
@@ -111,21 +138,38 @@ async fn rebuild(plans: watch::Sender<Arc<Plan>>, mut config: CurrentConfig, set
         let current = config.borrow_and_update().clone();
         if let Some(payload) = &current {
             let previous = plans.borrow().clone();
+            let target_uri = payload.target.as_ref().map(|target| settings.target.as_deref().unwrap_or(&target.uri));
+            let target = payload.target.as_ref().zip(target_uri).and_then(|(target, uri)| {
+                match Upstream::new(uri, &settings.tls, settings.connect_timeout) {
+                    Ok(upstream) => Some(upstream.with_credentials(credentials(target))),
+                    Err(err) => {
+                        tracing::error!(%err, "target unusable; everything stays on the source");
+                        None
+                    }
+                }
+            });
+            let freshness = match (&target, target_uri, payload.max_lag_ms) {
+                (Some(upstream), Some(uri), Some(max_lag)) if payload.read_percentage > 0 => {
+                    let max_lag = Duration::from_millis(max_lag);
+                    // The same target keeps its follower: no gap in what is known.
+                    Some(match previous.freshness.as_ref().filter(|f| f.uri == uri) {
+                        Some(followed) => TargetFreshness { max_lag, ..followed.clone() },
+                        None => TargetFreshness {
+                            uri: uri.to_string(),
+                            max_lag,
+                            covered: freshness::follow(upstream.clone()),
+                        },
+                    })
+                }
+                _ => None,
+            };
             let plan = Plan {
                 source_mirror: previous.source.clone().with_credentials(credentials(&payload.source)),
-                target: payload.target.as_ref().and_then(|target| {
-                    let uri = settings.target.as_deref().unwrap_or(&target.uri);
-                    match Upstream::new(uri, &settings.tls, settings.connect_timeout) {
-                        Ok(upstream) => Some(upstream.with_credentials(credentials(target))),
-                        Err(err) => {
-                            tracing::error!(%err, "target unusable; everything stays on the source");
-                            None
-                        }
-                    }
-                }),
+                target,
                 source: previous.source.clone(),
                 config: current.clone(),
                 mirrors: MirrorPool::default(),
+                freshness,
             };
             plans.send_replace(Arc::new(plan));
         }

@@ -27,9 +27,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tokio::time::Instant;
+
 use crate::command::CommandKind;
 use crate::config::{EdenConfig, ReadRouting, WriteMode, WritePolicy};
+use crate::freshness::STREAM_MARGIN;
 use crate::hold::{HoldReason, HoldState};
+use crate::session::ClientWrites;
 
 /// One of the two servers a migration moves between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,18 +81,60 @@ impl Route {
     }
 }
 
-/// One consistent view of the strategy: the configuration in force and the hold state.
+/// Whether reads of keys the source owns may go to the target (DESIGN §9, "Freshness").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TargetReads {
+    /// No gate: the payload sets no lag guard (nothing replicates; the sidecars' own mirrors
+    /// feed the target).
+    #[default]
+    Ungated,
+    /// The target holds every source write answered before this instant, and that instant is
+    /// within the lag guard; `None` when the target is not known to be within it.
+    CoveredBefore(Option<Instant>),
+}
+
+impl TargetReads {
+    /// Whether the target holds everything a client with `writes` has written.
+    fn holds(self, writes: ClientWrites) -> bool {
+        match (self, writes) {
+            (TargetReads::Ungated, _) => true,
+            (TargetReads::CoveredBefore(None), _) | (_, ClientWrites::Waiting) => false,
+            (TargetReads::CoveredBefore(Some(_)), ClientWrites::None) => true,
+            (TargetReads::CoveredBefore(Some(covered)), ClientWrites::AnsweredAt(answered)) => {
+                answered + STREAM_MARGIN < covered
+            }
+        }
+    }
+}
+
+/// One consistent view of the strategy: the configuration in force, the hold state, and how far
+/// the target can be read.
 #[derive(Debug, Clone, Default)]
 pub struct Strategy {
     /// `None` before a first payload, or when the payload has no target: everything to the source.
     config: Option<Arc<EdenConfig>>,
     hold: HoldState,
+    target_reads: TargetReads,
 }
 
 impl Strategy {
     pub fn new(config: Option<Arc<EdenConfig>>, hold: HoldState) -> Self {
         let config = config.filter(|config| config.target.is_some());
-        Strategy { config, hold }
+        Strategy { config, hold, target_reads: TargetReads::Ungated }
+    }
+
+    pub fn with_target_reads(mut self, target_reads: TargetReads) -> Self {
+        self.target_reads = target_reads;
+        self
+    }
+
+    /// Whether a read of `key` that [`Self::route`] sent to the target may be served there for
+    /// a client whose writes are `writes`: always when the target owns the key; else only when
+    /// the target holds every write the client saw answered (read-your-writes) and is within
+    /// the lag guard.
+    pub fn target_may_serve(&self, key: Option<&[u8]>, writes: ClientWrites) -> bool {
+        let Some(config) = &self.config else { return false };
+        owner(config, key) == Side::Target || self.target_reads.holds(writes)
     }
 
     /// Where a request of `kind` whose first key is `key` goes, outside a transaction.
@@ -261,6 +307,8 @@ impl Default for Dice {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::config::{UpstreamConfig, WritesState};
 
@@ -278,6 +326,7 @@ mod tests {
             mirror_writes: false,
             shadow_read_percentage: 0,
             writes: WritesState::Flowing,
+            max_lag_ms: None,
         };
         edit(&mut config);
         Strategy::new(Some(Arc::new(config)), HoldState::Flowing)
@@ -379,5 +428,29 @@ mod tests {
             assert_eq!(refusing.refusing(), Some(reason));
         }
         assert_eq!(Strategy::default().route(CommandKind::Write, Some(b"k"), dice), send(Side::Source, None));
+    }
+
+    #[test]
+    fn reads_of_source_owned_keys_reach_the_target_only_for_clients_it_holds_the_writes_of() {
+        use ClientWrites::*;
+        let now = Instant::now();
+        let answered = |ago_ms: u64| AnsweredAt(now - Duration::from_millis(ago_ms));
+        let canary = config(|c| c.read_percentage = 100);
+        assert!(canary.target_may_serve(Some(b"k"), Waiting), "no lag guard (data.type none): no gate");
+
+        let covered =
+            canary.clone().with_target_reads(TargetReads::CoveredBefore(Some(now - Duration::from_millis(20))));
+        assert!(covered.target_may_serve(Some(b"k"), None));
+        assert!(covered.target_may_serve(Some(b"k"), answered(40)), "answered well before the covered instant");
+        assert!(!covered.target_may_serve(Some(b"k"), answered(22)), "within the stream margin of it");
+        assert!(!covered.target_may_serve(Some(b"k"), answered(5)), "after it: the target may not hold it yet");
+        assert!(!covered.target_may_serve(Some(b"k"), Waiting), "a write still on its way");
+
+        let stale = canary.with_target_reads(TargetReads::CoveredBefore(Option::None));
+        assert!(!stale.target_may_serve(Some(b"k"), None), "outside the lag guard: nobody reads the target");
+
+        let authoritative = config(|c| (c.read_percentage, c.write_policy) = (100, WritePolicy::NewAuthoritative))
+            .with_target_reads(TargetReads::CoveredBefore(Option::None));
+        assert!(authoritative.target_may_serve(Some(b"k"), Waiting), "the target owns the key: no gate");
     }
 }

@@ -24,6 +24,9 @@
 
 mod replies;
 pub mod routed;
+mod writes;
+
+pub use writes::ClientWrites;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

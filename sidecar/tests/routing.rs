@@ -18,6 +18,7 @@ use eden_sidecar::lease::{
     ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_LOST_TARGET_WRITES,
     ANNOTATION_WRITES, LeaseReporter,
 };
+use eden_sidecar::replicate::{Mode, Replicator, ReplicatorOptions};
 use eden_sidecar::route::key_bucket;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -980,4 +981,71 @@ async fn a_connection_pinned_to_the_source_is_closed_rather_than_write_there_aft
         assert_eq!(direct(server).await.exists::<_, i64>("after").await.unwrap(), 0, "{}", server.url());
     }
     assert_eq!(direct(&migration.source).await.get::<_, String>("before").await.unwrap(), "1");
+}
+
+#[tokio::test]
+async fn canary_reads_reach_the_target_only_while_replication_keeps_it_fresh_and_each_client_reads_its_writes() {
+    let mut migration = Migration::new();
+    let (source, target) = (migration.source.url(), migration.target.url());
+    let replicator = Replicator::start(&source, &target, Mode::Sync, ReplicatorOptions::default(), None).await.unwrap();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "read_percentage: 100\nmax_lag_ms: 100").await;
+    let target_reads = || proxy.metric("eden_commands_total{route=\"target\",kind=\"read\"}");
+
+    // A client that only reads is served by the target once the engine's beats show it fresh.
+    let reader = proxy.client().await;
+    eventually("the target serves reads", || async {
+        let _: Option<i64> = reader.clone().get("k").await.unwrap();
+        target_reads() > 0
+    })
+    .await;
+
+    // A client that writes always reads what it wrote, whichever side serves it.
+    let mut writer = proxy.client().await;
+    for n in 1..=200 {
+        let _: () = writer.set("k", n).await.unwrap();
+        let read: i64 = writer.get("k").await.unwrap();
+        assert_eq!(read, n, "read-your-writes");
+        let _: () = writer.incr("log", 1).await.unwrap();
+    }
+
+    // The engine stops, as when its operator crashes: past the lag guard nobody reads the
+    // target, though nothing told the sidecar.
+    replicator.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = target_reads();
+    let mut on_source = direct(&migration.source).await;
+    for n in 1_000..1_050 {
+        let _: () = on_source.set("k", n).await.unwrap();
+        let read: i64 = reader.clone().get("k").await.unwrap();
+        assert_eq!(read, n, "a stale target serves no read");
+    }
+    assert_eq!(target_reads(), before, "no read reached the target once it went stale");
+}
+
+#[tokio::test]
+async fn a_pause_is_reported_only_once_every_earlier_write_was_answered() {
+    let mut migration = Migration::new();
+    let (proxy, routing) =
+        Proxy::routed(&migration.source.url(), migration.config.clone(), Duration::from_secs(30)).await;
+    let (leases, reporter) = migration.lease_reporter("app-4", &proxy).await;
+    let reporter = reporter.with_hold(routing.hold());
+    tokio::spawn(reporter.clone().run());
+    migration.apply(1, "").await;
+    wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_WRITES] == "flowing").await;
+
+    // A write on its way to a source that does not answer yet, when the pause arrives.
+    let mut app = proxy.client().await;
+    migration.source.freeze().unwrap();
+    let write = tokio::spawn(async move { app.set::<_, _, ()>("k", "v").await });
+    eventually("the write is in flight", || async { proxy.metric("eden_writes_in_flight") == 1 }).await;
+    migration.apply(2, "writes: paused").await;
+    wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_GENERATION] == "2").await;
+    let lease = wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_WRITES] == "pausing").await;
+    assert_eq!(lease.metadata.annotations.unwrap()[ANNOTATION_WRITES], "pausing", "not yet holding everything");
+
+    // Answered: now every write this sidecar routed is on the source, and it says so.
+    migration.source.thaw().unwrap();
+    write.await.unwrap().unwrap();
+    wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_WRITES] == "paused").await;
 }

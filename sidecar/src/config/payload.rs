@@ -46,6 +46,12 @@ pub struct EdenConfig {
     pub shadow_read_percentage: u32,
     #[serde(default)]
     pub writes: WritesState,
+    /// The Migration's lag guard while replication feeds the target: reads of keys the source
+    /// owns go to the target only while this sidecar sees it within the guard, and only for a
+    /// client whose writes it already holds (DESIGN §9, "Freshness"). Absent when nothing
+    /// replicates (`data.type: none`: the sidecars' own mirrors feed the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag_ms: Option<u64>,
 }
 
 /// How to reach one Redis server. Never carries a secret: credentials come from a mounted file.

@@ -17,7 +17,7 @@
 //! [`chunks`] (bounded-memory iteration over big collections), [`budget`] (the bytes one batch may
 //! hold), [`copy`] (one batch of keys, source → target), [`streams`] (a big stream's groups and
 //! pending entries), [`dirty`] (keys waiting for a re-copy), [`notify`] (keyspace notifications),
-//! [`flush`] (FLUSHDB/FLUSHALL detection), [`kept`] (the keys `skip` kept), [`checkpoint`], [`progress`], [`scan`] (the replicator
+//! [`flush`] (FLUSHDB/FLUSHALL detection), [`freshness`] (the record sidecars read), [`kept`] (the keys `skip` kept), [`checkpoint`], [`progress`], [`scan`] (the replicator
 //! loop), [`compare`] and [`verify`] (the verifier), [`pace`] (rate limiting), [`sync`] (the
 //! replica), [`replicator`] (the handle over both).
 
@@ -30,6 +30,7 @@ mod dirty;
 mod endpoint;
 mod error;
 mod flush;
+mod freshness;
 mod kept;
 mod keys;
 mod notify;
@@ -44,6 +45,7 @@ mod verify;
 pub use checkpoint::{Checkpoint, Pass, SyncPosition};
 pub use copy::ReplacePolicy;
 pub use error::ReplicateError;
+pub use freshness::{FRESHNESS_EVERY, FRESHNESS_KEY, FreshnessRecord};
 pub use kept::KeptKeys;
 pub use keys::KeyType;
 pub use pace::OpsLimits;
@@ -55,3 +57,9 @@ pub use verify::{Difference, DifferenceKind, Verifier, VerifyOptions, VerifyRepo
 
 /// A Redis key as raw bytes: keys are binary-safe and are never assumed to be UTF-8.
 pub type Key = Vec<u8>;
+
+/// Keys Eden itself keeps on the target ([`POSITION_KEY`], [`FRESHNESS_KEY`]): not the
+/// source's data, so neither verified nor pruned.
+pub(crate) fn eden_own(key: &[u8]) -> bool {
+    key == POSITION_KEY.as_bytes() || key == FRESHNESS_KEY.as_bytes()
+}

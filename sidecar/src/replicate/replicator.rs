@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::endpoint::Endpoint;
 use super::{
     Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions,
     SyncReplicator,
@@ -73,6 +74,19 @@ impl ReplicatorOptions {
 /// A running replication in either mode. Dropping it stops replication.
 pub struct Replicator {
     engine: Engine,
+    /// Keeps the target's freshness record while the engine runs (see [`super::freshness`]).
+    _freshness: Freshness,
+}
+
+/// The freshness task, stopped with its replicator.
+struct Freshness(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for Freshness {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
 }
 
 enum Engine {
@@ -92,6 +106,7 @@ impl Replicator {
         options: ReplicatorOptions,
         checkpoint: Option<Checkpoint>,
     ) -> Result<Self, ReplicateError> {
+        let tls = options.sync.tls.clone();
         let engine = match mode {
             Mode::Sync => Engine::Sync(SyncReplicator::start(source, target, options.sync, checkpoint).await?),
             Mode::Scan => Engine::Scan(Box::new(match checkpoint {
@@ -99,7 +114,23 @@ impl Replicator {
                 Some(checkpoint) => ScanReplicator::resume(source, target, options.scan, checkpoint).await?,
             })),
         };
-        Ok(Replicator { engine })
+        let progress = match &engine {
+            Engine::Sync(r) => r.progress(),
+            Engine::Scan(r) => r.progress(),
+        };
+        // Without the record no sidecar reads the target before it is authoritative: safe,
+        // and said once.
+        let freshness = match Endpoint::connect("target", target, &tls).await {
+            Ok(endpoint) => Some(super::freshness::keep(endpoint, progress)),
+            // The error names the server by its URL, credentials included: not logged.
+            Err(_) => {
+                tracing::warn!(
+                    "cannot connect to the target to keep the freshness record; sidecars will not read from it before cutover"
+                );
+                None
+            }
+        };
+        Ok(Replicator { engine, _freshness: Freshness(freshness) })
     }
 
     pub fn mode(&self) -> Mode {

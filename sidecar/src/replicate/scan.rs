@@ -689,7 +689,12 @@ impl CopyLoop {
             Pass::Prune { cursor } => {
                 let (next, found) = keys::scan(target, cursor, self.options.batch).await?;
                 let on_source = keys::exists(source, &found).await?;
-                batch.stale = found.into_iter().zip(on_source).filter(|(_, on)| !on).map(|(key, _)| key).collect();
+                batch.stale = found
+                    .into_iter()
+                    .zip(on_source)
+                    .filter(|(key, on)| !on && !super::eden_own(key))
+                    .map(|(key, _)| key)
+                    .collect();
                 batch.step = Some((pass, next));
             }
         }

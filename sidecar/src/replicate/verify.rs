@@ -6,8 +6,9 @@
 //! ([`super::compare`]). Pass two SCANs the target for keys the source lacks. Data keeps changing
 //! under live writes, so a report lists the differing keys and [`Verifier::recheck`] looks at just
 //! those again. A key due to expire within the TTL tolerance may be gone from the server read
-//! second, so it is not reported missing there. Sync mode's position record on the target ([`super::POSITION_KEY`]) is Eden's
-//! bookkeeping, not data, and is not reported.
+//! second, so it is not reported missing there. The records Eden keeps on the target (sync mode's
+//! position, [`super::POSITION_KEY`], and the freshness record, [`super::FRESHNESS_KEY`]) are its
+//! bookkeeping, not data, and are not reported.
 
 use redis::pipe;
 use serde::Serialize;
@@ -16,7 +17,7 @@ use tracing::{Instrument, info, info_span};
 use super::endpoint::{Endpoint, as_bytes, printable};
 use super::keys;
 use super::pace::Pace;
-use super::{KeptKeys, Key, KeyType, POSITION_KEY, ReplicateError, compare};
+use super::{KeptKeys, Key, KeyType, ReplicateError, compare, eden_own};
 use crate::upstream::TlsSettings;
 use std::num::NonZeroU32;
 
@@ -168,7 +169,7 @@ impl Verifier {
             }
             loop {
                 let (next, mut found) = keys::scan(&self.target, cursor, self.options.batch).await?;
-                found.retain(|key| key != POSITION_KEY.as_bytes());
+                found.retain(|key| !eden_own(key));
                 let scanned = found.len();
                 let on_source = keys::exists(&self.source, &found).await?;
                 let only_on_target: Vec<Key> =

@@ -21,6 +21,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
+use super::writes::{SessionWrites, SourceWrites};
 use super::{BUFFER, DRAIN_TIMEOUT, Latency};
 use crate::metrics::{ErrorKind, ProxyMetrics};
 use crate::reply::{Frame, ReplyScanner};
@@ -44,6 +45,8 @@ pub(super) enum Due {
     Pin(Side),
     /// Deliver everything due, then these bytes, then close.
     Finish(Vec<u8>),
+    /// The writes of a batch, answered once everything before this reached the client.
+    Settled(SourceWrites),
 }
 
 /// State both directions of a routed session see.
@@ -52,6 +55,7 @@ pub(super) struct Shared {
     /// A side whose connection has closed; the request side reconnects before using it again.
     pub lost: [AtomicBool; 2],
     pub latency: Latency,
+    pub writes: Arc<SessionWrites>,
 }
 
 struct SideReader {
@@ -193,6 +197,7 @@ impl<C: AsyncWrite> Replies<C> {
                         closed: false,
                     });
                 }
+                Due::Settled(writes) => writes.answered(),
                 Due::Pin(side) => return Ok(Next::Pinned(side)),
                 Due::Finish(closing) => return Ok(Next::Close(closing)),
                 Due::Replies { side, count, discard } => {

@@ -38,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::replies::{Due, Replies, Shared};
+use super::writes::SourceWrites;
 use super::{BUFFER, unreachable_reply};
 use crate::command::{CommandKind, RecentCommand};
 use crate::frame::{Request, RequestScanner};
@@ -77,6 +78,7 @@ where
         txn: Txn::None,
         pinned: false,
         counts: CommandCounts::default(),
+        batch_writes: None,
     };
     let mut requests = BytesMut::with_capacity(BUFFER);
     'session: loop {
@@ -180,6 +182,8 @@ struct Session {
     pinned: bool,
     /// This batch's commands, counted when it is flushed.
     counts: CommandCounts,
+    /// This batch's writes to the source, answered behind its replies.
+    batch_writes: Option<SourceWrites>,
 }
 
 impl Session {
@@ -290,6 +294,16 @@ impl Session {
                     }
                 }
                 Route::Send { answer, mirror, shadow: false } => {
+                    // A read the target may not hold yet for this client goes to the source.
+                    let answer = match answer {
+                        Side::Target
+                            if kind == CommandKind::Read
+                                && !strategy.target_may_serve(key, self.shared.writes.client_writes()) =>
+                        {
+                            Side::Source
+                        }
+                        answer => answer,
+                    };
                     if self.send(plan, answer, bytes, kind, Reply::Client).await
                         && let Some(mirror) = mirror
                     {
@@ -518,6 +532,10 @@ impl Session {
         }
         self.out[side as usize].extend_from_slice(request);
         self.counts.count(side, kind);
+        if side == Side::Source && (writes(kind) || kind == CommandKind::Transaction) {
+            let (session, metrics) = (&self.shared.writes, &self.metrics);
+            self.batch_writes.get_or_insert_with(|| SourceWrites::new(session.clone(), metrics.clone())).add();
+        }
         match reply {
             Reply::Client => self.expect(side, false),
             Reply::Copied(copy) => self.pending.push(Due::Copied { side, copy }),
@@ -629,6 +647,9 @@ impl Session {
     /// write per side); false when the source connection failed.
     async fn flush(&mut self) -> bool {
         self.metrics.commands(&mut self.counts);
+        if let Some(writes) = self.batch_writes.take() {
+            self.pending.push(Due::Settled(writes));
+        }
         for due in self.pending.drain(..) {
             let _ = self.dues.send(due);
         }
