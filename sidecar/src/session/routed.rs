@@ -443,7 +443,7 @@ impl Session {
     /// EVALSHA routed as a read to the target, an FCALL on a key the other side owns, any
     /// command after a cutover or a rollback) finds it. Neither write rule is broken: a
     /// script cache is not data, and a function library the sync engine also replicates to
-    /// the target is the same library (its second load is refused there and changes nothing).
+    /// the target is the same library, which the engine's copy replaces.
     async fn everywhere(&mut self, strategy: &Strategy, plan: &Plan, bytes: &[u8], kind: CommandKind) {
         let answer = strategy.owner(None);
         if strategy.has_target() {
