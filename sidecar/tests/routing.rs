@@ -1049,3 +1049,42 @@ async fn a_pause_is_reported_only_once_every_earlier_write_was_answered() {
     write.await.unwrap().unwrap();
     wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_WRITES] == "paused").await;
 }
+
+#[tokio::test]
+async fn a_scan_through_a_read_canary_sees_every_key_once() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let keys: Vec<String> = (0..2000).map(|i| format!("key:{i}")).collect();
+    for server in [&migration.source, &migration.target] {
+        let mut pipeline = redis::pipe();
+        for key in &keys {
+            pipeline.set(key, 1).ignore();
+            pipeline.hset("hash", key, 1).ignore();
+        }
+        let _: () = pipeline.query_async(&mut direct(server).await).await.unwrap();
+    }
+    migration.apply(1, "read_percentage: 50").await;
+    let mut app = proxy.client().await;
+    for (command, key) in [("SCAN", None), ("HSCAN", Some("hash"))] {
+        let (mut cursor, mut seen) = (0u64, Vec::new());
+        loop {
+            let mut call = redis::cmd(command);
+            call.arg(key).arg(cursor).arg("COUNT").arg(20);
+            let (next, batch): (u64, Vec<String>) = call.query_async(&mut app).await.unwrap();
+            // HSCAN returns fields and values.
+            seen.extend(batch.into_iter().step_by(if key.is_some() { 2 } else { 1 }));
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        let mut expected = keys.clone();
+        if key.is_none() {
+            expected.push("hash".into());
+        }
+        expected.sort();
+        assert_eq!(seen, expected, "{command}: every key, from one server's cursor");
+    }
+}

@@ -18,6 +18,8 @@
 //!   queued ([`Session::settle`]). When the connection a transaction runs on closes, the
 //!   client's closes too, at its next request, which must not run outside the transaction on
 //!   a new connection.
+//! - Each call of a cursor iteration (SCAN, HSCAN, SSCAN, ZSCAN) reads the owner: a cursor
+//!   is valid only on the server that returned it.
 //! - Scripts and function libraries are loaded (and flushed, deleted, restored) on both sides,
 //!   the owner of keyless writes answering, so EVALSHA and FCALL find them wherever they run.
 //! - SUBSCRIBE and friends, MONITOR, CLIENT REPLY and a replica's SYNC, PSYNC and REPLCONF make
@@ -282,6 +284,11 @@ impl Session {
                 self.send(plan, side, bytes, kind, Reply::Client).await;
             }
             _ if changes_code(kind, name, bytes, request) => self.everywhere(strategy, plan, bytes, kind).await,
+            // A cursor is valid only on the server that returned it: every call of an
+            // iteration reads the owner, whatever the read share.
+            _ if kind == CommandKind::Read && iterates(name) => {
+                self.send(plan, strategy.owner(key), bytes, kind, Reply::Client).await;
+            }
             _ => match strategy.route(kind, key, &mut self.dice) {
                 Route::Hold => return false,
                 Route::Refuse(reason) => self.refuse(reason),
@@ -700,6 +707,11 @@ fn pins(kind: CommandKind, name: &[u8], bytes: &[u8], request: &Request) -> bool
     }
 }
 
+/// Whether this is one call of a cursor iteration: SCAN, HSCAN, SSCAN, ZSCAN.
+fn iterates(name: &[u8]) -> bool {
+    ["SCAN", "HSCAN", "SSCAN", "ZSCAN"].iter().any(|scan| name.eq_ignore_ascii_case(scan.as_bytes()))
+}
+
 /// Whether this request changes the scripts or function libraries a server holds, which
 /// EVALSHA and FCALL need on whichever side runs them.
 fn changes_code(kind: CommandKind, name: &[u8], bytes: &[u8], request: &Request) -> bool {
@@ -793,5 +805,6 @@ mod tests {
         assert!(on(&["SSUBSCRIBE", "orders"], pins));
         assert!(!on(&["PUBLISH", "news", "hi"], pins));
         assert!(!on(&["CLIENT", "ID"], pins));
+        assert!(iterates(b"hscan") && iterates(b"SCAN") && !iterates(b"KEYS"));
     }
 }
