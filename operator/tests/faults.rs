@@ -75,18 +75,24 @@ struct Acknowledged {
     pushed: Vec<i64>,
     /// Writes answered with an error (refused by a fenced sidecar).
     refused: u64,
-    /// The longest one write waited for its reply.
+    /// The longest one round of writes (INCR, RPUSH, SET) waited for its replies.
     longest: Duration,
+    /// Reads of `last:<name>` that returned a value older than this client's last acknowledged
+    /// `SET` of it.
+    stale_reads: u64,
+    /// Reads of it, in all.
+    reads: u64,
 }
 
-/// Writes `INCR counter:<name>` and `RPUSH seq:<name> n` through `sidecar` until `stop`,
-/// recording every acknowledgement.
+/// Writes `INCR counter:<name>`, `RPUSH seq:<name> n` and `SET last:<name> n` through
+/// `sidecar` until `stop`, recording every acknowledgement, and reads `last:<name>` back after
+/// each, counting reads that went back in time.
 async fn write_until(
     mut sidecar: redis::aio::MultiplexedConnection,
     name: &'static str,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Acknowledged {
-    let mut acknowledged = Acknowledged::default();
+    let (mut acknowledged, mut last) = (Acknowledged::default(), None);
     for n in 0.. {
         if *stop.borrow_and_update() {
             break;
@@ -94,8 +100,9 @@ async fn write_until(
         let started = std::time::Instant::now();
         let incr: redis::RedisResult<i64> = sidecar.incr(format!("counter:{name}"), 1).await;
         let push: redis::RedisResult<i64> = sidecar.rpush(format!("seq:{name}"), n).await;
+        let set: redis::RedisResult<()> = sidecar.set(format!("last:{name}"), n).await;
         acknowledged.longest = acknowledged.longest.max(started.elapsed());
-        for outcome in [incr.as_ref().map(|_| ()), push.as_ref().map(|_| ())] {
+        for outcome in [incr.as_ref().map(|_| ()), push.as_ref().map(|_| ()), set.as_ref().map(|_| ())] {
             if let Err(err) = outcome {
                 assert!(!err.is_io_error() && !err.is_timeout(), "{name}: the sidecar failed the client: {err}");
                 assert!(err.to_string().contains("eden:"), "{name}: an error that is not a refusal: {err}");
@@ -106,6 +113,12 @@ async fn write_until(
         if push.is_ok() {
             acknowledged.pushed.push(n);
         }
+        if set.is_ok() {
+            last = Some(n);
+        }
+        let read: Option<i64> = sidecar.get(format!("last:{name}")).await.unwrap();
+        acknowledged.reads += 1;
+        acknowledged.stale_reads += u64::from(read < last);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     acknowledged
@@ -170,12 +183,15 @@ impl Scenario {
         for (name, writer) in self.writers {
             let acknowledged = writer.await.unwrap();
             eprintln!(
-                "{name}: {} INCRs and {} RPUSHes acknowledged, {} refused, longest wait {:?}",
+                "{name}: {} INCRs and {} RPUSHes acknowledged, {} refused, longest wait {:?}, {} of {} reads stale",
                 acknowledged.incr,
                 acknowledged.pushed.len(),
                 acknowledged.refused,
-                acknowledged.longest
+                acknowledged.longest,
+                acknowledged.stale_reads,
+                acknowledged.reads
             );
+            assert_eq!(acknowledged.stale_reads, 0, "{name}: a read went back in time for its client");
             let counter: Option<i64> = server.get(format!("counter:{name}")).await.unwrap();
             assert_eq!(counter.unwrap_or(0), acknowledged.incr, "{name}: INCRs acknowledged vs applied");
             let sequence: Vec<i64> = server.lrange(format!("seq:{name}"), 0, -1).await.unwrap();
@@ -290,4 +306,24 @@ async fn a_deleted_or_corrupted_config_map_is_rewritten_above_every_generation_a
     tokio::time::sleep(Duration::from_millis(500)).await;
     let outcomes = scenario.finish(Side::Source).await;
     assert_eq!(outcomes[0].1.refused, 0, "rewritten within the sidecar's bound: nothing refused");
+}
+
+#[tokio::test]
+async fn canary_reads_leave_the_target_when_the_operator_dies_and_no_client_reads_back_in_time() {
+    let mut scenario = Scenario::start("canary-operator-killed", &[("app-0", None), ("app-1", None)]).await;
+    scenario.harness.apply(&migration("shop", "sync", 50, "oldAuthoritative"));
+    scenario.harness.wait_payload("shop", |p| p.read_percentage == 50).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The replication engine runs in the operator: killed, nothing feeds the target any more,
+    // and no sidecar is told.
+    scenario.harness.stop_operator().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut on_target = connect(&scenario.target).await;
+    let left_behind: Option<i64> = on_target.get("last:app-0").await.unwrap();
+    let mut on_source = connect(&scenario.source).await;
+    let latest: Option<i64> = on_source.get("last:app-0").await.unwrap();
+    assert!(left_behind < latest, "the target went stale: {left_behind:?} against {latest:?}");
+    for (name, acknowledged) in scenario.finish(Side::Source).await {
+        assert!(acknowledged.reads > 0, "{name} read throughout");
+    }
 }

@@ -75,15 +75,29 @@ impl ReplicatorOptions {
 pub struct Replicator {
     engine: Engine,
     /// Keeps the target's freshness record while the engine runs (see [`super::freshness`]).
-    _freshness: Freshness,
+    freshness: Freshness,
 }
 
 /// The freshness task, stopped with its replicator.
-struct Freshness(Option<tokio::task::JoinHandle<()>>);
+struct Freshness(Option<(tokio::task::JoinHandle<()>, Endpoint)>);
+
+impl Freshness {
+    /// Stops the beats and removes the record, so that a target left behind holds only data.
+    async fn forget(mut self) {
+        if let Some((task, target)) = self.0.take() {
+            task.abort();
+            let mut del = redis::Cmd::new();
+            del.arg("DEL").arg(super::FRESHNESS_KEY);
+            if target.cmd::<()>("DEL", &del).await.is_err() {
+                tracing::debug!("could not remove the freshness record; it expires by itself");
+            }
+        }
+    }
+}
 
 impl Drop for Freshness {
     fn drop(&mut self) {
-        if let Some(task) = &self.0 {
+        if let Some((task, _)) = &self.0 {
             task.abort();
         }
     }
@@ -121,7 +135,7 @@ impl Replicator {
         // Without the record no sidecar reads the target before it is authoritative: safe,
         // and said once.
         let freshness = match Endpoint::connect("target", target, &tls).await {
-            Ok(endpoint) => Some(super::freshness::keep(endpoint, progress)),
+            Ok(endpoint) => Some((super::freshness::keep(endpoint.clone(), progress), endpoint)),
             // The error names the server by its URL, credentials included: not logged.
             Err(_) => {
                 tracing::warn!(
@@ -130,7 +144,7 @@ impl Replicator {
                 None
             }
         };
-        Ok(Replicator { engine, _freshness: Freshness(freshness) })
+        Ok(Replicator { engine, freshness: Freshness(freshness) })
     }
 
     pub fn mode(&self) -> Mode {
@@ -175,6 +189,7 @@ impl Replicator {
 
     /// Stops replicating; returns the replicator's error if it had already failed.
     pub async fn stop(self) -> Result<(), ReplicateError> {
+        self.freshness.forget().await;
         match self.engine {
             Engine::Sync(r) => r.stop().await,
             Engine::Scan(r) => r.stop().await,
