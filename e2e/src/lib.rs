@@ -76,9 +76,15 @@ pub fn argocd_health() -> Result<PathBuf, FixtureError> {
     go_program("EDEN_ARGOCD_HEALTH", "e2e/argocd-health/build.sh")
 }
 
-/// The path of a Go program of the test kit: `$override` when set, else what its build script
-/// (relative to the repository root) prints, which builds the program first when this source
-/// version has no cached binary.
+/// A Python interpreter with the client libraries of `e2e/python/requirements.txt` (pinned
+/// versions from PyPI), in a virtualenv made first when those requirements have none cached.
+pub fn python_clients() -> Result<PathBuf, FixtureError> {
+    go_program("EDEN_PYTHON", "e2e/python/build.sh")
+}
+
+/// The path of a program of the test kit (a Go program, or Python with its packages):
+/// `$override` when set, else what its build script (relative to the repository root) prints,
+/// which builds the program first when this source version has no cached one.
 fn go_program(override_var: &str, script: &str) -> Result<PathBuf, FixtureError> {
     if let Some(path) = std::env::var_os(override_var) {
         return Ok(PathBuf::from(path));

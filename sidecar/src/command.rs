@@ -27,9 +27,10 @@ pub enum CommandKind {
     Transaction,
     /// Turns the connection into a subscriber, or publishes.
     PubSub,
-    /// Per-connection state: AUTH, SELECT, HELLO, CLIENT, PING, RESET, QUIT…
+    /// Per-connection state: AUTH, SELECT, HELLO, PING, RESET, QUIT…
     Connection,
-    /// Server administration: CONFIG, INFO, FUNCTION, SCRIPT, ACL…
+    /// Server administration and inspection: CONFIG, INFO, CLIENT, OBJECT, MEMORY, FUNCTION,
+    /// SCRIPT, ACL, replication…
     Admin,
     /// Not in the table (module commands, newer commands).
     Other,
@@ -250,7 +251,9 @@ fn builtin(name: &[u8]) -> Option<(CommandKind, FirstKey)> {
     Some(match name {
         b"SCAN" | b"KEYS" | b"RANDOMKEY" | b"DBSIZE" => (Read, None),
         b"FLUSHDB" | b"FLUSHALL" | b"SWAPDB" => (Write, None),
-        b"OBJECT" | b"MEMORY" | b"XINFO" => (Read, At(2)),
+        b"XINFO" => (Read, At(2)),
+        // How the server that owns the key stores it: admin, routed to the key's owner.
+        b"OBJECT" | b"MEMORY" => (Admin, At(2)),
         b"BITOP" | b"XGROUP" => (Write, At(2)),
         b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL_RO" => (Read, AfterNumkeys(2)),
         b"EVAL" | b"EVALSHA" | b"FCALL" => (Write, AfterNumkeys(2)),
@@ -266,13 +269,13 @@ fn builtin(name: &[u8]) -> Option<(CommandKind, FirstKey)> {
         // Shard channels hash to slots like keys, which a cluster upstream will need.
         b"SSUBSCRIBE" | b"SUNSUBSCRIBE" | b"SPUBLISH" => (PubSub, At(1)),
         b"SUBSCRIBE" | b"PSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" | b"PUBLISH" | b"PUBSUB" => (PubSub, None),
-        b"AUTH" | b"SELECT" | b"HELLO" | b"PING" | b"ECHO" | b"QUIT" | b"RESET" | b"CLIENT" | b"READONLY"
-        | b"READWRITE" => (Connection, None),
+        b"AUTH" | b"SELECT" | b"HELLO" | b"PING" | b"ECHO" | b"QUIT" | b"RESET" | b"READONLY" | b"READWRITE" => {
+            (Connection, None)
+        }
         b"CONFIG" | b"INFO" | b"DEBUG" | b"SHUTDOWN" | b"SAVE" | b"BGSAVE" | b"BGREWRITEAOF" | b"LASTSAVE"
         | b"SLOWLOG" | b"LATENCY" | b"MONITOR" | b"REPLICAOF" | b"SLAVEOF" | b"ACL" | b"COMMAND" | b"CLUSTER"
-        | b"FUNCTION" | b"SCRIPT" | b"TIME" | b"ROLE" | b"MODULE" | b"FAILOVER" | b"SYNC" | b"PSYNC" | b"MIGRATE" => {
-            (Admin, None)
-        }
+        | b"FUNCTION" | b"SCRIPT" | b"TIME" | b"ROLE" | b"MODULE" | b"FAILOVER" | b"SYNC" | b"PSYNC" | b"REPLCONF"
+        | b"MIGRATE" | b"CLIENT" => (Admin, None),
         b"GET"
         | b"MGET"
         | b"GETRANGE"
@@ -423,7 +426,9 @@ mod tests {
         assert_eq!(classify(&["SET", "user:1", "v"]), (Write, key("user:1")));
         assert_eq!(classify(&["mget", "a", "b"]), (Read, key("a")));
         assert_eq!(classify(&["BITOP", "AND", "dest", "src"]), (Write, key("dest")));
-        assert_eq!(classify(&["OBJECT", "ENCODING", "k"]), (Read, key("k")));
+        assert_eq!(classify(&["OBJECT", "ENCODING", "k"]), (Admin, key("k")));
+        assert_eq!(classify(&["MEMORY", "USAGE", "k"]), (Admin, key("k")));
+        assert_eq!(classify(&["CLIENT", "LIST"]), (Admin, None));
         assert_eq!(classify(&["EVAL", "return 1", "2", "k1", "k2"]), (Write, key("k1")));
         assert_eq!(classify(&["EVAL", "return 1", "0", "arg"]), (Write, None), "numkeys 0: no key");
         assert_eq!(classify(&["FCALL_RO", "f", "1", "k"]), (Read, key("k")));

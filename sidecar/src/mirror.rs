@@ -36,6 +36,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::frame::RequestScanner;
 use crate::metrics::{MirrorOutcome, ProxyMetrics, ShadowOutcome};
 use crate::reply::{Frame, ReplyScanner};
 use crate::route::Side;
@@ -80,18 +81,61 @@ impl ConnectionState {
         }
     }
 
-    /// What a fresh connection needs, in order. A connection Eden authenticates itself (the
-    /// target's Secret) does not get the client's AUTH (DESIGN §6).
-    pub fn replay(&self, eden_authenticated: bool) -> impl Iterator<Item = &Bytes> {
-        let auth = self.auth.as_ref().filter(|_| !eden_authenticated);
-        auth.into_iter().chain(&self.hello).chain(&self.select)
+    /// What a fresh connection needs, in order, each request as [`forwarded`](Self::forwarded)
+    /// makes it for that connection.
+    pub fn replay(&self, eden_authenticated: bool) -> impl Iterator<Item = Bytes> {
+        let recorded = [("AUTH", &self.auth), ("HELLO", &self.hello), ("SELECT", &self.select)];
+        recorded.into_iter().filter_map(move |(name, request)| {
+            request.as_ref().and_then(|request| Self::forwarded(name, request, eden_authenticated))
+        })
     }
 
-    /// Whether `name` should be forwarded to an already open connection (a RESET or AUTH
-    /// would undo Eden's own authentication).
-    pub fn forward_to(name: &str, eden_authenticated: bool) -> bool {
-        !eden_authenticated || !matches!(name, "AUTH" | "RESET")
+    /// `request` (named `name`) as a connection should get it. One Eden authenticates itself
+    /// (the target's Secret, DESIGN §6) gets neither the client's AUTH nor RESET, which would
+    /// undo that, and HELLO without its AUTH clause: those are the client's credentials, which
+    /// it would refuse, and the whole HELLO with them, leaving the connection in RESP2.
+    pub fn forwarded(name: &str, request: &Bytes, eden_authenticated: bool) -> Option<Bytes> {
+        match name {
+            _ if !eden_authenticated => Some(request.clone()),
+            "AUTH" | "RESET" => None,
+            "HELLO" => Some(without_auth(request)),
+            _ => Some(request.clone()),
+        }
     }
+}
+
+/// A HELLO request without its `AUTH username password` clause; as it is when it has none.
+fn without_auth(hello: &Bytes) -> Bytes {
+    let Ok(Some(request)) = RequestScanner::default().scan(hello) else { return hello.clone() };
+    let args: Vec<&[u8]> = request.args(hello).map(|arg| &hello[arg]).collect();
+    // HELLO protover [AUTH username password] [SETNAME clientname], the clauses in either order.
+    let mut kept: Vec<&[u8]> = args.iter().take(2).copied().collect();
+    let mut rest = args.get(2..).unwrap_or_default();
+    while let Some(option) = rest.first() {
+        let auth = option.eq_ignore_ascii_case(b"AUTH");
+        let clause = if auth {
+            3
+        } else if option.eq_ignore_ascii_case(b"SETNAME") {
+            2
+        } else {
+            1
+        };
+        let (taken, left) = rest.split_at(clause.min(rest.len()));
+        if !auth {
+            kept.extend(taken);
+        }
+        rest = left;
+    }
+    if kept.len() == args.len() {
+        return hello.clone();
+    }
+    let mut out = BytesMut::from(format!("*{}\r\n", kept.len()).as_bytes());
+    for arg in kept {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.freeze()
 }
 
 /// Requests for the other side, as the link queues them.
@@ -353,7 +397,7 @@ impl Worker {
         let mut expected = VecDeque::new();
         let mut out = BytesMut::new();
         for request in self.state.replay(self.upstream.has_credentials()) {
-            out.extend_from_slice(request);
+            out.extend_from_slice(&request);
             expected.push_back(Expect::State);
         }
         let mut next = Some(first);
@@ -372,10 +416,9 @@ impl Worker {
                 let (request, expect) = match job {
                     Job::Writes { requests, count } => (requests, Expect::Writes(count)),
                     Job::State { name, request } => {
-                        self.state.record(name, request.clone());
-                        if !ConnectionState::forward_to(name, self.upstream.has_credentials()) {
-                            continue;
-                        }
+                        let forwarded = ConnectionState::forwarded(name, &request, self.upstream.has_credentials());
+                        self.state.record(name, request);
+                        let Some(request) = forwarded else { continue };
                         (request, Expect::State)
                     }
                     Job::Shadow { request, answered, key } => (request, Expect::Shadow { answered, key }),
@@ -521,5 +564,37 @@ fn release_barriers(expected: &mut VecDeque<Expect>) {
         if let Some(Expect::Barrier(barrier)) = expected.pop_front() {
             let _ = barrier.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(args: &[&str]) -> Bytes {
+        let mut out = format!("*{}\r\n", args.len());
+        for arg in args {
+            out.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn a_connection_eden_authenticates_gets_hello_without_the_clients_credentials() {
+        let hello = resp(&["HELLO", "3", "SETNAME", "auth", "auth", "user", "pass"]);
+        let forwarded = |request: &Bytes, eden| ConnectionState::forwarded("HELLO", request, eden);
+        assert_eq!(forwarded(&hello, true), Some(resp(&["HELLO", "3", "SETNAME", "auth"])));
+        assert_eq!(forwarded(&hello, false), Some(hello.clone()), "the client's own credentials pass");
+        let plain = resp(&["hello", "2"]);
+        assert_eq!(forwarded(&plain, true), Some(plain.clone()));
+        assert_eq!(ConnectionState::forwarded("AUTH", &resp(&["AUTH", "pw"]), true), None);
+
+        let mut state = ConnectionState::default();
+        state.record("AUTH", resp(&["AUTH", "pw"]));
+        state.record("HELLO", resp(&["HELLO", "3", "AUTH", "user", "pw"]));
+        state.record("SELECT", resp(&["SELECT", "2"]));
+        let replayed: Vec<Bytes> = state.replay(true).collect();
+        assert_eq!(replayed, [resp(&["HELLO", "3"]), resp(&["SELECT", "2"])]);
+        assert_eq!(state.replay(false).count(), 3);
     }
 }

@@ -16,7 +16,9 @@
 //!   (`read_routing`). A shadowed read (`shadow_read_percentage`) is answered by the key's
 //!   owner and also sent to the other side for comparison.
 //! - Blocking commands go to the owner and are never mirrored (a second BLPOP would pop a
-//!   second item). Connection state, admin and pub/sub commands stay on the source.
+//!   second item). Admin commands (CONFIG, INFO, OBJECT, CLIENT…) go to the owner too, of
+//!   their key when they name one, else of keyless writes: they inspect or tune the server
+//!   that serves the client's data. Connection state and pub/sub stay on the source.
 //! - While writes are held ([`HoldState::Holding`]: the cutover pause, or a strategy this
 //!   sidecar cannot confirm as current) a write is not routed at all; once held too long
 //!   ([`HoldState::Refusing`]) it is answered with an error, never sent to a side that may no
@@ -151,6 +153,7 @@ impl Strategy {
                 Route::Send { answer: owner, mirror: mirror(config, owner), shadow: false }
             }
             CommandKind::Blocking => Route::to(owner(config, key)),
+            CommandKind::Admin => Route::to(self.owner(key)),
             CommandKind::Read => {
                 if dice.percent() < config.shadow_read_percentage {
                     return Route::Send { answer: owner(config, key), mirror: None, shadow: true };
@@ -161,9 +164,7 @@ impl Strategy {
                 };
                 Route::to(if roll < config.read_percentage { Side::Target } else { Side::Source })
             }
-            CommandKind::Transaction | CommandKind::PubSub | CommandKind::Connection | CommandKind::Admin => {
-                Route::SOURCE
-            }
+            CommandKind::Transaction | CommandKind::PubSub | CommandKind::Connection => Route::SOURCE,
         }
     }
 
@@ -180,6 +181,11 @@ impl Strategy {
         }
     }
 
+    /// The side that owns writes to `key` (keyless: writes that name no key) right now.
+    pub fn owner(&self, key: Option<&[u8]>) -> Side {
+        self.transaction(key).0
+    }
+
     /// Whether writes are held right now.
     pub fn holding(&self) -> bool {
         matches!(self.hold, HoldState::Holding(_))
@@ -191,6 +197,11 @@ impl Strategy {
             HoldState::Refusing(reason) => Some(reason),
             _ => None,
         }
+    }
+
+    /// Whether the strategy names a target: there is another side.
+    pub fn has_target(&self) -> bool {
+        self.config.is_some()
     }
 
     pub fn generation(&self) -> Option<u64> {
@@ -360,6 +371,22 @@ mod tests {
         assert_eq!(split.route(Write, None, dice), send(Side::Source, None), "keyless writes stay on the source");
         let all = config(|c| (c.write_mode, c.write_percentage) = (WriteMode::Cutover, 100));
         assert_eq!(all.route(Write, None, dice), send(Side::Target, None));
+    }
+
+    #[test]
+    fn admin_commands_go_to_the_owner_of_their_key_or_of_keyless_writes() {
+        let dice = &mut Dice::new();
+        let canary = config(|c| c.read_percentage = 100);
+        assert_eq!(canary.route(CommandKind::Admin, Some(b"k"), dice), send(Side::Source, None), "not a read");
+        let cut_over = config(|c| (c.write_policy, c.mirror_writes) = (WritePolicy::NewAuthoritative, true));
+        assert_eq!(cut_over.route(CommandKind::Admin, None, dice), send(Side::Target, None), "never mirrored");
+        let split = config(|c| (c.write_mode, c.write_percentage) = (WriteMode::Cutover, 50));
+        assert_eq!(split.route(CommandKind::Admin, None, dice), send(Side::Source, None));
+        for i in 0..100 {
+            let key = format!("key:{i}");
+            let owner = if key_bucket(key.as_bytes()) < 50 { Side::Target } else { Side::Source };
+            assert_eq!(split.route(CommandKind::Admin, Some(key.as_bytes()), dice), send(owner, None), "{key}");
+        }
     }
 
     #[test]

@@ -428,3 +428,20 @@ fn checkpoint_of(replicator: Replicator) -> Checkpoint {
     drop(replicator);
     Checkpoint::from_json(&checkpoint.to_json()).unwrap()
 }
+
+/// A library the target has already (the sidecars load libraries on both sides) does not stop
+/// the source's FUNCTION LOAD from reaching it: the target ends with the source's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_library_the_target_has_is_replaced_by_the_sources() {
+    let (pair, mut source, mut replicator) = following(100).await;
+    let library =
+        |answer: u32| format!("#!lua name=eden\nredis.register_function('answer', function() return {answer} end)");
+    let load = |code: String| redis::cmd("FUNCTION").arg("LOAD").arg(code).clone();
+    let mut target = pair.target().await;
+    let _: String = load(library(1)).query_async(&mut target).await.unwrap();
+    let _: String = load(library(2)).query_async(&mut source).await.unwrap();
+    caught_up(&mut replicator).await;
+    assert_eq!(replicator.progress().borrow().stream_errors, 0);
+    let answer: u32 = redis::cmd("FCALL").arg(&["answer", "0"]).query_async(&mut target).await.unwrap();
+    assert_eq!(answer, 2);
+}

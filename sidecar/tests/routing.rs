@@ -2,6 +2,9 @@
 //! ConfigMap patches on a live connection, each write mode answers from the right side and
 //! mirrors exactly once, a dead mirror never fails a client, writes the source misses after the
 //! flip are reported in the Lease, held writes survive a cutover pause in order, and shadow reads count what differs.
+//! A routed session answers as the server that serves it would, when it would: MULTI at once in
+//! every state, a replica's SYNC from the source, scripts and functions wherever they run,
+//! admin commands from the owner of the client's data.
 
 mod support;
 
@@ -22,11 +25,14 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use redis::AsyncCommands;
 use support::{Proxy, resp, wait_for_lease};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// Two servers and a strategy fed straight to an [`Applier`].
 struct Migration {
     source: RedisServer,
     target: RedisServer,
+    /// The target's `credentials_file`, when Eden authenticates to it itself.
+    target_secret: Option<std::path::PathBuf>,
     applier: Applier,
     config: CurrentConfig,
 }
@@ -38,15 +44,24 @@ impl Migration {
 
     fn with_target(target: RedisServer) -> Migration {
         let (applier, config) = Applier::new();
-        Migration { source: RedisServer::start().unwrap(), target, applier, config }
+        Migration { source: RedisServer::start().unwrap(), target, target_secret: None, applier, config }
+    }
+
+    /// A target that wants a password, which Eden reads from a file in `dir`.
+    fn with_target_secret(dir: &std::path::Path) -> Migration {
+        std::fs::write(dir.join("password"), "t0p\n").unwrap();
+        let target = RedisServer::with_config(RedisConfig::default().directive("requirepass", "t0p")).unwrap();
+        Migration { target_secret: Some(dir.join("password")), ..Migration::with_target(target) }
     }
 
     /// An `eden.yaml` naming these servers, with `fields` (YAML lines) on top.
     fn payload(&self, generation: u64, fields: &str) -> String {
+        let secret = self.target_secret.as_ref().map(|file| format!(", credentials_file: '{}'", file.display()));
         format!(
-            "generation: {generation}\nmigration: shop/cache\nsource: {{uri: '{}'}}\ntarget: {{uri: '{}'}}\n{fields}\n",
+            "generation: {generation}\nmigration: shop/cache\nsource: {{uri: '{}'}}\ntarget: {{uri: '{}'{}}}\n{fields}\n",
             self.source.url(),
-            self.target.url()
+            self.target.url(),
+            secret.unwrap_or_default(),
         )
     }
 
@@ -453,6 +468,25 @@ async fn held_writes_are_refused_in_order_when_the_pause_times_out_and_reach_no_
 }
 
 #[tokio::test]
+async fn a_transaction_whose_first_write_is_refused_is_aborted_and_leaves_no_multi_open() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_millis(300)).await;
+    migration.apply(1, "writes: paused").await;
+    let mut raw = proxy.raw().await;
+    raw.send(&resp(&["MULTI"])).await;
+    raw.expect(b"+OK\r\n").await;
+    raw.send(&[resp(&["SET", "k", "v"]), resp(&["GET", "k"]), resp(&["EXEC"])].concat()).await;
+    let refused = HoldState::refusal(HoldReason::Paused);
+    raw.expect(&[refused, b"+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n"].concat())
+        .await;
+    // The MULTI the source answered was discarded there: once writes flow, they run at once.
+    migration.apply(2, "").await;
+    raw.send(&resp(&["SET", "k", "after"])).await;
+    raw.expect(b"+OK\r\n").await;
+    assert_eq!(direct(&migration.source).await.get::<_, String>("k").await.unwrap(), "after");
+}
+
+#[tokio::test]
 async fn shadow_reads_are_answered_by_the_owner_and_mismatches_counted() {
     let mut migration = Migration::new();
     let (mut source, mut target) = (direct(&migration.source).await, direct(&migration.target).await);
@@ -475,18 +509,8 @@ async fn shadow_reads_are_answered_by_the_owner_and_mismatches_counted() {
 #[tokio::test]
 async fn the_target_uses_its_secret_and_connection_state_is_replayed() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("password"), "t0p\n").unwrap();
-    let target = RedisServer::with_config(RedisConfig::default().directive("requirepass", "t0p")).unwrap();
-    let mut migration = Migration::with_target(target);
-    let secret = dir.path().join("password").display().to_string();
-    let fields = "read_percentage: 100\nwrite_policy: new_authoritative";
-    let payload = migration.payload(1, fields).replace(
-        &format!("target: {{uri: '{}'}}", migration.target.url()),
-        &format!("target: {{uri: '{}', credentials_file: '{secret}'}}", migration.target.url()),
-    );
-    assert!(migration.applier.offer(&payload, "test"));
-    migration.config.wait_for(|c| c.is_some()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut migration = Migration::with_target_secret(dir.path());
+    migration.apply(1, "read_percentage: 100\nwrite_policy: new_authoritative").await;
     let proxy = migration.proxy(Duration::from_secs(5)).await;
 
     let mut raw = proxy.raw().await;
@@ -526,6 +550,437 @@ async fn transactions_run_whole_on_one_side() {
     raw.expect(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n").await;
     let _: i64 = source.publish("news", "hi").await.unwrap();
     raw.expect(b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n").await;
+}
+
+/// The strategy after a cutover: the target answers reads and writes, which are mirrored back.
+const CUT_OVER: &str = "read_percentage: 100\nwrite_policy: new_authoritative\nmirror_writes: true";
+
+#[tokio::test]
+async fn an_interactive_multi_is_answered_at_once_and_runs_whole_on_the_owner_in_every_state() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let (source, target) = (direct(&migration.source).await, direct(&migration.target).await);
+    let split = "write_mode: cutover\nwrite_percentage: 50\nmirror_writes: true";
+    let owned_by = |on_target: bool| {
+        (0..).map(|i| format!("txn:split:{i}")).find(|key| (key_bucket(key.as_bytes()) < 50) == on_target).unwrap()
+    };
+    // (strategy, key, answered by the target, mirrored to the other side)
+    let states = [
+        ("read_percentage: 50", "txn:canary".to_string(), false, false),
+        ("read_percentage: 50\nmirror_writes: true", "txn:dual".to_string(), false, true),
+        ("write_policy: new_authoritative", "txn:new".to_string(), true, false),
+        (CUT_OVER, "txn:cut-over".to_string(), true, true),
+        (split, owned_by(true), true, true),
+        (split, owned_by(false), false, false),
+    ];
+    // One client through every state, waiting for each reply before it sends on.
+    let mut app = proxy.raw().await;
+    for (generation, (strategy, key, on_target, mirrored)) in (1..).zip(states) {
+        migration.apply(generation, strategy).await;
+        let value = generation.to_string();
+        app.send(&resp(&["MULTI"])).await;
+        app.expect(b"+OK\r\n").await;
+        app.send(&resp(&["SET", &key, &value])).await;
+        app.expect(b"+QUEUED\r\n").await;
+        app.send(&resp(&["GET", &key])).await;
+        app.expect(b"+QUEUED\r\n").await;
+        app.send(&resp(&["EXEC"])).await;
+        app.expect(format!("*2\r\n+OK\r\n${}\r\n{value}\r\n", value.len()).as_bytes()).await;
+
+        let (mut owner, mut other) =
+            if on_target { (target.clone(), source.clone()) } else { (source.clone(), target.clone()) };
+        assert_eq!(owner.get::<_, Option<String>>(&key).await.unwrap(), Some(value.clone()), "{key} on its owner");
+        if mirrored {
+            eventually("the mirror ran the transaction", || {
+                let (mut other, key, value) = (other.clone(), key.clone(), value.clone());
+                async move { other.get::<_, Option<String>>(&key).await.unwrap() == Some(value) }
+            })
+            .await;
+        } else {
+            assert_eq!(other.get::<_, Option<String>>(&key).await.unwrap(), None, "{key} only on its owner");
+        }
+    }
+
+    // WATCH still guards a transaction on the side that owns the watched key.
+    let watched = owned_by(true);
+    app.send(&resp(&["WATCH", &watched])).await;
+    app.expect(b"+OK\r\n").await;
+    let _: () = target.clone().set(&watched, "changed by another client").await.unwrap();
+    app.send(&resp(&["MULTI"])).await;
+    app.expect(b"+OK\r\n").await;
+    app.send(&resp(&["SET", &watched, "mine"])).await;
+    app.expect(b"+QUEUED\r\n").await;
+    app.send(&resp(&["EXEC"])).await;
+    app.expect(b"*-1\r\n").await;
+    assert_eq!(target.clone().get::<_, String>(&watched).await.unwrap(), "changed by another client");
+}
+
+#[tokio::test]
+async fn a_multi_during_the_cutover_pause_is_answered_at_once_and_its_writes_reach_the_new_owner() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(10)).await;
+    migration.apply(1, "writes: paused").await;
+    let mut app = proxy.raw().await;
+    app.send(&resp(&["MULTI"])).await;
+    app.expect(b"+OK\r\n").await;
+    // The first write inside is held until the flip, then queued on the new owner.
+    app.send(&resp(&["INCR", "held"])).await;
+    eventually("the write is held", || async { proxy.metric("eden_writes_holding") == 1 }).await;
+    migration.apply(2, "write_policy: new_authoritative").await;
+    app.expect(b"+QUEUED\r\n").await;
+    app.send(&resp(&["EXEC"])).await;
+    app.expect(b"*1\r\n:1\r\n").await;
+    assert_eq!(direct(&migration.target).await.get::<_, Option<i64>>("held").await.unwrap(), Some(1));
+    assert_eq!(direct(&migration.source).await.get::<_, Option<i64>>("held").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_replica_syncs_from_the_source_through_a_routed_session() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, CUT_OVER).await;
+    let mut source = direct(&migration.source).await;
+    let _: () = source.set("in-snapshot", "snapshot-value").await.unwrap();
+    for (handshake, first) in [(resp(&["SYNC"]), &b"$"[..]), (resp(&["PSYNC", "?", "-1"]), b"+FULLRESYNC ")] {
+        let mut replica = proxy.raw().await;
+        replica.send(&handshake).await;
+        let before: Vec<u8> = replica.read_until(b"REDIS0").await.into_iter().filter(|&b| b != b'\n').collect();
+        assert!(before.starts_with(first), "{:?}", String::from_utf8_lossy(&before));
+        replica.read_until(b"snapshot-value").await;
+        // Then the stream of the source's writes, as bytes.
+        let streamed = format!("streamed-{}", first.len());
+        let _: () = source.set("after-snapshot", &streamed).await.unwrap();
+        replica.read_until(streamed.as_bytes()).await;
+    }
+}
+
+/// redis-py 8.1.0's `Lock` scripts, verbatim: `extend()` and `release()` run them with EVALSHA,
+/// loading them with SCRIPT LOAD after a NOSCRIPT.
+const LOCK_EXTEND: &str = "\n        local token = redis.call('get', KEYS[1])\n        if not token or token ~= ARGV[1] then\n            return 0\n        end\n        local expiration = redis.call('pttl', KEYS[1])\n        if not expiration then\n            expiration = 0\n        end\n        if expiration < 0 then\n            return 0\n        end\n\n        local newttl = ARGV[2]\n        if ARGV[3] == \"0\" then\n            newttl = ARGV[2] + expiration\n        end\n        redis.call('pexpire', KEYS[1], newttl)\n        return 1\n    ";
+const LOCK_RELEASE: &str = "\n        local token = redis.call('get', KEYS[1])\n        if not token or token ~= ARGV[1] then\n            return 0\n        end\n        redis.call('del', KEYS[1])\n        return 1\n    ";
+const LIBRARY: &str =
+    "#!lua name=eden\nredis.register_function('bump', function(keys) return redis.call('INCR', keys[1]) end)";
+
+async fn load_script(connection: &mut redis::aio::MultiplexedConnection, script: &str) -> String {
+    redis::cmd("SCRIPT").arg("LOAD").arg(script).query_async(connection).await.unwrap()
+}
+
+async fn script_exists(server: &RedisServer, sha: &str) -> bool {
+    let exists: Vec<bool> =
+        redis::cmd("SCRIPT").arg("EXISTS").arg(sha).query_async(&mut direct(server).await).await.unwrap();
+    exists == [true]
+}
+
+#[tokio::test]
+async fn scripts_and_functions_loaded_on_one_side_of_a_cutover_run_on_the_other() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let mut target = direct(&migration.target).await;
+    migration.apply(1, "read_percentage: 0").await;
+    let mut app = proxy.client().await;
+
+    // The target already has the library (replication brought it): it refuses it again, and
+    // the client gets the source's answer.
+    let load = || redis::cmd("FUNCTION").arg("LOAD").arg(LIBRARY).clone();
+    let _: String = load().query_async(&mut target).await.unwrap();
+    assert_eq!(load().query_async::<String>(&mut app).await.unwrap(), "eden");
+    // A lock acquired before the cutover, as redis-py does (SET NX PX); replication copies it.
+    let (extend, release) = (load_script(&mut app, LOCK_EXTEND).await, load_script(&mut app, LOCK_RELEASE).await);
+    assert!(script_exists(&migration.target, &extend).await, "loaded on the target too");
+    let acquired: Option<String> =
+        redis::cmd("SET").arg(&["lock", "token", "NX", "PX", "10000"]).query_async(&mut app).await.unwrap();
+    assert_eq!(acquired.as_deref(), Some("OK"));
+    let _: () = redis::cmd("SET").arg(&["lock", "token", "PX", "10000"]).query_async(&mut target).await.unwrap();
+
+    // After the cutover the target runs them.
+    migration.apply(2, CUT_OVER).await;
+    let evalsha = |sha: &str, args: &[&str]| redis::cmd("EVALSHA").arg(sha).arg(1).arg("lock").arg(args).clone();
+    assert_eq!(evalsha(&extend, &["token", "60000", "0"]).query_async::<i64>(&mut app).await.unwrap(), 1, "extended");
+    assert!(target.pttl::<_, i64>("lock").await.unwrap() > 60_000);
+    let bumped: i64 = redis::cmd("FCALL").arg(&["bump", "1", "calls"]).query_async(&mut app).await.unwrap();
+    assert_eq!((bumped, target.get::<_, i64>("calls").await.unwrap()), (1, 1));
+    assert_eq!(evalsha(&release, &["token"]).query_async::<i64>(&mut app).await.unwrap(), 1, "released");
+    assert_eq!(target.exists::<_, i64>("lock").await.unwrap(), 0);
+
+    // Loaded after the cutover, run after a rollback, on the source.
+    let after = load_script(&mut app, "return 'loaded after the cutover'").await;
+    migration.apply(3, "read_percentage: 0").await;
+    let ran: String = redis::cmd("EVALSHA").arg(&after).arg(0).query_async(&mut app).await.unwrap();
+    assert_eq!(ran, "loaded after the cutover");
+
+    // Flushed everywhere.
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut app).await.unwrap();
+    for server in [&migration.source, &migration.target] {
+        assert!(!script_exists(server, &after).await, "flushed on {}", server.url());
+    }
+}
+
+async fn config_get(connection: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
+    let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(connection).await.unwrap();
+    pair[1].clone()
+}
+
+#[tokio::test]
+async fn admin_commands_answer_for_the_server_that_serves_the_clients_data() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let (mut source, mut target) = (direct(&migration.source).await, direct(&migration.target).await);
+    migration.apply(1, CUT_OVER).await;
+    let mut app = proxy.client().await;
+
+    // The setting, the write and the question about it all reach the target.
+    let _: () =
+        redis::cmd("CONFIG").arg(&["SET", "hash-max-listpack-value", "1000"]).query_async(&mut app).await.unwrap();
+    let _: i64 = app.hset("hash", "field", "x".repeat(200)).await.unwrap();
+    let encoding = || redis::cmd("OBJECT").arg(&["ENCODING", "hash"]).clone();
+    assert_eq!(encoding().query_async::<String>(&mut app).await.unwrap(), "listpack");
+    assert_eq!(config_get(&mut target, "hash-max-listpack-value").await, "1000");
+    assert_eq!(config_get(&mut source, "hash-max-listpack-value").await, "64", "the source keeps its own");
+
+    // A client blocked through the sidecar waits on the target: that is the server INFO and
+    // CLIENT LIST describe.
+    let mut blocked = proxy.raw().await;
+    blocked.send(&resp(&["BLPOP", "queue", "0"])).await;
+    eventually("INFO counts the blocked client", || {
+        let mut app = app.clone();
+        async move {
+            let info: String = redis::cmd("INFO").arg("clients").query_async(&mut app).await.unwrap();
+            info.contains("blocked_clients:1\r\n")
+        }
+    })
+    .await;
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut app).await.unwrap();
+    assert!(clients.contains("cmd=blpop"), "{clients}");
+    let _: i64 = app.lpush("queue", "item").await.unwrap();
+    blocked.expect(b"*2\r\n$5\r\nqueue\r\n$4\r\nitem\r\n").await;
+
+    // Before the cutover it is the source, whatever share of reads the target serves.
+    eventually("the hash mirrored to the source", || {
+        let mut source = source.clone();
+        async move { source.exists::<_, bool>("hash").await.unwrap() }
+    })
+    .await;
+    migration.apply(2, "read_percentage: 100").await;
+    for _ in 0..20 {
+        assert_eq!(encoding().query_async::<String>(&mut app).await.unwrap(), "hashtable", "the source's encoding");
+    }
+}
+
+#[tokio::test]
+async fn a_redis_py_lock_taken_before_the_cutover_is_extended_and_released_after_it() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "read_percentage: 0").await;
+    let script = eden_e2e::repo_root().join("sidecar/tests/clients/redis_py_lock.py");
+    let mut python = tokio::process::Command::new(eden_e2e::python_clients().unwrap())
+        .arg(script)
+        .arg(proxy.url())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(python.stdout.take().unwrap()).lines();
+    let mut step = async || tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap();
+    assert_eq!(step().await.as_deref(), Some("acquired"));
+
+    // Replication copies the lock to the target; then the cutover.
+    let mut source = direct(&migration.source).await;
+    let (token, ttl): (String, i64) = (source.get("lock").await.unwrap(), source.pttl("lock").await.unwrap());
+    let _: () = direct(&migration.target).await.pset_ex("lock", token, ttl as u64).await.unwrap();
+    migration.apply(2, CUT_OVER).await;
+    python.stdin.take().unwrap().write_all(b"go\n").await.unwrap();
+    let released = step().await.unwrap();
+    let extended_ttl: i64 = released.strip_prefix("released ").unwrap().parse().unwrap();
+    assert!(extended_ttl > 50_000, "extended on the target: {released}");
+    assert_eq!(direct(&migration.target).await.exists::<_, i64>("lock").await.unwrap(), 0, "released on the target");
+    assert!(python.wait().await.unwrap().success());
+}
+
+async fn blocked_clients(server: &RedisServer) -> String {
+    let info: String = redis::cmd("INFO").arg("clients").query_async(&mut direct(server).await).await.unwrap();
+    info.lines().find_map(|line| line.strip_prefix("blocked_clients:")).unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_while_blocked_leaves_no_pop_waiting_on_either_side() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "write_mode: cutover\nwrite_percentage: 50").await;
+    let owned_by = |on_target: bool| {
+        (0..).map(|i| format!("queue:{i}")).find(|key| (key_bucket(key.as_bytes()) < 50) == on_target).unwrap()
+    };
+    let mut app = proxy.client().await;
+    for (key, owner) in [(owned_by(true), &migration.target), (owned_by(false), &migration.source)] {
+        let mut waiting = proxy.raw().await;
+        waiting.send(&resp(&["BLPOP", &key, "0"])).await;
+        eventually("the pop waits on the key's owner", || async { blocked_clients(owner).await == "1" }).await;
+        drop(waiting);
+        eventually("the pop is gone with its client", || async { blocked_clients(owner).await == "0" }).await;
+        let _: i64 = app.lpush(&key, "item").await.unwrap();
+        assert_eq!(direct(owner).await.llen::<_, i64>(&key).await.unwrap(), 1, "{key}: nobody took the item");
+    }
+}
+
+/// `HELLO <version>`, read up to the end of its reply (the last field is an empty module list).
+async fn hello(raw: &mut support::RawClient, version: &str) {
+    raw.send(&resp(&["HELLO", version])).await;
+    raw.read_until(b"$7\r\nmodules\r\n*0\r\n").await;
+}
+
+#[tokio::test]
+async fn hello_switches_the_protocol_on_both_sides() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    for server in [&migration.source, &migration.target] {
+        let _: i64 = direct(server).await.hset("hash", "f", "v").await.unwrap();
+    }
+    migration.apply(1, "read_percentage: 50").await;
+    let mut raw = proxy.raw().await;
+    for (version, reply) in [("3", &b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n"[..]), ("2", b"*2\r\n$1\r\nf\r\n$1\r\nv\r\n")] {
+        hello(&mut raw, version).await;
+        for _ in 0..20 {
+            raw.send(&resp(&["HGETALL", "hash"])).await;
+            raw.expect(reply).await;
+        }
+    }
+    assert!(proxy.metric("eden_commands_total{route=\"target\",kind=\"read\"}") > 0, "the target answered some");
+}
+
+#[tokio::test]
+async fn reset_ends_a_transaction_on_whichever_side_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // The target is authenticated by Eden: the client's RESET never reaches it.
+    let mut migration = Migration::with_target_secret(dir.path());
+    migration.apply(1, CUT_OVER).await;
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let mut raw = proxy.raw().await;
+    raw.send(&[resp(&["MULTI"]), resp(&["RESET"]), resp(&["SET", "k", "v"]), resp(&["EXEC"])].concat()).await;
+    raw.expect(b"+OK\r\n+RESET\r\n+OK\r\n-ERR EXEC without MULTI\r\n").await;
+
+    raw.send(&[resp(&["WATCH", "k"]), resp(&["RESET"])].concat()).await;
+    raw.expect(b"+OK\r\n+RESET\r\n").await;
+    let mut target = redis::Client::open(format!("redis://:t0p@{}", migration.target.addr()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = target.set("k", "changed by another client").await.unwrap();
+    raw.send(&[resp(&["MULTI"]), resp(&["SET", "k", "mine"]), resp(&["EXEC"])].concat()).await;
+    raw.expect(b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n").await;
+    assert_eq!(target.get::<_, String>("k").await.unwrap(), "mine", "no longer watched");
+}
+
+#[tokio::test]
+async fn client_side_caching_hears_of_writes_on_either_side() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    for server in [&migration.source, &migration.target] {
+        let _: () = direct(server).await.set("cached", "v").await.unwrap();
+    }
+    migration.apply(1, "read_percentage: 50").await;
+    let mut raw = proxy.raw().await;
+    hello(&mut raw, "3").await;
+    raw.send(&resp(&["CLIENT", "TRACKING", "ON"])).await;
+    raw.expect(b"+OK\r\n").await;
+    for _ in 0..20 {
+        raw.send(&resp(&["GET", "cached"])).await;
+        raw.expect(b"$1\r\nv\r\n").await;
+    }
+    // The value changes on both sides (replication brings the source's write to the target):
+    // each side that served it says so.
+    let invalidate = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$6\r\ncached\r\n";
+    for server in [&migration.source, &migration.target] {
+        let _: () = direct(server).await.set("cached", "new").await.unwrap();
+        raw.expect(invalidate).await;
+    }
+}
+
+#[tokio::test]
+async fn client_settings_follow_the_client_to_every_side() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "read_percentage: 0").await;
+    let mut raw = proxy.raw().await;
+    let settings = [resp(&["CLIENT", "SETNAME", "checkout"]), resp(&["CLIENT", "NO-EVICT", "ON"])];
+    raw.send(&settings.concat()).await;
+    raw.expect(b"+OK\r\n+OK\r\n").await;
+
+    // After the cutover the target serves the client, on a connection opened since.
+    migration.apply(2, CUT_OVER).await;
+    raw.send(&resp(&["CLIENT", "GETNAME"])).await;
+    raw.expect(b"$8\r\ncheckout\r\n").await;
+    let clients: String =
+        redis::cmd("CLIENT").arg("LIST").query_async(&mut direct(&migration.target).await).await.unwrap();
+    let named = |line: &&str| line.contains(" name=checkout ") && line.contains(" flags=e ");
+    assert_eq!(clients.lines().filter(named).count(), 1, "{clients}");
+}
+
+#[tokio::test]
+async fn a_transaction_whose_target_connection_closes_closes_the_client_instead_of_running_outside_it() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, CUT_OVER).await;
+    let mut raw = proxy.raw().await;
+    raw.send(&[resp(&["MULTI"]), resp(&["SET", "a", "1"])].concat()).await;
+    raw.expect(b"+OK\r\n+QUEUED\r\n").await;
+    let mut target = direct(&migration.target).await;
+    let killed: i64 = redis::cmd("CLIENT").arg(&["KILL", "TYPE", "normal"]).query_async(&mut target).await.unwrap();
+    assert!(killed >= 1, "the session's connection to the target");
+
+    // The next request finds the connection gone (or learns it from its own error), and the
+    // one after that must not be run on a new connection, outside the transaction.
+    raw.send(&resp(&["SET", "b", "2"])).await;
+    let mut first = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.stream.read(&mut first)).await.unwrap().unwrap();
+    if n > 0 {
+        assert!(first[..n].starts_with(b"-ERR eden: upstream"), "{:?}", String::from_utf8_lossy(&first[..n]));
+        raw.send(&resp(&["SET", "c", "3"])).await;
+        assert_eq!(raw.read_to_close().await, "", "closed without a reply");
+    }
+    let written: i64 = target.exists(&["a", "b", "c"]).await.unwrap();
+    assert_eq!(written, 0, "nothing of the transaction ran");
+}
+
+#[tokio::test]
+async fn hello_with_the_clients_credentials_switches_the_protocol_of_a_target_eden_authenticates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut migration = Migration::with_target_secret(dir.path());
+    migration.apply(1, CUT_OVER).await;
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let mut raw = proxy.raw().await;
+    // As Lettuce and redis-py (protocol 3) greet a server when given a password; the source
+    // has none, so any password passes there.
+    raw.send(&resp(&["HELLO", "3", "AUTH", "default", "the-source-password"])).await;
+    raw.read_until(b"$7\r\nmodules\r\n*0\r\n").await;
+    raw.send(&[resp(&["HSET", "hash", "f", "v"]), resp(&["HGETALL", "hash"])].concat()).await;
+    raw.expect(b":1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n").await;
+}
+
+#[tokio::test]
+async fn a_connection_pinned_to_the_source_is_closed_rather_than_write_there_after_the_flip() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "read_percentage: 0").await;
+    // A pooled connection that once subscribed, as Jedis hands it out again.
+    let mut raw = proxy.raw().await;
+    raw.send(&resp(&["SUBSCRIBE", "news"])).await;
+    raw.expect(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n").await;
+    raw.send(&resp(&["UNSUBSCRIBE", "news"])).await;
+    raw.expect(b"*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:0\r\n").await;
+    raw.send(&resp(&["SET", "before", "1"])).await;
+    raw.expect(b"+OK\r\n").await;
+
+    // Its writes wait out the cutover pause like any others, then find the target owning them.
+    migration.apply(2, "writes: paused").await;
+    raw.send(&resp(&["SET", "after", "1"])).await;
+    eventually("the write is held", || async { proxy.metric("eden_writes_holding") == 1 }).await;
+    migration.apply(3, CUT_OVER).await;
+    assert_eq!(raw.read_to_close().await, "", "closed, without a reply");
+    for server in [&migration.source, &migration.target] {
+        assert_eq!(direct(server).await.exists::<_, i64>("after").await.unwrap(), 0, "{}", server.url());
+    }
+    assert_eq!(direct(&migration.source).await.get::<_, String>("before").await.unwrap(), "1");
 }
 
 #[tokio::test]
@@ -593,4 +1048,43 @@ async fn a_pause_is_reported_only_once_every_earlier_write_was_answered() {
     migration.source.thaw().unwrap();
     write.await.unwrap().unwrap();
     wait_for_lease(&leases, &reporter.lease_name(), |a| a[ANNOTATION_WRITES] == "paused").await;
+}
+
+#[tokio::test]
+async fn a_scan_through_a_read_canary_sees_every_key_once() {
+    let mut migration = Migration::new();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    let keys: Vec<String> = (0..2000).map(|i| format!("key:{i}")).collect();
+    for server in [&migration.source, &migration.target] {
+        let mut pipeline = redis::pipe();
+        for key in &keys {
+            pipeline.set(key, 1).ignore();
+            pipeline.hset("hash", key, 1).ignore();
+        }
+        let _: () = pipeline.query_async(&mut direct(server).await).await.unwrap();
+    }
+    migration.apply(1, "read_percentage: 50").await;
+    let mut app = proxy.client().await;
+    for (command, key) in [("SCAN", None), ("HSCAN", Some("hash"))] {
+        let (mut cursor, mut seen) = (0u64, Vec::new());
+        loop {
+            let mut call = redis::cmd(command);
+            call.arg(key).arg(cursor).arg("COUNT").arg(20);
+            let (next, batch): (u64, Vec<String>) = call.query_async(&mut app).await.unwrap();
+            // HSCAN returns fields and values.
+            seen.extend(batch.into_iter().step_by(if key.is_some() { 2 } else { 1 }));
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        seen.sort();
+        seen.dedup();
+        let mut expected = keys.clone();
+        if key.is_none() {
+            expected.push("hash".into());
+        }
+        expected.sort();
+        assert_eq!(seen, expected, "{command}: every key, from one server's cursor");
+    }
 }

@@ -112,6 +112,28 @@ impl RawClient {
         assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
     }
 
+    /// Reads until `needle` arrives; returns everything up to and including it.
+    pub async fn read_until(&mut self, needle: &[u8]) -> Vec<u8> {
+        let found = |buffer: &[u8]| buffer.windows(needle.len()).position(|w| w == needle);
+        let read = async {
+            while found(&self.buffer).is_none() {
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&self.buffer));
+                self.buffer.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read).await.unwrap_or_else(|_| {
+            panic!(
+                "no {:?} within 5s; got {:?}",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(&self.buffer)
+            )
+        });
+        let end = found(&self.buffer).unwrap() + needle.len();
+        self.buffer.drain(..end).collect()
+    }
+
     /// Reads one line (without its CRLF).
     pub async fn read_line(&mut self) -> String {
         let read = async {

@@ -1,6 +1,7 @@
 //! Following the source's replication stream: its commands, in order, onto the target.
 //!
-//! The stream is a sequence of ordinary requests. Eden forwards write commands byte for byte,
+//! The stream is a sequence of ordinary requests. Eden forwards write commands byte for byte
+//! (FUNCTION LOAD and RESTORE made to replace what the target has: [`replacing_libraries`]),
 //! tracks SELECT (emitting it to the target only before a write in another database), answers
 //! REPLCONF GETACK, and drops PING. Whatever is buffered is applied as one MULTI/EXEC that also
 //! records the position reached ([`super::target`]), so the target never holds half a batch nor
@@ -138,10 +139,14 @@ impl Follower<'_> {
                             batch.push(self.target, db, &command);
                         }
                     }
-                    _ => match &mut pending.transaction {
-                        Some(queued) => queued.push((pending.db, bytes.to_vec())),
-                        None => batch.push(self.target, pending.db, &bytes),
-                    },
+                    _ => {
+                        let replacing = (name == b"FUNCTION").then(|| replacing_libraries(&bytes, args)).flatten();
+                        let command = replacing.as_deref().unwrap_or(&bytes);
+                        match &mut pending.transaction {
+                            Some(queued) => queued.push((pending.db, command.to_vec())),
+                            None => batch.push(self.target, pending.db, command),
+                        }
+                    }
                 }
                 if pending.transaction.is_none() {
                     pending.boundary = (pending.offset, pending.db);
@@ -209,6 +214,27 @@ impl Follower<'_> {
         progress.lag_ms = progress.behind_since.map_or(0, |at| at.elapsed().as_millis() as u64);
         progress.checkpoint.sync = Some(self.applied.clone().into());
         self.reporter.publish();
+    }
+}
+
+/// FUNCTION LOAD and FUNCTION RESTORE as the target should run them: replacing a library it
+/// has already. The source's load succeeded, so the library is new there; the target may have
+/// it from the sidecars, which load libraries on both sides (DESIGN §9), and would refuse the
+/// stream's copy, keeping its own. `None` for other FUNCTION commands and for those already
+/// replacing (or flushing).
+fn replacing_libraries(bytes: &[u8], args: impl Iterator<Item = std::ops::Range<usize>>) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = args.map(|arg| &bytes[arg]).collect();
+    let is = |arg: Option<&&[u8]>, names: &[&str]| {
+        arg.is_some_and(|arg| names.iter().any(|n| arg.eq_ignore_ascii_case(n.as_bytes())))
+    };
+    match args.as_slice() {
+        [load, code] if is(Some(load), &["LOAD"]) => Some(encode(&[b"FUNCTION", b"LOAD", b"REPLACE", code])),
+        [restore, payload, policy @ ..]
+            if is(Some(restore), &["RESTORE"]) && !is(policy.first(), &["FLUSH", "REPLACE"]) =>
+        {
+            Some(encode(&[b"FUNCTION", b"RESTORE", payload, b"REPLACE"]))
+        }
+        _ => None,
     }
 }
 
