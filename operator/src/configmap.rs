@@ -56,6 +56,7 @@ pub fn payload(
         writes,
         max_lag_ms: (migration.spec.data.type_ != DataCopy::None)
             .then_some(migration.spec.cutover.max_lag_millis.max(0) as u64),
+        target_read_deadline_ms: Some(migration.spec.strategy.target_read_deadline_millis.max(1) as u64),
     }
 }
 

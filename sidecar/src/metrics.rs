@@ -81,6 +81,7 @@ pub struct ProxyMetrics {
     holding: Gauge,
     held: Counter,
     refused: Counter,
+    target_reads_late: Counter,
     /// Writes routed to the source whose replies have not reached their client yet.
     writes_in_flight: Gauge,
     /// Woken whenever [`Self::writes_in_flight`] drops to 0.
@@ -116,6 +117,12 @@ impl Default for ProxyMetrics {
         registry.register("writes_holding", "Client connections whose next write is held (cutover)", holding.clone());
         registry.register("writes_held", "Writes held during a cutover pause", held.clone());
         let (refused, writes_in_flight) = (Counter::default(), Gauge::default());
+        let target_reads_late = Counter::default();
+        registry.register(
+            "target_reads_late",
+            "Reads the target did not answer within the Migration's targetReadDeadlineMillis, answered by the source instead",
+            target_reads_late.clone(),
+        );
         registry.register(
             "writes_in_flight",
             "Writes routed to the source whose replies have not reached their client yet",
@@ -148,6 +155,7 @@ impl Default for ProxyMetrics {
             holding,
             held,
             refused,
+            target_reads_late,
             writes_in_flight,
             writes_settled: Notify::new(),
             mirror_loss: Notify::new(),
@@ -195,6 +203,10 @@ impl ProxyMetrics {
         self.held.inc();
         self.holding.inc();
         HoldGuard(&self.holding)
+    }
+
+    pub fn target_read_late(&self) {
+        self.target_reads_late.inc();
     }
 
     pub fn write_sent(&self) {

@@ -123,6 +123,15 @@ impl Strategy {
         Strategy { config, hold, target_reads: TargetReads::Ungated }
     }
 
+    /// How long a read the target serves for the source may take before the source's answer
+    /// is used (`None`: no deadline), for a read of `key`; only keys the source owns have a
+    /// source to fall back on.
+    pub fn target_read_deadline(&self, key: Option<&[u8]>) -> Option<std::time::Duration> {
+        let config = self.config.as_ref()?;
+        let deadline = config.target_read_deadline_ms?;
+        (owner(config, key) == Side::Source).then(|| std::time::Duration::from_millis(deadline))
+    }
+
     pub fn with_target_reads(mut self, target_reads: TargetReads) -> Self {
         self.target_reads = target_reads;
         self
@@ -327,6 +336,7 @@ mod tests {
             shadow_read_percentage: 0,
             writes: WritesState::Flowing,
             max_lag_ms: None,
+            target_read_deadline_ms: None,
         };
         edit(&mut config);
         Strategy::new(Some(Arc::new(config)), HoldState::Flowing)

@@ -15,7 +15,7 @@ use eden_sidecar::replicate::{
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp2::types::BytesFrame;
-use support_replicate::{Pair, assert_clean, caught_up, relay, seed_big_hash, seed_strings, spawn_writers};
+use support_replicate::{Pair, assert_clean, caught_up, data_keys, relay, seed_big_hash, seed_strings, spawn_writers};
 
 /// Writers hammer hot keys with every kind of write while a 50k-key backfill runs; once they stop
 /// and the replicator has caught up, the servers are equal.
@@ -176,8 +176,7 @@ async fn source_flush_is_replicated() {
     let _: () = source.set("after-flush", 1).await.unwrap();
     caught_up(&mut replicator).await;
     assert_eq!(replicator.progress().borrow().flushes, 1);
-    let size: u64 = redis::cmd("DBSIZE").query_async(&mut pair.target().await).await.unwrap();
-    assert_eq!(size, 1);
+    assert_eq!(data_keys(&mut pair.target().await).await, 1);
     assert_clean(&pair.verify().await);
 }
 
@@ -195,8 +194,7 @@ async fn a_source_flush_under_skip_or_fail_stops_instead_of_flushing_the_target(
         let _: () = redis::cmd("FLUSHDB").query_async(&mut source).await.unwrap();
         let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("a flush stops the run");
         assert!(matches!(err, ReplicateError::SourceFlushed { .. }), "{policy:?}: {err}");
-        let size: u64 = redis::cmd("DBSIZE").query_async(&mut target).await.unwrap();
-        assert_eq!(size, 1_001, "{policy:?}: the target keeps the copies and its own key");
+        assert_eq!(data_keys(&mut target).await, 1_001, "{policy:?}: the target keeps the copies and its own key");
     }
 }
 
@@ -523,8 +521,7 @@ async fn copies_between_the_databases_the_uris_name() {
     let _: () = source.set("key:7", "live").await.unwrap();
     caught_up_progress(&mut replicator).await;
     let mut target = open(db(&pair.target, 5)).await;
-    let size: u64 = redis::cmd("DBSIZE").query_async(&mut target).await.unwrap();
-    assert_eq!(size, 2_500);
+    assert_eq!(data_keys(&mut target).await, 2_500);
     let live: String = target.get("key:7").await.unwrap();
     assert_eq!(live, "live");
     let size: u64 = redis::cmd("DBSIZE").query_async(&mut pair.target().await).await.unwrap();

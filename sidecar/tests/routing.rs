@@ -1088,3 +1088,34 @@ async fn a_scan_through_a_read_canary_sees_every_key_once() {
         assert_eq!(seen, expected, "{command}: every key, from one server's cursor");
     }
 }
+
+#[tokio::test]
+async fn a_frozen_target_holds_no_canary_read_past_its_deadline_and_its_late_replies_are_dropped() {
+    let mut migration = Migration::new();
+    let _: () = direct(&migration.source).await.set("k", "source").await.unwrap();
+    let _: () = direct(&migration.target).await.set("k", "target").await.unwrap();
+    let proxy = migration.proxy(Duration::from_secs(5)).await;
+    migration.apply(1, "read_percentage: 100\ntarget_read_deadline_ms: 50").await;
+    let mut raw = support::RawClient::connect(proxy.addr).await;
+    let get = resp(&["GET", "k"]);
+    raw.send(&get).await;
+    raw.expect(b"$6\r\ntarget\r\n").await;
+
+    // Frozen: a pipeline of canary reads is answered by the source, in order, the first after
+    // the deadline and the rest without waiting for the target at all.
+    migration.target.freeze().unwrap();
+    let started = std::time::Instant::now();
+    raw.send(&get.repeat(20)).await;
+    raw.expect(&b"$6\r\nsource\r\n".repeat(20)).await;
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(1_000), "answered within the deadline, not the freeze: {waited:?}");
+    assert!(proxy.metric("eden_target_reads_late_total") >= 1);
+
+    // Back: the replies the target owed those reads are dropped, and it answers its own again.
+    migration.target.thaw().unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await; // past the session's cooldown
+    for _ in 0..3 {
+        raw.send(&get.repeat(5)).await;
+        raw.expect(&b"$6\r\ntarget\r\n".repeat(5)).await;
+    }
+}

@@ -126,6 +126,12 @@ pub struct Strategy {
     #[serde(default)]
     #[schemars(range(min = 0, max = 100))]
     pub shadow_read_percentage: i32,
+    /// A read the target serves for the source (a read canary) that the target has not answered
+    /// within this many milliseconds is answered by the source instead: a slow or stopped
+    /// target never holds a client up for longer.
+    #[serde(default = "default_target_read_deadline_millis")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub target_read_deadline_millis: i64,
 }
 
 impl Default for Strategy {
@@ -135,8 +141,13 @@ impl Default for Strategy {
             read_percentage: 0,
             write_mode: WriteMode::default(),
             shadow_read_percentage: 0,
+            target_read_deadline_millis: default_target_read_deadline_millis(),
         }
     }
+}
+
+fn default_target_read_deadline_millis() -> i64 {
+    100
 }
 
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]

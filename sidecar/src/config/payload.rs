@@ -52,6 +52,11 @@ pub struct EdenConfig {
     /// replicates (`data.type: none`: the sidecars' own mirrors feed the target).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lag_ms: Option<u64>,
+    /// A read sent to the target for a key the source owns is also sent to the source, and the
+    /// source's answer is the client's when the target has not answered within this bound
+    /// (DESIGN §9, "Deadlines"). Absent: target reads have no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_read_deadline_ms: Option<u64>,
 }
 
 /// How to reach one Redis server. Never carries a secret: credentials come from a mounted file.

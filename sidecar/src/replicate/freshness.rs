@@ -53,7 +53,7 @@ impl FreshnessRecord {
 }
 
 /// Writes the record to `target` while `progress` has a sender (the engine runs); the task ends
-/// with the engine, or when aborted. A failed write is retried at the next beat: the sidecars
+/// with the engine, removing the record, or when aborted (the replicator removes it then). A failed write is retried at the next beat: the sidecars
 /// see no beat meanwhile, which is what they should see.
 pub(crate) fn keep(target: Endpoint, mut progress: watch::Receiver<Progress>) -> JoinHandle<()> {
     // Distinct from any earlier run's beats without coordination: the start time, then counted.
@@ -63,6 +63,10 @@ pub(crate) fn keep(target: Endpoint, mut progress: watch::Receiver<Progress>) ->
         for beat in first.. {
             ticker.tick().await;
             if progress.has_changed().is_err() {
+                // The engine ended (failed): no record stays behind claiming anything.
+                let mut del = Cmd::new();
+                del.arg("DEL").arg(FRESHNESS_KEY);
+                let _ = target.cmd::<()>("DEL", &del).await;
                 return;
             }
             let lag_ms = {

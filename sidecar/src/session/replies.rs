@@ -15,11 +15,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::writes::{SessionWrites, SourceWrites};
 use super::{BUFFER, DRAIN_TIMEOUT, Latency};
@@ -47,6 +48,9 @@ pub(super) enum Due {
     Finish(Vec<u8>),
     /// The writes of a batch, answered once everything before this reached the client.
     Settled(SourceWrites),
+    /// A read sent to both sides: the target's reply when it has come by `deadline`, else the
+    /// source's; the other one is dropped when it arrives.
+    Hedged { deadline: Instant },
 }
 
 /// State both directions of a routed session see.
@@ -56,6 +60,41 @@ pub(super) struct Shared {
     pub lost: [AtomicBool; 2],
     pub latency: Latency,
     pub writes: Arc<SessionWrites>,
+    /// When the target last answered a hedged read too late.
+    pub target_late: TargetLate,
+}
+
+/// A session's memory of a target that answered too late: its reads go to the source for
+/// [`TARGET_LATE_COOLDOWN`] after that, rather than each waiting out the deadline.
+#[derive(Debug)]
+pub(super) struct TargetLate {
+    /// Nanoseconds after `epoch`; 0 for never.
+    at: AtomicU64,
+    epoch: Instant,
+}
+
+/// How long a session keeps its canary reads off a target that answered too late.
+pub(super) const TARGET_LATE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Default for TargetLate {
+    fn default() -> Self {
+        TargetLate { at: AtomicU64::new(0), epoch: Instant::now() }
+    }
+}
+
+impl TargetLate {
+    fn late(&self) {
+        let nanos = self.epoch.elapsed().as_nanos() as u64;
+        self.at.store(nanos.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether the target answered too late within the cooldown.
+    pub fn cooling(&self) -> bool {
+        match self.at.load(Ordering::Relaxed) {
+            0 => false,
+            nanos => self.epoch.elapsed().saturating_sub(std::time::Duration::from_nanos(nanos)) < TARGET_LATE_COOLDOWN,
+        }
+    }
 }
 
 struct SideReader {
@@ -63,6 +102,9 @@ struct SideReader {
     buf: BytesMut,
     scanner: ReplyScanner,
     closed: bool,
+    /// Replies still to come that answer hedged reads the other side answered: dropped before
+    /// anything else is taken from this side.
+    skip: u32,
 }
 
 pub(super) struct Replies<C> {
@@ -83,6 +125,8 @@ enum Event {
     /// A side was read; true when it closed.
     Read(Side, bool),
     Deadline,
+    /// The hedged read at the head may now take the source's answer.
+    HedgeDeadline,
 }
 
 /// How delivering what is due ended.
@@ -132,6 +176,10 @@ impl<C: AsyncWrite> Replies<C> {
                 Err(()) => break Next::Close(Vec::new()),
             }
             let head = self.head_side();
+            let hedge = match self.queue.front() {
+                Some(Due::Hedged { deadline }) => Some(*deadline),
+                _ => None,
+            };
             let [source, target] = &mut self.sides;
             let event = tokio::select! {
                 due = self.dues.recv(), if finishing.is_none() => Event::Due(due),
@@ -142,6 +190,7 @@ impl<C: AsyncWrite> Replies<C> {
                     Event::Read(Side::Target, closed)
                 }
                 () = sleep_until(finishing) => Event::Deadline,
+                () = sleep_until(hedge) => Event::HedgeDeadline,
             };
             match event {
                 Event::Due(Some(Due::Finish(closing))) => {
@@ -160,7 +209,7 @@ impl<C: AsyncWrite> Replies<C> {
                         break Next::Close(Vec::new());
                     }
                 }
-                Event::Read(_, false) => {}
+                Event::Read(_, false) | Event::HedgeDeadline => {}
                 Event::Deadline => break Next::Close(Vec::new()),
             }
         };
@@ -195,9 +244,25 @@ impl<C: AsyncWrite> Replies<C> {
                         buf: BytesMut::new(),
                         scanner: ReplyScanner::default(),
                         closed: false,
+                        skip: 0,
                     });
                 }
                 Due::Settled(writes) => writes.answered(),
+                Due::Hedged { deadline } => {
+                    let Some(answer) = self.hedge_answer(deadline)? else {
+                        self.queue.push_front(Due::Hedged { deadline });
+                        self.pass_pushes(None);
+                        return Ok(Next::Wait);
+                    };
+                    self.take(answer, 1, true, false)?;
+                    if let Some(other) = self.sides[answer.other() as usize].as_mut() {
+                        other.skip += 1;
+                    }
+                    if answer == Side::Source {
+                        self.metrics.target_read_late();
+                        self.shared.target_late.late();
+                    }
+                }
                 Due::Pin(side) => return Ok(Next::Pinned(side)),
                 Due::Finish(closing) => return Ok(Next::Close(closing)),
                 Due::Replies { side, count, discard } => {
@@ -220,10 +285,63 @@ impl<C: AsyncWrite> Replies<C> {
         }
     }
 
+    /// Which side answers a hedged read now, if one can: the target once its whole reply is
+    /// here (a late one is never half-delivered), else the source once the deadline passed, or
+    /// at once when the target's connection is gone.
+    fn hedge_answer(&mut self, deadline: Instant) -> Result<Option<Side>, ()> {
+        let target_live = self.sides[Side::Target as usize].as_ref().is_some_and(|reader| !reader.closed);
+        if target_live && self.ready(Side::Target)? {
+            return Ok(Some(Side::Target));
+        }
+        if (!target_live || Instant::now() >= deadline) && self.ready(Side::Source)? {
+            return Ok(Some(Side::Source));
+        }
+        Ok(None)
+    }
+
+    /// Whether a whole reply from `side` is buffered, after the replies it must drop; a side
+    /// without a live connection is ready (its reply is an error).
+    fn ready(&mut self, side: Side) -> Result<bool, ()> {
+        if !self.skip_dropped(side)? {
+            return Ok(false);
+        }
+        let Some(reader) = self.sides[side as usize].as_ref() else { return Ok(true) };
+        let (mut probe, mut at) = (reader.scanner.clone(), 0);
+        loop {
+            match probe.scan(&reader.buf[at..]) {
+                Ok((n, Some(Frame::Push))) => at += n,
+                Ok((_, Some(Frame::Reply))) => return Ok(true),
+                Ok((_, None)) => return Ok(reader.closed),
+                Err(_) => return Ok(true), // take() reports it
+            }
+        }
+    }
+
+    /// Drops the replies `side` owes hedged reads already answered; true once none is left.
+    fn skip_dropped(&mut self, side: Side) -> Result<bool, ()> {
+        let Some(skip) = self.sides[side as usize].as_ref().map(|reader| reader.skip).filter(|n| *n > 0) else {
+            return Ok(true);
+        };
+        let left = self.take_replies(side, skip, false, false)?;
+        if let Some(reader) = self.sides[side as usize].as_mut() {
+            reader.skip = left;
+        }
+        Ok(left == 0)
+    }
+
+    /// Takes up to `count` replies from `side`'s buffer, after those it must drop; returns how
+    /// many are still missing.
+    fn take(&mut self, side: Side, count: u32, deliver: bool, copy: bool) -> Result<u32, ()> {
+        if !self.skip_dropped(side)? {
+            return Ok(count);
+        }
+        self.take_replies(side, count, deliver, copy)
+    }
+
     /// Takes up to `count` replies from `side`'s buffer; returns how many are still missing.
     /// A side without a live connection answers each with an error. What is taken goes on
     /// in one piece.
-    fn take(&mut self, side: Side, mut count: u32, deliver: bool, copy: bool) -> Result<u32, ()> {
+    fn take_replies(&mut self, side: Side, mut count: u32, deliver: bool, copy: bool) -> Result<u32, ()> {
         let Some(reader) = self.sides[side as usize].as_mut() else {
             self.fail(side, count, deliver);
             return Ok(0);

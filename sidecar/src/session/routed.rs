@@ -301,16 +301,25 @@ impl Session {
                     }
                 }
                 Route::Send { answer, mirror, shadow: false } => {
-                    // A read the target may not hold yet for this client goes to the source.
+                    // A read the target may not hold yet for this client, or that a target
+                    // answering late would only delay, goes to the source.
                     let answer = match answer {
                         Side::Target
                             if kind == CommandKind::Read
-                                && !strategy.target_may_serve(key, self.shared.writes.client_writes()) =>
+                                && (!strategy.target_may_serve(key, self.shared.writes.client_writes())
+                                    || self.shared.target_late.cooling()) =>
                         {
                             Side::Source
                         }
                         answer => answer,
                     };
+                    if answer == Side::Target
+                        && kind == CommandKind::Read
+                        && let Some(deadline) = strategy.target_read_deadline(key)
+                        && self.hedge(plan, bytes, deadline).await
+                    {
+                        return true;
+                    }
                     if self.send(plan, answer, bytes, kind, Reply::Client).await
                         && let Some(mirror) = mirror
                     {
@@ -319,6 +328,21 @@ impl Session {
                 }
             },
         }
+        true
+    }
+
+    /// Sends a read of a source-owned key to both sides, the target's answer expected within
+    /// `deadline` and the source's used otherwise (DESIGN §9, "Deadlines"); false when either
+    /// side cannot be reached (the caller sends it plainly).
+    async fn hedge(&mut self, plan: &Plan, request: &[u8], deadline: std::time::Duration) -> bool {
+        if !(self.connected(plan, Side::Target).await && self.connected(plan, Side::Source).await) {
+            return false;
+        }
+        for side in Side::BOTH {
+            self.out[side as usize].extend_from_slice(request);
+        }
+        self.counts.count(Side::Target, CommandKind::Read);
+        self.pending.push(Due::Hedged { deadline: tokio::time::Instant::now() + deadline });
         true
     }
 

@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use eden_e2e::{RedisConfig, RedisServer};
 use eden_sidecar::replicate::{
-    Checkpoint, Mode, Replicator, ReplicatorOptions, ScanOptions, SyncOptions, Verifier, VerifyOptions, VerifyReport,
+    Checkpoint, FRESHNESS_KEY, Mode, Replicator, ReplicatorOptions, ScanOptions, SyncOptions, Verifier, VerifyOptions,
+    VerifyReport,
 };
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp2::decode::decode_bytes_mut;
@@ -119,6 +120,14 @@ pub async fn relay(upstream: String, command: impl Fn(BytesFrame) -> BytesFrame 
 }
 
 /// Waits for the replicator to have every write made so far on the target.
+/// The keys of the connection's database but the freshness record a running replicator keeps
+/// on the target (and removes when it ends: a test may see either).
+pub async fn data_keys(con: &mut MultiplexedConnection) -> u64 {
+    let (size, freshness): (u64, u64) =
+        redis::pipe().cmd("DBSIZE").exists(FRESHNESS_KEY).query_async(con).await.unwrap();
+    size - freshness
+}
+
 pub async fn caught_up(replicator: &mut Replicator) {
     let progress = replicator.caught_up(Duration::from_secs(60)).await.expect("replicator healthy");
     let progress = progress.expect("caught up within 60s");
