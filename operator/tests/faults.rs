@@ -29,19 +29,27 @@ struct SidecarProcess {
 }
 
 impl SidecarProcess {
-    fn spawn(harness: &Harness, pod: &str, source: &RedisServer, kubeconfig: &std::path::Path) -> SidecarProcess {
+    fn spawn(
+        harness: &Harness,
+        pod: &Pod,
+        source: &RedisServer,
+        kubeconfig: &std::path::Path,
+        target: Option<&Relay>,
+    ) -> SidecarProcess {
         let (port, admin) = (eden_e2e::free_port().unwrap(), eden_e2e::free_port().unwrap());
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("{}-{pod}.log", harness.namespace))).unwrap();
-        let child = std::process::Command::new(eden_e2e::workspace_binary("eden-sidecar").unwrap())
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("{}-{}.log", harness.namespace, pod.name)))
+            .unwrap();
+        let mut command = std::process::Command::new(eden_e2e::workspace_binary("eden-sidecar").unwrap());
+        command
             .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(["--source", &source.url(), "--configmap", "eden-shop", "--namespace", &harness.namespace])
-            .args(["--pod-name", pod, "--confirm-every-ms", "200", "--fence-after-ms", "2000"])
-            .args(["--max-write-pause-ms", "3000"])
-            .env("KUBECONFIG", kubeconfig)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .args(["--pod-name", pod.name, "--confirm-every-ms", "200"])
+            .args(["--fence-after-ms", &pod.fenced_after_ms.to_string(), "--max-write-pause-ms", "3000"]);
+        if let Some(relay) = target {
+            command.args(["--target", &format!("redis://{}", relay.addr())]);
+        }
+        let child =
+            command.env("KUBECONFIG", kubeconfig).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
         SidecarProcess { child, port }
     }
 
@@ -82,6 +90,28 @@ struct Acknowledged {
     stale_reads: u64,
     /// Reads of it, in all.
     reads: u64,
+    /// The longest a read took, for a client of the same sidecar that only reads.
+    longest_read: Duration,
+}
+
+/// Reads `last:<name>` through `sidecar` until `stop`; returns the longest a read took. A
+/// client that writes nothing may be served by the target.
+async fn read_until(
+    mut sidecar: redis::aio::MultiplexedConnection,
+    name: &'static str,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Duration {
+    let mut longest = Duration::ZERO;
+    while !*stop.borrow_and_update() {
+        let started = std::time::Instant::now();
+        let read: redis::RedisResult<Option<i64>> = sidecar.get(format!("last:{name}")).await;
+        longest = longest.max(started.elapsed());
+        if let Err(err) = read {
+            panic!("{name}: a read failed: {err}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    longest
 }
 
 /// Writes `INCR counter:<name>`, `RPUSH seq:<name> n` and `SET last:<name> n` through
@@ -124,49 +154,84 @@ async fn write_until(
     acknowledged
 }
 
+/// One sidecar of a scenario: its pod name, the relay through which it reaches the API server
+/// (to cut), whether it reaches the target through a relay of its own (to cut), and its bound.
+#[derive(Clone, Copy)]
+struct Pod<'a> {
+    name: &'static str,
+    api: Option<&'a Relay>,
+    relayed_target: bool,
+    fenced_after_ms: u64,
+}
+
+impl<'a> Pod<'a> {
+    fn new(name: &'static str) -> Pod<'a> {
+        Pod { name, api: None, relayed_target: false, fenced_after_ms: 2_000 }
+    }
+
+    fn api_via(self, relay: &'a Relay) -> Pod<'a> {
+        Pod { api: Some(relay), ..self }
+    }
+
+    fn target_via_relay(self) -> Pod<'a> {
+        Pod { relayed_target: true, ..self }
+    }
+
+    fn fenced_after(self, fenced_after_ms: u64) -> Pod<'a> {
+        Pod { fenced_after_ms, ..self }
+    }
+}
+
 /// A Ready `sync` migration `shop` whose clients write through eden-sidecar processes.
 struct Scenario {
     harness: Harness,
     source: RedisServer,
     target: RedisServer,
     _sidecars: Vec<SidecarProcess>,
+    /// The relays to the target, of the sidecars that asked for one.
+    target_relays: Vec<Relay>,
     stop: watch::Sender<bool>,
     writers: Vec<(&'static str, JoinHandle<Acknowledged>)>,
+    /// A client per sidecar that only reads (so its reads may go to the target): the longest
+    /// a read took.
+    readers: Vec<(&'static str, JoinHandle<Duration>)>,
 }
 
 impl Scenario {
-    /// One sidecar per entry: its pod name and, for one to be cut off, the relay through which
-    /// it reaches the API server.
-    async fn start(prefix: &str, sidecars: &[(&'static str, Option<&Relay>)]) -> Scenario {
+    async fn start(prefix: &str, pods: &[Pod<'_>]) -> Scenario {
         let harness = Harness::start(prefix).await;
         let (source, target) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
         harness.apply(&endpoints(&source, &target));
         harness.apply(&migration("shop", "sync", 0, "oldAuthoritative"));
         harness.wait_phase("shop", Phase::Ready).await;
         let (stop, stopped) = watch::channel(false);
-        let (mut processes, mut writers) = (Vec::new(), Vec::new());
-        for (pod, relay) in sidecars {
-            let kubeconfig = match relay {
+        let (mut processes, mut writers, mut readers, mut target_relays) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for pod in pods {
+            let kubeconfig = match pod.api {
                 Some(relay) => {
-                    let path = std::env::temp_dir().join(format!("{}-{pod}.kubeconfig", harness.namespace));
+                    let path = std::env::temp_dir().join(format!("{}-{}.kubeconfig", harness.namespace, pod.name));
                     harness.control_plane.kubeconfig_via(relay.addr(), &path).unwrap();
                     path
                 }
                 None => harness.control_plane.kubeconfig().to_path_buf(),
             };
-            let process = SidecarProcess::spawn(&harness, pod, &source, &kubeconfig);
-            writers.push((*pod, tokio::spawn(write_until(process.connect().await, pod, stopped.clone()))));
+            let relay = match pod.relayed_target {
+                true => Some(Relay::start(target.addr()).await.unwrap()),
+                false => None,
+            };
+            let process = SidecarProcess::spawn(&harness, pod, &source, &kubeconfig, relay.as_ref());
+            target_relays.extend(relay);
+            writers.push((pod.name, tokio::spawn(write_until(process.connect().await, pod.name, stopped.clone()))));
+            readers.push((pod.name, tokio::spawn(read_until(process.connect().await, pod.name, stopped.clone()))));
             processes.push(process);
         }
         harness
             .wait("shop", "every sidecar acknowledged", |m| {
-                m.status
-                    .as_ref()
-                    .and_then(|s| s.sidecars.as_ref())
-                    .is_some_and(|s| s.acknowledged == sidecars.len() as i32)
+                m.status.as_ref().and_then(|s| s.sidecars.as_ref()).is_some_and(|s| s.acknowledged == pods.len() as i32)
             })
             .await;
-        Scenario { harness, source, target, _sidecars: processes, stop, writers }
+        Scenario { harness, source, target, _sidecars: processes, target_relays, stop, writers, readers }
     }
 
     /// Stops the writers and checks that every write a client saw acknowledged is on the
@@ -198,6 +263,10 @@ impl Scenario {
             assert_eq!(sequence, acknowledged.pushed, "{name}: RPUSHes acknowledged vs stored, in order");
             outcomes.push((name, acknowledged));
         }
+        for ((name, reader), (_, acknowledged)) in self.readers.into_iter().zip(&mut outcomes) {
+            acknowledged.longest_read = reader.await.unwrap();
+            eprintln!("{name}: the reader's longest read {:?}", acknowledged.longest_read);
+        }
         outcomes
     }
 }
@@ -206,12 +275,14 @@ fn sidecar_counts(migration: &eden_operator::crd::Migration) -> Option<&eden_ope
     migration.status.as_ref()?.sidecars.as_ref()
 }
 
-#[tokio::test]
+// Several workers: the harness runs kubectl and the operator in this process, and a client's
+// wait must measure the sidecar, not this runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowledged_write() {
     // Two sidecars: one talks to the API server directly, the other through a relay that is
     // cut during the cutover while its path to Redis stays up.
     let relay = Relay::start(ControlPlane::shared().api_addr().unwrap()).await.unwrap();
-    let scenario = Scenario::start("cut-off", &[("direct", None), ("cut-off", Some(&relay))]).await;
+    let scenario = Scenario::start("cut-off", &[Pod::new("direct"), Pod::new("cut-off").api_via(&relay)]).await;
     let harness = &scenario.harness;
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.cut();
@@ -239,9 +310,9 @@ async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowl
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_killed_while_writes_are_paused_loses_no_write_and_the_cutover_completes_after_it() {
-    let mut scenario = Scenario::start("operator-killed", &[("app-0", None), ("app-1", None)]).await;
+    let mut scenario = Scenario::start("operator-killed", &[Pod::new("app-0"), Pod::new("app-1")]).await;
     // Watched, not polled: the operator is killed as soon as it has paused writes, well before
     // the reconcile that could flip them (200 ms later at the soonest).
     let watch = watcher(scenario.harness.config_maps(), watcher::Config::default().fields("metadata.name=eden-shop"));
@@ -267,9 +338,9 @@ async fn an_operator_killed_while_writes_are_paused_loses_no_write_and_the_cutov
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_or_corrupted_config_map_is_rewritten_above_every_generation_and_writes_go_on() {
-    let scenario = Scenario::start("config-map-lost", &[("app-0", None)]).await;
+    let scenario = Scenario::start("config-map-lost", &[Pod::new("app-0")]).await;
     let harness = &scenario.harness;
     let config_maps = harness.config_maps();
     let generation = |config_map: Option<k8s_openapi::api::core::v1::ConfigMap>| {
@@ -308,9 +379,9 @@ async fn a_deleted_or_corrupted_config_map_is_rewritten_above_every_generation_a
     assert_eq!(outcomes[0].1.refused, 0, "rewritten within the sidecar's bound: nothing refused");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn canary_reads_leave_the_target_when_the_operator_dies_and_no_client_reads_back_in_time() {
-    let mut scenario = Scenario::start("canary-operator-killed", &[("app-0", None), ("app-1", None)]).await;
+    let mut scenario = Scenario::start("canary-operator-killed", &[Pod::new("app-0"), Pod::new("app-1")]).await;
     scenario.harness.apply(&migration("shop", "sync", 50, "oldAuthoritative"));
     scenario.harness.wait_payload("shop", |p| p.read_percentage == 50).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -325,5 +396,44 @@ async fn canary_reads_leave_the_target_when_the_operator_dies_and_no_client_read
     assert!(left_behind < latest, "the target went stale: {left_behind:?} against {latest:?}");
     for (name, acknowledged) in scenario.finish(Side::Source).await {
         assert!(acknowledged.reads > 0, "{name} read throughout");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sidecars_cut_off_from_the_api_server_for_20_seconds_shorter_than_their_bound_lose_nothing_and_stall_nothing() {
+    // The default bound (30 s) against an outage of 20 s, for every sidecar.
+    let relay = Relay::start(ControlPlane::shared().api_addr().unwrap()).await.unwrap();
+    let pods = [
+        Pod::new("app-0").api_via(&relay).fenced_after(30_000),
+        Pod::new("app-1").api_via(&relay).fenced_after(30_000),
+    ];
+    let scenario = Scenario::start("api-outage", &pods).await;
+    scenario.harness.apply(&migration("shop", "sync", 50, "oldAuthoritative"));
+    scenario.harness.wait_payload("shop", |p| p.read_percentage == 50).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.cut();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    relay.heal();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (name, acknowledged) in scenario.finish(Side::Source).await {
+        assert_eq!(acknowledged.refused, 0, "{name}: nothing refused within the bound");
+        assert!(acknowledged.longest < Duration::from_secs(1), "{name}: writes never waited on the API server");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_cut_off_from_the_target_during_a_canary_serves_every_read_from_the_source_in_time() {
+    let scenario = Scenario::start("target-cut", &[Pod::new("app-0").target_via_relay(), Pod::new("app-1")]).await;
+    scenario.harness.apply(&migration("shop", "sync", 100, "oldAuthoritative"));
+    scenario.harness.wait_payload("shop", |p| p.read_percentage == 100).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    scenario.target_relays[0].cut();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    scenario.target_relays[0].heal();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (name, acknowledged) in scenario.finish(Side::Source).await {
+        assert_eq!(acknowledged.refused, 0, "{name}: the target's loss costs no write");
+        assert!(acknowledged.longest < Duration::from_secs(1), "{name}: no write waited on the lost target");
+        assert!(acknowledged.longest_read < Duration::from_secs(1), "{name}: no read waited on the lost target");
     }
 }
