@@ -53,21 +53,44 @@ pub fn free_port() -> Result<u16, FixtureError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The path of one of the workspace's binaries (`eden-sidecar`, `eden-operator`), built first
-/// by cargo when it is not up to date, so a test of one package can run another's binary.
-pub fn workspace_binary(name: &str) -> Result<PathBuf, FixtureError> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo).args(["build", "-q", "--bin", name]).current_dir(repo_root()).status()?;
-    if !status.success() {
-        return Err(FixtureError::Build { what: name.into(), status });
-    }
+/// The path of one of the workspace's binaries (`eden-sidecar` of package directory `sidecar`),
+/// so a test of one package can run another's. `cargo test --workspace` builds it beside the
+/// test binaries; when it is missing, or older than a source file of its package (a test of
+/// another package run alone after an edit), cargo builds it first. A build that is not needed
+/// is not asked for: cargo's plain build resolves dev-dependency features differently from a
+/// test build, and would rebuild (and replace) the binary the test build made.
+pub fn workspace_binary(package_dir: &str, name: &str) -> Result<PathBuf, FixtureError> {
     // A test runs from `<target>/<profile>/deps`; binaries sit one level up.
     let exe = std::env::current_exe()?;
     let profile = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| FixtureError::NotReady {
         what: name.into(),
         detail: format!("{} is not in a cargo target directory", exe.display()),
     })?;
-    Ok(profile.join(name))
+    let binary = profile.join(name);
+    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
+    let sources = newest_modification(&repo_root().join(package_dir).join("src"))?;
+    if built.is_none_or(|built| built < sources) {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo).args(["build", "-q", "--bin", name]).current_dir(repo_root()).status()?;
+        if !status.success() {
+            return Err(FixtureError::Build { what: name.into(), status });
+        }
+    }
+    Ok(binary)
+}
+
+/// The latest modification time of any file under `dir`.
+fn newest_modification(dir: &std::path::Path) -> Result<std::time::SystemTime, FixtureError> {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let modified = match entry.file_type()?.is_dir() {
+            true => newest_modification(&entry.path())?,
+            false => entry.metadata()?.modified()?,
+        };
+        newest = newest.max(modified);
+    }
+    Ok(newest)
 }
 
 /// `argocd-health` (`e2e/argocd-health/`), which runs an Argo CD resource health script as Argo

@@ -39,7 +39,7 @@ impl SidecarProcess {
         let (port, admin) = (eden_e2e::free_port().unwrap(), eden_e2e::free_port().unwrap());
         let log = std::fs::File::create(std::env::temp_dir().join(format!("{}-{}.log", harness.namespace, pod.name)))
             .unwrap();
-        let mut command = std::process::Command::new(eden_e2e::workspace_binary("eden-sidecar").unwrap());
+        let mut command = std::process::Command::new(eden_e2e::workspace_binary("sidecar", "eden-sidecar").unwrap());
         command
             .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(["--source", &source.url(), "--configmap", "eden-shop", "--namespace", &harness.namespace])
