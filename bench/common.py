@@ -355,6 +355,13 @@ def launch_sidecar(procs, binary, redis_port, *extra, name="eden-sidecar", env=N
     return child, port, admin, 1000 * (time.monotonic() - started)
 
 
+def check_built(args):
+    """Refuses to run without a sidecar that built (`--sidecar-build-failed`) and exists."""
+    if args.sidecar_build_failed:
+        raise BenchError("the sidecar did not build (cargo build --release -p eden-sidecar)")
+    check_binary(args.sidecar)
+
+
 def check_binary(binary):
     if not os.access(binary, os.X_OK):
         raise BenchError(f"no sidecar binary at {shown(binary)} (cargo build --release -p eden-sidecar)")

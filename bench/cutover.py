@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import (REPO, BenchError, Conn, Kube, bench_main, check_binary, env_int, exited, free_port, invocation,
+from common import (REPO, BenchError, Conn, Kube, bench_main, check_built, env_int, exited, free_port, invocation,
                     launch_sidecar, log, machine_facts, parse_args, passed, percentile, publish, sidecar_env,
                     start_control_plane, start_redis, vm_kib)
 
@@ -310,9 +310,7 @@ def render(args, runs, elapsed_s):
 
 def run(args, procs):
     started = time.monotonic()
-    if args.sidecar_build_failed:
-        raise BenchError("the sidecar did not build (cargo build --release -p eden-sidecar)")
-    check_binary(args.sidecar)
+    check_built(args)
     if not os.access(Path(args.sidecar).with_name("eden-operator"), os.X_OK):
         raise BenchError("no eden-operator beside the sidecar (cargo build --release -p eden-operator)")
     kubeconfig = start_control_plane(procs)

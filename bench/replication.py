@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 
-from common import (BenchError, Conn, bench_main, check_binary, env_int, exited, free_port, info_fields, invocation,
+from common import (BenchError, Conn, bench_main, check_built, env_int, exited, free_port, info_fields, invocation,
                     log, log_tail, machine_facts, parse_args, passed, publish, sidecar_env, start_redis, vm_kib)
 
 ROUNDS = env_int("BENCH_REPLICATION_ROUNDS", 3)
@@ -244,9 +244,7 @@ def render(args, rounds, small, transfer, elapsed_s):
 
 def run(args, procs):
     started = time.monotonic()
-    if args.sidecar_build_failed:
-        raise BenchError("the sidecar did not build (cargo build --release -p eden-sidecar)")
-    check_binary(args.sidecar)
+    check_built(args)
     log(f"populating {KEYS} and {KEYS_SMALL} keys of {VALUE_BYTES} bytes")
     source = populate(procs, KEYS, "redis-source")
     source_small = populate(procs, KEYS_SMALL, "redis-source-small")

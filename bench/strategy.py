@@ -46,7 +46,7 @@ import threading
 import time
 import urllib.parse
 
-from common import (BenchError, Conn, Kube, bench_main, benchmark_args, check_binary, env_int, exited, free_port, http_get,
+from common import (BenchError, Conn, Kube, bench_main, benchmark_args, check_built, env_int, exited, free_port, http_get,
                     invocation, launch_sidecar, log, log_tail, machine_facts, parse_args, passed, percentile, publish,
                     redis_benchmark, sidecar_env, start_control_plane, start_redis, wait_serving)
 
@@ -319,9 +319,7 @@ def render(args, samples, rounds, outcomes, elapsed_s):
 
 def run(args, procs):
     started = time.monotonic()
-    if args.sidecar_build_failed:
-        raise BenchError("the sidecar did not build (cargo build --release -p eden-sidecar)")
-    check_binary(args.sidecar)
+    check_built(args)
     source_port, target_port = free_port(), free_port()
     start_redis(procs, source_port, name="redis-source")
     start_redis(procs, target_port, name="redis-target")
