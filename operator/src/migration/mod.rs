@@ -93,7 +93,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
             Default::default(),
         );
-    let store = reader.clone();
+    let (store, moving) = (reader.clone(), reader.clone());
     Controller::for_stream(triggers, reader)
         .owns(
             scoped::<ConfigMap>(&client, namespace.as_deref()),
@@ -109,6 +109,27 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
                 .map(|m| ObjectRef::from_obj(m.as_ref()))
                 .collect::<Vec<_>>()
         })
+        // While writes move, a sidecar's acknowledgement wakes its Migration at once rather than
+        // at the next 200 ms requeue: each step of a cutover waits on one. At rest it does not:
+        // renewals would only wake reconciles that find nothing to do.
+        .watches(
+            scoped::<Lease>(&client, namespace.as_deref()),
+            watcher::Config::default().labels(LABEL_MIGRATION),
+            move |lease| {
+                let namespace = lease.namespace();
+                let migration = lease.labels().get(LABEL_MIGRATION).cloned();
+                moving
+                    .state()
+                    .into_iter()
+                    .filter(|m| m.namespace() == namespace && Some(m.name_any()) == migration)
+                    .filter(|m| {
+                        let phase = m.status.as_ref().and_then(|s| s.phase);
+                        matches!(phase, Some(Phase::CuttingOver | Phase::RollingBack))
+                    })
+                    .map(|m| ObjectRef::from_obj(m.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
