@@ -24,13 +24,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::replicate::{FRESHNESS_KEY, FreshnessRecord};
+use crate::replicate::FreshnessRecord;
 use crate::upstream::{Upstream, UpstreamStream};
 
 /// How often the record is read.
 pub const POLL_EVERY: Duration = Duration::from_millis(20);
 /// See the module's comment.
 pub const STREAM_MARGIN: Duration = Duration::from_millis(5);
+
+/// `GET eden:freshness`, as RESP.
+const GET_RECORD: &[u8] = b"*2\r\n$3\r\nGET\r\n$14\r\neden:freshness\r\n";
 
 /// Every source write acknowledged before this instant is on the target; `None` until two
 /// beats were seen.
@@ -84,8 +87,7 @@ async fn read_record(
         Some(stream) => stream,
         None => connection.insert(target.connect().await?),
     };
-    let request = format!("*2\r\n$3\r\nGET\r\n${}\r\n{FRESHNESS_KEY}\r\n", FRESHNESS_KEY.len());
-    stream.write_all(request.as_bytes()).await?;
+    stream.write_all(GET_RECORD).await?;
     let mut buffer = BytesMut::with_capacity(64);
     loop {
         if stream.read_buf(&mut buffer).await? == 0 {
@@ -98,5 +100,14 @@ async fn read_record(
             None if buffer.len() > 1024 => return Err("reply too long for a freshness record".into()),
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_request_reads_the_engines_record() {
+        let key = crate::replicate::FRESHNESS_KEY;
+        assert_eq!(super::GET_RECORD, format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).as_bytes());
     }
 }

@@ -15,14 +15,14 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::writes::{SessionWrites, SourceWrites};
+use super::writes::{SessionWrites, SharedInstant, SourceWrites};
 use super::{BUFFER, DRAIN_TIMEOUT, Latency};
 use crate::metrics::{ErrorKind, ProxyMetrics};
 use crate::reply::{Frame, ReplyScanner};
@@ -66,34 +66,20 @@ pub(super) struct Shared {
 
 /// A session's memory of a target that answered too late: its reads go to the source for
 /// [`TARGET_LATE_COOLDOWN`] after that, rather than each waiting out the deadline.
-#[derive(Debug)]
-pub(super) struct TargetLate {
-    /// Nanoseconds after `epoch`; 0 for never.
-    at: AtomicU64,
-    epoch: Instant,
-}
+#[derive(Debug, Default)]
+pub(super) struct TargetLate(SharedInstant);
 
 /// How long a session keeps its canary reads off a target that answered too late.
 pub(super) const TARGET_LATE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
-impl Default for TargetLate {
-    fn default() -> Self {
-        TargetLate { at: AtomicU64::new(0), epoch: Instant::now() }
-    }
-}
-
 impl TargetLate {
     fn late(&self) {
-        let nanos = self.epoch.elapsed().as_nanos() as u64;
-        self.at.store(nanos.max(1), Ordering::Relaxed);
+        self.0.set_now();
     }
 
     /// Whether the target answered too late within the cooldown.
     pub fn cooling(&self) -> bool {
-        match self.at.load(Ordering::Relaxed) {
-            0 => false,
-            nanos => self.epoch.elapsed().saturating_sub(std::time::Duration::from_nanos(nanos)) < TARGET_LATE_COOLDOWN,
-        }
+        self.0.get().is_some_and(|at| at.elapsed() < TARGET_LATE_COOLDOWN)
     }
 }
 

@@ -21,19 +21,40 @@ use tokio::time::Instant;
 
 use crate::metrics::ProxyMetrics;
 
-/// One session's count, shared by its two directions.
+/// An instant both directions of a session can set and read without a lock: nanoseconds after
+/// the session began, 0 for never.
 #[derive(Debug)]
-pub(crate) struct SessionWrites {
-    in_flight: AtomicU32,
-    /// Nanoseconds after `epoch` when the last writes were answered; 0 for never.
-    answered: AtomicU64,
+pub(crate) struct SharedInstant {
+    nanos: AtomicU64,
     epoch: Instant,
 }
 
-impl Default for SessionWrites {
+impl Default for SharedInstant {
     fn default() -> Self {
-        SessionWrites { in_flight: AtomicU32::new(0), answered: AtomicU64::new(0), epoch: Instant::now() }
+        SharedInstant { nanos: AtomicU64::new(0), epoch: Instant::now() }
     }
+}
+
+impl SharedInstant {
+    pub(crate) fn set_now(&self) {
+        let nanos = self.epoch.elapsed().as_nanos() as u64;
+        self.nanos.store(nanos.max(1), Ordering::Release);
+    }
+
+    pub(crate) fn get(&self) -> Option<Instant> {
+        match self.nanos.load(Ordering::Acquire) {
+            0 => None,
+            nanos => Some(self.epoch + std::time::Duration::from_nanos(nanos)),
+        }
+    }
+}
+
+/// One session's count, shared by its two directions.
+#[derive(Debug, Default)]
+pub(crate) struct SessionWrites {
+    in_flight: AtomicU32,
+    /// When the last writes were answered.
+    answered: SharedInstant,
 }
 
 /// What a client's writes to the source allow its next read.
@@ -52,10 +73,7 @@ impl SessionWrites {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return ClientWrites::Waiting;
         }
-        match self.answered.load(Ordering::Acquire) {
-            0 => ClientWrites::None,
-            nanos => ClientWrites::AnsweredAt(self.epoch + std::time::Duration::from_nanos(nanos)),
-        }
+        self.answered.get().map_or(ClientWrites::None, ClientWrites::AnsweredAt)
     }
 }
 
@@ -80,8 +98,7 @@ impl SourceWrites {
 
     /// Every reply before this one reached the client.
     pub(crate) fn answered(self) {
-        let nanos = self.session.epoch.elapsed().as_nanos() as u64;
-        self.session.answered.store(nanos.max(1), Ordering::Release);
+        self.session.answered.set_now();
     }
 }
 
