@@ -1,0 +1,200 @@
+//! The client matrix: the maintained client of each ecosystem, installed from its own registry at
+//! a pinned version, runs its scenario set (`tests/clients/<ecosystem>/`) through a sidecar in
+//! each state of a migration and prints one line per result; every line must equal the line
+//! the same program printed against Redis itself.
+//!
+//! A program takes a Redis URL. It loads its scripts and function library and takes its lock,
+//! then prints `step change` and waits for a line on its standard input: the driver moves the
+//! sidecar into the state under test meanwhile, so what was loaded before a state change runs
+//! after it. `step drop-subscribers` asks the driver to close the server side of every
+//! subscriber's connection (the client must reconnect and subscribe again). `done` ends the run.
+
+mod support;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use eden_sidecar::replicate::{Mode, Replicator, ReplicatorOptions};
+use support::{Migration, Proxy, direct};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+/// Where a program runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum State {
+    /// Redis itself: the results every other state must give.
+    Direct,
+    /// The sidecar without a strategy.
+    Plain,
+    /// Half the reads from a target the sync engine keeps fresh.
+    Canary,
+    /// Writes answered by the source and mirrored to the target (`data.type: none`).
+    DualWrite,
+    /// Writes held from the state change on, released 300 ms later by the flip to the target.
+    PausedThenReleased,
+    /// The target answers everything, writes mirrored back to the source (paused and flipped at
+    /// the state change).
+    CutOver,
+}
+
+const STATES: [State; 5] = [State::Plain, State::Canary, State::DualWrite, State::PausedThenReleased, State::CutOver];
+
+/// Before the canary: the engine feeds the target, which serves no reads yet.
+const SYNCING: &str = "read_percentage: 0\nmax_lag_ms: 1000";
+const CANARY: &str = "read_percentage: 50\nmax_lag_ms: 1000";
+const PAUSED: &str = "read_percentage: 50\nmax_lag_ms: 1000\nwrites: paused";
+const CUT_OVER: &str = "read_percentage: 100\nwrite_policy: new_authoritative\nmirror_writes: true";
+
+impl State {
+    fn replicated(self) -> bool {
+        matches!(self, State::Canary | State::PausedThenReleased | State::CutOver)
+    }
+}
+
+/// A migration in one state, with the engine feeding its target while the state wants one.
+struct Setup {
+    state: State,
+    migration: Migration,
+    replicator: Option<Replicator>,
+    proxy: Option<Proxy>,
+}
+
+impl Setup {
+    async fn new(state: State) -> Setup {
+        let mut migration = Migration::new();
+        let replicator = match state.replicated() {
+            true => Some(
+                Replicator::start(
+                    &migration.source.url(),
+                    &migration.target.url(),
+                    Mode::Sync,
+                    ReplicatorOptions::default(),
+                    None,
+                )
+                .await
+                .unwrap(),
+            ),
+            false => None,
+        };
+        let proxy = match state {
+            State::Direct => None,
+            State::Plain => Some(Proxy::start(&migration.source.url()).await),
+            _ => {
+                migration.apply(1, if state.replicated() { SYNCING } else { "read_percentage: 0" }).await;
+                Some(migration.proxy(Duration::from_secs(5)).await)
+            }
+        };
+        Setup { state, migration, replicator, proxy }
+    }
+
+    fn url(&self) -> String {
+        self.proxy.as_ref().map_or_else(|| self.migration.source.url(), Proxy::url)
+    }
+
+    /// Moves into the state under test; `go` lets the program run on, at the moment the state
+    /// wants (a paused state lets it run into the pause).
+    async fn change(&mut self, go: impl AsyncFnOnce()) {
+        match self.state {
+            State::Direct | State::Plain => go().await,
+            State::Canary => {
+                self.migration.apply(2, CANARY).await;
+                go().await;
+            }
+            State::DualWrite => {
+                self.migration.apply(2, "read_percentage: 0\nmirror_writes: true").await;
+                go().await;
+            }
+            State::PausedThenReleased => {
+                self.migration.apply(2, PAUSED).await;
+                go().await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                self.cut_over().await;
+            }
+            State::CutOver => {
+                self.migration.apply(2, PAUSED).await;
+                self.cut_over().await;
+                go().await;
+            }
+        }
+    }
+
+    /// What the operator does while writes are paused: waits for the engine to drain, stops it
+    /// and flips writes to the target.
+    async fn cut_over(&mut self) {
+        let mut replicator = self.replicator.take().expect("a replicated state");
+        replicator.caught_up(Duration::from_secs(5)).await.unwrap().expect("caught up");
+        replicator.stop().await.unwrap();
+        self.migration.apply(3, CUT_OVER).await;
+    }
+
+    /// Closes every subscriber's connection on the server that serves subscriptions (the source,
+    /// in every state).
+    async fn drop_subscribers(&self) {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "pubsub"])
+            .query_async(&mut direct(&self.migration.source).await)
+            .await
+            .unwrap();
+    }
+}
+
+/// Runs `program` against `state`; returns the lines it printed, steps left out.
+async fn run(program: &(PathBuf, Vec<OsString>), state: State) -> Vec<String> {
+    let mut setup = Setup::new(state).await;
+    let mut child = Command::new(&program.0)
+        .args(&program.1)
+        .arg(setup.url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut results = Vec::new();
+    let next = Duration::from_secs(60);
+    while let Some(line) = tokio::time::timeout(next, lines.next_line()).await.expect("a line within 60 s").unwrap() {
+        match line.strip_prefix("step ") {
+            Some("change") => setup.change(async || stdin.write_all(b"go\n").await.unwrap()).await,
+            Some("drop-subscribers") => {
+                setup.drop_subscribers().await;
+                stdin.write_all(b"go\n").await.unwrap();
+            }
+            Some(other) => panic!("unknown step {other}"),
+            None => results.push(line),
+        }
+    }
+    assert!(child.wait().await.unwrap().success(), "{state:?}: the program failed after {results:#?}");
+    results
+}
+
+/// Runs `program` against Redis and through the sidecar in every state; fails with every line
+/// that differs.
+async fn matrix(client: &str, program: (PathBuf, Vec<OsString>)) {
+    let expected = run(&program, State::Direct).await;
+    assert_eq!(expected.last().map(String::as_str), Some("done"), "{client} ran to its end against Redis");
+    let errors: Vec<&String> = expected.iter().filter(|line| line.contains(" error ")).collect();
+    assert!(errors.is_empty(), "{client} fails against Redis itself: {errors:#?}");
+    let mut differences = Vec::new();
+    for state in STATES {
+        let got = run(&program, state).await;
+        let differs = got != expected;
+        println!("{client} {state:?}: {}", if differs { "differs" } else { "same as Redis" });
+        if differs {
+            differences.push(format!("{state:?}:\n  Redis:   {expected:?}\n  sidecar: {got:?}"));
+        }
+    }
+    assert!(differences.is_empty(), "{client} through the sidecar differs from Redis:\n{}", differences.join("\n"));
+}
+
+fn script(name: &str) -> OsString {
+    eden_e2e::repo_root().join("sidecar/tests/clients").join(name).into()
+}
+
+#[tokio::test]
+async fn redis_py() {
+    matrix("redis-py", (eden_e2e::python_clients().unwrap(), vec![script("python/matrix.py")])).await;
+}
