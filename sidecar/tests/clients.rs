@@ -65,17 +65,7 @@ impl Setup {
     async fn new(state: State) -> Setup {
         let mut migration = Migration::new();
         let replicator = match state.replicated() {
-            true => Some(
-                Replicator::start(
-                    &migration.source.url(),
-                    &migration.target.url(),
-                    Mode::Sync,
-                    ReplicatorOptions::default(),
-                    None,
-                )
-                .await
-                .unwrap(),
-            ),
+            true => Some(Setup::replicate(&migration).await),
             false => None,
         };
         let proxy = match state {
@@ -87,6 +77,39 @@ impl Setup {
             }
         };
         Setup { state, migration, replicator, proxy }
+    }
+
+    /// The engine, caught up (the Migration is `Ready`).
+    async fn replicate(migration: &Migration) -> Replicator {
+        // The source sends its snapshot at once rather than waiting for more replicas.
+        let mut source = direct(&migration.source).await;
+        let _: () =
+            redis::cmd("CONFIG").arg(&["SET", "repl-diskless-sync-delay", "0"]).query_async(&mut source).await.unwrap();
+        let (source, target) = (migration.source.url(), migration.target.url());
+        let mut replicator =
+            Replicator::start(&source, &target, Mode::Sync, ReplicatorOptions::default(), None).await.unwrap();
+        replicator.caught_up(Duration::from_secs(5)).await.unwrap().expect("caught up");
+        replicator
+    }
+
+    /// Asserts that the state did what it is there for: the target served reads, the mirror
+    /// wrote to the other side.
+    fn check(&self) {
+        let Some(proxy) = &self.proxy else { return };
+        let target_reads = proxy.metric("eden_commands_total{route=\"target\",kind=\"read\"}");
+        let mirrored = |to: &str| proxy.metric(&format!("eden_mirror_writes_total{{to=\"{to}\",outcome=\"applied\"}}"));
+        match self.state {
+            State::Direct | State::Plain => {}
+            State::Canary => assert!(target_reads > 0, "the canary read from the target"),
+            State::DualWrite => assert!(mirrored("target") > 0, "writes were mirrored to the target"),
+            State::PausedThenReleased | State::CutOver => {
+                assert!(
+                    target_reads > 0 && mirrored("source") > 0,
+                    "{:?}: the target served, the source got the mirror",
+                    self.state
+                )
+            }
+        }
     }
 
     fn url(&self) -> String {
@@ -168,6 +191,7 @@ async fn run(program: &(PathBuf, Vec<OsString>), state: State) -> Vec<String> {
         }
     }
     assert!(child.wait().await.unwrap().success(), "{state:?}: the program failed after {results:#?}");
+    setup.check();
     results
 }
 
@@ -197,4 +221,14 @@ fn script(name: &str) -> OsString {
 #[tokio::test]
 async fn redis_py() {
     matrix("redis-py", (eden_e2e::python_clients().unwrap(), vec![script("python/matrix.py")])).await;
+}
+
+#[tokio::test]
+async fn go_redis() {
+    matrix("go-redis", (eden_e2e::matrix_client("go").unwrap(), vec![])).await;
+}
+
+#[tokio::test]
+async fn node_redis() {
+    matrix("node-redis", (eden_e2e::matrix_client("node").unwrap(), vec![])).await;
 }

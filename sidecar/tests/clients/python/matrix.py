@@ -33,6 +33,13 @@ def report(name, scenario):
     print(name, result, flush=True)
 
 
+def reads():
+    """A fresh connection, which wrote nothing, reads what was written before the state change."""
+    reader = connect()
+    answers = {(reader.get("greeting"), str(reader.hgetall("profile"))) for _ in range(20)}
+    return sorted(answers)
+
+
 def pipeline():
     with client.pipeline(transaction=False) as pipe:
         for _ in range(100):
@@ -118,7 +125,9 @@ def connection_pool():
     return int(pooled.get("pooled"))
 
 
-# Loaded before the state change, run after it.
+# Written, loaded and taken before the state change, read and run after it.
+client.set("greeting", "hello")
+client.hset("profile", mapping={"name": "eden", "kind": "proxy"})
 sha = client.script_load("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 client.function_load(
     "#!lua name=matrix\n"
@@ -129,6 +138,7 @@ lock = client.lock("lock", timeout=10)
 acquired = lock.acquire(blocking=False)
 step("change")
 
+report("reads", reads)
 report("connect", lambda: [connect().ping(), client.set("k", "v"), client.get("k")])
 report("pipeline", pipeline)
 report("watched-transaction", watched_transaction)
