@@ -17,7 +17,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use eden_sidecar::replicate::{Mode, Replicator, ReplicatorOptions};
-use support::{Migration, Proxy, direct};
+use redis::AsyncCommands;
+use support::{Migration, Proxy, direct, eventually};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
@@ -42,10 +43,15 @@ enum State {
 const STATES: [State; 5] = [State::Plain, State::Canary, State::DualWrite, State::PausedThenReleased, State::CutOver];
 
 /// Before the canary: the engine feeds the target, which serves no reads yet.
-const SYNCING: &str = "read_percentage: 0\nmax_lag_ms: 1000";
-const CANARY: &str = "read_percentage: 50\nmax_lag_ms: 1000";
-const PAUSED: &str = "read_percentage: 50\nmax_lag_ms: 1000\nwrites: paused";
+const SYNCING: &str = "read_percentage: 0\nmax_lag_ms: 500";
+const CANARY: &str = "read_percentage: 50\nmax_lag_ms: 500";
+const PAUSED: &str = "read_percentage: 50\nmax_lag_ms: 500\nwrites: paused";
+/// The payloads' `max_lag_ms`: how far behind the source a canary read of a connection that
+/// wrote nothing itself may find the target.
+const MAX_LAG: Duration = Duration::from_millis(500);
 const CUT_OVER: &str = "read_percentage: 100\nwrite_policy: new_authoritative\nmirror_writes: true";
+
+const TARGET_READS: &str = "eden_commands_total{route=\"target\",kind=\"read\"}";
 
 impl State {
     fn replicated(self) -> bool {
@@ -59,6 +65,8 @@ struct Setup {
     migration: Migration,
     replicator: Option<Replicator>,
     proxy: Option<Proxy>,
+    /// The target reads the driver made itself.
+    probe_reads: u64,
 }
 
 impl Setup {
@@ -76,7 +84,7 @@ impl Setup {
                 Some(migration.proxy(Duration::from_secs(5)).await)
             }
         };
-        Setup { state, migration, replicator, proxy }
+        Setup { state, migration, replicator, proxy, probe_reads: 0 }
     }
 
     /// The engine, caught up (the Migration is `Ready`).
@@ -96,11 +104,11 @@ impl Setup {
     /// wrote to the other side.
     fn check(&self) {
         let Some(proxy) = &self.proxy else { return };
-        let target_reads = proxy.metric("eden_commands_total{route=\"target\",kind=\"read\"}");
+        let target_reads = proxy.metric(TARGET_READS);
         let mirrored = |to: &str| proxy.metric(&format!("eden_mirror_writes_total{{to=\"{to}\",outcome=\"applied\"}}"));
         match self.state {
             State::Direct | State::Plain => {}
-            State::Canary => assert!(target_reads > 0, "the canary read from the target"),
+            State::Canary => assert!(target_reads > self.probe_reads, "the canary read from the target"),
             State::DualWrite => assert!(mirrored("target") > 0, "writes were mirrored to the target"),
             State::PausedThenReleased | State::CutOver => {
                 assert!(
@@ -122,7 +130,9 @@ impl Setup {
         match self.state {
             State::Direct | State::Plain => go().await,
             State::Canary => {
+                self.settle().await;
                 self.migration.apply(2, CANARY).await;
+                self.target_serves_reads().await;
                 go().await;
             }
             State::DualWrite => {
@@ -130,6 +140,7 @@ impl Setup {
                 go().await;
             }
             State::PausedThenReleased => {
+                self.settle().await;
                 self.migration.apply(2, PAUSED).await;
                 go().await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -141,6 +152,28 @@ impl Setup {
                 go().await;
             }
         }
+    }
+
+    /// Waits until no canary read can find the target behind what the program wrote before the
+    /// change: the engine has it all, and `max_lag_ms` has passed since. (A connection's own
+    /// writes it always reads; another connection may read the target up to `max_lag_ms` behind.)
+    async fn settle(&mut self) {
+        let replicator = self.replicator.as_mut().unwrap();
+        replicator.caught_up(Duration::from_secs(5)).await.unwrap().expect("caught up");
+        tokio::time::sleep(MAX_LAG).await;
+    }
+
+    /// Waits until the canary reads from the target: once the engine's freshness record shows
+    /// it current.
+    async fn target_serves_reads(&mut self) {
+        let proxy = self.proxy.as_ref().unwrap();
+        let probe = proxy.client().await;
+        eventually("the target serves reads", || async {
+            let _: Option<String> = probe.clone().get("probe").await.unwrap();
+            proxy.metric(TARGET_READS) > 0
+        })
+        .await;
+        self.probe_reads = proxy.metric(TARGET_READS);
     }
 
     /// What the operator does while writes are paused: waits for the engine to drain, stops it
@@ -166,12 +199,14 @@ impl Setup {
 /// Runs `program` against `state`; returns the lines it printed, steps left out.
 async fn run(program: &(PathBuf, Vec<OsString>), state: State) -> Vec<String> {
     let mut setup = Setup::new(state).await;
+    // What the program logs (Lettuce's reconnections, a stack trace) is shown when it fails.
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(&program.0)
         .args(&program.1)
         .arg(setup.url())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log.reopen().unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -190,7 +225,9 @@ async fn run(program: &(PathBuf, Vec<OsString>), state: State) -> Vec<String> {
             None => results.push(line),
         }
     }
-    assert!(child.wait().await.unwrap().success(), "{state:?}: the program failed after {results:#?}");
+    let status = child.wait().await.unwrap();
+    let logged = std::fs::read_to_string(log.path()).unwrap();
+    assert!(status.success(), "{state:?}: the program failed after {results:#?}:\n{logged}");
     setup.check();
     results
 }
@@ -231,4 +268,18 @@ async fn go_redis() {
 #[tokio::test]
 async fn node_redis() {
     matrix("node-redis", (eden_e2e::matrix_client("node").unwrap(), vec![])).await;
+}
+
+fn java(main_class: &str) -> (PathBuf, Vec<OsString>) {
+    (eden_e2e::matrix_client("java").unwrap(), vec![main_class.into()])
+}
+
+#[tokio::test]
+async fn jedis() {
+    matrix("Jedis", java("eden.JedisMatrix")).await;
+}
+
+#[tokio::test]
+async fn lettuce() {
+    matrix("Lettuce", java("eden.LettuceMatrix")).await;
 }
