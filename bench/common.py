@@ -355,6 +355,23 @@ def launch_sidecar(procs, binary, redis_port, *extra, name="eden-sidecar", env=N
     return child, port, admin, 1000 * (time.monotonic() - started)
 
 
+def payload(generation, source_port, target_port, read_percentage=0, mirror=False):
+    """An eden.yaml (DESIGN §6) of migration eden-bench/bench: dual_write, source authoritative."""
+    return "\n".join([
+        f"generation: {generation}",
+        "migration: eden-bench/bench",
+        f'source: {{uri: "redis://127.0.0.1:{source_port}"}}',
+        f'target: {{uri: "redis://127.0.0.1:{target_port}"}}',
+        f"read_percentage: {read_percentage}",
+        "write_mode: dual_write",
+        "write_policy: old_authoritative",
+        f"mirror_writes: {'true' if mirror else 'false'}",
+        "shadow_read_percentage: 0",
+        "writes: flowing",
+        "",
+    ])
+
+
 def check_built(args):
     """Refuses to run without a sidecar that built (`--sidecar-build-failed`) and exists."""
     if args.sidecar_build_failed:

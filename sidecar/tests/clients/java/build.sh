@@ -13,7 +13,8 @@ if [ ! -e "$dir/installed" ]; then
   rm -rf "$dir"
   mkdir -p "$dir"
   cp -r "$here/pom.xml" "$here/src" "$dir"
-  (cd "$dir" && mvn -B -q -Dstyle.color=never -Dmaven.repo.local="$cache/maven" compile dependency:copy-dependencies >&2)
+  (cd "$dir" && mvn -B -q -Dmaven.repo.local="$cache/maven" compile dependency:copy-dependencies >build.log 2>&1) \
+    || { cat "$dir/build.log" >&2; exit 1; }
   printf '#!/bin/sh\nhere=$(dirname "$0")\nexec java -cp "$here/target/classes:$here/target/dependency/*" "$@"\n' > "$dir/run"
   chmod +x "$dir/run"
   touch "$dir/installed"
