@@ -331,6 +331,14 @@ def start_redis(procs, port, *directives, name="redis-server"):
     return child
 
 
+def start_source_and_target(procs):
+    """Two private redis-servers, a migration's source and target; returns their ports."""
+    source_port, target_port = free_port(), free_port()
+    start_redis(procs, source_port, name="redis-source")
+    start_redis(procs, target_port, name="redis-target")
+    return source_port, target_port
+
+
 def sidecar_env(**extra):
     """The sidecar reads EDEN_* settings from the environment: keep the caller's out of the run,
     and RUST_LOG too, so that every run logs (and pays for logging) the same."""

@@ -32,9 +32,9 @@ import statistics
 import sys
 import time
 
-from common import (BenchError, bench_main, benchmark_args, check_built, env_int, exited, free_port, geomean,
-                    invocation, launch_sidecar, log, log_tail, machine_facts, parse_args, passed, payload, publish,
-                    redis_benchmark, start_redis, wait_serving)
+from common import (BenchError, bench_main, benchmark_args, check_built, env_int, exited, geomean, invocation,
+                    launch_sidecar, log, log_tail, machine_facts, parse_args, passed, payload, publish, redis_benchmark,
+                    start_source_and_target, wait_serving)
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 PIPELINED_REQUESTS = env_int("BENCH_PIPELINED_REQUESTS", 1_000_000)
@@ -132,9 +132,7 @@ def render(args, slices, elapsed_s):
 def run(args, procs):
     started = time.monotonic()
     check_built(args)
-    source_port, target_port = free_port(), free_port()
-    start_redis(procs, source_port, name="redis-source")
-    start_redis(procs, target_port, name="redis-target")
+    source_port, target_port = start_source_and_target(procs)
     sidecars = start_sidecars(procs, args.sidecar, source_port, target_port)
     slices = run_slices(sidecars)
     for name, (process, _) in sidecars.items():
@@ -146,9 +144,5 @@ def run(args, procs):
     return 0
 
 
-def main():
-    return bench_main(run, parse_args(__doc__), ["redis-server", "redis-benchmark"])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main(run, parse_args(__doc__), ["redis-server", "redis-benchmark"]))

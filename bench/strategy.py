@@ -46,9 +46,10 @@ import threading
 import time
 import urllib.parse
 
-from common import (BenchError, Conn, Kube, bench_main, benchmark_args, check_built, env_int, exited, free_port, http_get,
+from common import (BenchError, Conn, Kube, bench_main, benchmark_args, check_built, env_int, exited, http_get,
                     invocation, launch_sidecar, log, log_tail, machine_facts, parse_args, passed, payload, percentile, publish,
-                    redis_benchmark, sidecar_env, start_control_plane, start_redis, wait_serving)
+                    redis_benchmark, sidecar_env, start_control_plane, start_source_and_target,
+                    wait_serving)
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
@@ -303,9 +304,7 @@ def render(args, samples, rounds, outcomes, elapsed_s):
 def run(args, procs):
     started = time.monotonic()
     check_built(args)
-    source_port, target_port = free_port(), free_port()
-    start_redis(procs, source_port, name="redis-source")
-    start_redis(procs, target_port, name="redis-target")
+    source_port, target_port = start_source_and_target(procs)
 
     log(f"ConfigMap update -> applied, {CONFIG_UPDATES} updates")
     samples = config_latency(procs, args.sidecar, source_port, target_port)

@@ -88,7 +88,7 @@ public final class JedisMatrix {
         Matrix.report("pubsub-reconnect", JedisMatrix::pubsubWithReconnect);
         Matrix.report("blocking-pops", () -> {
             new Thread(() -> {
-                sleep(100);
+                Matrix.sleep(100);
                 try (Jedis pusher = new Jedis(uri)) {
                     pusher.rpush("queue", "job");
                 }
@@ -148,35 +148,19 @@ public final class JedisMatrix {
                     connection.subscribe(listener, "news");
                     return; // unsubscribed
                 } catch (JedisConnectionException dropped) {
-                    sleep(50);
+                    Matrix.sleep(50);
                 }
             }
         });
         subscriber.start();
-        List<String> result = new ArrayList<>(List.of(receive(received, "first")));
-        Matrix.step("drop-subscribers");
-        result.add(receive(received, "again"));
+        List<String> result = new ArrayList<>();
+        try (Jedis publisher = new Jedis(uri)) {
+            result.add(Matrix.receive(received, "first", text -> publisher.publish("news", text)));
+            Matrix.step("drop-subscribers");
+            result.add(Matrix.receive(received, "again", text -> publisher.publish("news", text)));
+        }
         current[0].unsubscribe();
         subscriber.join();
         return result;
-    }
-
-    /** Publishes `text` until the subscriber has it (it may be reconnecting). */
-    private static String receive(Set<String> received, String text) {
-        try (Jedis publisher = new Jedis(uri)) {
-            for (int i = 0; i < 50 && !received.contains(text); i++) {
-                publisher.publish("news", text);
-                sleep(100);
-            }
-        }
-        return received.contains(text) ? text : "no " + text;
-    }
-
-    private static void sleep(long millis) {
-        try {
-            Thread.sleep(millis);
-        } catch (InterruptedException interrupted) {
-            Thread.currentThread().interrupt();
-        }
     }
 }

@@ -8,6 +8,7 @@ import java.util.TreeMap;
 import java.util.TreeSet;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.TimeUnit;
+import java.util.function.Consumer;
 
 import io.lettuce.core.ClientOptions;
 import io.lettuce.core.RedisClient;
@@ -113,16 +114,17 @@ public final class LettuceMatrix {
                     }
                 });
                 subscriber.sync().subscribe("news");
-                List<String> result = new ArrayList<>(List.of(receive(client, received, "first")));
+                Consumer<String> publish = text -> client.publish("news", text);
+                List<String> result = new ArrayList<>(List.of(Matrix.receive(received, "first", publish)));
                 Matrix.step("drop-subscribers");
-                result.add(receive(client, received, "again"));
+                result.add(Matrix.receive(received, "again", publish));
                 return result;
             }
         });
         Matrix.report("blocking-pops", () -> {
             try (StatefulRedisConnection<String, String> blocking = redis.connect()) {
                 new Thread(() -> {
-                    sleep(100);
+                    Matrix.sleep(100);
                     client.rpush("queue", "job");
                 }).start();
                 return java.util.Arrays.asList(blocking.sync().blpop(5.0, "queue"), blocking.sync().blpop(0.1, "empty"));
@@ -148,7 +150,7 @@ public final class LettuceMatrix {
                 List<Object> seen = new ArrayList<>(List.of(cached.get("cached"), cached.get("cached"), store.size()));
                 client.set("cached", "2");
                 for (int i = 0; i < 200 && !"2".equals(cached.get("cached")); i++) {
-                    sleep(10);
+                    Matrix.sleep(10);
                 }
                 seen.add(cached.get("cached"));
                 return seen;
@@ -187,22 +189,5 @@ public final class LettuceMatrix {
 
     private static Object outcome(TransactionResult result) {
         return result.wasDiscarded() ? "discarded" : result.stream().toList();
-    }
-
-    /** Publishes `text` until the subscriber has it (it may be reconnecting). */
-    private static String receive(RedisCommands<String, String> client, Set<String> received, String text) {
-        for (int i = 0; i < 50 && !received.contains(text); i++) {
-            client.publish("news", text);
-            sleep(100);
-        }
-        return received.contains(text) ? text : "no " + text;
-    }
-
-    private static void sleep(long millis) {
-        try {
-            Thread.sleep(millis);
-        } catch (InterruptedException interrupted) {
-            Thread.currentThread().interrupt();
-        }
     }
 }

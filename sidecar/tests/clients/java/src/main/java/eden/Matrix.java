@@ -3,7 +3,9 @@ package eden;
 import java.io.BufferedReader;
 import java.io.IOException;
 import java.io.InputStreamReader;
+import java.util.Set;
 import java.util.concurrent.Callable;
+import java.util.function.Consumer;
 
 /** What the Java programs of the client matrix (sidecar/tests/clients.rs) share: the driver's protocol. */
 final class Matrix {
@@ -41,6 +43,23 @@ final class Matrix {
         }
         for (Thread thread : started) {
             thread.join();
+        }
+    }
+
+    /** Publishes `text` until the subscriber has it in `received` (it may be reconnecting). */
+    static String receive(Set<String> received, String text, Consumer<String> publish) {
+        for (int i = 0; i < 50 && !received.contains(text); i++) {
+            publish.accept(text);
+            sleep(100);
+        }
+        return received.contains(text) ? text : "no " + text;
+    }
+
+    static void sleep(long millis) {
+        try {
+            Thread.sleep(millis);
+        } catch (InterruptedException interrupted) {
+            Thread.currentThread().interrupt();
         }
     }
 
