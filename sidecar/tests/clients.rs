@@ -38,9 +38,13 @@ enum State {
     /// The target answers everything, writes mirrored back to the source (paused and flipped at
     /// the state change).
     CutOver,
+    /// Back to the source after a cutover (paused and flipped back at the state change): what
+    /// was written and loaded while the target answered runs on the source.
+    RolledBack,
 }
 
-const STATES: [State; 5] = [State::Plain, State::Canary, State::DualWrite, State::PausedThenReleased, State::CutOver];
+const STATES: [State; 6] =
+    [State::Plain, State::Canary, State::DualWrite, State::PausedThenReleased, State::CutOver, State::RolledBack];
 
 /// Before the canary: the engine feeds the target, which serves no reads yet.
 const SYNCING: &str = "read_percentage: 0\nmax_lag_ms: 500";
@@ -80,7 +84,12 @@ impl Setup {
             State::Direct => None,
             State::Plain => Some(Proxy::start(&migration.source.url()).await),
             _ => {
-                migration.apply(1, if state.replicated() { SYNCING } else { "read_percentage: 0" }).await;
+                let before = match state {
+                    State::RolledBack => CUT_OVER,
+                    _ if state.replicated() => SYNCING,
+                    _ => "read_percentage: 0",
+                };
+                migration.apply(1, before).await;
                 Some(migration.proxy(Duration::from_secs(5)).await)
             }
         };
@@ -110,6 +119,7 @@ impl Setup {
             State::Direct | State::Plain => {}
             State::Canary => assert!(target_reads > self.probe_reads, "the canary read from the target"),
             State::DualWrite => assert!(mirrored("target") > 0, "writes were mirrored to the target"),
+            State::RolledBack => assert!(mirrored("source") > 0, "writes were mirrored to the source"),
             State::PausedThenReleased | State::CutOver => {
                 assert!(
                     target_reads > 0 && mirrored("source") > 0,
@@ -149,6 +159,20 @@ impl Setup {
             State::CutOver => {
                 self.migration.apply(2, PAUSED).await;
                 self.cut_over().await;
+                go().await;
+            }
+            State::RolledBack => {
+                self.migration.apply(2, &format!("{CUT_OVER}\nwrites: paused")).await;
+                // The operator rolls back once the mirror has brought the source up to date.
+                let (source, target) = (&self.migration.source, &self.migration.target);
+                eventually("the source has every key the target has", || async {
+                    let count = |server| async move {
+                        redis::cmd("DBSIZE").query_async::<i64>(&mut direct(server).await).await.unwrap()
+                    };
+                    count(source).await == count(target).await
+                })
+                .await;
+                self.migration.apply(3, "read_percentage: 0").await;
                 go().await;
             }
         }
