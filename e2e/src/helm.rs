@@ -2,7 +2,7 @@
 //! as the control plane), so that tests install the chart as `helm install` or Argo CD renders
 //! it rather than an imitation of it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::FixtureError;
@@ -34,6 +34,25 @@ impl Helm {
         for value in values {
             command.args(["--set", value]);
         }
+        crate::stdout_of(&mut command, None)
+    }
+
+    /// `helm install eden charts/eden` in `namespace` of the cluster `kubeconfig` names, with one
+    /// `--set` for each of `values`: a release Helm records, and `helm uninstall` removes.
+    pub fn install_eden(&self, kubeconfig: &Path, namespace: &str, values: &[&str]) -> Result<String, FixtureError> {
+        let mut command = self.command();
+        command.args(["install", "eden"]).arg(crate::repo_root().join("charts/eden"));
+        command.args(["--namespace", namespace]).arg("--kubeconfig").arg(kubeconfig);
+        for value in values {
+            command.args(["--set", value]);
+        }
+        crate::stdout_of(&mut command, None)
+    }
+
+    /// `helm uninstall eden` from `namespace`, waiting until its objects are gone.
+    pub fn uninstall_eden(&self, kubeconfig: &Path, namespace: &str) -> Result<String, FixtureError> {
+        let mut command = self.command();
+        command.args(["uninstall", "eden", "--wait", "--namespace", namespace]).arg("--kubeconfig").arg(kubeconfig);
         crate::stdout_of(&mut command, None)
     }
 }

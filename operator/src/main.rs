@@ -37,7 +37,8 @@ struct Args {
     /// not name one.
     #[arg(long, env = "EDEN_SIDECAR_IMAGE", default_value = proxy::DEFAULT_IMAGE)]
     sidecar_image: String,
-    /// Serve the injection webhook here (HTTPS) and register it; no webhook when absent.
+    /// Serve the injection webhook here (HTTPS) and write the caBundle of its configuration
+    /// (the chart installs it); no webhook when absent.
     #[arg(long, env = "EDEN_WEBHOOK_LISTEN")]
     webhook_listen: Option<SocketAddr>,
     /// The Service in the operator's namespace through which the API server calls the webhook.
@@ -47,11 +48,12 @@ struct Args {
     #[arg(long, env = "EDEN_WEBHOOK_SERVICE_PORT", default_value_t = 443)]
     webhook_service_port: i32,
     /// Call the webhook at this `https://host:port` instead of through the Service (an API
-    /// server with no Service network, such as a local one).
+    /// server with no Service network, such as a local one, with no chart): the operator then
+    /// registers the whole configuration itself.
     #[arg(long, env = "EDEN_WEBHOOK_URL")]
     webhook_url: Option<String>,
-    /// When the webhook cannot be reached: `ignore` creates pods without a sidecar, `fail`
-    /// refuses them.
+    /// With `--webhook-url` (the chart sets it in its configuration otherwise): when the webhook
+    /// cannot be reached, `ignore` creates opted-in pods without a sidecar, `fail` refuses them.
     #[arg(long, env = "EDEN_WEBHOOK_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Ignore)]
     webhook_failure_policy: FailurePolicy,
     /// Serve the certificate in this directory (`tls.crt`, `tls.key`, and `ca.crt` for the

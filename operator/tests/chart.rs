@@ -2,13 +2,17 @@
 //! API server takes every object, and the operator binary runs the way the rendered Deployment
 //! runs it: with the container's environment, as the chart's ServiceAccount (a token the API
 //! server issues), so a value the chart passes that the operator rejects, or a permission it
-//! lacks, fails here.
+//! lacks, fails here. The webhook's configuration is the release's: installed with `helm
+//! install`, with `failurePolicy: fail` and no operator answering it refuses only the pods that
+//! opted in, and `helm uninstall` leaves none of it behind.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use eden_e2e::{ControlPlane, Helm, RedisServer, TestPki, free_port};
+use eden_operator::webhook::register::{self, CallTarget, WEBHOOKS};
+use eden_operator::webhook::{Certificates, FailurePolicy, Lifetimes, WebhookOptions};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, Service};
@@ -51,18 +55,20 @@ async fn the_rendered_chart_installs_and_its_operator_runs_as_deployed() {
 
     let mut operator = Operator::start(control_plane, &system, env);
 
-    // It registers the webhook behind the chart's Service, with the chart's failure policy.
+    // It writes the caBundle of the chart's webhooks, behind the chart's Service, with the
+    // chart's failure policy.
     let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
     let registered = operator.registration(&configurations).await;
-    let hook = &registered.webhooks.unwrap()[0];
-    assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
-    let called = hook.client_config.service.as_ref().unwrap();
-    assert_eq!(
-        (called.namespace.as_str(), called.name.as_str(), called.port),
-        (system.as_str(), "eden-operator-webhook", Some(443))
-    );
+    for hook in registered.webhooks.unwrap() {
+        assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
+        let called = hook.client_config.service.as_ref().unwrap();
+        assert_eq!(
+            (called.namespace.as_str(), called.name.as_str(), called.port),
+            (system.as_str(), "eden-operator-webhook", Some(443))
+        );
+    }
     // `fail` is in force: with no Service network here the API server cannot reach the webhook,
-    // so a pod in an opted-in namespace is refused rather than created without its sidecar.
+    // so a pod that asks is refused rather than created without its sidecar.
     let refused = Api::<Pod>::namespaced(client.clone(), &app).create(&PostParams::default(), &app_pod()).await;
     let refused = refused.map(|pod| pod.metadata.name).unwrap_err().to_string();
     assert!(refused.contains("failed calling webhook"), "{refused}");
@@ -86,6 +92,87 @@ async fn the_rendered_chart_installs_and_its_operator_runs_as_deployed() {
     assert!(ready.is_ok(), "{ready:?}\noperator log:\n{}", operator.log());
 
     configurations.delete("eden-sidecar-injector", &DeleteParams::default()).await.unwrap();
+}
+
+/// The chart's webhooks are the ones the operator would register at a URL
+/// (`register::configuration`), called through the chart's Service, with no caBundle of their own.
+#[tokio::test]
+async fn the_chart_installs_the_webhooks_the_operator_defines() {
+    let helm = Helm::find().unwrap();
+    let rendered = helm.template_eden("eden-system", &["webhook.failurePolicy=fail"]).unwrap();
+    let document = rendered.split("\n---").find(|document| document.contains("kind: MutatingWebhookConfiguration"));
+    let chart: MutatingWebhookConfiguration = serde_yaml::from_str(document.expect("a webhook configuration")).unwrap();
+    let call = CallTarget::Service { namespace: "eden-system".into(), name: "eden-operator-webhook".into(), port: 443 };
+    let options = WebhookOptions {
+        listen: "127.0.0.1:9443".parse().unwrap(),
+        call,
+        failure_policy: FailurePolicy::Fail,
+        namespace: "eden-system".into(),
+        image: String::new(),
+        instance: None,
+        metrics: Default::default(),
+        certificates: Certificates::Managed(Lifetimes::default()),
+    };
+    let mut defined = register::configuration(&options, "");
+    for hook in defined.webhooks.iter_mut().flatten() {
+        hook.client_config.ca_bundle = None;
+    }
+    assert_eq!(chart.metadata.name, defined.metadata.name);
+    assert_eq!(chart.webhooks, defined.webhooks);
+}
+
+/// `helm install` with `webhook.failurePolicy=fail`; the operator writes the caBundle and stops
+/// (scaled to 0, or down): a pod that did not opt in, in a namespace of its own, is created; a pod
+/// that asks, or one in a labelled namespace, is refused and told which webhook failed; after
+/// `helm uninstall` no webhook configuration of Eden's is left.
+#[tokio::test]
+async fn with_fail_and_no_operator_only_opted_in_pods_are_refused_and_uninstall_leaves_no_webhook() {
+    let _turn = ONE_CONFIGURATION.lock().await;
+    let control_plane = ControlPlane::shared();
+    let helm = Helm::find().unwrap();
+    // The other tests of this file apply the chart's cluster-wide objects without a release,
+    // which Helm would refuse to adopt.
+    let leftovers = ["delete", "--ignore-not-found", "clusterrole/eden-operator", "clusterrolebinding/eden-operator"];
+    control_plane.run_kubectl(&leftovers).unwrap();
+    let system = control_plane.namespace("eden-system").await.unwrap();
+    let app = control_plane.namespace("shop").await.unwrap();
+    let labelled = control_plane.namespace("orders").await.unwrap();
+    control_plane.run_kubectl(&["label", "namespace", &labelled, "eden.io/inject=enabled"]).unwrap();
+    let unrelated = control_plane.namespace("unrelated").await.unwrap();
+    let values = [format!("sidecarNamespaces={{{app},{labelled}}}"), "webhook.failurePolicy=fail".into()];
+    helm.install_eden(control_plane.kubeconfig(), &system, &values.each_ref().map(String::as_str)).unwrap();
+
+    // The operator ran, and wrote its caBundle; now no replica answers.
+    let client = control_plane.client().await.unwrap();
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &system).get("eden-operator").await.unwrap();
+    let env = container_env(&deployment.spec.unwrap().template.spec.unwrap().containers[0], &system);
+    let mut operator = Operator::start(control_plane, &system, env);
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    operator.registration(&configurations).await;
+    drop(operator);
+
+    let run = |namespace: &str, name: &str, annotations: &[&str]| {
+        let mut args = vec!["run", name, "-n", namespace, "--image=registry.example/app:1", "--restart=Never"];
+        let annotations: Vec<String> = annotations.iter().map(|a| format!("--annotations={a}")).collect();
+        args.extend(annotations.iter().map(String::as_str));
+        control_plane.run_kubectl(&args)
+    };
+    run(&unrelated, "plain", &[]).expect("a pod that did not opt in is never sent to the webhook");
+    run(&app, "plain", &[]).expect("nor in a sidecar namespace");
+    run(&labelled, "refuses", &["eden.io/inject=false"]).expect("nor one that opts out of its namespace");
+    for (namespace, annotations, webhook) in [
+        (&app, &["eden.io/inject=true", "eden.io/migration=cache"][..], "inject.eden.io"),
+        (&unrelated, &["eden.io/inject=true", "eden.io/migration=cache"][..], "inject.eden.io"),
+        (&labelled, &[][..], "namespace.inject.eden.io"),
+    ] {
+        let refused = run(namespace, "asks", annotations).expect_err("a pod that asks is refused").to_string();
+        assert!(refused.contains(&format!("failed calling webhook \"{webhook}\"")), "{refused}");
+    }
+
+    helm.uninstall_eden(control_plane.kubeconfig(), &system).unwrap();
+    let left = control_plane.run_kubectl(&["get", "mutatingwebhookconfigurations", "-o", "name"]).unwrap();
+    assert!(!left.contains("eden"), "left behind by helm uninstall: {left}");
+    run(&unrelated, "after", &["eden.io/inject=true"]).expect("nothing refuses a pod once Eden is uninstalled");
 }
 
 /// The container's environment as the kubelet would set it: literal values, and the two
@@ -165,8 +252,10 @@ async fn with_cert_manager_the_operator_serves_the_mounted_certificate() {
     let mut operator = Operator::start(control_plane, &system, env);
     let configurations = Api::<MutatingWebhookConfiguration>::all(client);
     let registered = operator.registration(&configurations).await;
-    let bundle = &registered.webhooks.unwrap()[0].client_config.ca_bundle;
-    assert_eq!(bundle.as_ref().map(|bundle| bundle.0.as_slice()), Some(pki.ca_pem.as_bytes()));
+    for hook in registered.webhooks.unwrap() {
+        let bundle = hook.client_config.ca_bundle;
+        assert_eq!(bundle.as_ref().map(|bundle| bundle.0.as_slice()), Some(pki.ca_pem.as_bytes()));
+    }
     configurations.delete("eden-sidecar-injector", &DeleteParams::default()).await.unwrap();
 }
 
@@ -197,14 +286,21 @@ impl Operator {
         Operator { child, log, _kubeconfig: kubeconfig }
     }
 
-    /// The webhook configuration, once the operator has registered it.
+    /// The chart's webhook configuration, once the operator has written the caBundle of every
+    /// webhook.
     async fn registration(
         &mut self,
         configurations: &Api<MutatingWebhookConfiguration>,
     ) -> MutatingWebhookConfiguration {
-        within(self, "the webhook registration", || {
+        within(self, "the webhook's caBundle", || {
             let configurations = configurations.clone();
-            async move { configurations.get_opt("eden-sidecar-injector").await.unwrap() }
+            async move {
+                let configuration = configurations.get_opt(register::NAME).await.unwrap()?;
+                let hooks = configuration.webhooks.iter().flatten();
+                let bundled =
+                    hooks.filter(|hook| hook.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty()));
+                (bundled.count() == WEBHOOKS.len()).then_some(configuration)
+            }
         })
         .await
     }

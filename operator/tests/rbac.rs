@@ -10,13 +10,14 @@ use eden_e2e::{ControlPlane, Helm, RedisConfig, RedisServer};
 use eden_operator::crd::{Migration, Phase};
 use eden_operator::leader::{LeaderElector, Timing};
 use eden_operator::proxy::DEFAULT_IMAGE;
-use eden_operator::webhook::{self, CallTarget, Certificates, FailurePolicy, WebhookOptions};
+use eden_operator::webhook::{self, CallTarget, Certificates, FailurePolicy, WebhookOptions, register};
 use eden_operator::{context::Context, endpoint, metrics::Metrics, migration};
 use eden_sidecar::config::Applier;
 use eden_sidecar::lease::LeaseReporter;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use tokio::sync::watch;
 
 /// `kubectl auth can-i` as `user`: whether the API server's RBAC allows `verb resource`.
@@ -83,12 +84,22 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
             ("patch", "events.events.k8s.io"),
             ("patch", "deployments.apps"),
             ("delete", "services"),
-            ("create", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
-            ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io"),
             ("get", "namespaces"),
             ("create", "subjectaccessreviews.authorization.k8s.io"),
         ],
     );
+    // The webhook's configuration is the chart's: the operator patches its caBundle, and may
+    // neither create one nor patch another.
+    let webhooks = "mutatingwebhookconfigurations.admissionregistration.k8s.io";
+    for (verb, object, allowed) in [
+        ("patch", format!("{webhooks}/eden-sidecar-injector"), "yes"),
+        ("patch", format!("{webhooks}/other"), "no"),
+        ("create", webhooks.to_string(), "no"),
+    ] {
+        let as_operator = format!("--as={operator}");
+        let answer = control_plane.kubectl().args(["auth", "can-i", verb, &object, &as_operator]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&answer.stdout).trim(), allowed, "{verb} {object}");
+    }
     // The webhook's CA Secret is created in the operator's own namespace, nowhere else.
     assert_rights(control_plane, &operator, &system, true, &[("create", "secrets")]);
     // ...and rewritten when the CA rotates: that Secret, no other.
@@ -179,6 +190,12 @@ async fn the_chart_rbac_is_what_the_operator_and_sidecars_need_and_no_more() {
         metrics: Arc::new(Metrics::default()),
         certificates: Certificates::Managed(Default::default()),
     };
+    // No Service network here: as an administrator would, the chart's configuration is replaced
+    // by one calling the webhook's address, whose caBundle the operator then writes.
+    let configurations = Api::<MutatingWebhookConfiguration>::all(control_plane.client().await.unwrap());
+    configurations.delete(register::NAME, &DeleteParams::default()).await.unwrap();
+    let at_url = register::configuration(&webhook_options, "");
+    configurations.create(&PostParams::default(), &at_url).await.unwrap();
     let webhook =
         webhook::start(as_operator.clone(), webhook_options).await.expect("the webhook starts as the operator");
 

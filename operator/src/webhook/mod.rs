@@ -2,7 +2,7 @@
 //! (DESIGN.md §7): [`inject`] decides and writes the patch, [`server`] answers the API server
 //! over TLS, [`tls`] keeps the CA every replica signs its serving certificate with, [`renew`]
 //! rotates both (or reloads a certificate another issuer keeps), and [`register`] writes the
-//! `MutatingWebhookConfiguration` that points the API server here.
+//! `caBundle` of the `MutatingWebhookConfiguration` that points the API server here.
 //!
 //! Every replica serves the webhook, leader or not: answering needs no state of its own.
 
@@ -33,6 +33,11 @@ pub enum WebhookError {
     Tls(String),
     #[error("webhook certificate: {0}")]
     Certificate(#[from] rcgen::Error),
+    #[error(
+        "MutatingWebhookConfiguration {name} not found: the chart installs it (webhook.enabled), the operator only writes its caBundle",
+        name = register::NAME
+    )]
+    NotInstalled,
     #[error("webhook listener {address}: {source}")]
     Listen { address: SocketAddr, source: std::io::Error },
 }
@@ -82,7 +87,7 @@ pub async fn start(client: Client, options: WebhookOptions) -> Result<JoinHandle
     let native = server::Injector::native_sidecars(&client).await?;
     let (image, instance, metrics) = (options.image.clone(), options.instance.clone(), options.metrics.clone());
     let injector = Arc::new(server::Injector::new(client.clone(), image, native, instance, metrics));
-    register::apply(&client, &register::configuration(&options, &bundle)).await?;
+    register::write(&client, &options, &bundle).await?;
     tracing::info!(listen = %options.listen, native_sidecars = native, "injection webhook serving and registered");
     let renewal = renew::Renewal { client, options, secrets, names, certificate, current };
     Ok(tokio::spawn(async move {

@@ -1,19 +1,34 @@
-//! The `MutatingWebhookConfiguration` that sends pod creations to the webhook.
+//! The `MutatingWebhookConfiguration` that sends the pods that opted in to the webhook.
+//!
+//! In a cluster the chart installs it (`charts/eden/templates/webhook.yaml`, the same webhooks as
+//! [`configuration`]), so `helm uninstall` removes it, and the operator only writes its
+//! `caBundle`: it never creates it, and one the release removed stays removed. With
+//! [`CallTarget::Url`] (an API server with no Service network, no chart) the operator applies the
+//! whole [`configuration`] itself.
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference, WebhookClientConfig,
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+    WebhookClientConfig,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 
+use super::inject::{ENABLED, INJECT};
 use super::{WebhookError, WebhookOptions, server};
 use crate::context::FIELD_MANAGER;
 
-/// The configuration's name, and its webhook's.
+/// The configuration's name.
 pub const NAME: &str = "eden-sidecar-injector";
-const WEBHOOK: &str = "inject.eden.io";
+/// The webhook called for pods whose own `eden.io/inject` annotation asks (any value but
+/// `"false"`: a value the webhook cannot read is admitted with the reason).
+pub const POD_WEBHOOK: &str = "inject.eden.io";
+/// The webhook called for pods without the annotation in a namespace labelled
+/// `eden.io/inject=enabled`.
+pub const NAMESPACE_WEBHOOK: &str = "namespace.inject.eden.io";
+/// Both, as the chart installs them.
+pub const WEBHOOKS: [&str; 2] = [POD_WEBHOOK, NAMESPACE_WEBHOOK];
 
 /// How the API server reaches the webhook.
 #[derive(Debug, Clone)]
@@ -70,16 +85,26 @@ pub fn configuration(options: &WebhookOptions, ca_bundle: &str) -> MutatingWebho
     };
     // Never called for kube-system, nor for the operator's own pods: with `Fail`, an operator
     // that is down could otherwise never be started again.
-    let excluded = ["kube-system".to_string(), options.namespace.clone()];
-    MutatingWebhookConfiguration {
-        metadata: ObjectMeta { name: Some(NAME.into()), ..Default::default() },
-        webhooks: Some(vec![MutatingWebhook {
-            name: WEBHOOK.into(),
+    let excluded = LabelSelectorRequirement {
+        key: "kubernetes.io/metadata.name".into(),
+        operator: "NotIn".into(),
+        values: Some(vec!["kube-system".to_string(), options.namespace.clone()]),
+    };
+    let labelled =
+        LabelSelectorRequirement { key: INJECT.into(), operator: "In".into(), values: Some(vec![ENABLED.into()]) };
+    // The API server asks only about pods that opted in: with `Fail` and no replica answering,
+    // nobody else's pods are refused.
+    let annotations = "has(object.metadata.annotations)";
+    let asks = format!("{annotations} && '{INJECT}' in object.metadata.annotations");
+    let pod_asks = format!("{asks} && object.metadata.annotations['{INJECT}'] != 'false'");
+    let webhook = |name: &str, namespaces: Vec<LabelSelectorRequirement>, condition: &str, expression: String| {
+        MutatingWebhook {
+            name: name.into(),
             admission_review_versions: vec!["v1".into()],
             client_config: WebhookClientConfig {
                 ca_bundle: Some(ByteString(ca_bundle.as_bytes().to_vec())),
-                service,
-                url,
+                service: service.clone(),
+                url: url.clone(),
             },
             rules: Some(vec![RuleWithOperations {
                 operations: Some(vec!["CREATE".into()]),
@@ -88,14 +113,8 @@ pub fn configuration(options: &WebhookOptions, ca_bundle: &str) -> MutatingWebho
                 resources: Some(vec!["pods".into()]),
                 scope: Some("Namespaced".into()),
             }]),
-            namespace_selector: Some(LabelSelector {
-                match_expressions: Some(vec![LabelSelectorRequirement {
-                    key: "kubernetes.io/metadata.name".into(),
-                    operator: "NotIn".into(),
-                    values: Some(excluded.into()),
-                }]),
-                ..Default::default()
-            }),
+            namespace_selector: Some(LabelSelector { match_expressions: Some(namespaces), ..Default::default() }),
+            match_conditions: Some(vec![MatchCondition { name: condition.into(), expression }]),
             failure_policy: Some(format!("{:?}", options.failure_policy)),
             // Events about skipped pods are its only side effect, and dry runs record none.
             side_effects: "NoneOnDryRun".into(),
@@ -103,13 +122,47 @@ pub fn configuration(options: &WebhookOptions, ca_bundle: &str) -> MutatingWebho
             reinvocation_policy: Some("IfNeeded".into()),
             timeout_seconds: Some(5),
             ..Default::default()
-        }]),
+        }
+    };
+    MutatingWebhookConfiguration {
+        metadata: ObjectMeta { name: Some(NAME.into()), ..Default::default() },
+        webhooks: Some(vec![
+            webhook(POD_WEBHOOK, vec![excluded.clone()], "pod-asks", pod_asks),
+            webhook(NAMESPACE_WEBHOOK, vec![labelled, excluded], "namespace-asks", format!("!({asks})")),
+        ]),
+    }
+}
+
+/// Makes the API server trust `ca_bundle` (PEM) for the webhook and returns the configuration as
+/// it now has it. Through a Service (a cluster, the chart's configuration): a patch of every
+/// webhook's `caBundle` alone, which fails with [`WebhookError::NotInstalled`] rather than
+/// create a configuration no release owns. At a URL: the whole [`configuration`].
+pub async fn write(
+    client: &Client,
+    options: &WebhookOptions,
+    ca_bundle: &str,
+) -> Result<MutatingWebhookConfiguration, WebhookError> {
+    if let CallTarget::Url(_) = options.call {
+        return apply(client, &configuration(options, ca_bundle)).await;
+    }
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let bundle = ByteString(ca_bundle.as_bytes().to_vec());
+    let webhooks: Vec<_> =
+        WEBHOOKS.iter().map(|name| serde_json::json!({"name": name, "clientConfig": {"caBundle": bundle}})).collect();
+    // A strategic merge patch merges the webhooks by name and, unlike an apply, never creates.
+    let patch = Patch::Strategic(serde_json::json!({"webhooks": webhooks}));
+    match api
+        .patch(NAME, &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &patch)
+        .await
+    {
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(WebhookError::NotInstalled),
+        written => Ok(written?),
     }
 }
 
 /// Writes the configuration with server-side apply (every replica writes the same) and returns
 /// it as the API server now has it.
-pub async fn apply(
+async fn apply(
     client: &Client,
     configuration: &MutatingWebhookConfiguration,
 ) -> Result<MutatingWebhookConfiguration, WebhookError> {
@@ -118,8 +171,12 @@ pub async fn apply(
     Ok(api.patch(NAME, &params, &Patch::Apply(configuration)).await?)
 }
 
-/// Whether the webhook of `configuration` trusts the CA certificate `ca` (PEM).
+/// Whether every webhook of `configuration` trusts the CA certificate `ca` (PEM).
 pub fn trusts(configuration: &MutatingWebhookConfiguration, ca: &str) -> bool {
-    let bundles = configuration.webhooks.iter().flatten().filter_map(|hook| hook.client_config.ca_bundle.as_ref());
-    bundles.into_iter().any(|bundle| String::from_utf8_lossy(&bundle.0).contains(ca.trim()))
+    let mut webhooks = configuration.webhooks.iter().flatten().peekable();
+    webhooks.peek().is_some()
+        && webhooks.all(|hook| {
+            let bundle = hook.client_config.ca_bundle.as_ref();
+            bundle.is_some_and(|bundle| String::from_utf8_lossy(&bundle.0).contains(ca.trim()))
+        })
 }

@@ -62,7 +62,7 @@ impl Renewal {
     /// renews this replica's certificate when that is due, once the bundle trusts its CA.
     async fn renew(&mut self, lifetimes: &Lifetimes) -> Result<(), WebhookError> {
         let authority = tls::Authority::current(&self.secrets, CA_SECRET, lifetimes).await?;
-        let live = register::apply(&self.client, &register::configuration(&self.options, &authority.bundle())).await?;
+        let live = register::write(&self.client, &self.options, &authority.bundle()).await?;
         // Anything but a certificate of this CA with time left gives way.
         let due = !matches!(&self.current, Current::Issued(issued) if !issued.due(&authority, lifetimes.serving));
         if due && register::trusts(&live, authority.certificate()) {
@@ -81,7 +81,7 @@ impl Renewal {
         if matches!(&self.current, Current::Mounted(current) if current.same_as(&mounted)) {
             return Ok(());
         }
-        register::apply(&self.client, &register::configuration(&self.options, mounted.bundle())).await?;
+        register::write(&self.client, &self.options, mounted.bundle()).await?;
         self.certificate.replace(mounted.certified());
         self.current = Current::Mounted(mounted);
         tracing::info!(dir = %dir.display(), "webhook serving certificate reloaded from its files");
