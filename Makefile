@@ -95,9 +95,9 @@ bench: deps control-plane
 	[ $$built = 0 ] && [ -z "$$failed" ]
 
 # Release binaries packed as OCI archives (images/build.py) into $(CARGO_TARGET_DIR)/images,
-# tagged with the chart's appVersion: `docker load`, `podman load` or `skopeo copy` them.
+# named as the chart's default values name them (fully qualified, tagged with its appVersion):
+# `docker load`, `podman load`, `ctr images import` or `skopeo copy` them.
 images:
 	cargo build -q --release -p eden-operator -p eden-sidecar --bin eden-operator --bin eden-sidecar
-	python3 images/build.py --out "$(CARGO_TARGET_DIR)/images" \
-	  --tag "$$(awk '$$1 == "appVersion:" { gsub(/"/, "", $$2); print $$2 }' charts/eden/Chart.yaml)" \
+	python3 images/build.py --out "$(CARGO_TARGET_DIR)/images" --chart charts/eden \
 	  "$(CARGO_TARGET_DIR)/release/eden-operator" "$(CARGO_TARGET_DIR)/release/eden-sidecar"

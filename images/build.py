@@ -8,11 +8,16 @@ layer is built reproducibly (sorted entries, zero timestamps and owners), so the
 give the same image digest.
 
 The output is an OCI image layout in a tar file (an "OCI archive"), which `docker load` (Docker
-25 or later), `podman load`, `skopeo copy oci-archive:FILE docker://REGISTRY/NAME:TAG` and
-`crane push` take as they are.
+25 or later), `podman load`, `ctr images import`, `skopeo copy oci-archive:FILE
+docker://REGISTRY/NAME:TAG` and `crane push` take as they are. Each archive names its image
+fully qualified (`io.containerd.image.name`), as the chart's default values do
+(`ghcr.io/eden/eden-sidecar:0.1.0`): a short name (`eden-sidecar:0.1.0`) is imported by
+containerd as is, while its CRI looks pods' images up as `docker.io/library/eden-sidecar:0.1.0`
+and finds nothing.
 
-Usage:  images/build.py --out DIR --tag TAG BINARY...
-        (`make images` builds the release binaries and calls this)
+Usage:  images/build.py --out DIR --chart charts/eden [--tag TAG] BINARY...
+        (`make images` builds the release binaries and calls this; the repository of each image
+        is the chart's `*.image.repository` ending in the binary's name, the tag its appVersion)
 Prints the path of each archive written.
 """
 
@@ -96,8 +101,25 @@ def canonical(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def image(binary, tag):
-    """The OCI archive of `binary`'s image (bytes) and its manifest digest."""
+def chart_names(chart):
+    """The chart's appVersion and its default image repositories (`repository:` in values.yaml),
+    read as text: PyYAML is not everywhere, and these are plain scalars."""
+    def scalars(path, key):
+        with open(os.path.join(chart, path)) as f:
+            return [m.group(1).strip('"\'') for m in re.finditer(rf"^\s*{key}:\s*(\S+)", f.read(), re.M)]
+    return scalars("Chart.yaml", "appVersion")[0], scalars("values.yaml", "repository")
+
+
+def qualified(reference):
+    """Whether `reference` names its registry, as containerd's CRI needs (a first component with
+    a dot or a port, or localhost)."""
+    first = reference.split("/", 1)[0]
+    return "/" in reference and ("." in first or ":" in first or first == "localhost")
+
+
+def image(binary, repository, tag):
+    """The OCI archive of `binary`'s image, named `repository:tag` (bytes), and its manifest
+    digest."""
     name = os.path.basename(binary)
     tar = layer(binary)
     blobs = {}
@@ -124,7 +146,7 @@ def image(binary, tag):
     }
     manifest_descriptor = blob(blobs, canonical(manifest), "application/vnd.oci.image.manifest.v1+json")
     manifest_descriptor["annotations"] = {"org.opencontainers.image.ref.name": tag,
-                                          "io.containerd.image.name": f"{name}:{tag}"}
+                                          "io.containerd.image.name": f"{repository}:{tag}"}
     index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
              "manifests": [manifest_descriptor]}
     out = io.BytesIO()
@@ -145,15 +167,22 @@ def image(binary, tag):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for the archives")
-    parser.add_argument("--tag", required=True, help="the images' tag, e.g. the chart's appVersion")
+    parser.add_argument("--chart", required=True, help="the chart whose default values name the images")
+    parser.add_argument("--tag", help="the images' tag; the chart's appVersion when absent")
     parser.add_argument("binaries", nargs="+")
     args = parser.parse_args()
+    app_version, repositories = chart_names(args.chart)
+    tag = args.tag or app_version
     os.makedirs(args.out, exist_ok=True)
     for binary in args.binaries:
         if not os.path.isfile(binary):
             sys.exit(f"images/build.py: no binary at {binary}")
-        archive, digest = image(binary, args.tag)
-        path = os.path.join(args.out, f"{os.path.basename(binary)}-{args.tag}.oci.tar")
+        name = os.path.basename(binary)
+        repository = next((r for r in repositories if r.rsplit("/", 1)[-1] == name), None)
+        if repository is None or not qualified(repository):
+            sys.exit(f"images/build.py: no fully qualified repository ending in /{name} in {args.chart}/values.yaml")
+        archive, digest = image(binary, repository, tag)
+        path = os.path.join(args.out, f"{name}-{tag}.oci.tar")
         with open(path, "wb") as f:
             f.write(archive)
         print(f"{path} {digest}")

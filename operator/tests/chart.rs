@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use eden_e2e::{ControlPlane, Helm, RedisServer, TestPki, free_port};
+use eden_operator::proxy::DEFAULT_IMAGE;
 use eden_operator::webhook::register::{self, CallTarget, WEBHOOKS};
 use eden_operator::webhook::{Certificates, FailurePolicy, Lifetimes, WebhookOptions};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -51,6 +52,11 @@ async fn the_rendered_chart_installs_and_its_operator_runs_as_deployed() {
     assert_eq!(service_port.port, 443);
     let Some(IntOrString::String(target_port)) = &service_port.target_port else { panic!("{service_port:?}") };
     let env = container_env(container, &system);
+    // The images by default: fully qualified (what a container runtime pulls or `make images`
+    // archives hold), and the sidecar the operator injects is the one it would inject unconfigured.
+    let image = container.image.as_deref().unwrap();
+    assert!(image.starts_with("ghcr.io/") && image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))), "{image}");
+    assert_eq!(env["EDEN_SIDECAR_IMAGE"], DEFAULT_IMAGE);
     assert_eq!(env["EDEN_WEBHOOK_LISTEN"].rsplit_once(':').unwrap().1, container_port(container, target_port));
 
     let mut operator = Operator::start(control_plane, &system, env);

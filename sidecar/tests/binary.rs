@@ -171,7 +171,8 @@ async fn with_a_config_file_the_binary_routes_by_its_strategy() {
     }
 }
 
-/// The binary's container image (`images/build.py`, what `make images` runs): umoci unpacks it
+/// The binary's container image (`images/build.py`, what `make images` runs), named as the chart's
+/// default values name it: umoci unpacks it
 /// as an OCI runtime bundle (digests checked) that runs the sidecar as user 65532, and its root
 /// filesystem alone, entered with `unshare --root`, runs a proxy serving a real redis-server.
 #[tokio::test]
@@ -189,6 +190,8 @@ async fn the_image_unpacks_and_its_root_filesystem_alone_runs_the_proxy() {
             script.as_os_str(),
             "--out".as_ref(),
             dir.path().as_os_str(),
+            "--chart".as_ref(),
+            eden_e2e::repo_root().join("charts/eden").as_os_str(),
             "--tag".as_ref(),
             "test".as_ref(),
             binary.as_ref(),
@@ -198,6 +201,15 @@ async fn the_image_unpacks_and_its_root_filesystem_alone_runs_the_proxy() {
     std::fs::create_dir(&layout).unwrap();
     let archive = dir.path().join("eden-sidecar-test.oci.tar");
     run("tar", &["xf".as_ref(), archive.as_os_str(), "-C".as_ref(), layout.as_os_str()]);
+    // Named as the chart names the image it runs, registry included: containerd's CRI looks a
+    // short name up as docker.io/library/..., which an imported short name never matches.
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let values = std::fs::read_to_string(eden_e2e::repo_root().join("charts/eden/values.yaml")).unwrap();
+    let values: serde_json::Value = serde_yaml::from_str(&values).unwrap();
+    let repository = values["sidecar"]["image"]["repository"].as_str().unwrap();
+    assert!(repository.split('/').next().unwrap().contains('.'), "{repository} names its registry");
+    let annotations = &index["manifests"][0]["annotations"];
+    assert_eq!(annotations["io.containerd.image.name"], format!("{repository}:test"));
     let image = format!("{}:test", layout.display());
     run("umoci", &["unpack".as_ref(), "--rootless".as_ref(), "--image".as_ref(), image.as_ref(), bundle.as_os_str()]);
     let config: serde_json::Value =
