@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use eden_e2e::{RedisConfig, RedisServer, TestPki};
 use eden_sidecar::replicate::{
-    Checkpoint, Mode, POSITION_KEY, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, SyncOptions,
-    VerifyOptions,
+    Mode, POSITION_KEY, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, SyncOptions, VerifyOptions,
 };
 use eden_sidecar::upstream::TlsSettings;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use support_replicate::{
-    Pair, assert_clean, caught_up, data_keys, seed_big_hash, seed_every_type, seed_strings, spawn_writers,
+    Pair, assert_clean, caught_up, checkpoint_of, data_keys, seed_big_hash, seed_every_type, seed_strings,
+    spawn_writers,
 };
 
 /// A source that sends its snapshot at once, without a socket-free disk write (diskless).
@@ -423,12 +423,6 @@ async fn both_modes_and_the_verifier_work_over_tls() {
 }
 
 /// The last checkpoint of a replicator that is then dropped (killed).
-fn checkpoint_of(replicator: Replicator) -> Checkpoint {
-    let checkpoint = replicator.checkpoint();
-    drop(replicator);
-    Checkpoint::from_json(&checkpoint.to_json()).unwrap()
-}
-
 /// A library the target has already (the sidecars load libraries on both sides) does not stop
 /// the source's FUNCTION LOAD from reaching it: the target ends with the source's code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,6 +134,13 @@ pub async fn caught_up(replicator: &mut Replicator) {
     assert_eq!(progress.lag_ms, 0);
 }
 
+/// Stops the replicator and returns its checkpoint as its owner would have stored it.
+pub fn checkpoint_of(replicator: Replicator) -> Checkpoint {
+    let checkpoint = replicator.checkpoint();
+    drop(replicator);
+    Checkpoint::from_json(&checkpoint.to_json()).unwrap()
+}
+
 /// Asserts a clean report, printing the samples otherwise.
 pub fn assert_clean(report: &VerifyReport) {
     assert!(report.is_clean(), "differences: {report:#?}");

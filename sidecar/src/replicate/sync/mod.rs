@@ -22,6 +22,7 @@
 
 mod apply;
 pub(crate) mod decode;
+mod hold;
 pub(super) mod link;
 pub(super) mod load;
 mod psync;
@@ -36,6 +37,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub use target::POSITION_KEY;
 
+use self::hold::Hold;
 use self::link::{Address, master_offset, text};
 use self::load::{BatchLimits, Loader, SetExpiry};
 use self::psync::Outcome;
@@ -77,7 +79,7 @@ impl Default for SyncOptions {
 
 impl From<Position> for SyncPosition {
     fn from(p: Position) -> Self {
-        SyncPosition { replid: p.replid, offset: p.offset, loading: false }
+        SyncPosition { replid: p.replid, offset: p.offset, loading: p.held }
     }
 }
 
@@ -281,10 +283,15 @@ impl Session {
         let recorded = if self.restart { target.recorded().await? } else { None };
         let outcome = psync::handshake(link, recorded.as_ref()).await?;
         self.handshakes += 1;
-        let applied = match outcome {
+        let (applied, hold) = match outcome {
             Outcome::Continue { position } => {
-                info!(offset = position.offset, "the source continues its stream where the target stands");
-                position
+                info!(
+                    offset = position.offset,
+                    held = position.held,
+                    "the source continues its stream where the target stands"
+                );
+                let hold = Hold::new(position.held, Instant::now());
+                (position, hold)
             }
             Outcome::Full { position, framing } => {
                 if self.restart {
@@ -322,15 +329,16 @@ impl Session {
                     kept: self.kept.as_ref(),
                 };
                 loader.run(&mut snapshot).await?;
+                let position = Position { held: true, ..position };
                 target.write_position(&position).await?;
                 let checkpoint = &self.reporter.progress.checkpoint;
                 info!(
                     keys = checkpoint.copied,
                     skipped = checkpoint.skipped,
                     seconds = loading_started.elapsed().as_secs_f64(),
-                    "snapshot loaded; following the stream"
+                    "snapshot loaded; following the stream, expiries held until it catches up"
                 );
-                position
+                (position, Hold::new(true, loading_started))
             }
         };
         let follower = apply::Follower {
@@ -341,6 +349,7 @@ impl Session {
             applied,
             batch_bytes: self.options.batch_bytes,
             policy: self.options.replace,
+            hold,
         };
         follower.run().await
     }
