@@ -45,7 +45,7 @@ use self::rdb::Snapshot;
 use self::target::{Position, Target};
 use super::checkpoint::SyncPosition;
 use super::{Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError};
-use crate::upstream::TlsSettings;
+use crate::upstream::Server;
 
 /// Tuning for [`SyncReplicator`].
 #[derive(Debug, Clone)]
@@ -54,8 +54,6 @@ pub struct SyncOptions {
     /// only: a restart that needs a full copy flushes the target first, which only `replace`
     /// allows; under `skip` and `fail` such a restart stops with an error instead).
     pub replace: ReplacePolicy,
-    /// Trust for `rediss://` servers.
-    pub tls: TlsSettings,
     /// Keys per pipelined RESTORE batch.
     pub batch_keys: usize,
     /// Bytes per pipelined batch (RESTOREs or stream commands), at most about.
@@ -69,7 +67,6 @@ impl Default for SyncOptions {
     fn default() -> Self {
         SyncOptions {
             replace: ReplacePolicy::Replace,
-            tls: TlsSettings::default(),
             batch_keys: 1000,
             batch_bytes: 4 << 20,
             limits: OpsLimits::default(),
@@ -97,8 +94,8 @@ impl SyncReplicator {
     /// position the target recorded, or flushes the target and copies everything again when
     /// the source cannot continue from there.
     pub async fn start(
-        source: &str,
-        target: &str,
+        source: &Server,
+        target: &Server,
         options: SyncOptions,
         checkpoint: Option<Checkpoint>,
     ) -> Result<Self, ReplicateError> {
@@ -109,8 +106,8 @@ impl SyncReplicator {
                     .into(),
             ));
         }
-        let source = Address::parse("source", source, &options.tls)?;
-        let target = Address::parse("target", target, &options.tls)?;
+        let source = Address::whole("source", source)?;
+        let target = Address::whole("target", target)?;
         let span = info_span!("sync_replicator", source = %source.label(), target = %target.label());
         let connections = Connections::open(&source, &target, &options).await?;
         let restart = checkpoint.is_some();

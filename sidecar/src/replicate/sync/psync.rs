@@ -107,7 +107,7 @@ mod tests {
 
     use super::*;
     use crate::replicate::sync::link::Address;
-    use crate::upstream::TlsSettings;
+    use crate::upstream::{Server, TlsSettings};
 
     /// A server that answers the two REPLCONFs with +OK and PSYNC with `psync_reply`: no real
     /// Redis answers `+CONTINUE` to `PSYNC ? -1`, so this one is made up.
@@ -122,7 +122,11 @@ mod tests {
                 peer.write_all(reply.as_bytes()).await.unwrap();
             }
         });
-        let mut link = Address::parse("source", &uri, &TlsSettings::default()).unwrap().connect().await.unwrap();
+        let mut link = Address::whole("source", &Server::parse(&uri, TlsSettings::default()).unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         handshake(&mut link, from).await
     }
 
