@@ -70,7 +70,8 @@ async fn protect(server: &RedisServer) -> MultiplexedConnection {
 
 /// `redis://<user>:<password>@127.0.0.1:<port>`, both percent-encoded.
 fn encoded_uri(server: &RedisServer, password: &str) -> String {
-    let (user, password) = (utf8_percent_encode(USER, NON_ALPHANUMERIC), utf8_percent_encode(password, NON_ALPHANUMERIC));
+    let (user, password) =
+        (utf8_percent_encode(USER, NON_ALPHANUMERIC), utf8_percent_encode(password, NON_ALPHANUMERIC));
     format!("redis://{user}:{password}@127.0.0.1:{}", server.port())
 }
 
@@ -83,7 +84,8 @@ async fn any_password_works_in_both_modes_from_a_uri_or_apart_and_none_is_printe
     seed_every_type(&mut source).await;
     seed_strings(&mut source, 2_000).await;
 
-    let from_uri = |server: &RedisServer| Server::parse(&encoded_uri(server, PASSWORD), TlsSettings::default()).unwrap();
+    let from_uri =
+        |server: &RedisServer| Server::parse(&encoded_uri(server, PASSWORD), TlsSettings::default()).unwrap();
     let apart = |server: &RedisServer| {
         let bare = Server::parse(&format!("redis://127.0.0.1:{}", server.port()), TlsSettings::default()).unwrap();
         bare.with_credentials(Some(credentials(PASSWORD)))
