@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::replicate::{
     Checkpoint, Mode, OpsLimits, Progress, ReplacePolicy, Replicator, ReplicatorOptions, Verifier, VerifyOptions,
 };
-use crate::upstream::{Server, TlsSettings};
+use crate::upstream::{Credentials, Server, TlsSettings};
 
 // The verbs; without one, `eden-sidecar` is the proxy. (No doc comment: clap would make it
 // the binary's description.)
@@ -48,6 +48,13 @@ pub struct Servers {
     /// Accept any certificate (testing only).
     #[arg(long)]
     insecure_skip_verify: bool,
+    /// A file holding the source's password (a `username` file beside it names the user),
+    /// instead of credentials in the URI, which any process list shows.
+    #[arg(long)]
+    source_credentials_file: Option<PathBuf>,
+    /// The same for the target.
+    #[arg(long)]
+    target_credentials_file: Option<PathBuf>,
 }
 
 impl Servers {
@@ -62,8 +69,20 @@ impl Servers {
             server_name: self.tls_server_name.clone(),
             insecure_skip_verify: self.insecure_skip_verify,
         };
-        let source = Server::parse(&self.source, tls.clone()).map_err(|e| format!("--source: {e}"))?;
-        let target = Server::parse(&self.target, tls).map_err(|e| format!("--target: {e}"))?;
+        let server = |flag: &str, uri: &str, tls, file: &Option<PathBuf>| {
+            let credentials = match file {
+                Some(path) => Some(
+                    Credentials::from_file(path)
+                        .map_err(|e| format!("--{flag}-credentials-file {}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
+            Ok::<_, String>(
+                Server::parse(uri, tls).map_err(|e| format!("--{flag}: {e}"))?.with_credentials(credentials),
+            )
+        };
+        let source = server("source", &self.source, tls.clone(), &self.source_credentials_file)?;
+        let target = server("target", &self.target, tls, &self.target_credentials_file)?;
         Ok((source, target))
     }
 }

@@ -4,6 +4,7 @@
 //! through it too, so TLS and URI handling exist once.
 
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -184,6 +185,19 @@ pub enum UpstreamError {
 pub struct Credentials {
     pub username: Option<String>,
     pub password: String,
+}
+
+impl Credentials {
+    /// Credentials kept in files, as a mounted Secret holds them: the password in `path` (a
+    /// trailing newline dropped) and the user name, if any, in `username` beside it. Nothing
+    /// secret then needs to be on a command line.
+    pub fn from_file(path: &Path) -> io::Result<Self> {
+        let read =
+            |path: &Path| std::fs::read_to_string(path).map(|text| text.trim_end_matches(['\r', '\n']).to_string());
+        let password = read(path)?;
+        let username = path.parent().and_then(|dir| read(&dir.join("username")).ok()).filter(|u| !u.is_empty());
+        Ok(Credentials { username, password })
+    }
 }
 
 impl std::fmt::Debug for Credentials {
