@@ -101,6 +101,15 @@ async fn endpoints_are_probed_with_secret_credentials_and_tls() {
     assert_eq!(status.role.as_deref(), Some("master"));
     assert!(status.probe_latency_micros.is_some_and(|micros| micros > 0));
     assert_eq!(status.observed_generation, ready.metadata.generation);
+    // Probed every PROBE_INTERVAL, not again on each of its own status writes (which once made
+    // a loop: a probe and a write per API round trip, for as long as the operator ran).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = endpoints.get("protected").await.unwrap();
+    assert_eq!(
+        later.status.unwrap().last_probe_time,
+        status.last_probe_time,
+        "a Ready Endpoint was probed again within 2 s though its spec did not change"
+    );
 
     wait_ready_status(&endpoints, "tls", "True").await;
 

@@ -90,13 +90,18 @@ pub fn follow(mut config: CurrentConfig, mut confirmations: Option<Confirmations
         loop {
             let now = Instant::now();
             let applied = config.borrow_and_update().as_ref().map(|c| (c.generation, c.writes));
-            // The instant the confirmation of the applied generation lapses, if it holds now.
+            // The instant the confirmation lapses, if one holds now. It covers the applied
+            // generation even when that is newer than the one it confirmed: its bound counts
+            // from a read sent before anything above the confirmed generation was written, and
+            // the operator fences from no earlier than that (DESIGN §9, "Fencing", S2). So a
+            // flip delivered by the watch releases held writes at once, without waiting for its
+            // own acknowledgement and read.
             let confirmed_until = match &mut confirmations {
                 None => None,
                 Some(confirmations) => {
                     let confirmation = *confirmations.borrow_and_update();
                     confirmation
-                        .filter(|c| applied.is_some_and(|(generation, _)| generation == c.generation) && now < c.until)
+                        .filter(|c| applied.is_some_and(|(generation, _)| c.generation <= generation) && now < c.until)
                         .map(|c| c.until)
                 }
             };
@@ -198,12 +203,15 @@ mod tests {
         confirm.send_replace(Some(Confirmation { generation: 1, until: Instant::now() + valid }));
         assert_eq!(next(&mut hold).await, HoldState::Flowing);
 
-        // A new generation needs a confirmation of its own, however fresh the old one is.
+        // A newer generation flows under the older confirmation, until that lapses: the bound
+        // counts from the read, whatever was applied since.
+        tokio::time::sleep(Duration::from_secs(10)).await;
         applier.offer(&payload(2, "flowing"), "test");
-        assert_eq!(next(&mut hold).await, HoldState::Holding(HoldReason::Unconfirmed));
         let confirmed_at = Instant::now();
         confirm.send_replace(Some(Confirmation { generation: 2, until: confirmed_at + valid }));
-        assert_eq!(next(&mut hold).await, HoldState::Flowing);
+        applier.offer(&payload(3, "flowing"), "test");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*hold.borrow_and_update(), HoldState::Flowing, "generation 3 flows under the confirmation of 2");
 
         // No confirmation for longer than it is valid: held, then refused after max_pause.
         assert_eq!(next(&mut hold).await, HoldState::Holding(HoldReason::Unconfirmed));
@@ -212,8 +220,28 @@ mod tests {
         assert_eq!(confirmed_at.elapsed(), valid + Duration::from_secs(5));
 
         // A confirmation that comes back ends the refusal.
-        confirm.send_replace(Some(Confirmation { generation: 2, until: Instant::now() + valid }));
+        confirm.send_replace(Some(Confirmation { generation: 3, until: Instant::now() + valid }));
         assert_eq!(next(&mut hold).await, HoldState::Flowing);
+
+        // A confirmation of a generation above the applied one (impossible by the confirmer's
+        // construction) confirms nothing.
+        confirm.send_replace(Some(Confirmation { generation: 4, until: Instant::now() + valid }));
+        assert_eq!(next(&mut hold).await, HoldState::Holding(HoldReason::Unconfirmed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flip_during_a_pause_releases_at_once_under_a_valid_confirmation() {
+        let (applier, config) = Applier::new();
+        let (confirm, confirmations) = watch::channel(None);
+        let mut hold = follow(config, Some(confirmations), Duration::from_secs(2));
+        applier.offer(&payload(1, "paused"), "test");
+        assert_eq!(next(&mut hold).await, HoldState::Holding(HoldReason::Paused));
+        confirm.send_replace(Some(Confirmation { generation: 1, until: Instant::now() + Duration::from_secs(30) }));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let flipped_at = Instant::now();
+        applier.offer(&payload(2, "flowing"), "test");
+        assert_eq!(next(&mut hold).await, HoldState::Flowing);
+        assert_eq!(flipped_at.elapsed(), Duration::ZERO, "released without a read of its own");
     }
 
     #[tokio::test(start_paused = true)]
@@ -225,7 +253,8 @@ mod tests {
         applier.offer(&payload(1, "paused"), "test");
         let paused_at = Instant::now();
         assert_eq!(next(&mut hold).await, HoldState::Holding(HoldReason::Paused));
-        confirm.send_replace(Some(Confirmation { generation: 1, until: Instant::now() + valid }));
+        // The last confirmation lapses during the pause (the API server went quiet).
+        confirm.send_replace(Some(Confirmation { generation: 1, until: Instant::now() + Duration::from_secs(1) }));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         applier.offer(&payload(2, "flowing"), "test");
         assert_eq!(

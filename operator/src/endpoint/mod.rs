@@ -15,7 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -52,7 +52,16 @@ impl Error {
 /// Runs the Endpoint controller until the stream of watch events ends.
 pub async fn run(ctx: Arc<Context>) {
     let endpoints: Api<Endpoint> = Api::all(ctx.client.clone());
-    Controller::new(endpoints, watcher::Config::default().any_semantic())
+    let (reader, writer) = reflector::store();
+    // Only spec edits wake the reconciler; otherwise it runs on its own schedule (PROBE_INTERVAL,
+    // RETRY_INTERVAL). Each probe writes status (the probe's time and latency), so a reconciler
+    // woken by its own writes would probe and write in a loop, as fast as the API server answers.
+    let triggers = watcher(endpoints, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    Controller::for_stream(triggers, reader)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

@@ -5,7 +5,8 @@
 //! a consistent GET (no `resourceVersion`: served as of the API server's latest write) and, when
 //! it shows the generation applied here, publishes a [`Confirmation`] of that generation
 //! valid until the moment the read was *sent* plus `valid_for`. The write gate (`hold`) lets
-//! writes through only under a valid confirmation of the applied generation.
+//! writes through only under a valid confirmation: of the applied generation, or of an earlier
+//! one (what bounds this sidecar is when it last read, not what it read).
 //!
 //! A read counts only if it was sent after this sidecar's Lease acknowledged that generation
 //! (`acked`, set by the Lease reporter once the API server accepted the write). That ordering
