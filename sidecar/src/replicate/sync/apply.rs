@@ -8,9 +8,10 @@
 //! a batch without its position. The source's own MULTI/EXEC pairs are unwrapped into the batch,
 //! and a transaction still arriving waits for its EXEC, so a batch never splits one.
 //!
-//! While the expiry hold lasts ([`super::hold`]) the stream's absolute expiries reach the target
-//! shifted, and once it ends a settle step runs between batches until every held key has its
-//! own expiry back; the backfill counts as done only then.
+//! The stream's absolute expiries reach the target later than the source's ([`super::hold`]):
+//! shifted while the expiry hold lasts, then by a short grace. Once the hold ends a settle step
+//! runs between batches until every held key has its own expiry back; the backfill counts as
+//! done only then.
 //!
 //! Under `skip` and `fail`, a FLUSHDB or FLUSHALL in the stream stops replication just before it:
 //! the target has keys of its own, which are not the source's to flush.
@@ -163,7 +164,8 @@ impl Follower<'_> {
                     _ => {
                         let rewritten = match name.as_slice() {
                             b"FUNCTION" => replacing_libraries(&bytes, args),
-                            _ if self.hold.recorded() => {
+                            b"PEXPIREAT" | b"EXPIREAT" | b"SET" | b"RESTORE" | b"RENAME" | b"RENAMENX" | b"MOVE"
+                            | b"COPY" | b"SWAPDB" => {
                                 let args: Vec<&[u8]> = args.map(|arg| &bytes[arg]).collect();
                                 self.hold.note(&name, &args, pending.db);
                                 self.hold.rewrite(&name, &args)

@@ -19,12 +19,12 @@
 //! with the position, in the MULTI of every batch, so a restart holds again where it left off.
 //!
 //! The hold ends once the target has applied what the source had written at the last
-//! once-a-second check (or the one before, on a busy source) and nothing received is waiting:
-//! from then on expiries pass as they come, and [`Settle`] SCANs every database of the target
-//! with expiring keys and gives each key whose expiry is at or past [`SHIFT_MS`] its own back
-//! (PEXPIRETIME, then PEXPIREAT the time less the shift; PTTL and PEXPIRE before Redis 7.0; a
-//! time already up deletes the key).
-//! While it runs, replication reports the backfill as not done. Why the result is exact:
+//! once-a-second check (or the one before, on a busy source) and nothing received is waiting.
+//! From then on the target takes each expiry [`EXPIRY_GRACE_MS`] after the source's, and
+//! [`Settle`] SCANs every database of the target with expiring keys and gives each key whose
+//! expiry is at or past [`SHIFT_MS`] its own back, the grace added (PEXPIRETIME, then PEXPIREAT;
+//! PTTL and PEXPIRE before Redis 7.0; a time already up deletes the key). While it runs,
+//! replication reports the backfill as not done. Why the result is exact:
 //! - A key still held has had no expiry written by the stream since it was held, so the
 //!   source's expiry is the held one less the shift (commands that keep a TTL, such as
 //!   `SET … KEEPTTL` or LPUSH, keep it on both sides). If that time is up, the source holds the
@@ -35,13 +35,22 @@
 //! - A key the stream moves while the pass runs (RENAME, RENAMENX, COPY, MOVE) may land where
 //!   the SCAN has already been: its destination is settled on its own; a SWAPDB starts the pass
 //!   over.
-//! - Until the pass ends PEXPIREAT's NX, XX, GT and LT are dropped: the source propagates only
-//!   an expiry it has set, and judged against a target key still held they would refuse it.
+//! - PEXPIREAT's NX, XX, GT and LT are dropped: the source propagates only an expiry it has
+//!   set, and judged against a target key held, or taken a grace later, they could refuse it.
 //!
-//! Limits: a source expiry at or past 2^52 ms (the year 144,000 or so) reads as held and is
-//! moved back by the shift. Sources older than Redis 7.0 propagate EXPIRE, PEXPIRE and SETEX
-//! with relative times: applied late, such a key outlives the source's by the lag of the time
-//! (it is never lost).
+//! Why a grace after the hold. With the stream a few ms behind, a renewal the source applied
+//! just before the key's time reaches the target just after it: the target has deleted the key,
+//! and the renewal finds nothing. Taking every expiry [`EXPIRY_GRACE_MS`] late, the target
+//! deletes a key by itself only when the source's stream is that far behind; a key the source
+//! expires is deleted by the source's DEL as soon as it arrives, or by the target's own clock
+//! at most the grace later. The grace is within the verifier's 1 s TTL tolerance.
+//!
+//! Limits: a renewal more than [`EXPIRY_GRACE_MS`] late (a stalled target, a starved process)
+//! after the hold can still find its key gone; only a hold kept until cutover, settled while
+//! writes are paused, would rule that out. A source expiry at or past 2^52 ms (the year 144,000
+//! or so) reads as held and is moved back by the shift. Sources older than Redis 7.0 propagate
+//! EXPIRE, PEXPIRE and SETEX with relative times: applied late, such a key outlives the
+//! source's by the lag of the time (it is never lost).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -56,8 +65,13 @@ use crate::replicate::copy::{now_ms, redis_version};
 /// How much later than the source's every held expiry is: about 142,700 years.
 pub(crate) const SHIFT_MS: u64 = 1 << 52;
 
-/// Keys per settle step (SCAN COUNT): one step runs between two stream batches.
-const SETTLE_COUNT: &[u8] = b"1000";
+/// How much later than the source's the target takes every expiry outside the hold: a renewal
+/// the stream brings up to this late still finds its key. Within the verifier's TTL tolerance.
+pub const EXPIRY_GRACE_MS: u64 = 500;
+
+/// Keys per settle step (SCAN COUNT): one step runs between two stream batches, so a step is
+/// kept short enough not to hold the stream up.
+const SETTLE_COUNT: &[u8] = b"100";
 
 /// `at_ms` as the target holds it during the hold. An expiry already at or past the shift
 /// cannot pass while the copy runs and is left as it is.
@@ -108,46 +122,43 @@ impl Hold {
         }
     }
 
-    /// A stream command rewritten for the hold (see the module docs), or `None` to forward it as
-    /// it is. `name` is upper case; `args` follow it.
+    /// A stream command whose absolute expiry the target takes later than the source (see the
+    /// module docs), or `None` to forward it as it is. `name` is upper case; `args` follow it.
     pub(crate) fn rewrite(&self, name: &[u8], args: &[&[u8]]) -> Option<Vec<u8>> {
-        let shift = match self {
-            Hold::Off => return None,
+        let later: fn(u64) -> u64 = match self {
             Hold::Holding { .. } => held,
-            Hold::Settling { .. } => std::convert::identity,
+            Hold::Settling { .. } | Hold::Off => |at| at.saturating_add(EXPIRY_GRACE_MS),
         };
         let ms = |time: &[u8], seconds: bool| -> Option<u64> {
             let time: u64 = std::str::from_utf8(time).ok()?.parse().ok()?;
             if seconds { time.checked_mul(1000) } else { Some(time) }
         };
+        // The command with some arguments (counted after the name) replaced.
+        let replaced = |name: &[u8], replacements: &[(usize, &[u8])]| {
+            let mut out: Vec<&[u8]> = [name].into_iter().chain(args.iter().copied()).collect();
+            for &(at, value) in replacements {
+                out[at + 1] = value;
+            }
+            encode(&out)
+        };
         match name {
             b"PEXPIREAT" | b"EXPIREAT" => {
                 let [key, time, ..] = args else { return None };
-                let at = Decimal::new(shift(ms(time, name == b"EXPIREAT")?));
+                let at = Decimal::new(later(ms(time, name == b"EXPIREAT")?));
                 Some(encode(&[b"PEXPIREAT", key, at.as_bytes()]))
             }
             // The options follow the key and the value (which may itself read "PXAT").
-            b"SET" if self.shifting() => {
+            b"SET" => {
                 let option = 2 + args.get(2..)?.iter().position(|a| is(a, "PXAT") || is(a, "EXAT"))?;
-                let at = Decimal::new(held(ms(args.get(option + 1)?, is(args[option], "EXAT"))?));
-                let mut out: Vec<&[u8]> = [b"SET".as_slice()].into_iter().chain(args.iter().copied()).collect();
-                out[option + 1] = b"PXAT";
-                out[option + 2] = at.as_bytes();
-                Some(encode(&out))
+                let at = Decimal::new(later(ms(args.get(option + 1)?, is(args[option], "EXAT"))?));
+                Some(replaced(b"SET", &[(option, b"PXAT"), (option + 1, at.as_bytes())]))
             }
-            b"RESTORE" if self.shifting() && args.get(3..)?.iter().any(|a| is(a, "ABSTTL")) => {
-                let at = ms(args[1], false).filter(|&at| at > 0)?;
-                let at = Decimal::new(held(at));
-                let mut out: Vec<&[u8]> = [b"RESTORE".as_slice()].into_iter().chain(args.iter().copied()).collect();
-                out[2] = at.as_bytes();
-                Some(encode(&out))
+            b"RESTORE" if args.get(3..)?.iter().any(|a| is(a, "ABSTTL")) => {
+                let at = Decimal::new(later(ms(args[1], false).filter(|&at| at > 0)?));
+                Some(replaced(b"RESTORE", &[(1, at.as_bytes())]))
             }
             _ => None,
         }
-    }
-
-    fn shifting(&self) -> bool {
-        matches!(self, Hold::Holding { .. })
     }
 
     /// Notes a stream command in database `db` that may move a held key where the settle pass
@@ -252,7 +263,7 @@ impl Settle {
         for key in keys {
             match target.expect_ok("PEXPIRETIME or PTTL").await? {
                 BytesFrame::Integer(time) if time >= held_from => {
-                    let own = time - SHIFT_MS as i64;
+                    let own = time - SHIFT_MS as i64 + EXPIRY_GRACE_MS as i64;
                     encode_into(&mut request, &[write, key, own.to_string().as_bytes()]);
                     fixes += 1;
                 }
@@ -297,7 +308,7 @@ mod tests {
     }
 
     #[test]
-    fn absolute_expiries_are_shifted_while_held_and_conditions_dropped_until_settled() {
+    fn absolute_expiries_are_shifted_while_held_then_a_grace_later_without_conditions() {
         let holding = Hold::new(true, Instant::now());
         let at = |ms: u64| (ms + SHIFT_MS).to_string();
         assert_eq!(rewritten(&holding, &["PEXPIREAT", "k", "1000", "GT"]), Some(format!("PEXPIREAT k {}", at(1000))));
@@ -318,9 +329,15 @@ mod tests {
         assert_eq!(held(SHIFT_MS + 1), SHIFT_MS + 1);
 
         let settling = Hold::Settling { since: Instant::now(), settle: Settle::default() };
-        assert_eq!(rewritten(&settling, &["PEXPIREAT", "k", "1000", "LT"]), Some("PEXPIREAT k 1000".into()));
-        assert_eq!(rewritten(&settling, &["SET", "k", "v", "PXAT", "3"]), None);
-        assert_eq!(rewritten(&Hold::Off, &["PEXPIREAT", "k", "1000", "LT"]), None);
+        let late = |ms: u64| (ms + EXPIRY_GRACE_MS).to_string();
+        for hold in [settling, Hold::Off] {
+            assert_eq!(
+                rewritten(&hold, &["PEXPIREAT", "k", "1000", "LT"]),
+                Some(format!("PEXPIREAT k {}", late(1000)))
+            );
+            assert_eq!(rewritten(&hold, &["SET", "k", "v", "PXAT", "3"]), Some(format!("SET k v PXAT {}", late(3))));
+            assert_eq!(rewritten(&hold, &["SET", "k", "v", "NX"]), None);
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
+pub use hold::EXPIRY_GRACE_MS;
 pub use target::POSITION_KEY;
 
 use self::hold::Hold;
