@@ -23,8 +23,10 @@
 //! From then on the target takes each expiry [`EXPIRY_GRACE_MS`] after the source's, and
 //! [`Settle`] SCANs every database of the target with expiring keys and gives each key whose
 //! expiry is at or past [`SHIFT_MS`] its own back, the grace added (PEXPIRETIME, then PEXPIREAT;
-//! PTTL and PEXPIRE before Redis 7.0; a time already up deletes the key). While it runs,
-//! replication reports the backfill as not done. Why the result is exact:
+//! PTTL and PEXPIRE before Redis 7.0; a time already up deletes the key); a copy that wrote no
+//! expiry shifted (no key of the snapshot or the catch-up had one) has nothing to settle and
+//! skips the pass. While it runs, replication reports the backfill as not done. Why the result
+//! is exact:
 //! - A key still held has had no expiry written by the stream since it was held, so the
 //!   source's expiry is the held one less the shift (commands that keep a TTL, such as
 //!   `SET … KEEPTTL` or LPUSH, keep it on both sides). If that time is up, the source holds the
@@ -84,16 +86,23 @@ pub(crate) enum Hold {
     /// The target holds the source's expiries as they are.
     Off,
     /// Expiries are written shifted. `goal` is the source's offset as of the last check: the
-    /// hold ends at a check that finds it applied and nothing received waiting.
-    Holding { since: Instant, goal: Option<u64> },
+    /// hold ends at a check that finds it applied and nothing received waiting. `shifted`: an
+    /// expiry was written shifted (or may have been, before a restart), so a settle pass must
+    /// follow; without one there is nothing to settle.
+    Holding { since: Instant, goal: Option<u64>, shifted: bool },
     /// Expiries pass as they come while the settle pass gives held keys their own back.
     Settling { since: Instant, settle: Settle },
 }
 
 impl Hold {
-    /// A hold starting now, or none.
+    /// The hold a restart finds recorded (`held`), or none: what was shifted before is unknown.
     pub(crate) fn new(held: bool, since: Instant) -> Self {
-        if held { Hold::Holding { since, goal: None } } else { Hold::Off }
+        if held { Self::after_load(since, true) } else { Hold::Off }
+    }
+
+    /// The hold after a snapshot that began `since`, which wrote some expiries shifted or none.
+    pub(crate) fn after_load(since: Instant, shifted: bool) -> Self {
+        Hold::Holding { since, goal: None, shifted }
     }
 
     /// Whether the target may hold shifted expiries (what the position record says).
@@ -113,9 +122,10 @@ impl Hold {
     /// stream bytes received are still waiting: ends the shifting once the target has caught up
     /// with this check's offset (a quiet source) or the previous one's (a busy one).
     pub(crate) fn check(&mut self, master: u64, applied: u64, waiting: bool) {
-        if let Hold::Holding { since, goal } = self {
+        if let Hold::Holding { since, goal, shifted } = self {
             if goal.map_or(master, |goal| goal.min(master)) <= applied && !waiting {
-                *self = Hold::Settling { since: *since, settle: Settle::default() };
+                let settle = if *shifted { Settle::default() } else { Settle::finished() };
+                *self = Hold::Settling { since: *since, settle };
             } else {
                 *goal = Some(master);
             }
@@ -124,7 +134,15 @@ impl Hold {
 
     /// A stream command whose absolute expiry the target takes later than the source (see the
     /// module docs), or `None` to forward it as it is. `name` is upper case; `args` follow it.
-    pub(crate) fn rewrite(&self, name: &[u8], args: &[&[u8]]) -> Option<Vec<u8>> {
+    pub(crate) fn rewrite(&mut self, name: &[u8], args: &[&[u8]]) -> Option<Vec<u8>> {
+        let rewritten = self.rewritten(name, args);
+        if let (Some(_), Hold::Holding { shifted, .. }) = (&rewritten, self) {
+            *shifted = true;
+        }
+        rewritten
+    }
+
+    fn rewritten(&self, name: &[u8], args: &[&[u8]]) -> Option<Vec<u8>> {
         let later: fn(u64) -> u64 = match self {
             Hold::Holding { .. } => held,
             Hold::Settling { .. } | Hold::Off => |at| at.saturating_add(EXPIRY_GRACE_MS),
@@ -211,6 +229,11 @@ impl Default for Settle {
 }
 
 impl Settle {
+    /// A pass with nothing to settle: no expiry was written shifted.
+    fn finished() -> Self {
+        Settle { again: false, ..Settle::default() }
+    }
+
     /// Settles one SCAN step's keys, or the moved keys once the SCAN is through; `true` when
     /// every key is settled.
     pub(crate) async fn step(&mut self, target: &mut Target) -> Result<bool, ReplicateError> {
@@ -300,7 +323,7 @@ fn scan_reply(reply: BytesFrame) -> Option<(u64, Vec<Vec<u8>>)> {
 mod tests {
     use super::*;
 
-    fn rewritten(hold: &Hold, command: &[&str]) -> Option<String> {
+    fn rewritten(hold: &mut Hold, command: &[&str]) -> Option<String> {
         let args: Vec<&[u8]> = command[1..].iter().map(|a| a.as_bytes()).collect();
         let out = hold.rewrite(command[0].as_bytes(), &args)?;
         let out = String::from_utf8(out).unwrap();
@@ -309,34 +332,38 @@ mod tests {
 
     #[test]
     fn absolute_expiries_are_shifted_while_held_then_a_grace_later_without_conditions() {
-        let holding = Hold::new(true, Instant::now());
+        let holding = &mut Hold::after_load(Instant::now(), false);
         let at = |ms: u64| (ms + SHIFT_MS).to_string();
-        assert_eq!(rewritten(&holding, &["PEXPIREAT", "k", "1000", "GT"]), Some(format!("PEXPIREAT k {}", at(1000))));
-        assert_eq!(rewritten(&holding, &["EXPIREAT", "k", "2"]), Some(format!("PEXPIREAT k {}", at(2000))));
+        assert_eq!(rewritten(holding, &["PEXPIREAT", "k", "1000", "GT"]), Some(format!("PEXPIREAT k {}", at(1000))));
+        assert_eq!(rewritten(holding, &["EXPIREAT", "k", "2"]), Some(format!("PEXPIREAT k {}", at(2000))));
         assert_eq!(
-            rewritten(&holding, &["SET", "k", "PXAT", "NX", "PXAT", "5"]),
+            rewritten(holding, &["SET", "k", "PXAT", "NX", "PXAT", "5"]),
             Some(format!("SET k PXAT NX PXAT {}", at(5))),
             "a value reading PXAT is a value"
         );
-        assert_eq!(rewritten(&holding, &["SET", "k", "v", "exat", "3"]), Some(format!("SET k v PXAT {}", at(3000))));
-        assert_eq!(rewritten(&holding, &["SET", "k", "v"]), None);
+        assert_eq!(rewritten(holding, &["SET", "k", "v", "exat", "3"]), Some(format!("SET k v PXAT {}", at(3000))));
+        assert_eq!(rewritten(holding, &["SET", "k", "v"]), None);
         assert_eq!(
-            rewritten(&holding, &["RESTORE", "k", "7", "payload", "ABSTTL", "REPLACE"]),
+            rewritten(holding, &["RESTORE", "k", "7", "payload", "ABSTTL", "REPLACE"]),
             Some(format!("RESTORE k {} payload ABSTTL REPLACE", at(7)))
         );
-        assert_eq!(rewritten(&holding, &["RESTORE", "k", "7", "payload"]), None, "a relative TTL is never early");
-        assert_eq!(rewritten(&holding, &["PEXPIREAT", "k", "-5"]), None, "forwarded: it deletes on both sides");
+        assert_eq!(rewritten(holding, &["RESTORE", "k", "7", "payload"]), None, "a relative TTL is never early");
+        assert_eq!(rewritten(holding, &["PEXPIREAT", "k", "-5"]), None, "forwarded: it deletes on both sides");
         assert_eq!(held(SHIFT_MS + 1), SHIFT_MS + 1);
+        assert!(matches!(holding, Hold::Holding { shifted: true, .. }), "a settle pass must follow");
 
         let settling = Hold::Settling { since: Instant::now(), settle: Settle::default() };
         let late = |ms: u64| (ms + EXPIRY_GRACE_MS).to_string();
-        for hold in [settling, Hold::Off] {
+        for mut hold in [settling, Hold::Off] {
             assert_eq!(
-                rewritten(&hold, &["PEXPIREAT", "k", "1000", "LT"]),
+                rewritten(&mut hold, &["PEXPIREAT", "k", "1000", "LT"]),
                 Some(format!("PEXPIREAT k {}", late(1000)))
             );
-            assert_eq!(rewritten(&hold, &["SET", "k", "v", "PXAT", "3"]), Some(format!("SET k v PXAT {}", late(3))));
-            assert_eq!(rewritten(&hold, &["SET", "k", "v", "NX"]), None);
+            assert_eq!(
+                rewritten(&mut hold, &["SET", "k", "v", "PXAT", "3"]),
+                Some(format!("SET k v PXAT {}", late(3)))
+            );
+            assert_eq!(rewritten(&mut hold, &["SET", "k", "v", "NX"]), None);
         }
     }
 
@@ -354,6 +381,10 @@ mod tests {
         let mut quiet = Hold::new(true, Instant::now());
         quiet.check(100, 100, false);
         assert!(matches!(quiet, Hold::Settling { .. }), "a source with nothing new ends it at once");
+        assert!(matches!(quiet, Hold::Settling { settle: Settle { again: true, .. }, .. }), "a restart settles");
+        let mut nothing = Hold::after_load(Instant::now(), false);
+        nothing.check(100, 100, false);
+        assert!(matches!(nothing, Hold::Settling { settle: Settle { again: false, .. }, .. }), "nothing to scan");
     }
 
     #[test]

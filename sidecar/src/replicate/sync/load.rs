@@ -105,6 +105,8 @@ pub(crate) struct Loader<'a> {
     pub(crate) started: Instant,
     /// Where the keys `skip` kept are recorded.
     pub(crate) kept: Option<&'a KeptKeys>,
+    /// A key was written with its expiry shifted by the expiry hold.
+    pub(crate) held: bool,
 }
 
 impl Loader<'_> {
@@ -170,13 +172,13 @@ impl Loader<'_> {
                     batch.sent.push(Sent::Function);
                 }
                 Entry::String(mut entry) => {
-                    entry.hold_expiry();
+                    self.held |= entry.hold_expiry();
                     self.select(&mut batch, entry.db);
                     self.push_string(&mut batch, entry);
                     keys += 1;
                 }
                 Entry::Object(mut entry) => {
-                    entry.hold_expiry();
+                    self.held |= entry.hold_expiry();
                     self.select(&mut batch, entry.db);
                     let payload = payload(&entry.value, version);
                     let expiry = Decimal::new(entry.expire_at_ms.unwrap_or(0));
@@ -297,9 +299,10 @@ impl Loader<'_> {
 }
 
 impl KeyEntry {
-    /// Shifts the key's expiry for the expiry hold.
-    fn hold_expiry(&mut self) {
+    /// Shifts the key's expiry for the expiry hold; whether it has one.
+    fn hold_expiry(&mut self) -> bool {
         self.expire_at_ms = self.expire_at_ms.map(hold::held);
+        self.expire_at_ms.is_some()
     }
 }
 

@@ -325,8 +325,10 @@ impl Session {
                     rebuilt_types: Default::default(),
                     started: loading_started,
                     kept: self.kept.as_ref(),
+                    held: false,
                 };
                 loader.run(&mut snapshot).await?;
+                let shifted = loader.held;
                 let position = Position { held: true, ..position };
                 target.write_position(&position).await?;
                 let checkpoint = &self.reporter.progress.checkpoint;
@@ -336,7 +338,7 @@ impl Session {
                     seconds = loading_started.elapsed().as_secs_f64(),
                     "snapshot loaded; following the stream, expiries held until it catches up"
                 );
-                (position, Hold::new(true, loading_started))
+                (position, Hold::after_load(loading_started, shifted))
             }
         };
         let follower = apply::Follower {
