@@ -24,12 +24,17 @@ help:
 	@echo "make images OCI archives of eden-operator and eden-sidecar (no container engine needed)"
 
 # From Debian's packages, when missing: redis-server and redis-tools (every Redis the tests and the
-# demo run), umoci (the image test unpacks images with it).
+# demo run), umoci (the image test unpacks images with it), Node.js, npm, a JDK and Maven (the
+# client matrix builds its node-redis, Jedis and Lettuce programs with them).
 deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	command -v umoci >/dev/null || missing="$$missing umoci"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v javac >/dev/null || missing="$$missing openjdk-17-jdk-headless"; \
+	command -v mvn >/dev/null || missing="$$missing maven"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing from Debian packages"; \
 	  $(SUDO) apt-get update -qq; \
@@ -70,9 +75,10 @@ demo: deps control-plane
 	cargo build -q --bins -p eden-operator -p eden-sidecar -p eden-e2e
 	"$(CARGO_TARGET_DIR)/debug/eden-demo"
 
-# Four benchmarks in turn, each writing its own section of BENCHMARKS.md (helpers in bench/common.py):
+# Five benchmarks in turn, each writing its own section of BENCHMARKS.md (helpers in bench/common.py):
 #   bench/proxy.py        the sidecar against direct Redis, HAProxy and twemproxy (installs haproxy
 #                         and nutcracker, Debian packages, when missing);
+#   bench/routed.py       a routed session that sends everything to the source against the plain proxy;
 #   bench/strategy.py     ConfigMap update -> applied on the local control plane, dual-write throughput;
 #   bench/replication.py  sync and scan backfill of 1M keys against native REPLICAOF, peak RSS;
 #   bench/cutover.py      cutover and rollback write pause with 10 and 100 sidecars, API cost at rest.
@@ -82,7 +88,7 @@ bench: deps control-plane
 	@built=0; cargo build -q --release -p eden-sidecar --bin eden-sidecar -p eden-operator --bin eden-operator || built=$$?; \
 	flag=$$([ $$built = 0 ] || echo --sidecar-build-failed); \
 	failed=""; \
-	for script in proxy strategy replication cutover; do \
+	for script in proxy routed strategy replication cutover; do \
 	  python3 bench/$$script.py $$flag "$(CARGO_TARGET_DIR)/release/eden-sidecar" || failed="$$failed $$script"; \
 	done; \
 	[ -z "$$failed" ] || echo "benchmarks that failed:$$failed"; \

@@ -331,6 +331,14 @@ def start_redis(procs, port, *directives, name="redis-server"):
     return child
 
 
+def start_source_and_target(procs):
+    """Two private redis-servers, a migration's source and target; returns their ports."""
+    source_port, target_port = free_port(), free_port()
+    start_redis(procs, source_port, name="redis-source")
+    start_redis(procs, target_port, name="redis-target")
+    return source_port, target_port
+
+
 def sidecar_env(**extra):
     """The sidecar reads EDEN_* settings from the environment: keep the caller's out of the run,
     and RUST_LOG too, so that every run logs (and pays for logging) the same."""
@@ -353,6 +361,23 @@ def launch_sidecar(procs, binary, redis_port, *extra, name="eden-sidecar", env=N
             raise BenchError(f"{name}: /readyz not 200 within 10s: {log_tail(child)}")
         time.sleep(0.001)
     return child, port, admin, 1000 * (time.monotonic() - started)
+
+
+def payload(generation, source_port, target_port, read_percentage=0, mirror=False):
+    """An eden.yaml (DESIGN §6) of migration eden-bench/bench: dual_write, source authoritative."""
+    return "\n".join([
+        f"generation: {generation}",
+        "migration: eden-bench/bench",
+        f'source: {{uri: "redis://127.0.0.1:{source_port}"}}',
+        f'target: {{uri: "redis://127.0.0.1:{target_port}"}}',
+        f"read_percentage: {read_percentage}",
+        "write_mode: dual_write",
+        "write_policy: old_authoritative",
+        f"mirror_writes: {'true' if mirror else 'false'}",
+        "shadow_read_percentage: 0",
+        "writes: flowing",
+        "",
+    ])
 
 
 def check_built(args):

@@ -46,9 +46,10 @@ import threading
 import time
 import urllib.parse
 
-from common import (BenchError, Conn, Kube, bench_main, benchmark_args, check_built, env_int, exited, free_port, http_get,
-                    invocation, launch_sidecar, log, log_tail, machine_facts, parse_args, passed, percentile, publish,
-                    redis_benchmark, sidecar_env, start_control_plane, start_redis, wait_serving)
+from common import (BenchError, Conn, Kube, bench_main, benchmark_args, check_built, env_int, exited, http_get,
+                    invocation, launch_sidecar, log, log_tail, machine_facts, parse_args, passed, payload, percentile, publish,
+                    redis_benchmark, sidecar_env, start_control_plane, start_source_and_target,
+                    wait_serving)
 
 ROUNDS = env_int("BENCH_ROUNDS", 5)
 REQUESTS = env_int("BENCH_REQUESTS", 100_000)
@@ -68,23 +69,6 @@ DUAL_WRITE_MIN_RATIO = 0.7
 TARGETS = ["direct", "plain proxy", "dual-write"]
 # (key, clients, pipeline, requests)
 TESTS = [("plain", 50, 1, REQUESTS), ("piped", 50, 16, PIPELINED_REQUESTS)]
-
-
-def payload(generation, source_port, target_port, read_percentage=0, mirror=False):
-    """An eden.yaml (DESIGN §6): dual_write, source authoritative."""
-    return "\n".join([
-        f"generation: {generation}",
-        f"migration: {NAMESPACE}/bench",
-        f'source: {{uri: "redis://127.0.0.1:{source_port}"}}',
-        f'target: {{uri: "redis://127.0.0.1:{target_port}"}}',
-        f"read_percentage: {read_percentage}",
-        "write_mode: dual_write",
-        "write_policy: old_authoritative",
-        f"mirror_writes: {'true' if mirror else 'false'}",
-        "shadow_read_percentage: 0",
-        "writes: flowing",
-        "",
-    ])
 
 
 def metric(admin_port, name, labels=None):
@@ -320,9 +304,7 @@ def render(args, samples, rounds, outcomes, elapsed_s):
 def run(args, procs):
     started = time.monotonic()
     check_built(args)
-    source_port, target_port = free_port(), free_port()
-    start_redis(procs, source_port, name="redis-source")
-    start_redis(procs, target_port, name="redis-target")
+    source_port, target_port = start_source_and_target(procs)
 
     log(f"ConfigMap update -> applied, {CONFIG_UPDATES} updates")
     samples = config_latency(procs, args.sidecar, source_port, target_port)

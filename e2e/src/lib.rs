@@ -105,6 +105,15 @@ pub fn python_clients() -> Result<PathBuf, FixtureError> {
     go_program("EDEN_PYTHON", "e2e/python/build.sh")
 }
 
+/// The program of the client matrix for one ecosystem (`sidecar/tests/clients/<ecosystem>/`:
+/// `go`, `node`, `java`), with its client library at the pinned version from the ecosystem's
+/// registry, built first when this source version has none cached; `$EDEN_CLIENT_<ECOSYSTEM>`
+/// overrides it.
+pub fn matrix_client(ecosystem: &str) -> Result<PathBuf, FixtureError> {
+    let script = format!("sidecar/tests/clients/{ecosystem}/build.sh");
+    go_program(&format!("EDEN_CLIENT_{}", ecosystem.to_uppercase()), &script)
+}
+
 /// The path of a program of the test kit (a Go program, or Python with its packages):
 /// `$override` when set, else what its build script (relative to the repository root) prints,
 /// which builds the program first when this source version has no cached one.

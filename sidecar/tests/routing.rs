@@ -11,8 +11,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use eden_e2e::{ControlPlane, RedisConfig, RedisServer};
-use eden_sidecar::config::{Applier, CurrentConfig, PAYLOAD_KEY};
+use eden_e2e::{ControlPlane, RedisServer};
+use eden_sidecar::config::PAYLOAD_KEY;
 use eden_sidecar::hold::{HoldReason, HoldState};
 use eden_sidecar::lease::{
     ANNOTATION_CONFIG_ERROR, ANNOTATION_GENERATION, ANNOTATION_LOST_SOURCE_WRITES, ANNOTATION_LOST_TARGET_WRITES,
@@ -25,60 +25,10 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use redis::AsyncCommands;
-use support::{Proxy, resp, wait_for_lease};
+use support::{Migration, Proxy, direct, eventually, resp, wait_for_lease};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
-/// Two servers and a strategy fed straight to an [`Applier`].
-struct Migration {
-    source: RedisServer,
-    target: RedisServer,
-    /// The target's `credentials_file`, when Eden authenticates to it itself.
-    target_secret: Option<std::path::PathBuf>,
-    applier: Applier,
-    config: CurrentConfig,
-}
-
 impl Migration {
-    fn new() -> Migration {
-        Migration::with_target(RedisServer::start().unwrap())
-    }
-
-    fn with_target(target: RedisServer) -> Migration {
-        let (applier, config) = Applier::new();
-        Migration { source: RedisServer::start().unwrap(), target, target_secret: None, applier, config }
-    }
-
-    /// A target that wants a password, which Eden reads from a file in `dir`.
-    fn with_target_secret(dir: &std::path::Path) -> Migration {
-        std::fs::write(dir.join("password"), "t0p\n").unwrap();
-        let target = RedisServer::with_config(RedisConfig::default().directive("requirepass", "t0p")).unwrap();
-        Migration { target_secret: Some(dir.join("password")), ..Migration::with_target(target) }
-    }
-
-    /// An `eden.yaml` naming these servers, with `fields` (YAML lines) on top.
-    fn payload(&self, generation: u64, fields: &str) -> String {
-        let secret = self.target_secret.as_ref().map(|file| format!(", credentials_file: '{}'", file.display()));
-        format!(
-            "generation: {generation}\nmigration: shop/cache\nsource: {{uri: '{}'}}\ntarget: {{uri: '{}'{}}}\n{fields}\n",
-            self.source.url(),
-            self.target.url(),
-            secret.unwrap_or_default(),
-        )
-    }
-
-    /// Applies a payload and waits until routing uses it.
-    async fn apply(&mut self, generation: u64, fields: &str) {
-        assert!(self.applier.offer(&self.payload(generation, fields), "test"), "a valid payload");
-        let applied = self.config.wait_for(|c| c.as_ref().is_some_and(|c| c.generation == generation));
-        tokio::time::timeout(Duration::from_secs(5), applied).await.unwrap().unwrap();
-        // The plan is rebuilt from the configuration by its own task.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
-    async fn proxy(&self, max_pause: Duration) -> Proxy {
-        Proxy::routed(&self.source.url(), self.config.clone(), max_pause).await.0
-    }
-
     /// The Lease reporter of sidecar `pod`, in a fresh namespace, counting `proxy`'s lost
     /// mirrored writes; the caller runs it.
     async fn lease_reporter(&self, pod: &str, proxy: &Proxy) -> (Api<Lease>, LeaseReporter) {
@@ -95,21 +45,6 @@ impl Migration {
         .with_mirror_losses(proxy.metrics.clone());
         (leases, reporter)
     }
-}
-
-async fn direct(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
-}
-
-/// Waits until `probe` holds (mirrors are asynchronous).
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut probe: impl FnMut() -> F) {
-    for _ in 0..250 {
-        if probe().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never: {what}");
 }
 
 #[tokio::test]

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eden_sidecar::config::CurrentConfig;
+use eden_e2e::{RedisConfig, RedisServer};
+use eden_sidecar::config::{Applier, CurrentConfig};
 use eden_sidecar::metrics::ProxyMetrics;
 use eden_sidecar::plan::{Routing, UpstreamSettings};
 use eden_sidecar::server::{self, Backend, Listener};
@@ -78,6 +79,74 @@ impl Proxy {
         self.stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("drained in time").unwrap();
     }
+}
+
+/// Two servers and a strategy fed straight to an [`Applier`].
+pub struct Migration {
+    pub source: RedisServer,
+    pub target: RedisServer,
+    /// The target's `credentials_file`, when Eden authenticates to it itself.
+    pub target_secret: Option<std::path::PathBuf>,
+    pub applier: Applier,
+    pub config: CurrentConfig,
+}
+
+impl Migration {
+    pub fn new() -> Migration {
+        Migration::with_target(RedisServer::start().unwrap())
+    }
+
+    pub fn with_target(target: RedisServer) -> Migration {
+        let (applier, config) = Applier::new();
+        Migration { source: RedisServer::start().unwrap(), target, target_secret: None, applier, config }
+    }
+
+    /// A target that wants a password, which Eden reads from a file in `dir`.
+    pub fn with_target_secret(dir: &std::path::Path) -> Migration {
+        std::fs::write(dir.join("password"), "t0p\n").unwrap();
+        let target = RedisServer::with_config(RedisConfig::default().directive("requirepass", "t0p")).unwrap();
+        Migration { target_secret: Some(dir.join("password")), ..Migration::with_target(target) }
+    }
+
+    /// An `eden.yaml` naming these servers, with `fields` (YAML lines) on top.
+    pub fn payload(&self, generation: u64, fields: &str) -> String {
+        let secret = self.target_secret.as_ref().map(|file| format!(", credentials_file: '{}'", file.display()));
+        format!(
+            "generation: {generation}\nmigration: shop/cache\nsource: {{uri: '{}'}}\ntarget: {{uri: '{}'{}}}\n{fields}\n",
+            self.source.url(),
+            self.target.url(),
+            secret.unwrap_or_default(),
+        )
+    }
+
+    /// Applies a payload and waits until routing uses it.
+    pub async fn apply(&mut self, generation: u64, fields: &str) {
+        assert!(self.applier.offer(&self.payload(generation, fields), "test"), "a valid payload");
+        let applied = self.config.wait_for(|c| c.as_ref().is_some_and(|c| c.generation == generation));
+        tokio::time::timeout(Duration::from_secs(5), applied).await.unwrap().unwrap();
+        // The plan is rebuilt from the configuration by its own task.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    pub async fn proxy(&self, max_pause: Duration) -> Proxy {
+        Proxy::routed(&self.source.url(), self.config.clone(), max_pause).await.0
+    }
+}
+
+/// A connection straight to `server`.
+pub async fn direct(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+/// Waits until `probe` holds (mirrors are asynchronous).
+pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut probe: impl FnMut() -> F) {
+    for _ in 0..250 {
+        if probe().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never: {what}");
 }
 
 /// A client that speaks RESP by hand.
