@@ -3,9 +3,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
+use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::migration::replication::Replications;
@@ -23,14 +25,25 @@ pub struct Context {
     pub sidecar_image: String,
     /// What this process has seen of each Migration's generations and Leases, by uid.
     fence_clocks: Mutex<HashMap<String, FenceClock>>,
-    recorder: Recorder,
+    /// Events to publish, in order, by a task of their own (see [`Context::event`]).
+    events: mpsc::UnboundedSender<(ObjectReference, Event)>,
 }
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>, sidecar_image: String) -> Arc<Self> {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let (events, mut queue) = mpsc::unbounded_channel::<(ObjectReference, Event)>();
+        tokio::spawn(async move {
+            while let Some((object, event)) = queue.recv().await {
+                if let Err(err) = recorder.publish(&event, &object).await {
+                    let name = object.name.unwrap_or_default();
+                    tracing::warn!(object = name, reason = event.reason, %err, "could not record Event");
+                }
+            }
+        });
         Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events,
             client,
             metrics,
             replications: Replications::default(),
@@ -52,15 +65,17 @@ impl Context {
         self.fence_clocks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(uid);
     }
 
-    /// Publishes an Event on `object`. A failure to record is logged, never fatal: the status
-    /// already carries the same facts.
-    pub async fn event<K>(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String)
+    /// Publishes an Event on `object`, after what was published before it. A reconcile does not
+    /// wait for it: the status carries the same facts, and during a cutover the next reconcile
+    /// (the one that flips writes) should not queue behind an Event's round trip. A failure to
+    /// record is logged, never fatal.
+    pub fn event<K>(&self, object: &K, type_: EventType, reason: &str, action: &str, note: String)
     where
         K: Resource<DynamicType = ()>,
     {
         let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
-        if let Err(err) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(object = %object.name_any(), reason, %err, "could not record Event");
+        if self.events.send((object.object_ref(&()), event)).is_err() {
+            tracing::warn!(object = %object.name_any(), reason, "could not record Event: the publisher stopped");
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use eden_e2e::{ControlPlane, RedisServer, Relay};
 use eden_operator::crd::Phase;
-use eden_sidecar::config::{EdenConfig, PAYLOAD_KEY, WritesState};
+use eden_sidecar::config::{EdenConfig, PAYLOAD_KEY, WritePolicy, WritesState};
 use eden_sidecar::route::Side;
 use futures::StreamExt;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 struct SidecarProcess {
     child: std::process::Child,
     port: u16,
+    command: std::process::Command,
 }
 
 impl SidecarProcess {
@@ -48,13 +49,37 @@ impl SidecarProcess {
         if let Some(relay) = target {
             command.args(["--target", &format!("redis://{}", relay.addr())]);
         }
-        let child =
-            command.env("KUBECONFIG", kubeconfig).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
-        SidecarProcess { child, port }
+        command.env("KUBECONFIG", kubeconfig).stdout(std::process::Stdio::null()).stderr(log);
+        let child = command.spawn().unwrap();
+        SidecarProcess { child, port, command }
     }
 
-    /// A client connection, once the sidecar serves (after it applied a strategy).
-    async fn connect(&self) -> redis::aio::MultiplexedConnection {
+    /// Kills the process (SIGKILL: no clean shutdown, replies in flight are lost) and starts
+    /// it again with the same command line, as the kubelet restarts a container.
+    fn restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = self.command.spawn().unwrap();
+    }
+
+    /// A client of this sidecar.
+    fn client(&self) -> Client {
+        Client { port: self.port, restarts: false }
+    }
+}
+
+/// How a test's client reaches one sidecar. A client of a sidecar that is restarted treats a
+/// dropped connection as the end of that connection, not a failure: what it had sent is
+/// ambiguous (applied or not, it cannot know), and it connects again.
+#[derive(Clone, Copy)]
+struct Client {
+    port: u16,
+    restarts: bool,
+}
+
+impl Client {
+    /// A connection, once the sidecar serves (after it applied a strategy).
+    async fn connect(self) -> redis::aio::MultiplexedConnection {
         let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
         let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap();
         for _ in 0..300 {
@@ -64,6 +89,11 @@ impl SidecarProcess {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("sidecar on port {} never served", self.port);
+    }
+
+    /// Whether `err` ends the connection rather than fails the test.
+    fn dropped(self, err: &redis::RedisError) -> bool {
+        self.restarts && (err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error())
     }
 }
 
@@ -92,22 +122,24 @@ struct Acknowledged {
     reads: u64,
     /// The longest a read took, for a client of the same sidecar that only reads.
     longest_read: Duration,
+    /// INCRs and RPUSHed values sent on a connection that dropped before their reply.
+    ambiguous_incr: i64,
+    ambiguous_pushed: Vec<i64>,
+    /// Connections the writer had to open again.
+    reconnects: u32,
 }
 
 /// Reads `last:<name>` through `sidecar` until `stop`; returns the longest a read took. A
 /// client that writes nothing may be served by the target.
-async fn read_until(
-    mut sidecar: redis::aio::MultiplexedConnection,
-    name: &'static str,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Duration {
-    let mut longest = Duration::ZERO;
+async fn read_until(client: Client, name: &'static str, mut stop: tokio::sync::watch::Receiver<bool>) -> Duration {
+    let (mut longest, mut sidecar) = (Duration::ZERO, client.connect().await);
     while !*stop.borrow_and_update() {
         let started = std::time::Instant::now();
         let read: redis::RedisResult<Option<i64>> = sidecar.get(format!("last:{name}")).await;
-        longest = longest.max(started.elapsed());
-        if let Err(err) = read {
-            panic!("{name}: a read failed: {err}");
+        match read {
+            Ok(_) => longest = longest.max(started.elapsed()),
+            Err(err) if client.dropped(&err) => sidecar = client.connect().await,
+            Err(err) => panic!("{name}: a read failed: {err}"),
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -117,12 +149,9 @@ async fn read_until(
 /// Writes `INCR counter:<name>`, `RPUSH seq:<name> n` and `SET last:<name> n` through
 /// `sidecar` until `stop`, recording every acknowledgement, and reads `last:<name>` back after
 /// each, counting reads that went back in time.
-async fn write_until(
-    mut sidecar: redis::aio::MultiplexedConnection,
-    name: &'static str,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Acknowledged {
+async fn write_until(client: Client, name: &'static str, mut stop: tokio::sync::watch::Receiver<bool>) -> Acknowledged {
     let (mut acknowledged, mut last) = (Acknowledged::default(), None);
+    let mut sidecar = client.connect().await;
     for n in 0.. {
         if *stop.borrow_and_update() {
             break;
@@ -132,24 +161,48 @@ async fn write_until(
         let push: redis::RedisResult<i64> = sidecar.rpush(format!("seq:{name}"), n).await;
         let set: redis::RedisResult<()> = sidecar.set(format!("last:{name}"), n).await;
         acknowledged.longest = acknowledged.longest.max(started.elapsed());
+        let mut dropped = false;
         for outcome in [incr.as_ref().map(|_| ()), push.as_ref().map(|_| ()), set.as_ref().map(|_| ())] {
-            if let Err(err) = outcome {
-                assert!(!err.is_io_error() && !err.is_timeout(), "{name}: the sidecar failed the client: {err}");
-                assert!(err.to_string().contains("eden:"), "{name}: an error that is not a refusal: {err}");
-                acknowledged.refused += 1;
+            match outcome {
+                Err(err) if client.dropped(err) => dropped = true,
+                Err(err) => {
+                    assert!(!err.is_io_error() && !err.is_timeout(), "{name}: the sidecar failed the client: {err}");
+                    assert!(err.to_string().contains("eden:"), "{name}: an error that is not a refusal: {err}");
+                    acknowledged.refused += 1;
+                }
+                Ok(()) => {}
             }
         }
-        acknowledged.incr += i64::from(incr.is_ok());
-        if push.is_ok() {
-            acknowledged.pushed.push(n);
+        match &incr {
+            Ok(_) => acknowledged.incr += 1,
+            Err(err) if client.dropped(err) => acknowledged.ambiguous_incr += 1,
+            Err(_) => {}
+        }
+        match &push {
+            Ok(_) => acknowledged.pushed.push(n),
+            Err(err) if client.dropped(err) => acknowledged.ambiguous_pushed.push(n),
+            Err(_) => {}
         }
         if set.is_ok() {
             last = Some(n);
         }
-        let read: Option<i64> = sidecar.get(format!("last:{name}")).await.unwrap();
-        acknowledged.reads += 1;
-        acknowledged.stale_reads += u64::from(read < last);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        if !dropped {
+            match sidecar.get::<_, Option<i64>>(format!("last:{name}")).await {
+                Ok(read) => {
+                    acknowledged.reads += 1;
+                    acknowledged.stale_reads += u64::from(read < last);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                Err(err) if client.dropped(&err) => {}
+                Err(err) => panic!("{name}: a read failed: {err}"),
+            }
+        }
+        // What the dropped connection had sent may or may not have been applied; whether
+        // `last` moved is unknown too, so reads are judged from the next SET on.
+        last = None;
+        acknowledged.reconnects += 1;
+        sidecar = client.connect().await;
     }
     acknowledged
 }
@@ -162,11 +215,12 @@ struct Pod<'a> {
     api: Option<&'a Relay>,
     relayed_target: bool,
     fenced_after_ms: u64,
+    restarted: bool,
 }
 
 impl<'a> Pod<'a> {
     fn new(name: &'static str) -> Pod<'a> {
-        Pod { name, api: None, relayed_target: false, fenced_after_ms: 2_000 }
+        Pod { name, api: None, relayed_target: false, fenced_after_ms: 2_000, restarted: false }
     }
 
     fn api_via(self, relay: &'a Relay) -> Pod<'a> {
@@ -180,6 +234,11 @@ impl<'a> Pod<'a> {
     fn fenced_after(self, fenced_after_ms: u64) -> Pod<'a> {
         Pod { fenced_after_ms, ..self }
     }
+
+    /// Its sidecar will be restarted: its clients connect again when it drops them.
+    fn restarted(self) -> Pod<'a> {
+        Pod { restarted: true, ..self }
+    }
 }
 
 /// A Ready `sync` migration `shop` whose clients write through eden-sidecar processes.
@@ -187,7 +246,7 @@ struct Scenario {
     harness: Harness,
     source: RedisServer,
     target: RedisServer,
-    _sidecars: Vec<SidecarProcess>,
+    sidecars: Vec<SidecarProcess>,
     /// The relays to the target, of the sidecars that asked for one.
     target_relays: Vec<Relay>,
     stop: watch::Sender<bool>,
@@ -222,8 +281,9 @@ impl Scenario {
             };
             let process = SidecarProcess::spawn(&harness, pod, &source, &kubeconfig, relay.as_ref());
             target_relays.extend(relay);
-            writers.push((pod.name, tokio::spawn(write_until(process.connect().await, pod.name, stopped.clone()))));
-            readers.push((pod.name, tokio::spawn(read_until(process.connect().await, pod.name, stopped.clone()))));
+            let client = Client { restarts: pod.restarted, ..process.client() };
+            writers.push((pod.name, tokio::spawn(write_until(client, pod.name, stopped.clone()))));
+            readers.push((pod.name, tokio::spawn(read_until(client, pod.name, stopped.clone()))));
             processes.push(process);
         }
         harness
@@ -231,7 +291,7 @@ impl Scenario {
                 m.status.as_ref().and_then(|s| s.sidecars.as_ref()).is_some_and(|s| s.acknowledged == pods.len() as i32)
             })
             .await;
-        Scenario { harness, source, target, _sidecars: processes, target_relays, stop, writers, readers }
+        Scenario { harness, source, target, sidecars: processes, target_relays, stop, writers, readers }
     }
 
     /// Stops the writers and checks that every write a client saw acknowledged is on the
@@ -248,19 +308,36 @@ impl Scenario {
         for (name, writer) in self.writers {
             let acknowledged = writer.await.unwrap();
             eprintln!(
-                "{name}: {} INCRs and {} RPUSHes acknowledged, {} refused, longest wait {:?}, {} of {} reads stale",
+                "{name}: {} INCRs and {} RPUSHes acknowledged, {} refused, {} ambiguous, longest wait {:?}, {} of {} \
+                 reads stale",
                 acknowledged.incr,
                 acknowledged.pushed.len(),
                 acknowledged.refused,
+                acknowledged.ambiguous_incr,
                 acknowledged.longest,
                 acknowledged.stale_reads,
                 acknowledged.reads
             );
             assert_eq!(acknowledged.stale_reads, 0, "{name}: a read went back in time for its client");
-            let counter: Option<i64> = server.get(format!("counter:{name}")).await.unwrap();
-            assert_eq!(counter.unwrap_or(0), acknowledged.incr, "{name}: INCRs acknowledged vs applied");
+            // Every acknowledged write exactly once; an ambiguous one (its connection dropped
+            // before the reply) at most once.
+            let counter: i64 = server.get::<_, Option<i64>>(format!("counter:{name}")).await.unwrap().unwrap_or(0);
+            let most = acknowledged.incr + acknowledged.ambiguous_incr;
+            assert!(
+                (acknowledged.incr..=most).contains(&counter),
+                "{name}: {counter} INCRs applied, {} acknowledged, {} ambiguous",
+                acknowledged.incr,
+                acknowledged.ambiguous_incr
+            );
             let sequence: Vec<i64> = server.lrange(format!("seq:{name}"), 0, -1).await.unwrap();
-            assert_eq!(sequence, acknowledged.pushed, "{name}: RPUSHes acknowledged vs stored, in order");
+            let (applied, extra): (Vec<i64>, Vec<i64>) =
+                sequence.iter().partition(|n| acknowledged.pushed.binary_search(n).is_ok());
+            assert_eq!(applied, acknowledged.pushed, "{name}: RPUSHes acknowledged vs stored, in order");
+            assert!(
+                extra.iter().all(|n| acknowledged.ambiguous_pushed.contains(n))
+                    && extra.windows(2).all(|pair| pair[0] < pair[1]),
+                "{name}: stored values never acknowledged nor ambiguous, or twice: {extra:?}"
+            );
             outcomes.push((name, acknowledged));
         }
         for ((name, reader), (_, acknowledged)) in self.readers.into_iter().zip(&mut outcomes) {
@@ -273,6 +350,29 @@ impl Scenario {
 
 fn sidecar_counts(migration: &eden_operator::crd::Migration) -> Option<&eden_operator::crd::SidecarCounts> {
     migration.status.as_ref()?.sidecars.as_ref()
+}
+
+/// Applies `manifest` and returns as soon as the ConfigMap's payload satisfies `pushed`:
+/// watched, not polled, so that the fault that follows lands right after that push.
+async fn apply_and_wait_for_push(harness: &Harness, manifest: &str, pushed: impl Fn(&EdenConfig) -> bool) {
+    let watch = watcher(harness.config_maps(), watcher::Config::default().fields("metadata.name=eden-shop"));
+    let mut payloads = watch.applied_objects().boxed();
+    harness.apply(manifest);
+    let seen = async {
+        while let Some(config_map) = payloads.next().await {
+            let text = config_map.unwrap().data.and_then(|mut data| data.remove(PAYLOAD_KEY));
+            if text.and_then(|text| EdenConfig::from_yaml(&text).ok()).is_some_and(|p| pushed(&p)) {
+                return;
+            }
+        }
+        panic!("the ConfigMap watch ended");
+    };
+    tokio::time::timeout(Duration::from_secs(60), seen).await.expect("the awaited payload was never pushed");
+}
+
+/// [`apply_and_wait_for_push`] until writes pause.
+async fn apply_and_wait_for_pause(harness: &Harness, manifest: &str) {
+    apply_and_wait_for_push(harness, manifest, |p| p.writes == WritesState::Paused).await;
 }
 
 // Several workers: the harness runs kubectl and the operator in this process, and a client's
@@ -313,17 +413,9 @@ async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowl
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_killed_while_writes_are_paused_loses_no_write_and_the_cutover_completes_after_it() {
     let mut scenario = Scenario::start("operator-killed", &[Pod::new("app-0"), Pod::new("app-1")]).await;
-    // Watched, not polled: the operator is killed as soon as it has paused writes, well before
-    // the reconcile that could flip them (200 ms later at the soonest).
-    let watch = watcher(scenario.harness.config_maps(), watcher::Config::default().fields("metadata.name=eden-shop"));
-    let mut payloads = watch.applied_objects().boxed();
-    scenario.harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
-    while let Some(config_map) = payloads.next().await {
-        let text = config_map.unwrap().data.and_then(|mut data| data.remove(PAYLOAD_KEY));
-        if text.and_then(|text| EdenConfig::from_yaml(&text).ok()).is_some_and(|p| p.writes == WritesState::Paused) {
-            break;
-        }
-    }
+    // The operator is killed as soon as it has paused writes, well before the reconcile that
+    // could flip them (200 ms later at the soonest).
+    apply_and_wait_for_pause(&scenario.harness, &migration("shop", "sync", 0, "newAuthoritative")).await;
     scenario.harness.stop_operator().await;
     assert_eq!(scenario.harness.payload("shop").await.writes, WritesState::Paused, "killed during the pause");
     // Nothing decides: the sidecars hold writes for their bound (3 s), then refuse them; none
@@ -435,5 +527,149 @@ async fn a_sidecar_cut_off_from_the_target_during_a_canary_serves_every_read_fro
         assert_eq!(acknowledged.refused, 0, "{name}: the target's loss costs no write");
         assert!(acknowledged.longest < Duration::from_secs(1), "{name}: no write waited on the lost target");
         assert!(acknowledged.longest_read < Duration::from_secs(1), "{name}: no read waited on the lost target");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_cut_off_during_the_pause_aborts_the_cutover_which_then_completes_with_it_fenced() {
+    // The cut-off sidecar answered the barrier and the pause, then lost the API server: the
+    // operator cannot prove it will not write to the source, so it cannot flip. The pause ends
+    // at maxWritePauseMillis (writes resume on the source), and the retry's barrier fences it.
+    let relay = Relay::start(ControlPlane::shared().api_addr().unwrap()).await.unwrap();
+    let scenario = Scenario::start("cut-in-pause", &[Pod::new("direct"), Pod::new("cut-off").api_via(&relay)]).await;
+    let harness = &scenario.harness;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    apply_and_wait_for_pause(harness, &migration("shop", "sync", 0, "newAuthoritative")).await;
+    relay.cut();
+    let cut_over = harness.wait_phase("shop", Phase::CutOver).await;
+    let sidecars = sidecar_counts(&cut_over).unwrap();
+    assert_eq!((sidecars.acknowledged, sidecars.fenced), (1, 1), "{sidecars:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.heal();
+    harness
+        .wait("shop", "the fenced sidecar acknowledged the flip", |m| {
+            sidecar_counts(m).is_some_and(|s| s.acknowledged == 2)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, acknowledged) in scenario.finish(Side::Target).await {
+        if name == "direct" {
+            assert_eq!(acknowledged.refused, 0, "a sidecar in touch only ever held writes");
+            assert!(acknowledged.longest < Duration::from_secs(3), "{name}: held past the pause bound");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_cut_off_from_the_api_server_during_a_rollback_loses_no_acknowledged_write() {
+    let relay = Relay::start(ControlPlane::shared().api_addr().unwrap()).await.unwrap();
+    let scenario = Scenario::start("cut-rollback", &[Pod::new("direct"), Pod::new("cut-off").api_via(&relay)]).await;
+    let harness = &scenario.harness;
+    harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+    harness.wait_phase("shop", Phase::CutOver).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Cut off while it writes to the target (mirrored to the source): after the rollback, its
+    // writes would land on a target nothing reads back from.
+    relay.cut();
+    harness.apply(&migration("shop", "sync", 0, "oldAuthoritative"));
+    let rolled_back = harness.wait_phase("shop", Phase::RolledBack).await;
+    let sidecars = sidecar_counts(&rolled_back).unwrap();
+    assert_eq!((sidecars.acknowledged, sidecars.fenced), (1, 1), "{sidecars:?}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    relay.heal();
+    harness
+        .wait("shop", "the fenced sidecar acknowledged the rollback", |m| {
+            sidecar_counts(m).is_some_and(|s| s.acknowledged == 2)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, acknowledged) in scenario.finish(Side::Source).await {
+        if name == "cut-off" {
+            assert!(acknowledged.refused > 0, "the cut-off sidecar was fenced: it refused writes");
+        } else {
+            assert_eq!(acknowledged.refused, 0, "a sidecar in touch only ever held writes");
+            assert!(acknowledged.longest < Duration::from_secs(3), "held past the pause bound");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_killed_after_the_cutover_and_again_mid_rollback_loses_no_write() {
+    let mut scenario = Scenario::start("operator-rollback", &[Pod::new("app-0"), Pod::new("app-1")]).await;
+    scenario.harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+    scenario.harness.wait_phase("shop", Phase::CutOver).await;
+    // Killed in CutOver: writes go on to the target, mirrored to the source, with no operator.
+    scenario.harness.stop_operator().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scenario.harness.start_operator();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(phase_of(&scenario.harness.migrations().get("shop").await.unwrap()), Some(Phase::CutOver));
+    // Killed again as soon as it has pushed the rollback (writes back to the source), before it
+    // knows that every sidecar applied it: the next operator finishes the rollback.
+    let rollback = migration("shop", "sync", 0, "oldAuthoritative");
+    apply_and_wait_for_push(&scenario.harness, &rollback, |p| p.write_policy == WritePolicy::OldAuthoritative).await;
+    scenario.harness.stop_operator().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scenario.harness.start_operator();
+    scenario.harness.wait_phase("shop", Phase::RolledBack).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, acknowledged) in scenario.finish(Side::Source).await {
+        assert!(acknowledged.longest < Duration::from_secs(4), "{name}: no write waited past the bound");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_frozen_during_a_canary_costs_no_read_more_than_its_deadline() {
+    let scenario = Scenario::start("target-frozen", &[Pod::new("app-0"), Pod::new("app-1")]).await;
+    scenario.harness.apply(&migration("shop", "sync", 50, "oldAuthoritative"));
+    scenario.harness.wait_payload("shop", |p| p.read_percentage == 50).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    scenario.target.freeze().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    scenario.target.thaw().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (name, acknowledged) in scenario.finish(Side::Source).await {
+        assert_eq!(acknowledged.refused, 0, "{name}: the target's stall costs no write");
+        assert!(acknowledged.longest < Duration::from_secs(1), "{name}: no write waited on the frozen target");
+        assert!(acknowledged.longest_read < Duration::from_secs(1), "{name}: no read waited on the frozen target");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_frozen_as_the_cutover_starts_aborts_the_pause_and_the_retry_loses_nothing() {
+    // Writes sent before the pause are stuck in the frozen source: the sidecars say `pausing`
+    // until they are answered, so the operator cannot drain past them and must not flip.
+    let scenario = Scenario::start("source-frozen", &[Pod::new("app-0"), Pod::new("app-1")]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    scenario.source.freeze().unwrap();
+    scenario.harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let migration = scenario.harness.migrations().get("shop").await.unwrap();
+    assert_ne!(phase_of(&migration), Some(Phase::CutOver), "flipped over writes the source had not answered");
+    scenario.source.thaw().unwrap();
+    scenario.harness.wait_phase("shop", Phase::CutOver).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, acknowledged) in scenario.finish(Side::Target).await {
+        assert!(acknowledged.longest < Duration::from_secs(6), "{name}: waited past the freeze and one pause");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_killed_and_restarted_mid_migration_loses_no_acknowledged_write() {
+    let mut scenario = Scenario::start("sidecar-restart", &[Pod::new("app-0").restarted(), Pod::new("app-1")]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Killed with writes in flight, started again with the same command line: it must confirm
+    // the strategy again before it writes, and the cutover that follows must count it.
+    scenario.sidecars[0].restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scenario.harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+    let cut_over = scenario.harness.wait_phase("shop", Phase::CutOver).await;
+    assert_eq!(sidecar_counts(&cut_over).unwrap().fenced, 0, "the restarted sidecar answered");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, acknowledged) in scenario.finish(Side::Target).await {
+        if name == "app-0" {
+            assert!(acknowledged.reconnects > 0, "the restart dropped the writer's connection");
+        }
+        assert_eq!(acknowledged.refused, 0, "{name}: nothing refused");
     }
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 
 use crate::config::{ConfigStatus, CurrentConfig, writes_paused};
@@ -38,6 +38,9 @@ use crate::route::Side;
 
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(30);
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a new pause waits for the writes routed before it to be answered before it is
+/// reported as `pausing` rather than `paused` (see [`LeaseReporter::run`]).
+const PAUSING_GRACE: Duration = Duration::from_millis(100);
 /// A Lease not renewed for this long belongs to a sidecar that is gone or cut off.
 pub const LEASE_DURATION: Duration = Duration::from_secs(90);
 
@@ -54,6 +57,13 @@ pub const ANNOTATION_LOST_TARGET_WRITES: &str = "eden.io/lost-target-writes";
 pub const LABEL_MIGRATION: &str = "eden.io/migration";
 
 const FIELD_MANAGER: &str = "eden-sidecar";
+
+/// What one Lease write says: the applied generation, and the annotations that carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Report {
+    generation: u64,
+    annotations: BTreeMap<String, String>,
+}
 
 /// Keeps this sidecar's Lease current.
 #[derive(Clone)]
@@ -115,19 +125,38 @@ impl LeaseReporter {
         format!("eden-sidecar-{}", self.pod)
     }
 
-    /// Renews at once, then whenever the applied configuration, a rejection, the gate or the
-    /// count of lost writes changes, so the operator sees each within one round trip, and every
-    /// [`RENEW_INTERVAL`] otherwise ([`RETRY_INTERVAL`] after a failure).
+    /// Renews at once, then whenever what it reports changes (the applied configuration, a
+    /// rejection, the gate, the count of lost writes), so the operator sees each within one
+    /// round trip, and every [`RENEW_INTERVAL`] otherwise ([`RETRY_INTERVAL`] after a failure).
+    /// A wake-up that changes nothing writes nothing: a new generation changes the
+    /// configuration and the gate at once, and with 100 sidecars each extra write is 100 more
+    /// for the API server in the middle of a cutover.
     pub async fn run(mut self) {
         let mut errors = self.status.errors();
+        // What the API server last accepted, and when a renewal is due regardless.
+        let mut written: Option<Report> = None;
+        let mut due = tokio::time::Instant::now();
         loop {
-            let wait = match self.renew().await {
-                Ok(_) => RENEW_INTERVAL,
-                Err(err) => {
-                    tracing::warn!(%err, lease = %self.lease_name(), "could not renew Lease; retrying");
-                    RETRY_INTERVAL
+            // A pause is reported as `paused` once the writes routed before it are answered,
+            // which takes a round trip to the source: wait for that briefly rather than write
+            // `pausing` now and `paused` a moment later.
+            if let Some(metrics) = self.metrics.as_ref().filter(|_| self.writes() == "pausing") {
+                let _ = tokio::time::timeout(PAUSING_GRACE, metrics.no_writes_in_flight()).await;
+            }
+            let report = self.report();
+            if written.as_ref() != Some(&report) || tokio::time::Instant::now() >= due {
+                match self.write(&report).await {
+                    Ok(_) => {
+                        written = Some(report);
+                        due = tokio::time::Instant::now() + RENEW_INTERVAL;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, lease = %self.lease_name(), "could not renew Lease; retrying");
+                        written = None;
+                        due = tokio::time::Instant::now() + RETRY_INTERVAL;
+                    }
                 }
-            };
+            }
             let (in_flight, pausing) = (self.metrics.clone(), self.writes() == "pausing");
             let hold = &mut self.hold;
             let hold_changed = async move {
@@ -150,7 +179,7 @@ impl LeaseReporter {
                 }
             };
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep_until(due) => {}
                 changed = self.config.changed() => if changed.is_err() { return },
                 _ = errors.changed() => {}
                 changed = hold_changed => if changed.is_err() { return },
@@ -162,6 +191,11 @@ impl LeaseReporter {
 
     /// Writes the Lease as it should be now, and publishes the generation it acknowledged.
     pub async fn renew(&self) -> Result<Lease, kube::Error> {
+        self.write(&self.report()).await
+    }
+
+    /// What the Lease reports now.
+    fn report(&self) -> Report {
         let generation = self.status.applied_generation();
         let mut annotations = BTreeMap::from([
             (ANNOTATION_GENERATION.to_string(), generation.to_string()),
@@ -175,6 +209,12 @@ impl LeaseReporter {
         if let Some(fenced_after) = self.fenced_after {
             annotations.insert(ANNOTATION_FENCED_AFTER.to_string(), fenced_after.as_millis().to_string());
         }
+        Report { generation, annotations }
+    }
+
+    /// Writes the Lease with `report`, and publishes the generation it acknowledged.
+    async fn write(&self, report: &Report) -> Result<Lease, kube::Error> {
+        let Report { generation, annotations } = report.clone();
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(self.lease_name()),
@@ -189,13 +229,23 @@ impl LeaseReporter {
                 ..Default::default()
             }),
         };
+        // A merge patch, not server-side apply: the Lease is this sidecar's alone, and apply's
+        // field management costs the API server several times as much per write, which a
+        // cutover pays once per sidecar while every writer waits. An annotation this write does
+        // not carry is removed explicitly.
         let mut value = serde_json::to_value(&lease).map_err(kube::Error::SerdeError)?;
-        value["apiVersion"] = "coordination.k8s.io/v1".into();
-        value["kind"] = "Lease".into();
-        let written = self
-            .api
-            .patch(&self.lease_name(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value))
-            .await?;
+        if !lease.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_CONFIG_ERROR)) {
+            value["metadata"]["annotations"][ANNOTATION_CONFIG_ERROR] = serde_json::Value::Null;
+        }
+        let name = self.lease_name();
+        let manager = Some(FIELD_MANAGER.to_string());
+        let patch = PatchParams { field_manager: manager.clone(), ..Default::default() };
+        let written = match self.api.patch(&name, &patch, &Patch::Merge(&value)).await {
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                self.api.create(&PostParams { field_manager: manager, ..Default::default() }, &lease).await?
+            }
+            written => written?,
+        };
         self.acked.send_if_modified(|acked| generation > std::mem::replace(acked, generation.max(*acked)));
         Ok(written)
     }

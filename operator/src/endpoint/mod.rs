@@ -101,11 +101,11 @@ pub async fn reconcile(endpoint: Arc<Endpoint>, ctx: Arc<Context>) -> Result<Act
                 report.latency.as_micros()
             );
             tracing::info!(%note, "endpoint ready");
-            ctx.event(endpoint.as_ref(), EventType::Normal, "Ready", "Probe", note).await;
+            ctx.event(endpoint.as_ref(), EventType::Normal, "Ready", "Probe", note);
         }
         Err(message) if was_ready || first_probe => {
             tracing::warn!(%message, "endpoint not ready");
-            ctx.event(endpoint.as_ref(), EventType::Warning, "ProbeFailed", "Probe", message.clone()).await;
+            ctx.event(endpoint.as_ref(), EventType::Warning, "ProbeFailed", "Probe", message.clone());
         }
         _ => {}
     }

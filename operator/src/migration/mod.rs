@@ -178,8 +178,17 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
     let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
     let migration = api.get(&name).await.map_err(|source| Error::Read { what: format!("Migration {name}"), source })?;
     let uid = migration.uid().ok_or_else(|| Error::NoUid(name.clone()))?;
+    let started = Instant::now();
     let observation = Observation::gather(&migration, ctx).await?;
     let decision = phase::next(&migration.spec, &observation.observed, observation.phase);
+    tracing::debug!(
+        phase = ?observation.phase,
+        next = ?decision.phase,
+        writes_held = observation.observed.cutover.writes_held,
+        waiting_for = observation.observed.cutover.waiting_for,
+        gathered_in = ?started.elapsed(),
+        "observed"
+    );
     let mut events = Vec::new();
 
     // The flip happens only once the engine has provably applied every write made before the
@@ -190,7 +199,9 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
     let drained = !flip || migration.spec.data.type_ == DataCopy::None || {
         let remaining =
             migration.spec.cutover.max_write_pause_millis - observation.observed.cutover.paused_for_millis.max(0);
-        ctx.replications.drain(&uid, Duration::from_millis(remaining.max(0) as u64)).await
+        let drained = ctx.replications.drain(&uid, Duration::from_millis(remaining.max(0) as u64)).await;
+        tracing::debug!(drained, after = ?started.elapsed(), "drained replication for the flip");
+        drained
     };
 
     // A flip that could not drain does not happen, so neither does the stop that goes with it:
@@ -267,10 +278,17 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
     };
     let new_status = report.status();
     events.extend(report.events(&new_status));
-    write_status(&migration, ctx, &new_status).await?;
-    for notice in events {
-        ctx.event(&migration, notice.type_, notice.reason, &notice.action, notice.note).await;
+    // Unchanged, it is not written again: every write is one more request for the API server
+    // that the sidecars' acknowledgements queue behind in a cutover.
+    if new_status != observation.status {
+        write_status(&migration, ctx, &new_status).await?;
     }
+    let status_written = started.elapsed();
+    let recorded = events.len();
+    for notice in events {
+        ctx.event(&migration, notice.type_, notice.reason, &notice.action, notice.note);
+    }
+    tracing::debug!(?status_written, recorded, done = ?started.elapsed(), "reconciled");
     Ok(Action::requeue(requeue_after(decision.phase)))
 }
 
@@ -482,7 +500,7 @@ async fn cleanup(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Err
         "replication stopped, ConfigMap {name} and sidecar Leases deleted{gateway_note}; data on both servers left as it is"
     );
     tracing::info!(%note, "cleaned up");
-    ctx.event(migration.as_ref(), EventType::Normal, "CleanedUp", "Delete", note).await;
+    ctx.event(migration.as_ref(), EventType::Normal, "CleanedUp", "Delete", note);
     Ok(Action::await_change())
 }
 

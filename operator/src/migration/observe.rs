@@ -87,8 +87,28 @@ impl Observation {
         let status = migration.status.clone().unwrap_or_default();
         let phase = status.phase.unwrap_or_default();
         let endpoints: Api<Endpoint> = Api::namespaced(ctx.client.clone(), &namespace);
-        let source = side(&endpoints, "source", &migration.spec.source.endpoint_ref.name).await?;
-        let target = side(&endpoints, "target", &migration.spec.target.endpoint_ref.name).await?;
+        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+        let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
+        let config_name = configmap::name(migration);
+        // The ConfigMap, then the Leases (the order matters, see below), while the Endpoints
+        // are read beside them: in a cutover each reconcile waits on these reads.
+        let config_then_leases = async {
+            let config = config_maps
+                .get_opt(&config_name)
+                .await
+                .map_err(|source| Error::Read { what: format!("ConfigMap {config_name}"), source })?
+                .as_ref()
+                .and_then(configmap::read);
+            let leases = sidecars::list(&leases, &migration.name_any())
+                .await
+                .map_err(|source| Error::Read { what: "sidecar Leases".into(), source })?;
+            Ok::<_, Error>((config, leases))
+        };
+        let (source, target, (config, leases)) = tokio::try_join!(
+            side(&endpoints, "source", &migration.spec.source.endpoint_ref.name),
+            side(&endpoints, "target", &migration.spec.target.endpoint_ref.name),
+            config_then_leases,
+        )?;
         let missing = [&source, &target]
             .into_iter()
             .filter(|side| side.endpoint.is_none())
@@ -97,21 +117,8 @@ impl Observation {
                 message: format!("the {} Endpoint {:?} does not exist in namespace {namespace}", side.role, side.name),
             })
             .collect();
-
-        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
-        let config_name = configmap::name(migration);
-        let config = config_maps
-            .get_opt(&config_name)
-            .await
-            .map_err(|source| Error::Read { what: format!("ConfigMap {config_name}"), source })?
-            .as_ref()
-            .and_then(configmap::read);
         let configured_generation = config.as_ref().map_or(0, |c| c.generation);
 
-        let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
-        let leases = sidecars::list(&leases, &migration.name_any())
-            .await
-            .map_err(|source| Error::Read { what: "sidecar Leases".into(), source })?;
         // The ConfigMap was read before the Leases: a sidecar that acknowledged what was read
         // has its acknowledgement in this list (DESIGN §9, "Fencing").
         let now = Instant::now();
