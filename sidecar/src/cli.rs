@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::replicate::{
     Checkpoint, Mode, OpsLimits, Progress, ReplacePolicy, Replicator, ReplicatorOptions, Verifier, VerifyOptions,
 };
-use crate::upstream::TlsSettings;
+use crate::upstream::{Credentials, Server, TlsSettings};
 
 // The verbs; without one, `eden-sidecar` is the proxy. (No doc comment: clap would make it
 // the binary's description.)
@@ -32,7 +32,8 @@ pub enum Verb {
 /// The two servers and how to trust them.
 #[derive(Args, Debug)]
 pub struct Servers {
-    /// The source Redis: redis[s]://[[user]:password@]host:port[/db]
+    /// The source Redis: redis[s]://[[user]:password@]host:port[/db], the user and password
+    /// percent-encoded (`p%40ss` for `p@ss`)
     #[arg(long)]
     source: String,
     /// The target Redis, same form.
@@ -47,19 +48,42 @@ pub struct Servers {
     /// Accept any certificate (testing only).
     #[arg(long)]
     insecure_skip_verify: bool,
+    /// A file holding the source's password (a `username` file beside it names the user),
+    /// instead of credentials in the URI, which any process list shows.
+    #[arg(long)]
+    source_credentials_file: Option<PathBuf>,
+    /// The same for the target.
+    #[arg(long)]
+    target_credentials_file: Option<PathBuf>,
 }
 
 impl Servers {
-    fn tls(&self) -> Result<TlsSettings, String> {
+    /// The source and the target, each with the TLS flags.
+    fn parse(&self) -> Result<(Server, Server), String> {
         let ca_pem = match &self.ca_file {
             Some(path) => Some(std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?),
             None => None,
         };
-        Ok(TlsSettings {
+        let tls = TlsSettings {
             ca_pem,
             server_name: self.tls_server_name.clone(),
             insecure_skip_verify: self.insecure_skip_verify,
-        })
+        };
+        let server = |flag: &str, uri: &str, tls, file: &Option<PathBuf>| {
+            let credentials = match file {
+                Some(path) => Some(
+                    Credentials::from_file(path)
+                        .map_err(|e| format!("--{flag}-credentials-file {}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
+            Ok::<_, String>(
+                Server::parse(uri, tls).map_err(|e| format!("--{flag}: {e}"))?.with_credentials(credentials),
+            )
+        };
+        let source = server("source", &self.source, tls.clone(), &self.source_credentials_file)?;
+        let target = server("target", &self.target, tls, &self.target_credentials_file)?;
+        Ok((source, target))
     }
 }
 
@@ -126,7 +150,8 @@ pub async fn run(verb: Verb) -> ExitCode {
 
 async fn replicate(args: ReplicateArgs) -> Result<ExitCode, String> {
     let limits = OpsLimits { source: args.source_ops_per_sec, target: args.target_ops_per_sec };
-    let options = ReplicatorOptions::new(args.replace, args.servers.tls()?).with_limits(limits);
+    let (source, target) = args.servers.parse()?;
+    let options = ReplicatorOptions::new(args.replace).with_limits(limits);
     let checkpoint = match &args.checkpoint {
         Some(path) if path.exists() => Some(read_checkpoint(path)?),
         _ => None,
@@ -134,9 +159,8 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode, String> {
     if checkpoint.is_some() {
         eprintln!("resuming from the checkpoint in {}", args.checkpoint.as_deref().unwrap_or(Path::new("")).display());
     }
-    let (source, target) = (&args.servers.source, &args.servers.target);
     let mut replicator =
-        Replicator::start(source, target, args.mode, options, checkpoint).await.map_err(|e| e.to_string())?;
+        Replicator::start(&source, &target, args.mode, options, checkpoint).await.map_err(|e| e.to_string())?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -193,14 +217,10 @@ fn save(path: &Option<PathBuf>, checkpoint: &Checkpoint) -> Result<(), String> {
 }
 
 async fn verify(args: VerifyArgs) -> Result<ExitCode, String> {
-    let options = VerifyOptions {
-        rate_limit: args.rate_limit,
-        ttl_tolerance_ms: args.ttl_tolerance_ms,
-        tls: args.servers.tls()?,
-        ..Default::default()
-    };
-    let verifier =
-        Verifier::connect(&args.servers.source, &args.servers.target, options).await.map_err(|e| e.to_string())?;
+    let options =
+        VerifyOptions { rate_limit: args.rate_limit, ttl_tolerance_ms: args.ttl_tolerance_ms, ..Default::default() };
+    let (source, target) = args.servers.parse()?;
+    let verifier = Verifier::connect(&source, &target, options).await.map_err(|e| e.to_string())?;
     let report = verifier.run().await.map_err(|e| e.to_string())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);

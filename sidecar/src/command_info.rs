@@ -1,8 +1,14 @@
 //! Learning the command table from the upstream at start (`COMMAND`), so that commands the
 //! built-in table does not know — module commands above all — are routed by what the server
 //! says they do rather than as unknown.
+//!
+//! An upstream that is not up yet is asked again (with backoff); one that refuses (a password
+//! the sidecar does not have: clients' AUTH goes through to the source as it is, DESIGN §6) is
+//! not asked again, and the built-in table goes on classifying.
 
 use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
 
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
@@ -22,6 +28,19 @@ pub enum CommandInfoError {
     Io(#[from] std::io::Error),
     #[error("the COMMAND reply is not what Redis sends: {0}")]
     Protocol(String),
+    #[error("COMMAND refused: {0}")]
+    Refused(String),
+}
+
+impl CommandInfoError {
+    /// Whether asking again may work: the upstream was unreachable, not unwilling.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CommandInfoError::Io(_)
+                | CommandInfoError::Connect(UpstreamError::Unreachable { .. } | UpstreamError::ConnectTimeout { .. })
+        )
+    }
 }
 
 /// Asks `upstream` for its commands.
@@ -47,7 +66,7 @@ pub async fn fetch(upstream: &Upstream) -> Result<Vec<CommandInfo>, CommandInfoE
 fn parse(frame: OwnedFrame) -> Result<Vec<CommandInfo>, CommandInfoError> {
     let entries = match frame {
         OwnedFrame::Array(entries) => entries,
-        OwnedFrame::Error(message) => return Err(CommandInfoError::Protocol(format!("COMMAND refused: {message}"))),
+        OwnedFrame::Error(message) => return Err(CommandInfoError::Refused(message)),
         other => return Err(CommandInfoError::Protocol(format!("expected an array, got {other:?}"))),
     };
     // Each entry: [name, arity, [flags…], first key, last key, step, …].
@@ -77,22 +96,30 @@ fn text(frame: &OwnedFrame) -> Option<String> {
     }
 }
 
-/// Learns the upstream's commands, retrying while it is unreachable: the sidecar starts (and
-/// classifies with its built-in table) whether or not the upstream is up yet.
+/// Learns the upstream's commands, asking again while it is unreachable: the sidecar starts
+/// (and classifies with its built-in table) whether or not the upstream is up yet.
 pub async fn learn_from(upstream: Upstream) {
-    let mut delay = Duration::from_millis(500);
-    loop {
-        match fetch(&upstream).await {
-            Ok(commands) => {
-                let learned = command::learn(commands);
-                tracing::info!(learned, upstream = upstream.addr(), "learned commands the built-in table lacks");
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(%err, upstream = upstream.addr(), retry_in = ?delay, "could not read the command table");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times();
+    let fetched = (|| fetch(&upstream))
+        .retry(backoff)
+        .when(CommandInfoError::is_transient)
+        .notify(|err, wait| {
+            tracing::warn!(%err, upstream = upstream.addr(), retry_in = ?wait, "could not read the command table");
+        })
+        .await;
+    match fetched {
+        Ok(commands) => {
+            let learned = command::learn(commands);
+            tracing::info!(learned, upstream = upstream.addr(), "learned commands the built-in table lacks");
         }
+        Err(err) => tracing::info!(
+            %err,
+            upstream = upstream.addr(),
+            "the upstream does not give its command table; the built-in table classifies (module commands as unknown)"
+        ),
     }
 }

@@ -9,7 +9,6 @@
 //! beside it when present), read whenever a new generation is applied, so a rotated Secret is
 //! picked up with the next change.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,12 +183,8 @@ async fn rebuild(plans: watch::Sender<Arc<Plan>>, mut config: CurrentConfig, set
 /// replayed instead.
 fn credentials(config: &UpstreamConfig) -> Option<Credentials> {
     let path = config.credentials_file.as_deref()?;
-    let read = |path: &Path| std::fs::read_to_string(path).map(|text| text.trim_end_matches(['\r', '\n']).to_string());
-    match read(path) {
-        Ok(password) => {
-            let username = path.parent().and_then(|dir| read(&dir.join("username")).ok()).filter(|u| !u.is_empty());
-            Some(Credentials { username, password })
-        }
+    match Credentials::from_file(path) {
+        Ok(credentials) => Some(credentials),
         Err(err) => {
             tracing::error!(%err, file = %path.display(), "credentials unreadable; replaying the client's AUTH instead");
             None

@@ -4,6 +4,7 @@
 //! through it too, so TLS and URI handling exist once.
 
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,36 +17,129 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio_rustls::rustls::{self, ClientConfig};
 
-/// A parsed `redis://host:port[/db]` or `rediss://host:port[/db]`.
+/// A parsed `redis://host:port[/db]` or `rediss://host:port[/db]`: where a server is, never who
+/// Eden is there (see [`Server`] for credentials).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisUri {
     pub tls: bool,
+    /// A name or an IP address (an IPv6 one without its brackets).
     pub host: String,
     pub port: u16,
     pub db: u16,
 }
 
 impl RedisUri {
+    /// Parses a URI without credentials: an address the data plane is given (a ConfigMap, a
+    /// command line) holds none, so one that does is refused rather than sent as a password.
     pub fn parse(uri: &str) -> Result<Self, UpstreamError> {
-        let bad = || UpstreamError::BadUri { uri: uri.to_string() };
-        let (tls, rest) = match uri.split_once("://") {
-            Some(("redis", rest)) => (false, rest),
-            Some(("rediss", rest)) => (true, rest),
-            _ => return Err(bad()),
-        };
-        let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "6379"));
-        let port = port.parse().map_err(|_| bad())?;
-        let db = if db.is_empty() { 0 } else { db.parse().map_err(|_| bad())? };
-        if host.is_empty() || host.contains('@') {
-            return Err(bad());
+        match parse_uri(uri)? {
+            (parsed, None) => Ok(parsed),
+            (_, Some(_)) => Err(UpstreamError::BadUri {
+                uri: redacted(uri),
+                why: "credentials do not belong in this URI; give them from a Secret or a file",
+            }),
         }
-        Ok(RedisUri { tls, host: host.to_string(), port, db })
     }
 
-    /// `host:port`, as errors and logs name the server.
+    /// `host:port` (an IPv6 address in brackets), as errors and logs name the server.
     pub fn host_port(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses `redis[s]://[[user]:password@]host[:port][/db]` with the `url` crate: IPv6 literals,
+/// and a user and password percent-decoded (`p%40ss` is `p@ss`). A userinfo without a colon is
+/// a password, as Redis clients read `redis://secret@host`. A query or fragment is refused: in
+/// a password, `#` and `?` must be percent-encoded, and unencoded they would cut it short.
+fn parse_uri(uri: &str) -> Result<(RedisUri, Option<Credentials>), UpstreamError> {
+    let bad = |why| UpstreamError::BadUri { uri: redacted(uri), why };
+    let url = url::Url::parse(uri).map_err(|_| bad("not a URI"))?;
+    let tls = match url.scheme() {
+        "redis" => false,
+        "rediss" => true,
+        _ => return Err(bad("the scheme must be redis:// or rediss://")),
+    };
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("a `?` or `#` (percent-encode them in a password: %3F, %23)"));
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(name)) if !name.is_empty() => name.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        _ => return Err(bad("no host")),
+    };
+    let db = match url.path().trim_start_matches('/') {
+        "" => 0,
+        db => db.parse().map_err(|_| bad("the path must be a database number"))?,
+    };
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|text| text.into_owned())
+            .map_err(|_| bad("credentials that are not UTF-8"))
+    };
+    let credentials = match (url.username(), url.password()) {
+        ("", None) => None,
+        (password, None) => Some(Credentials { username: None, password: decode(password)? }),
+        (user, Some(password)) => Some(Credentials {
+            username: (!user.is_empty()).then(|| decode(user)).transpose()?,
+            password: decode(password)?,
+        }),
+    };
+    Ok((RedisUri { tls, host, port: url.port().unwrap_or(6379), db }, credentials))
+}
+
+/// `uri` for an error message: whatever stands between `://` and the last `@` replaced, so a URI
+/// that fails to parse never prints its password, however badly it is encoded (a host, port or
+/// database holds no `@`).
+fn redacted(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else { return "<not a URI>".into() };
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}://<credentials>@{}", &rest[at + 1..]),
+        None => uri.to_string(),
+    }
+}
+
+/// One Redis server as Eden reaches it: where (the URI's address and database), how it is
+/// trusted (TLS settings of its own), and who Eden is there (credentials, kept out of every URI
+/// string, label and message). Every connection the replication engine and the operator open
+/// is made from one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Server {
+    pub uri: RedisUri,
+    pub credentials: Option<Credentials>,
+    pub tls: TlsSettings,
+}
+
+impl Server {
+    /// A server from a URI that may carry credentials (percent-encoded, see [`parse_uri`]).
+    pub fn parse(uri: &str, tls: TlsSettings) -> Result<Self, UpstreamError> {
+        let (uri, credentials) = parse_uri(uri)?;
+        Ok(Server { uri, credentials, tls })
+    }
+
+    /// The same server with these credentials (from a Secret or a file) instead of the URI's.
+    pub fn with_credentials(self, credentials: Option<Credentials>) -> Self {
+        Server { credentials: credentials.or(self.credentials), ..self }
+    }
+
+    /// `host:port`: what logs, errors and conditions name the server by.
+    pub fn addr(&self) -> String {
+        self.uri.host_port()
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("uri", &self.uri)
+            .field("credentials", &self.credentials)
+            .field("tls", &self.tls)
+            .finish()
     }
 }
 
@@ -72,8 +166,8 @@ impl std::fmt::Debug for TlsSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("{uri} is not a redis:// or rediss:// URI (redis://host:port[/db])")]
-    BadUri { uri: String },
+    #[error("{uri} is not a usable redis:// or rediss:// URI (redis://host:port[/db]): {why}")]
+    BadUri { uri: String, why: &'static str },
     #[error("upstream {addr} unreachable: {source}")]
     Unreachable { addr: String, source: io::Error },
     #[error("upstream {addr} unreachable: no connection within {timeout:?}")]
@@ -91,6 +185,19 @@ pub enum UpstreamError {
 pub struct Credentials {
     pub username: Option<String>,
     pub password: String,
+}
+
+impl Credentials {
+    /// Credentials kept in files, as a mounted Secret holds them: the password in `path` (a
+    /// trailing newline dropped) and the user name, if any, in `username` beside it. Nothing
+    /// secret then needs to be on a command line.
+    pub fn from_file(path: &Path) -> io::Result<Self> {
+        let read =
+            |path: &Path| std::fs::read_to_string(path).map(|text| text.trim_end_matches(['\r', '\n']).to_string());
+        let password = read(path)?;
+        let username = path.parent().and_then(|dir| read(&dir.join("username")).ok()).filter(|u| !u.is_empty());
+        Ok(Credentials { username, password })
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -117,7 +224,16 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub fn new(uri: &str, tls: &TlsSettings, connect_timeout: Duration) -> Result<Self, UpstreamError> {
-        let uri = RedisUri::parse(uri)?;
+        Self::with_address(RedisUri::parse(uri)?, tls, connect_timeout)
+    }
+
+    /// Connections to `server`, authenticated with its credentials.
+    pub fn to(server: &Server, connect_timeout: Duration) -> Result<Self, UpstreamError> {
+        Ok(Self::with_address(server.uri.clone(), &server.tls, connect_timeout)?
+            .with_credentials(server.credentials.clone()))
+    }
+
+    fn with_address(uri: RedisUri, tls: &TlsSettings, connect_timeout: Duration) -> Result<Self, UpstreamError> {
         let addr: Arc<str> = uri.host_port().into();
         let tls = if uri.tls { Some(tls_connector(&uri, &addr, tls)?) } else { None };
         Ok(Upstream { uri, addr, tls, credentials: None, connect_timeout })
@@ -327,5 +443,41 @@ mod tests {
         {
             assert!(RedisUri::parse(bad).is_err(), "{bad}");
         }
+        let v6 = RedisUri::parse("redis://[::1]:7000/2").unwrap();
+        assert_eq!((v6.host.as_str(), v6.host_port(), v6.db), ("::1", "[::1]:7000".to_string(), 2));
+    }
+
+    /// Every character a password may hold, percent-encoded in the URI, arrives decoded; the
+    /// password appears in no error and no Debug output.
+    #[test]
+    fn credentials_come_out_of_the_uri_decoded_and_stay_out_of_messages() {
+        let password = "p@ss:w/rd %#+=?ü✓";
+        let encoded: String =
+            percent_encoding::utf8_percent_encode(password, percent_encoding::NON_ALPHANUMERIC).collect();
+        let user = "app user@ü";
+        let user_encoded: String =
+            percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC).collect();
+        let server =
+            Server::parse(&format!("rediss://{user_encoded}:{encoded}@[2001:db8::5]:6380/4"), TlsSettings::default())
+                .unwrap();
+        let credentials = server.credentials.clone().unwrap();
+        assert_eq!((credentials.username.as_deref(), credentials.password.as_str()), (Some(user), password));
+        assert_eq!((server.addr(), server.uri.db, server.uri.tls), ("[2001:db8::5]:6380".to_string(), 4, true));
+        assert!(!format!("{server:?}").contains("p@ss"), "{server:?}");
+        // Azure access keys are base64: `+`, `/` and `=` percent-encoded; `+` is not a space.
+        let azure = Server::parse("redis://:ab%2Bc%2Fd%3D@cache:6380", TlsSettings::default()).unwrap();
+        assert_eq!(azure.credentials.unwrap().password, "ab+c/d=");
+        let bare = Server::parse("redis://s3cret@cache", TlsSettings::default()).unwrap();
+        assert_eq!(bare.credentials, Some(Credentials { username: None, password: "s3cret".into() }));
+        assert_eq!(Server::parse("redis://cache", TlsSettings::default()).unwrap().credentials, None);
+
+        for leaky in
+            ["redis://:pa#ss@cache:1", "redis://:pa?ss@cache:1", "redis://u:pa/ss@cache:1/x", "redis://:pa@ss@h:x"]
+        {
+            let err = Server::parse(leaky, TlsSettings::default()).err().unwrap().to_string();
+            assert!(!err.contains("pa") && err.contains("<credentials>"), "{leaky}: {err}");
+        }
+        let err = RedisUri::parse("redis://u:hunter2@cache:1").err().unwrap().to_string();
+        assert!(!err.contains("hunter2") && err.contains("Secret"), "{err}");
     }
 }

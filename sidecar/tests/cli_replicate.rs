@@ -76,3 +76,43 @@ async fn operations_per_second_limits_slow_the_copy_down() {
     assert!(started.elapsed() >= std::time::Duration::from_secs(3), "took {:?}", started.elapsed());
     assert!(eden(&["verify", "--source", &src, "--target", &dst]).await.status.success());
 }
+
+/// A password any characters long, from a file (nothing secret on the command line) or
+/// percent-encoded in the URI, works for `replicate` in both modes and for `verify`; a wrong
+/// one is reported naming the server, without the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_come_from_a_file_or_an_encoded_uri() {
+    const PASSWORD: &str = "p@ss:w/rd %#+=?ü✓ Zm9v+/==";
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_strings(&mut source, 500).await;
+    for mut con in [source, pair.target().await] {
+        let _: () =
+            redis::cmd("CONFIG").arg("SET").arg("requirepass").arg(PASSWORD).query_async(&mut con).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let file = file.display().to_string();
+    let encoded: String = percent_encoding::utf8_percent_encode(PASSWORD, percent_encoding::NON_ALPHANUMERIC).collect();
+    let (src, dst) = (pair.source.url(), pair.target.url());
+    let dst_in_uri = dst.replace("redis://", &format!("redis://:{encoded}@"));
+    let from_files =
+        ["--source", &src, "--source-credentials-file", &file, "--target", &dst, "--target-credentials-file", &file];
+    let mixed = ["--source", &src, "--source-credentials-file", &file, "--target", &dst_in_uri];
+
+    for (mode, servers) in [("sync", &from_files[..]), ("scan", &mixed[..])] {
+        let run = eden(&[&["replicate", "--mode", mode, "--once"], servers].concat()).await;
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success() && stderr.contains("500/500 keys"), "{mode}: {stderr}");
+        let verified = eden(&[&["verify"], servers].concat()).await;
+        assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+    }
+
+    let wrong = dst.replace("redis://", "redis://:wr0ng%40pass@");
+    let run =
+        eden(&["replicate", "--source", &src, "--source-credentials-file", &file, "--target", &wrong, "--once"]).await;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("target {}", pair.target.addr())) && !stderr.contains("wr0ng"), "{stderr}");
+}

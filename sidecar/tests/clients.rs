@@ -102,7 +102,7 @@ impl Setup {
         let mut source = direct(&migration.source).await;
         let _: () =
             redis::cmd("CONFIG").arg(&["SET", "repl-diskless-sync-delay", "0"]).query_async(&mut source).await.unwrap();
-        let (source, target) = (migration.source.url(), migration.target.url());
+        let [source, target] = migration.servers();
         let mut replicator =
             Replicator::start(&source, &target, Mode::Sync, ReplicatorOptions::default(), None).await.unwrap();
         replicator.caught_up(Duration::from_secs(5)).await.unwrap().expect("caught up");

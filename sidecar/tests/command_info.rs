@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use eden_e2e::RedisServer;
+use eden_e2e::{RedisConfig, RedisServer};
 use eden_sidecar::command::{self, CommandKind};
 use eden_sidecar::command_info;
-use eden_sidecar::upstream::{TlsSettings, Upstream};
+use eden_sidecar::upstream::{Credentials, Server, TlsSettings, Upstream};
 
 #[tokio::test]
 async fn commands_the_built_in_table_lacks_classify_from_the_servers_table() {
@@ -41,4 +41,31 @@ async fn an_unreachable_upstream_is_an_error_not_a_panic() {
             .unwrap();
     let err = command_info::fetch(&upstream).await.unwrap_err();
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
+}
+
+/// A password-protected upstream: without credentials it refuses, and the learner gives up at
+/// once (it used to ask again forever); with them (one [`Server`], the password apart from the
+/// URI) the table is read.
+#[tokio::test]
+async fn a_protected_upstream_is_asked_with_its_credentials_and_a_refusal_is_final() {
+    let password = "p@ss:w/rd %#+=?ü";
+    let server = RedisServer::with_config(RedisConfig::default().directive("requirepass", "placeholder")).unwrap();
+    let mut con = {
+        let url = format!("redis://:placeholder@127.0.0.1:{}", server.port());
+        redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    };
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg(password).query_async(&mut con).await.unwrap();
+
+    let anonymous = Upstream::new(&server.url(), &TlsSettings::default(), Duration::from_secs(2)).unwrap();
+    let refused = command_info::fetch(&anonymous).await.unwrap_err();
+    assert!(refused.to_string().contains("NOAUTH"), "{refused}");
+    tokio::time::timeout(Duration::from_secs(5), command_info::learn_from(anonymous))
+        .await
+        .expect("a refusal is not asked again");
+
+    let protected = Server::parse(&server.url(), TlsSettings::default())
+        .unwrap()
+        .with_credentials(Some(Credentials { username: None, password: password.into() }));
+    let upstream = Upstream::to(&protected, Duration::from_secs(2)).unwrap();
+    assert!(command_info::fetch(&upstream).await.unwrap().len() > 200);
 }

@@ -12,7 +12,7 @@ use crc::{CRC_64_REDIS, Crc};
 use eden_sidecar::replicate::{Mode, Replicator, ReplicatorOptions};
 use redis::AsyncCommands;
 use redis_protocol::resp2::types::BytesFrame;
-use support_replicate::{Pair, assert_clean, caught_up, relay};
+use support_replicate::{Pair, assert_clean, caught_up, relay, server};
 
 /// The target behind a relay that rewrites RESTORE payloads on the way.
 async fn older_server(upstream: String) -> String {
@@ -62,7 +62,7 @@ async fn seed_rebuildable(pair: &Pair) {
 }
 
 async fn start(pair: &Pair, target: &str, mode: Mode) -> Result<Replicator, String> {
-    Replicator::start(&pair.source.url(), target, mode, ReplicatorOptions::default(), None)
+    Replicator::start(&pair.source_as, &server(target), mode, ReplicatorOptions::default(), None)
         .await
         .map_err(|e| e.to_string())
 }

@@ -15,7 +15,9 @@ use eden_sidecar::replicate::{
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp2::types::BytesFrame;
-use support_replicate::{Pair, assert_clean, caught_up, data_keys, relay, seed_big_hash, seed_strings, spawn_writers};
+use support_replicate::{
+    Pair, assert_clean, caught_up, data_keys, relay, seed_big_hash, seed_strings, server, spawn_writers,
+};
 
 /// Writers hammer hot keys with every kind of write while a 50k-key backfill runs; once they stop
 /// and the replicator has caught up, the servers are equal.
@@ -147,7 +149,7 @@ async fn a_resumed_skip_run_keeps_keys_only_the_target_has() {
         let checkpoint = progress.borrow().checkpoint.clone();
         drop(replicator);
         let _: () = source.del("key:0").await.unwrap();
-        let options = ReplicatorOptions::new(policy, Default::default());
+        let options = ReplicatorOptions::new(policy);
         let mut replicator = pair.replicator(Mode::Scan, options, Some(checkpoint)).await;
         let progress = caught_up_progress(&mut replicator).await;
         assert!(progress.checkpoint.backfill_done(), "{policy:?}: the full pass ran");
@@ -463,7 +465,8 @@ async fn keys_scan_returns_twice_are_no_conflicts() {
             scan: ScanOptions { batch: 100, replace: policy, ..Default::default() },
             ..Default::default()
         };
-        let mut replicator = Replicator::start(&url, &pair.target.url(), Mode::Scan, options, None).await.unwrap();
+        let mut replicator =
+            Replicator::start(&server(&url), &pair.target_as, Mode::Scan, options, None).await.unwrap();
         let progress = caught_up_progress(&mut replicator).await;
         assert!(repeats.lock().unwrap().1.len() >= 10, "{policy:?}: SCAN steps were repeated");
         assert_eq!(progress.checkpoint.skipped, 0, "{policy:?}");
@@ -516,7 +519,9 @@ async fn copies_between_the_databases_the_uris_name() {
     let _: () = other.set("db0-only", 1).await.unwrap();
     let (source_url, target_url) = (db(&pair.source, 3), db(&pair.target, 5));
     let mut replicator =
-        Replicator::start(&source_url, &target_url, Mode::Scan, Default::default(), None).await.unwrap();
+        Replicator::start(&server(&source_url), &server(&target_url), Mode::Scan, Default::default(), None)
+            .await
+            .unwrap();
     caught_up_progress(&mut replicator).await;
     let _: () = source.set("key:7", "live").await.unwrap();
     caught_up_progress(&mut replicator).await;
@@ -598,7 +603,7 @@ async fn a_string_retyped_mid_copy_ends_as_what_it_became() {
     })
     .await;
     let mut replicator =
-        Replicator::start(&url, &pair.target.url(), Mode::Scan, Default::default(), None).await.unwrap();
+        Replicator::start(&server(&url), &pair.target_as, Mode::Scan, Default::default(), None).await.unwrap();
     caught_up_progress(&mut replicator).await;
     assert!(retyped.load(Ordering::SeqCst), "the read of the string went through the relay");
     let mut target = pair.target().await;

@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use eden_e2e::{RedisConfig, RedisServer, TestPki};
 use eden_sidecar::replicate::{
-    Checkpoint, Mode, POSITION_KEY, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, SyncOptions,
+    EXPIRY_GRACE_MS, Mode, POSITION_KEY, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions, SyncOptions,
     VerifyOptions,
 };
 use eden_sidecar::upstream::TlsSettings;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use support_replicate::{
-    Pair, assert_clean, caught_up, data_keys, seed_big_hash, seed_every_type, seed_strings, spawn_writers,
+    Pair, assert_clean, caught_up, checkpoint_of, data_keys, seed_big_hash, seed_every_type, seed_strings,
+    spawn_writers,
 };
 
 /// A source that sends its snapshot at once, without a socket-free disk write (diskless).
@@ -130,7 +131,7 @@ async fn strings_of_every_encoding_load_and_replace_what_the_target_had() {
         redis::cmd("PEXPIRETIME").arg("ttl:raw").query_async(&mut source).await.unwrap(),
         redis::cmd("PEXPIRETIME").arg("ttl:raw").query_async(&mut target).await.unwrap(),
     );
-    assert_eq!(source_at, target_at, "the absolute expiry is copied exactly");
+    assert_eq!(source_at + EXPIRY_GRACE_MS as i64, target_at, "the absolute expiry is copied, a grace later");
     let _: () = redis::cmd("SELECT").arg(2).query_async(&mut target).await.unwrap();
     let in_db_2: (String, i64, String, i64) = redis::pipe()
         .get("in-db-2")
@@ -393,19 +394,23 @@ async fn skip_run_caught_up(pair: &Pair) -> (MultiplexedConnection, MultiplexedC
     (source, target, options, replicator)
 }
 
-/// Both modes and the verifier reach `rediss://` servers, trusting a CA from a file.
+/// Both modes and the verifier reach `rediss://` servers whose certificates come from two
+/// different CAs, each trusted for its own server only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_modes_and_the_verifier_work_over_tls() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::new(&["127.0.0.1"]).unwrap();
-    let files = pki.write_to(dir.path()).unwrap();
-    let tls = || diskless().tls(&files.ca, &files.cert, &files.key);
-    let pair =
-        Pair { source: RedisServer::with_config(tls()).unwrap(), target: RedisServer::with_config(tls()).unwrap() };
-    let trust = TlsSettings { ca_pem: Some(pki.ca_pem.into_bytes()), ..Default::default() };
+async fn both_modes_and_the_verifier_work_over_tls_with_a_ca_for_each_server() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let [source_pki, target_pki] = [TestPki::new(&["127.0.0.1"]).unwrap(), TestPki::new(&["127.0.0.1"]).unwrap()];
+    let server = |pki: &TestPki, dir: &tempfile::TempDir| {
+        let files = pki.write_to(dir.path()).unwrap();
+        RedisServer::with_config(diskless().tls(&files.ca, &files.cert, &files.key)).unwrap()
+    };
+    let mut pair = Pair::of(server(&source_pki, &dirs[0]), server(&target_pki, &dirs[1]));
+    let trust = |pki: &TestPki| TlsSettings { ca_pem: Some(pki.ca_pem.clone().into_bytes()), ..Default::default() };
+    pair.source_as.tls = trust(&source_pki);
+    pair.target_as.tls = trust(&target_pki);
     let mut source = redis::Client::build_with_tls(
         pair.source.url().as_str(),
-        redis::TlsCertificates { client_tls: None, root_cert: trust.ca_pem.clone() },
+        redis::TlsCertificates { client_tls: None, root_cert: pair.source_as.tls.ca_pem.clone() },
     )
     .unwrap()
     .get_multiplexed_async_connection()
@@ -413,22 +418,25 @@ async fn both_modes_and_the_verifier_work_over_tls() {
     .unwrap();
     seed_every_type(&mut source).await;
     for mode in [Mode::Sync, Mode::Scan] {
-        let options = ReplicatorOptions::new(ReplacePolicy::Replace, trust.clone());
+        let options = ReplicatorOptions::new(ReplacePolicy::Replace);
         let mut replicator = pair.replicator(mode, options, None).await;
         let _: () = source.set(format!("written-during-{mode}"), 1).await.unwrap();
         caught_up(&mut replicator).await;
         replicator.stop().await.unwrap();
-        assert_clean(&pair.verify_with(VerifyOptions { tls: trust.clone(), ..Default::default() }).await);
+        assert_clean(&pair.verify().await);
+    }
+    // One CA for both, as the operator used to apply: the target's certificate is refused.
+    pair.target_as.tls = pair.source_as.tls.clone();
+    for mode in [Mode::Sync, Mode::Scan] {
+        let err = Replicator::start(&pair.source_as, &pair.target_as, mode, ReplicatorOptions::default(), None)
+            .await
+            .err()
+            .expect("the source's CA does not vouch for the target");
+        assert!(err.to_string().contains("target"), "{err}");
     }
 }
 
 /// The last checkpoint of a replicator that is then dropped (killed).
-fn checkpoint_of(replicator: Replicator) -> Checkpoint {
-    let checkpoint = replicator.checkpoint();
-    drop(replicator);
-    Checkpoint::from_json(&checkpoint.to_json()).unwrap()
-}
-
 /// A library the target has already (the sidecars load libraries on both sides) does not stop
 /// the source's FUNCTION LOAD from reaching it: the target ends with the source's code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -921,7 +921,7 @@ async fn a_connection_pinned_to_the_source_is_closed_rather_than_write_there_aft
 #[tokio::test]
 async fn canary_reads_reach_the_target_only_while_replication_keeps_it_fresh_and_each_client_reads_its_writes() {
     let mut migration = Migration::new();
-    let (source, target) = (migration.source.url(), migration.target.url());
+    let [source, target] = migration.servers();
     let replicator = Replicator::start(&source, &target, Mode::Sync, ReplicatorOptions::default(), None).await.unwrap();
     let proxy = migration.proxy(Duration::from_secs(5)).await;
     migration.apply(1, "read_percentage: 100\nmax_lag_ms: 100").await;

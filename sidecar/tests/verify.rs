@@ -28,7 +28,7 @@ async fn every_type_copies_and_each_kind_of_difference_is_detected() {
     let _: () = target.set("set", "now a string").await.unwrap();
     let _: () = target.hset("hash", "f2", "changed").await.unwrap();
     let _: () = target.pexpire("zset", 50_000).await.unwrap();
-    let verifier = Verifier::connect(&pair.source.url(), &pair.target.url(), VerifyOptions::default()).await.unwrap();
+    let verifier = Verifier::connect(&pair.source_as, &pair.target_as, VerifyOptions::default()).await.unwrap();
     let report = verifier.run().await.unwrap();
     assert_eq!(
         (report.missing, report.extra, report.type_mismatch, report.value_mismatch, report.ttl_mismatch),

@@ -1,20 +1,11 @@
-//! Everything needed to open a connection to an Endpoint, with its Secrets read.
+//! An Endpoint as the [`Server`] every connection to it is made from, with its Secrets read.
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
-use eden_sidecar::upstream::{Credentials, TlsSettings};
+use eden_sidecar::upstream::{Credentials, Server, TlsSettings, UpstreamError};
 
 use crate::crd::EndpointSpec;
-
-/// An Endpoint's address, credentials and TLS material, resolved from its Secrets: what the
-/// data plane's [`Upstream`](eden_sidecar::upstream::Upstream) needs to connect.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ConnectionSettings {
-    pub uri: String,
-    pub credentials: Option<Credentials>,
-    pub tls: TlsSettings,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -24,50 +15,35 @@ pub enum CredentialsError {
     MissingKey { name: String, key: &'static str },
     #[error("Secret {name} key {key:?} is not UTF-8")]
     NotUtf8 { name: String, key: &'static str },
+    #[error(transparent)]
+    Uri(#[from] UpstreamError),
 }
 
-impl ConnectionSettings {
-    /// Reads the Secrets `spec` names from `secrets` (the Endpoint's namespace).
-    pub async fn resolve(spec: &EndpointSpec, secrets: &Api<Secret>) -> Result<Self, CredentialsError> {
-        let mut settings = ConnectionSettings { uri: spec.uri.clone(), ..Default::default() };
-        if let Some(reference) = &spec.credentials_secret_ref {
+/// The server `spec` describes, with its Secrets read from `secrets` (the Endpoint's
+/// namespace): its address, its credentials (the Secret's, else any in the URI) and its own TLS
+/// settings, kept apart, so no password is ever written into a URL string.
+pub async fn resolve(spec: &EndpointSpec, secrets: &Api<Secret>) -> Result<Server, CredentialsError> {
+    let mut tls = TlsSettings::default();
+    if let Some(spec) = &spec.tls {
+        tls.server_name = spec.server_name.clone();
+        tls.insecure_skip_verify = spec.insecure_skip_verify;
+        if let Some(reference) = &spec.ca_secret_ref {
             let secret = read(secrets, &reference.name).await?;
-            settings.credentials = Some(Credentials {
-                username: text(&secret, &reference.name, "username").ok(),
-                password: text(&secret, &reference.name, "password")?,
-            });
+            tls.ca_pem = Some(bytes(&secret, &reference.name, "ca.crt")?.to_vec());
         }
-        if let Some(tls) = &spec.tls {
-            settings.tls.server_name = tls.server_name.clone();
-            settings.tls.insecure_skip_verify = tls.insecure_skip_verify;
-            if let Some(reference) = &tls.ca_secret_ref {
-                let secret = read(secrets, &reference.name).await?;
-                settings.tls.ca_pem = Some(bytes(&secret, &reference.name, "ca.crt")?.to_vec());
-            }
-        }
-        Ok(settings)
     }
-
-    /// The URI with the credentials written into it, for clients that take only a URL (the
-    /// replication engine). It holds the password: never log it.
-    pub fn url_with_credentials(&self) -> Result<String, InvalidUri> {
-        let mut url = url::Url::parse(&self.uri).map_err(|err| InvalidUri(format!("{}: {err}", self.uri)))?;
-        if let Some(credentials) = &self.credentials {
-            // `set_*` fail only for URLs that cannot have credentials, which `parse` of a
-            // redis:// URI with a host never yields.
-            let username = credentials.username.as_deref().unwrap_or("");
-            url.set_username(username).map_err(|()| InvalidUri(format!("{}: cannot hold a username", self.uri)))?;
-            url.set_password(Some(&credentials.password))
-                .map_err(|()| InvalidUri(format!("{}: cannot hold a password", self.uri)))?;
-        }
-        Ok(url.into())
+    let mut credentials = None;
+    if let Some(reference) = &spec.credentials_secret_ref {
+        let secret = read(secrets, &reference.name).await?;
+        credentials = Some(credentials_in(&secret, &reference.name)?);
     }
+    Ok(Server::parse(&spec.uri, tls)?.with_credentials(credentials))
 }
 
-/// An Endpoint URI the replication engine cannot use.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid Redis URI {0}")]
-pub struct InvalidUri(String);
+/// The `username` (optional) and `password` of a credentials Secret, as stored: any UTF-8.
+fn credentials_in(secret: &Secret, name: &str) -> Result<Credentials, CredentialsError> {
+    Ok(Credentials { username: text(secret, name, "username").ok(), password: text(secret, name, "password")? })
+}
 
 async fn read(secrets: &Api<Secret>, name: &str) -> Result<Secret, CredentialsError> {
     secrets.get(name).await.map_err(|source| CredentialsError::Read { name: name.to_string(), source })
@@ -90,16 +66,30 @@ fn text(secret: &Secret, name: &str, key: &'static str) -> Result<String, Creden
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::ByteString;
 
+    /// A Secret's password and username reach the server as they are, whatever they hold; they
+    /// replace credentials in the URI, and nothing prints them.
     #[test]
-    fn credentials_are_written_into_the_url_escaped() {
-        let settings = ConnectionSettings {
-            uri: "redis://10.0.0.5:6379/2".into(),
-            credentials: Some(Credentials { username: Some("app".into()), password: "p@ss:w/rd".into() }),
+    fn secret_credentials_are_taken_as_they_are() {
+        let password = "p@ss:w/rd %#+=?ü✓";
+        let secret = Secret {
+            data: Some(
+                [("password", password), ("username", "app user:ü")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
             ..Default::default()
         };
-        assert_eq!(settings.url_with_credentials().unwrap(), "redis://app:p%40ss%3Aw%2Frd@10.0.0.5:6379/2");
-        let anonymous = ConnectionSettings { uri: "redis://10.0.0.5:6379".into(), ..Default::default() };
-        assert_eq!(anonymous.url_with_credentials().unwrap(), "redis://10.0.0.5:6379");
+        let credentials = credentials_in(&secret, "creds").unwrap();
+        assert_eq!((credentials.username.as_deref(), credentials.password.as_str()), (Some("app user:ü"), password));
+        let server = Server::parse("redis://:from-uri@10.0.0.5:6379/2", TlsSettings::default())
+            .unwrap()
+            .with_credentials(Some(credentials.clone()));
+        assert_eq!(server.credentials, Some(credentials));
+        assert!(!format!("{server:?}").contains("p@ss"), "{server:?}");
+        let missing = credentials_in(&Secret::default(), "creds").err().unwrap();
+        assert!(matches!(missing, CredentialsError::MissingKey { key: "password", .. }));
     }
 }

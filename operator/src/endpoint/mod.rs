@@ -19,7 +19,7 @@ use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use connection::{ConnectionSettings, CredentialsError, InvalidUri};
+pub use connection::{CredentialsError, resolve};
 pub use probe::{ProbeError, ProbeReport, forget_sync_position, probe};
 
 use crate::conditions;
@@ -75,8 +75,8 @@ pub async fn reconcile(endpoint: Arc<Endpoint>, ctx: Arc<Context>) -> Result<Act
     let namespace = endpoint.namespace().ok_or_else(|| Error::NotNamespaced(name.clone()))?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    let outcome = match ConnectionSettings::resolve(&endpoint.spec, &secrets).await {
-        Ok(settings) => probe(&settings).await.map_err(|err| err.to_string()),
+    let outcome = match resolve(&endpoint.spec, &secrets).await {
+        Ok(server) => probe(&server).await.map_err(|err| err.to_string()),
         Err(err) => Err(err.to_string()),
     };
 

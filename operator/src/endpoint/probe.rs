@@ -5,12 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use eden_sidecar::upstream::{Upstream, UpstreamError, UpstreamStream};
+use eden_sidecar::upstream::{Server, Upstream, UpstreamError, UpstreamStream};
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use super::ConnectionSettings;
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -37,10 +35,10 @@ pub enum ProbeError {
     Protocol { addr: String, reason: String },
 }
 
-/// Probes the server `settings` describe.
-pub async fn probe(settings: &ConnectionSettings) -> Result<ProbeReport, ProbeError> {
-    within_timeout(settings, async {
-        let mut conversation = Conversation::open(settings).await?;
+/// Probes `server`.
+pub async fn probe(server: &Server) -> Result<ProbeReport, ProbeError> {
+    within_timeout(server, async {
+        let mut conversation = Conversation::open(server).await?;
         let started = Instant::now();
         conversation.ask("PING", &["PING"]).await?;
         let latency = started.elapsed();
@@ -57,9 +55,9 @@ pub async fn probe(settings: &ConnectionSettings) -> Result<ProbeReport, ProbeEr
 
 /// Deletes the record the `sync` engine keeps on the target (its stream position), once the
 /// migration no longer needs it: it is Eden's, not the application's.
-pub async fn forget_sync_position(settings: &ConnectionSettings) -> Result<(), ProbeError> {
-    within_timeout(settings, async {
-        let mut conversation = Conversation::open(settings).await?;
+pub async fn forget_sync_position(server: &Server) -> Result<(), ProbeError> {
+    within_timeout(server, async {
+        let mut conversation = Conversation::open(server).await?;
         // The engine keeps the record in database 0 whatever database the URI names.
         conversation.ask("SELECT", &["SELECT", "0"]).await?;
         conversation.ask("DEL", &["DEL", eden_sidecar::replicate::POSITION_KEY]).await?;
@@ -70,12 +68,12 @@ pub async fn forget_sync_position(settings: &ConnectionSettings) -> Result<(), P
 
 /// Bounds a whole conversation, connecting included, by [`PROBE_TIMEOUT`].
 async fn within_timeout<T>(
-    settings: &ConnectionSettings,
+    server: &Server,
     conversation: impl Future<Output = Result<T, ProbeError>>,
 ) -> Result<T, ProbeError> {
     tokio::time::timeout(PROBE_TIMEOUT, conversation)
         .await
-        .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: settings.uri.clone() }))
+        .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: server.addr() }))
 }
 
 /// One connection to an Endpoint, commands asked one at a time.
@@ -86,9 +84,8 @@ struct Conversation {
 }
 
 impl Conversation {
-    async fn open(settings: &ConnectionSettings) -> Result<Self, ProbeError> {
-        let upstream =
-            Upstream::new(&settings.uri, &settings.tls, PROBE_TIMEOUT)?.with_credentials(settings.credentials.clone());
+    async fn open(server: &Server) -> Result<Self, ProbeError> {
+        let upstream = Upstream::to(server, PROBE_TIMEOUT)?;
         let addr = upstream.addr().to_string();
         Ok(Conversation { stream: upstream.connect().await?, addr, buffer: Vec::with_capacity(4096) })
     }

@@ -4,6 +4,7 @@ use std::num::NonZeroU32;
 
 use eden_sidecar::config::{EdenConfig, UpstreamConfig, WriteMode, WritePolicy, WritesState};
 use eden_sidecar::replicate::OpsLimits;
+use eden_sidecar::upstream::Server;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
@@ -20,7 +21,7 @@ use crate::conditions;
 use crate::configmap;
 use crate::context::Context;
 use crate::crd::{Endpoint, Migration, MigrationStatus, Phase};
-use crate::endpoint::ConnectionSettings;
+use crate::endpoint::resolve;
 use crate::sidecars::{self, FenceClock, Settlement, SidecarReport};
 
 /// Where the target Endpoint's Secret is mounted into sidecars (by the webhook, or by the
@@ -179,16 +180,13 @@ impl Observation {
             return Err("an Endpoint is missing".into());
         };
         let data = &migration.spec.data;
+        // Each server with its own credentials and TLS settings.
         let (source, target) = (connection(ctx, source).await?, connection(ctx, target).await?);
-        // The engine takes one TLS trust for both servers: the target's when it uses TLS (the
-        // usual managed-service case), else the source's.
-        let tls = if target.uri.starts_with("rediss://") { target.tls.clone() } else { source.tls.clone() };
         Ok(Plan {
             mode: data.type_,
             replace: data.replace,
-            source_url: source.url_with_credentials().map_err(|e| e.to_string())?,
-            target_url: target.url_with_credentials().map_err(|e| e.to_string())?,
-            tls,
+            source,
+            target,
             limits: OpsLimits {
                 source: data.source_ops_per_second.and_then(NonZeroU32::new),
                 target: data.target_ops_per_second.and_then(NonZeroU32::new),
@@ -198,9 +196,9 @@ impl Observation {
 }
 
 /// The Endpoint's connection settings, its Secrets read.
-pub(super) async fn connection(ctx: &Context, endpoint: &Endpoint) -> Result<ConnectionSettings, String> {
+pub(super) async fn connection(ctx: &Context, endpoint: &Endpoint) -> Result<Server, String> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &endpoint.namespace().unwrap_or_default());
-    ConnectionSettings::resolve(&endpoint.spec, &secrets).await.map_err(|e| e.to_string())
+    resolve(&endpoint.spec, &secrets).await.map_err(|e| e.to_string())
 }
 
 async fn side(endpoints: &Api<Endpoint>, role: &'static str, name: &str) -> Result<Side, Error> {

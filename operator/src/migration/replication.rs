@@ -13,7 +13,7 @@ use eden_sidecar::replicate::{
     Checkpoint, KeptKeys, Mode, OpsLimits, Progress, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions,
     Verifier, VerifyOptions, VerifyReport,
 };
-use eden_sidecar::upstream::TlsSettings;
+use eden_sidecar::upstream::Server;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -30,11 +30,9 @@ pub const RECHECK_AFTER: Duration = Duration::from_secs(2);
 pub struct Plan {
     pub mode: DataCopy,
     pub replace: crd::ReplacePolicy,
-    /// URLs with credentials: never logged.
-    pub source_url: String,
-    pub target_url: String,
-    /// Trust for `rediss://` (the engine takes one set for both servers).
-    pub tls: TlsSettings,
+    /// Each with its own credentials and TLS settings.
+    pub source: Server,
+    pub target: Server,
     pub limits: OpsLimits,
 }
 
@@ -69,8 +67,7 @@ pub struct Replications {
 struct Run {
     replicator: Option<Replicator>,
     progress: watch::Receiver<Progress>,
-    plan_urls: (String, String),
-    tls: TlsSettings,
+    servers: (Server, Server),
     /// The keys `skip` kept, which outlive the replicator (verification goes on after it stops).
     kept: Option<KeptKeys>,
     failure: Option<(String, Instant)>,
@@ -106,14 +103,13 @@ impl Replications {
                 None
             }
         });
-        let options = ReplicatorOptions::new(replace_policy(plan.replace), plan.tls.clone()).with_limits(plan.limits);
-        let replicator = Replicator::start(&plan.source_url, &plan.target_url, mode, options, checkpoint).await?;
+        let options = ReplicatorOptions::new(replace_policy(plan.replace)).with_limits(plan.limits);
+        let replicator = Replicator::start(&plan.source, &plan.target, mode, options, checkpoint).await?;
         let run = Run {
             progress: replicator.progress(),
             kept: replicator.kept_keys(),
             replicator: Some(replicator),
-            plan_urls: (plan.source_url.clone(), plan.target_url.clone()),
-            tls: plan.tls.clone(),
+            servers: (plan.source.clone(), plan.target.clone()),
             failure: None,
             verification: Verification::NotRun,
         };
@@ -127,8 +123,7 @@ impl Replications {
         let run = Run {
             replicator: None,
             progress,
-            plan_urls: (plan.source_url.clone(), plan.target_url.clone()),
-            tls: plan.tls.clone(),
+            servers: (plan.source.clone(), plan.target.clone()),
             kept: None,
             failure: Some((error, Instant::now())),
             verification: Verification::NotRun,
@@ -237,8 +232,8 @@ impl Replications {
             Verification::Failed { at, .. } if at.elapsed() >= RETRY_AFTER => None,
             _ => return false,
         };
-        let (source, target) = run.plan_urls.clone();
-        let options = VerifyOptions { tls: run.tls.clone(), kept: run.kept.clone(), ..VerifyOptions::default() };
+        let (source, target) = run.servers.clone();
+        let options = VerifyOptions { kept: run.kept.clone(), ..VerifyOptions::default() };
         let recheck = previous.is_some();
         // In the reconcile's span, so that the verifier's lines name the migration too.
         let task = tokio::spawn(

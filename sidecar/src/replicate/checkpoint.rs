@@ -54,8 +54,9 @@ pub struct SyncPosition {
     /// Stream offset the target has applied through (the snapshot's offset plus every stream
     /// byte applied since).
     pub offset: u64,
-    /// The snapshot is still loading: the target holds a partial copy, so a restart needs a
-    /// full resync.
+    /// The snapshot is still loading (the target holds a partial copy, so a restart needs a
+    /// full resync), or the target still holds expiries shifted by the expiry hold: either way
+    /// the backfill is not done.
     pub loading: bool,
 }
 

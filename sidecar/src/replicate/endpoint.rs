@@ -1,8 +1,9 @@
 //! One connection to the source or the target, with every failure mapped to an error that names
 //! the server ("source 10.0.1.50:6379") and the command.
 //!
-//! `rediss://` URLs use rustls with the CA bundle from [`TlsSettings`] (the system roots when it
-//! has none); a server-name override is not supported here and is refused.
+//! A [`Server`] is connected with its own TLS settings: rustls with its CA bundle (the system
+//! roots when it has none); a server-name override is not supported here and is refused. Its
+//! label, in every error and log line, is the role and `host:port`, never the credentials.
 //!
 //! A multiplexed connection is cheap to clone, so callers pass `&Endpoint` around and pipelines
 //! from different tasks share one socket. The response timeout is raised from the client's
@@ -19,11 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, TlsCertificates, Value};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, Pipeline,
+    RedisConnectionInfo, TlsCertificates, Value,
+};
 
 use super::ReplicateError;
 use super::pace::Pace;
-use crate::upstream::TlsSettings;
+use crate::upstream::Server;
 
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,24 +45,35 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// Connects to `url` (`redis://` or `rediss://`); `role` is "source" or "target".
-    pub(crate) async fn connect(role: &str, url: &str, tls: &TlsSettings) -> Result<Self, ReplicateError> {
-        let label: Arc<str> = Arc::from(format!("{role} {url}").as_str());
+    /// Connects to `server`; `role` is "source" or "target". The client is built from the
+    /// server's parts (address, database, credentials, TLS), never from a URL string, so a
+    /// password is neither re-encoded nor part of any label.
+    pub(crate) async fn connect(role: &str, server: &Server) -> Result<Self, ReplicateError> {
+        let label: Arc<str> = Arc::from(format!("{role} {}", server.addr()).as_str());
         let connect_error = |source| ReplicateError::Connect { server: label.clone(), source };
-        let client = if url.starts_with("rediss://") {
-            if tls.server_name.is_some() {
+        let (host, port) = (server.uri.host.clone(), server.uri.port);
+        let mut settings = RedisConnectionInfo::default().set_db(i64::from(server.uri.db));
+        if let Some(credentials) = &server.credentials {
+            if let Some(username) = &credentials.username {
+                settings = settings.set_username(username);
+            }
+            settings = settings.set_password(&credentials.password);
+        }
+        let client = if server.uri.tls {
+            if server.tls.server_name.is_some() {
                 return Err(ReplicateError::Usage(format!(
                     "{label}: a TLS server name override is supported by sync mode only; connect by that name instead"
                 )));
             }
-            // The client reads `#insecure` at the end of the URL as "skip verification".
-            let url = if tls.insecure_skip_verify { format!("{url}#insecure") } else { url.to_string() };
-            let certificates = TlsCertificates { client_tls: None, root_cert: tls.ca_pem.clone() };
-            Client::build_with_tls(url.as_str(), certificates).map_err(connect_error)?
+            let insecure = server.tls.insecure_skip_verify;
+            let addr = ConnectionAddr::TcpTls { host, port, insecure, tls_params: None };
+            let info = addr.into_connection_info().map_err(connect_error)?.set_redis_settings(settings);
+            let certificates = TlsCertificates { client_tls: None, root_cert: server.tls.ca_pem.clone() };
+            Client::build_with_tls(info, certificates).map_err(connect_error)?
         } else {
-            Client::open(url).map_err(connect_error)?
+            let info = ConnectionAddr::Tcp(host, port).into_connection_info().map_err(connect_error)?;
+            Client::open(info.set_redis_settings(settings)).map_err(connect_error)?
         };
-        let label: Arc<str> = Arc::from(format!("{role} {}", client.get_connection_info().addr()).as_str());
         // One plain attempt first, so that a wrong address or password is reported at once
         // rather than after the manager's reconnect attempts.
         let first = AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT));

@@ -52,7 +52,7 @@ pub use pace::OpsLimits;
 pub use progress::Progress;
 pub use replicator::{Mode, Replicator, ReplicatorOptions};
 pub use scan::{ScanOptions, ScanReplicator};
-pub use sync::{POSITION_KEY, SyncOptions, SyncReplicator};
+pub use sync::{EXPIRY_GRACE_MS, POSITION_KEY, SyncOptions, SyncReplicator};
 pub use verify::{Difference, DifferenceKind, Verifier, VerifyOptions, VerifyReport};
 
 /// A Redis key as raw bytes: keys are binary-safe and are never assumed to be UTF-8.

@@ -13,7 +13,7 @@ use super::{
     Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions,
     SyncReplicator,
 };
-use crate::upstream::TlsSettings;
+use crate::upstream::Server;
 
 /// How the data moves (the Migration's `spec.data.type`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,11 +55,11 @@ pub struct ReplicatorOptions {
 }
 
 impl ReplicatorOptions {
-    /// Defaults with one replace policy and TLS trust for both modes.
-    pub fn new(replace: ReplacePolicy, tls: TlsSettings) -> Self {
+    /// Defaults with one replace policy for both modes.
+    pub fn new(replace: ReplacePolicy) -> Self {
         ReplicatorOptions {
-            scan: ScanOptions { replace, tls: tls.clone(), ..Default::default() },
-            sync: SyncOptions { replace, tls, ..Default::default() },
+            scan: ScanOptions { replace, ..Default::default() },
+            sync: SyncOptions { replace, ..Default::default() },
         }
     }
 
@@ -114,13 +114,12 @@ impl Replicator {
     /// either mode) this is a restart: scan mode resumes its passes, sync mode continues the
     /// stream from the target's recorded position when the source still can.
     pub async fn start(
-        source: &str,
-        target: &str,
+        source: &Server,
+        target: &Server,
         mode: Mode,
         options: ReplicatorOptions,
         checkpoint: Option<Checkpoint>,
     ) -> Result<Self, ReplicateError> {
-        let tls = options.sync.tls.clone();
         let engine = match mode {
             Mode::Sync => Engine::Sync(SyncReplicator::start(source, target, options.sync, checkpoint).await?),
             Mode::Scan => Engine::Scan(Box::new(match checkpoint {
@@ -134,11 +133,11 @@ impl Replicator {
         };
         // Without the record no sidecar reads the target before it is authoritative: safe,
         // and said once.
-        let freshness = match Endpoint::connect("target", target, &tls).await {
+        let freshness = match Endpoint::connect("target", target).await {
             Ok(endpoint) => Some((super::freshness::keep(endpoint.clone(), progress), endpoint)),
-            // The error names the server by its URL, credentials included: not logged.
-            Err(_) => {
+            Err(err) => {
                 tracing::warn!(
+                    error = %err,
                     "cannot connect to the target to keep the freshness record; sidecars will not read from it before cutover"
                 );
                 None

@@ -84,7 +84,7 @@ use super::notify::{self, Shared};
 use super::sync::link::{Address, Link};
 use super::sync::load::SetExpiry;
 use super::{Checkpoint, Key, OpsLimits, Progress, ReplacePolicy, ReplicateError, keys};
-use crate::upstream::TlsSettings;
+use crate::upstream::Server;
 
 /// Tuning for [`ScanReplicator`].
 #[derive(Debug, Clone)]
@@ -106,8 +106,6 @@ pub struct ScanOptions {
     pub dirty_capacity: usize,
     /// How often the source is checked for FLUSHDB/FLUSHALL.
     pub flush_check: Duration,
-    /// Trust for `rediss://` servers.
-    pub tls: TlsSettings,
     /// Commands per second to each server.
     pub limits: OpsLimits,
 }
@@ -122,7 +120,6 @@ impl Default for ScanOptions {
             chunk: 1000,
             dirty_capacity: 100_000,
             flush_check: Duration::from_millis(500),
-            tls: TlsSettings::default(),
             limits: OpsLimits::default(),
         }
     }
@@ -141,7 +138,7 @@ pub struct ScanReplicator {
 
 impl ScanReplicator {
     /// Starts a fresh replication: subscribe, then backfill everything.
-    pub async fn start(source: &str, target: &str, options: ScanOptions) -> Result<Self, ReplicateError> {
+    pub async fn start(source: &Server, target: &Server, options: ScanOptions) -> Result<Self, ReplicateError> {
         Self::launch(source, target, options, Checkpoint::fresh()).await
     }
 
@@ -151,8 +148,8 @@ impl ScanReplicator {
     /// `skip`: keys written by the previous run are indistinguishable from keys that were there
     /// before.
     pub async fn resume(
-        source: &str,
-        target: &str,
+        source: &Server,
+        target: &Server,
         mut options: ScanOptions,
         mut checkpoint: Checkpoint,
     ) -> Result<Self, ReplicateError> {
@@ -164,19 +161,19 @@ impl ScanReplicator {
     }
 
     async fn launch(
-        source_url: &str,
-        target_url: &str,
+        source_server: &Server,
+        target_server: &Server,
         options: ScanOptions,
         checkpoint: Checkpoint,
     ) -> Result<Self, ReplicateError> {
-        let source = Endpoint::connect("source", source_url, &options.tls).await?.paced(options.limits.source);
-        let target = Endpoint::connect("target", target_url, &options.tls).await?.paced(options.limits.target);
+        let source = Endpoint::connect("source", source_server).await?.paced(options.limits.source);
+        let target = Endpoint::connect("target", target_server).await?.paced(options.limits.target);
         // The DUMPs and RESTOREs that carry every value go over raw connections of their own;
         // the write stage DUMPs what its batch's budget left for later on one more, as the read
         // stage is using the first for the next batch meanwhile.
         let addresses = LinkAddresses {
-            source: Address::with_database("source", source_url, &options.tls)?,
-            target: Address::with_database("target", target_url, &options.tls)?,
+            source: Address::new("source", source_server)?,
+            target: Address::new("target", target_server)?,
         };
         let links = addresses.connect().await?;
         let span = info_span!("scan_replicator", source = %source.label(), target = %target.label());

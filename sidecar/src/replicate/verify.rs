@@ -18,7 +18,7 @@ use super::endpoint::{Endpoint, as_bytes, printable};
 use super::keys;
 use super::pace::Pace;
 use super::{KeptKeys, Key, KeyType, ReplicateError, compare, eden_own};
-use crate::upstream::TlsSettings;
+use crate::upstream::Server;
 use std::num::NonZeroU32;
 
 /// Tuning for [`Verifier`].
@@ -38,8 +38,6 @@ pub struct VerifyOptions {
     pub big_key_bytes: u64,
     /// Elements per chunk for big values.
     pub chunk: usize,
-    /// Trust for `rediss://` servers.
-    pub tls: TlsSettings,
     /// The keys a `skip` replication kept: the target's own values, not compared (counted in
     /// [`VerifyReport::kept`]).
     pub kept: Option<KeptKeys>,
@@ -55,7 +53,6 @@ impl Default for VerifyOptions {
             max_recheck: 10_000,
             big_key_bytes: 16 << 20,
             chunk: 1000,
-            tls: TlsSettings::default(),
             kept: None,
         }
     }
@@ -143,10 +140,11 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub async fn connect(source: &str, target: &str, options: VerifyOptions) -> Result<Self, ReplicateError> {
+    /// Connects to both servers, each with its own credentials and TLS settings.
+    pub async fn connect(source: &Server, target: &Server, options: VerifyOptions) -> Result<Self, ReplicateError> {
         Ok(Verifier {
-            source: Endpoint::connect("source", source, &options.tls).await?,
-            target: Endpoint::connect("target", target, &options.tls).await?,
+            source: Endpoint::connect("source", source).await?,
+            target: Endpoint::connect("target", target).await?,
             options,
         })
     }

@@ -12,7 +12,7 @@ use eden_sidecar::config::{Applier, CurrentConfig};
 use eden_sidecar::metrics::ProxyMetrics;
 use eden_sidecar::plan::{Routing, UpstreamSettings};
 use eden_sidecar::server::{self, Backend, Listener};
-use eden_sidecar::upstream::{TlsSettings, Upstream};
+use eden_sidecar::upstream::{Server, TlsSettings, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -94,6 +94,11 @@ pub struct Migration {
 impl Migration {
     pub fn new() -> Migration {
         Migration::with_target(RedisServer::start().unwrap())
+    }
+
+    /// The source and the target as the replication engine reaches them.
+    pub fn servers(&self) -> [Server; 2] {
+        [&self.source, &self.target].map(|s| Server::parse(&s.url(), TlsSettings::default()).expect("server URL"))
     }
 
     pub fn with_target(target: RedisServer) -> Migration {

@@ -13,6 +13,7 @@ use eden_sidecar::replicate::{
     Checkpoint, FRESHNESS_KEY, Mode, Replicator, ReplicatorOptions, ScanOptions, SyncOptions, Verifier, VerifyOptions,
     VerifyReport,
 };
+use eden_sidecar::upstream::{Server, TlsSettings};
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::encode::extend_encode;
@@ -23,6 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct Pair {
     pub source: RedisServer,
     pub target: RedisServer,
+    /// How Eden reaches each: its own TLS trust, and credentials if the test sets some.
+    pub source_as: Server,
+    pub target_as: Server,
 }
 
 impl Pair {
@@ -33,10 +37,12 @@ impl Pair {
 
     /// A source with the given configuration (e.g. how it sends snapshots) and a plain target.
     pub fn with_source(config: RedisConfig) -> Pair {
-        Pair {
-            source: RedisServer::with_config(config).expect("source"),
-            target: RedisServer::start().expect("target"),
-        }
+        Pair::of(RedisServer::with_config(config).expect("source"), RedisServer::start().expect("target"))
+    }
+
+    /// Two servers reached as plain `redis://` without credentials.
+    pub fn of(source: RedisServer, target: RedisServer) -> Pair {
+        Pair { source_as: server(&source.url()), target_as: server(&target.url()), source, target }
     }
 
     pub async fn source(&self) -> MultiplexedConnection {
@@ -63,9 +69,7 @@ impl Pair {
         options: ReplicatorOptions,
         checkpoint: Option<Checkpoint>,
     ) -> Replicator {
-        Replicator::start(&self.source.url(), &self.target.url(), mode, options, checkpoint)
-            .await
-            .expect("replicator starts")
+        Replicator::start(&self.source_as, &self.target_as, mode, options, checkpoint).await.expect("replicator starts")
     }
 
     pub async fn verify(&self) -> VerifyReport {
@@ -73,13 +77,18 @@ impl Pair {
     }
 
     pub async fn verify_with(&self, options: VerifyOptions) -> VerifyReport {
-        Verifier::connect(&self.source.url(), &self.target.url(), options)
+        Verifier::connect(&self.source_as, &self.target_as, options)
             .await
             .expect("verifier connects")
             .run()
             .await
             .expect("verification runs")
     }
+}
+
+/// The server at `url` (`redis://`, no TLS trust of its own).
+pub fn server(url: &str) -> Server {
+    Server::parse(url, TlsSettings::default()).expect("server URL")
 }
 
 pub async fn connect(server: &RedisServer) -> MultiplexedConnection {
@@ -132,6 +141,13 @@ pub async fn caught_up(replicator: &mut Replicator) {
     let progress = replicator.caught_up(Duration::from_secs(60)).await.expect("replicator healthy");
     let progress = progress.expect("caught up within 60s");
     assert_eq!(progress.lag_ms, 0);
+}
+
+/// Stops the replicator and returns its checkpoint as its owner would have stored it.
+pub fn checkpoint_of(replicator: Replicator) -> Checkpoint {
+    let checkpoint = replicator.checkpoint();
+    drop(replicator);
+    Checkpoint::from_json(&checkpoint.to_json()).unwrap()
 }
 
 /// Asserts a clean report, printing the samples otherwise.

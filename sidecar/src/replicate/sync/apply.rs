@@ -8,6 +8,11 @@
 //! a batch without its position. The source's own MULTI/EXEC pairs are unwrapped into the batch,
 //! and a transaction still arriving waits for its EXEC, so a batch never splits one.
 //!
+//! The stream's absolute expiries reach the target later than the source's ([`super::hold`]):
+//! shifted while the expiry hold lasts, then by a short grace. Once the hold ends a settle step
+//! runs between batches until every held key has its own expiry back; the backfill counts as
+//! done only then.
+//!
 //! Under `skip` and `fail`, a FLUSHDB or FLUSHALL in the stream stops replication just before it:
 //! the target has keys of its own, which are not the source's to flush.
 //!
@@ -19,9 +24,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use redis_protocol::resp2::types::BytesFrame;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Reporter;
+use super::hold::Hold;
 use super::link::{Link, encode, master_offset};
 use super::target::{Position, Target};
 use crate::frame::RequestScanner;
@@ -43,6 +49,8 @@ pub(crate) struct Follower<'a> {
     /// Under `skip` and `fail` the target has keys of its own, so a flush in the stream stops
     /// replication instead of reaching the target.
     pub(crate) policy: ReplacePolicy,
+    /// The expiry hold, if the target may hold shifted expiries.
+    pub(crate) hold: Hold,
 }
 
 /// The part of the stream read but not yet applied.
@@ -87,7 +95,18 @@ impl Follower<'_> {
             // Bytes already buffered (the stream right after the snapshot) are applied first.
             self.apply(&mut pending).await?;
             self.report(&pending, master);
+            let settling = matches!(self.hold, Hold::Settling { .. });
+            if let Hold::Settling { settle, .. } = &mut self.hold
+                && settle.step(self.target).await?
+            {
+                self.hold = Hold::Off;
+                self.applied.held = false;
+                self.target.write_position(&self.applied).await?;
+                info!("every held expiry is the source's again");
+                self.report(&pending, master);
+            }
             tokio::select! {
+                biased;
                 read = self.source.fill(1) => {
                     read?;
                     let now = Instant::now();
@@ -101,7 +120,10 @@ impl Follower<'_> {
                 _ = tick.tick() => {
                     self.ack().await?;
                     master = master_offset(self.info).await?;
+                    self.hold.check(master, self.applied.offset, !pending.arrivals.is_empty());
                 }
+                // A settle pass goes on between batches without waiting for the stream.
+                () = std::future::ready(()), if settling => {}
             }
         }
     }
@@ -140,8 +162,17 @@ impl Follower<'_> {
                         }
                     }
                     _ => {
-                        let replacing = (name == b"FUNCTION").then(|| replacing_libraries(&bytes, args)).flatten();
-                        let command = replacing.as_deref().unwrap_or(&bytes);
+                        let rewritten = match name.as_slice() {
+                            b"FUNCTION" => replacing_libraries(&bytes, args),
+                            b"PEXPIREAT" | b"EXPIREAT" | b"SET" | b"RESTORE" | b"RENAME" | b"RENAMENX" | b"MOVE"
+                            | b"COPY" | b"SWAPDB" => {
+                                let args: Vec<&[u8]> = args.map(|arg| &bytes[arg]).collect();
+                                self.hold.note(&name, &args, pending.db);
+                                self.hold.rewrite(&name, &args)
+                            }
+                            _ => None,
+                        };
+                        let command = rewritten.as_deref().unwrap_or(&bytes);
                         match &mut pending.transaction {
                             Some(queued) => queued.push((pending.db, command.to_vec())),
                             None => batch.push(self.target, pending.db, command),
@@ -170,7 +201,7 @@ impl Follower<'_> {
     /// Runs a batch with its position record; with no writes, just moves the position.
     async fn commit(&mut self, mut batch: Batch, pending: &mut Pending) -> Result<(), ReplicateError> {
         let (offset, db) = pending.boundary;
-        let position = Position { replid: self.applied.replid.clone(), offset, db };
+        let position = Position { replid: self.applied.replid.clone(), offset, db, held: self.hold.recorded() };
         if batch.writes > 0 {
             batch.queued += self.target.record(&mut batch.request, &position);
             batch.request.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
@@ -210,7 +241,8 @@ impl Follower<'_> {
         let received = pending.offset + self.source.buf.len() as u64;
         let progress = &mut self.reporter.progress;
         progress.lag_bytes = master.max(received).saturating_sub(applied);
-        progress.behind_since = pending.arrivals.front().map(|(_, at)| *at);
+        // Until every held expiry is settled the target is behind since the hold began.
+        progress.behind_since = self.hold.since().or_else(|| pending.arrivals.front().map(|(_, at)| *at));
         progress.lag_ms = progress.behind_since.map_or(0, |at| at.elapsed().as_millis() as u64);
         progress.checkpoint.sync = Some(self.applied.clone().into());
         self.reporter.publish();

@@ -17,13 +17,13 @@ use redis_protocol::resp2::types::BytesFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::replicate::ReplicateError;
-use crate::upstream::{Credentials, RedisUri, TlsSettings, Upstream, UpstreamStream};
+use crate::upstream::{Server, Upstream, UpstreamStream};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the socket at a time, at least.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Where a sync-mode connection goes: the URI split from its credentials, and the TLS trust.
+/// Where a sync-mode connection goes: a [`Server`] as an [`Upstream`], and its label.
 #[derive(Clone)]
 pub(crate) struct Address {
     upstream: Upstream,
@@ -31,28 +31,26 @@ pub(crate) struct Address {
 }
 
 impl Address {
-    /// Parses `redis[s]://[[user]:password@]host:port[/db]`. Sync mode replicates whole
-    /// servers (every database, as a replica does), so a database in the URI is refused.
-    pub(crate) fn parse(role: &str, uri: &str, tls: &TlsSettings) -> Result<Self, ReplicateError> {
-        let address = Self::with_database(role, uri, tls)?;
-        if RedisUri::parse(&split_credentials(uri).1).is_ok_and(|uri| uri.db != 0) {
+    /// Sync mode replicates whole servers (every database, as a replica does), so a database
+    /// in the server's URI is refused.
+    pub(crate) fn whole(role: &str, server: &Server) -> Result<Self, ReplicateError> {
+        let address = Self::new(role, server)?;
+        if server.uri.db != 0 {
             return Err(ReplicateError::Usage(format!(
-                "{}: sync mode copies every database, as a replica does, so the URI must not name one ({uri}); \
+                "{}: sync mode copies every database, as a replica does, so the URI must not name one (/{}); \
                  drop the /<db> or use scan mode to copy one database",
-                address.label
+                address.label, server.uri.db
             )));
         }
         Ok(address)
     }
 
-    /// Parses `redis[s]://[[user]:password@]host:port[/db]` for a connection that works in one
-    /// database: every connection authenticates, then selects it (scan mode's raw copy path).
-    pub(crate) fn with_database(role: &str, uri: &str, tls: &TlsSettings) -> Result<Self, ReplicateError> {
-        let (credentials, bare) = split_credentials(uri);
-        let upstream = Upstream::new(&bare, tls, CONNECT_TIMEOUT)
-            .map_err(|source| ReplicateError::Unreachable { server: format!("{role} {bare}").into(), source })?
-            .with_credentials(credentials);
-        let label: Arc<str> = format!("{role} {}", upstream.addr()).into();
+    /// For a connection that works in the server's database: every connection authenticates,
+    /// then selects it (scan mode's raw copy path).
+    pub(crate) fn new(role: &str, server: &Server) -> Result<Self, ReplicateError> {
+        let label: Arc<str> = format!("{role} {}", server.addr()).into();
+        let upstream = Upstream::to(server, CONNECT_TIMEOUT)
+            .map_err(|source| ReplicateError::Unreachable { server: label.clone(), source })?;
         Ok(Address { upstream, label })
     }
 
@@ -68,19 +66,6 @@ impl Address {
             .map_err(|source| ReplicateError::Unreachable { server: self.label.clone(), source })?;
         Ok(Link { label: self.label.clone(), stream, buf: BytesMut::with_capacity(READ_CHUNK) })
     }
-}
-
-/// `redis://user:pw@host` → (credentials, `redis://host`). A URI without `@` is returned as is.
-fn split_credentials(uri: &str) -> (Option<Credentials>, String) {
-    let Some((scheme, rest)) = uri.split_once("://") else { return (None, uri.to_string()) };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return (None, uri.to_string()) };
-    let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
-    let (username, password) = match userinfo.split_once(':') {
-        Some((user, password)) => ((!user.is_empty()).then(|| user.to_string()), password.to_string()),
-        None => (None, userinfo.to_string()),
-    };
-    (Some(Credentials { username, password }), format!("{scheme}://{host}"))
 }
 
 /// One open connection with its read buffer.
@@ -228,24 +213,14 @@ pub(crate) async fn master_offset(link: &mut Link) -> Result<u64, ReplicateError
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn credentials_come_off_the_uri() {
-        let (creds, bare) = split_credentials("rediss://app:s3cr@t@cache:6380");
-        let creds = creds.unwrap();
-        assert_eq!((creds.username.as_deref(), creds.password.as_str()), (Some("app"), "s3cr@t"));
-        assert_eq!(bare, "rediss://cache:6380");
-        let (creds, bare) = split_credentials("redis://:pw@h:1/0");
-        assert_eq!((creds.unwrap().username, bare.as_str()), (None, "redis://h:1/0"));
-        assert!(split_credentials("redis://h:1").0.is_none());
-    }
+    use crate::upstream::TlsSettings;
 
     #[test]
     fn a_database_in_the_uri_is_refused() {
-        let tls = TlsSettings::default();
-        assert!(Address::parse("source", "redis://h:1", &tls).is_ok());
-        assert!(Address::parse("source", "redis://h:1/0", &tls).is_ok());
-        let err = Address::parse("source", "redis://h:1/3", &tls).err().unwrap();
-        assert!(err.to_string().contains("scan mode"), "{err}");
+        let server = |uri: &str| Server::parse(uri, TlsSettings::default()).unwrap();
+        assert!(Address::whole("source", &server("redis://h:1")).is_ok());
+        assert!(Address::whole("source", &server("redis://h:1/0")).is_ok());
+        let err = Address::whole("source", &server("redis://:pw@h:1/3")).err().unwrap();
+        assert!(err.to_string().contains("scan mode") && !err.to_string().contains("pw"), "{err}");
     }
 }

@@ -14,6 +14,9 @@
 //!   each string is its own `SET key value NX [PXAT <ms>]`; its nil reply is what `BUSYKEY` is
 //!   to a `RESTORE`.
 //!
+//! Every expiry is written shifted by the expiry hold ([`super::hold`]), so no key of the
+//! snapshot expires on the target before the stream says what the source did with it.
+//!
 //! A batch's `MSET` goes after its other commands, or before the next `SELECT`: a snapshot holds
 //! each key once, so commands for different keys of one database commute.
 //!
@@ -31,6 +34,7 @@ use redis_protocol::resp2::types::BytesFrame;
 
 use super::Reporter;
 use super::decode;
+use super::hold;
 use super::link::{Decimal, encode_bulk, encode_into, encode_len};
 use super::rdb::{CRC64, Entry, Feed, KeyEntry, Snapshot};
 use super::target::Target;
@@ -101,6 +105,8 @@ pub(crate) struct Loader<'a> {
     pub(crate) started: Instant,
     /// Where the keys `skip` kept are recorded.
     pub(crate) kept: Option<&'a KeptKeys>,
+    /// A key was written with its expiry shifted by the expiry hold.
+    pub(crate) held: bool,
 }
 
 impl Loader<'_> {
@@ -165,12 +171,14 @@ impl Loader<'_> {
                     encode_into(&mut batch.request, &[b"FUNCTION", b"LOAD", b"REPLACE", &code]);
                     batch.sent.push(Sent::Function);
                 }
-                Entry::String(entry) => {
+                Entry::String(mut entry) => {
+                    self.held |= entry.hold_expiry();
                     self.select(&mut batch, entry.db);
                     self.push_string(&mut batch, entry);
                     keys += 1;
                 }
-                Entry::Object(entry) => {
+                Entry::Object(mut entry) => {
+                    self.held |= entry.hold_expiry();
                     self.select(&mut batch, entry.db);
                     let payload = payload(&entry.value, version);
                     let expiry = Decimal::new(entry.expire_at_ms.unwrap_or(0));
@@ -287,6 +295,14 @@ impl Loader<'_> {
         self.target.exchange(&request, replies, "rebuilding a refused value").await?;
         self.reporter.progress.checkpoint.copied += 1;
         Ok(())
+    }
+}
+
+impl KeyEntry {
+    /// Shifts the key's expiry for the expiry hold; whether it has one.
+    fn hold_expiry(&mut self) -> bool {
+        self.expire_at_ms = self.expire_at_ms.map(hold::held);
+        self.expire_at_ms.is_some()
     }
 }
 

@@ -22,6 +22,7 @@
 
 mod apply;
 pub(crate) mod decode;
+mod hold;
 pub(super) mod link;
 pub(super) mod load;
 mod psync;
@@ -34,8 +35,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
+pub use hold::EXPIRY_GRACE_MS;
 pub use target::POSITION_KEY;
 
+use self::hold::Hold;
 use self::link::{Address, master_offset, text};
 use self::load::{BatchLimits, Loader, SetExpiry};
 use self::psync::Outcome;
@@ -43,7 +46,7 @@ use self::rdb::Snapshot;
 use self::target::{Position, Target};
 use super::checkpoint::SyncPosition;
 use super::{Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError};
-use crate::upstream::TlsSettings;
+use crate::upstream::Server;
 
 /// Tuning for [`SyncReplicator`].
 #[derive(Debug, Clone)]
@@ -52,8 +55,6 @@ pub struct SyncOptions {
     /// only: a restart that needs a full copy flushes the target first, which only `replace`
     /// allows; under `skip` and `fail` such a restart stops with an error instead).
     pub replace: ReplacePolicy,
-    /// Trust for `rediss://` servers.
-    pub tls: TlsSettings,
     /// Keys per pipelined RESTORE batch.
     pub batch_keys: usize,
     /// Bytes per pipelined batch (RESTOREs or stream commands), at most about.
@@ -67,7 +68,6 @@ impl Default for SyncOptions {
     fn default() -> Self {
         SyncOptions {
             replace: ReplacePolicy::Replace,
-            tls: TlsSettings::default(),
             batch_keys: 1000,
             batch_bytes: 4 << 20,
             limits: OpsLimits::default(),
@@ -77,7 +77,7 @@ impl Default for SyncOptions {
 
 impl From<Position> for SyncPosition {
     fn from(p: Position) -> Self {
-        SyncPosition { replid: p.replid, offset: p.offset, loading: false }
+        SyncPosition { replid: p.replid, offset: p.offset, loading: p.held }
     }
 }
 
@@ -95,8 +95,8 @@ impl SyncReplicator {
     /// position the target recorded, or flushes the target and copies everything again when
     /// the source cannot continue from there.
     pub async fn start(
-        source: &str,
-        target: &str,
+        source: &Server,
+        target: &Server,
         options: SyncOptions,
         checkpoint: Option<Checkpoint>,
     ) -> Result<Self, ReplicateError> {
@@ -107,8 +107,8 @@ impl SyncReplicator {
                     .into(),
             ));
         }
-        let source = Address::parse("source", source, &options.tls)?;
-        let target = Address::parse("target", target, &options.tls)?;
+        let source = Address::whole("source", source)?;
+        let target = Address::whole("target", target)?;
         let span = info_span!("sync_replicator", source = %source.label(), target = %target.label());
         let connections = Connections::open(&source, &target, &options).await?;
         let restart = checkpoint.is_some();
@@ -281,10 +281,15 @@ impl Session {
         let recorded = if self.restart { target.recorded().await? } else { None };
         let outcome = psync::handshake(link, recorded.as_ref()).await?;
         self.handshakes += 1;
-        let applied = match outcome {
+        let (applied, hold) = match outcome {
             Outcome::Continue { position } => {
-                info!(offset = position.offset, "the source continues its stream where the target stands");
-                position
+                info!(
+                    offset = position.offset,
+                    held = position.held,
+                    "the source continues its stream where the target stands"
+                );
+                let hold = Hold::new(position.held, Instant::now());
+                (position, hold)
             }
             Outcome::Full { position, framing } => {
                 if self.restart {
@@ -320,17 +325,20 @@ impl Session {
                     rebuilt_types: Default::default(),
                     started: loading_started,
                     kept: self.kept.as_ref(),
+                    held: false,
                 };
                 loader.run(&mut snapshot).await?;
+                let shifted = loader.held;
+                let position = Position { held: true, ..position };
                 target.write_position(&position).await?;
                 let checkpoint = &self.reporter.progress.checkpoint;
                 info!(
                     keys = checkpoint.copied,
                     skipped = checkpoint.skipped,
                     seconds = loading_started.elapsed().as_secs_f64(),
-                    "snapshot loaded; following the stream"
+                    "snapshot loaded; following the stream, expiries held until it catches up"
                 );
-                position
+                (position, Hold::after_load(loading_started, shifted))
             }
         };
         let follower = apply::Follower {
@@ -341,6 +349,7 @@ impl Session {
             applied,
             batch_bytes: self.options.batch_bytes,
             policy: self.options.replace,
+            hold,
         };
         follower.run().await
     }

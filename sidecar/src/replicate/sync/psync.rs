@@ -39,7 +39,7 @@ pub(crate) async fn handshake(link: &mut Link, from: Option<&Position>) -> Resul
                 return Err(link.error(format!("unreadable PSYNC reply `{reply}`")));
             };
             let framing = preamble(link).await?;
-            Ok(Outcome::Full { position: Position { replid, offset, db: 0 }, framing })
+            Ok(Outcome::Full { position: Position { replid, offset, db: 0, held: false }, framing })
         }
         // Only a request from a position can continue; a server that says so to `PSYNC ? -1`
         // is not one Eden can replicate.
@@ -107,7 +107,7 @@ mod tests {
 
     use super::*;
     use crate::replicate::sync::link::Address;
-    use crate::upstream::TlsSettings;
+    use crate::upstream::{Server, TlsSettings};
 
     /// A server that answers the two REPLCONFs with +OK and PSYNC with `psync_reply`: no real
     /// Redis answers `+CONTINUE` to `PSYNC ? -1`, so this one is made up.
@@ -122,13 +122,17 @@ mod tests {
                 peer.write_all(reply.as_bytes()).await.unwrap();
             }
         });
-        let mut link = Address::parse("source", &uri, &TlsSettings::default()).unwrap().connect().await.unwrap();
+        let mut link = Address::whole("source", &Server::parse(&uri, TlsSettings::default()).unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         handshake(&mut link, from).await
     }
 
     #[tokio::test]
     async fn continue_is_taken_only_where_a_position_was_asked_for() {
-        let recorded = Position { replid: "a".repeat(40), offset: 1000, db: 3 };
+        let recorded = Position { replid: "a".repeat(40), offset: 1000, db: 3, held: true };
         match handshake_with("+CONTINUE\r\n", Some(&recorded)).await {
             Ok(Outcome::Continue { position }) => assert_eq!(position, recorded),
             other => panic!("{other:?}"),

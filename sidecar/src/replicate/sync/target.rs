@@ -19,24 +19,35 @@ use crate::replicate::pace::Pace;
 /// The key on the target that records how far the stream has been applied.
 pub const POSITION_KEY: &str = "eden:sync:position";
 
-/// A replication ID, the offset applied through, and the database the stream had selected
-/// there (a continued stream does not repeat its SELECT).
+/// A replication ID, the offset applied through, the database the stream had selected there
+/// (a continued stream does not repeat its SELECT), and whether the target may still hold
+/// expiries shifted by the expiry hold ([`super::hold`]), which a restart must then settle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Position {
     pub(crate) replid: String,
     pub(crate) offset: u64,
     pub(crate) db: u64,
+    pub(crate) held: bool,
 }
 
 impl Position {
+    /// `<replid> <offset> <db>`, then ` held` during the hold: records written before the hold
+    /// existed read as not held.
     fn encode(&self) -> String {
-        format!("{} {} {}", self.replid, self.offset, self.db)
+        let held = if self.held { " held" } else { "" };
+        format!("{} {} {}{held}", self.replid, self.offset, self.db)
     }
 
     fn decode(text: &str) -> Option<Self> {
         let mut words = text.split(' ');
         let replid = words.next()?.to_string();
-        Some(Position { replid, offset: words.next()?.parse().ok()?, db: words.next()?.parse().ok()? })
+        let (offset, db) = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
+        let held = match words.next() {
+            None => false,
+            Some("held") => true,
+            Some(_) => return None,
+        };
+        Some(Position { replid, offset, db, held })
     }
 }
 
@@ -95,7 +106,7 @@ impl Target {
         Ok(())
     }
 
-    /// Writes `position` on its own (after a snapshot has loaded).
+    /// Writes `position` on its own (after a snapshot has loaded, and when the hold is over).
     pub(crate) async fn write_position(&mut self, position: &Position) -> Result<(), ReplicateError> {
         let mut request = Vec::new();
         let n = self.record(&mut request, position);
@@ -117,5 +128,19 @@ impl Target {
             BytesFrame::Error(err) => Err(self.link.error(format!("`{command}` failed: {err}"))),
             reply => Ok(reply),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_says_whether_expiries_are_held_and_older_records_still_read() {
+        let position = Position { replid: "a".repeat(40), offset: 12, db: 3, held: true };
+        assert_eq!(Position::decode(&position.encode()), Some(position.clone()));
+        let before = format!("{} 12 3", "a".repeat(40));
+        assert_eq!(Position::decode(&before), Some(Position { held: false, ..position }));
+        assert_eq!(Position::decode(&format!("{before} other")), None);
     }
 }
