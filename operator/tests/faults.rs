@@ -377,30 +377,38 @@ async fn apply_and_wait_for_pause(harness: &Harness, manifest: &str) {
 
 // Several workers: the harness runs kubectl and the operator in this process, and a client's
 // wait must measure the sidecar, not this runtime.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowledged_write() {
-    // Two sidecars: one talks to the API server directly, the other through a relay that is
-    // cut during the cutover while its path to Redis stays up.
+/// Two sidecars: one talks to the API server directly, the other through a relay that is cut
+/// while writes move (the cutover, or with `rollback` the rollback after it) and its path to
+/// Redis stays up. The move completes with that sidecar fenced; cut off for longer than its
+/// pause bound (3 s), it refuses its held writes; back in touch, it applies the move.
+async fn cut_off_while_writes_move(prefix: &str, rollback: bool) {
     let relay = Relay::start(ControlPlane::shared().api_addr().unwrap()).await.unwrap();
-    let scenario = Scenario::start("cut-off", &[Pod::new("direct"), Pod::new("cut-off").api_via(&relay)]).await;
+    let scenario = Scenario::start(prefix, &[Pod::new("direct"), Pod::new("cut-off").api_via(&relay)]).await;
     let harness = &scenario.harness;
+    let (policy, moved, authoritative) = match rollback {
+        // Cut off while it writes to the target (mirrored to the source): after the rollback,
+        // its writes would land on a target nothing reads back from.
+        true => {
+            harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+            harness.wait_phase("shop", Phase::CutOver).await;
+            ("oldAuthoritative", Phase::RolledBack, Side::Source)
+        }
+        false => ("newAuthoritative", Phase::CutOver, Side::Target),
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.cut();
-    harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
-    let cut_over = harness.wait_phase("shop", Phase::CutOver).await;
-    let sidecars = sidecar_counts(&cut_over).unwrap();
+    harness.apply(&migration("shop", "sync", 0, policy));
+    let sidecars = sidecar_counts(&harness.wait_phase("shop", moved).await).cloned().unwrap();
     assert_eq!((sidecars.acknowledged, sidecars.fenced), (1, 1), "{sidecars:?}");
-    // Cut off for longer than its pause bound (3 s): its held writes are refused.
     tokio::time::sleep(Duration::from_secs(4)).await;
     relay.heal();
-    // Back in touch, the fenced sidecar applies the flip and writes to the target.
     harness
-        .wait("shop", "the fenced sidecar acknowledged the flip", |m| {
+        .wait("shop", "the fenced sidecar acknowledged the move", |m| {
             sidecar_counts(m).is_some_and(|s| s.acknowledged == 2)
         })
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for (name, acknowledged) in scenario.finish(Side::Target).await {
+    for (name, acknowledged) in scenario.finish(authoritative).await {
         if name == "cut-off" {
             assert!(acknowledged.refused > 0, "the cut-off sidecar was fenced: it refused writes");
         } else {
@@ -408,6 +416,16 @@ async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowl
             assert!(acknowledged.longest < Duration::from_secs(3), "held past the pause bound");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowledged_write() {
+    cut_off_while_writes_move("cut-off", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_cut_off_from_the_api_server_during_a_rollback_loses_no_acknowledged_write() {
+    cut_off_while_writes_move("cut-rollback", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -556,39 +574,6 @@ async fn a_sidecar_cut_off_during_the_pause_aborts_the_cutover_which_then_comple
         if name == "direct" {
             assert_eq!(acknowledged.refused, 0, "a sidecar in touch only ever held writes");
             assert!(acknowledged.longest < Duration::from_secs(3), "{name}: held past the pause bound");
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_sidecar_cut_off_from_the_api_server_during_a_rollback_loses_no_acknowledged_write() {
-    let relay = Relay::start(ControlPlane::shared().api_addr().unwrap()).await.unwrap();
-    let scenario = Scenario::start("cut-rollback", &[Pod::new("direct"), Pod::new("cut-off").api_via(&relay)]).await;
-    let harness = &scenario.harness;
-    harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
-    harness.wait_phase("shop", Phase::CutOver).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // Cut off while it writes to the target (mirrored to the source): after the rollback, its
-    // writes would land on a target nothing reads back from.
-    relay.cut();
-    harness.apply(&migration("shop", "sync", 0, "oldAuthoritative"));
-    let rolled_back = harness.wait_phase("shop", Phase::RolledBack).await;
-    let sidecars = sidecar_counts(&rolled_back).unwrap();
-    assert_eq!((sidecars.acknowledged, sidecars.fenced), (1, 1), "{sidecars:?}");
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    relay.heal();
-    harness
-        .wait("shop", "the fenced sidecar acknowledged the rollback", |m| {
-            sidecar_counts(m).is_some_and(|s| s.acknowledged == 2)
-        })
-        .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for (name, acknowledged) in scenario.finish(Side::Source).await {
-        if name == "cut-off" {
-            assert!(acknowledged.refused > 0, "the cut-off sidecar was fenced: it refused writes");
-        } else {
-            assert_eq!(acknowledged.refused, 0, "a sidecar in touch only ever held writes");
-            assert!(acknowledged.longest < Duration::from_secs(3), "held past the pause bound");
         }
     }
 }
