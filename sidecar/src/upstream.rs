@@ -107,8 +107,8 @@ fn redacted(uri: &str) -> String {
 /// One Redis server as Eden reaches it: where (the URI's address and database), how it is
 /// trusted (TLS settings of its own), and who Eden is there (credentials, kept out of every URI
 /// string, label and message). Every connection the replication engine and the operator open
-/// is made from one.
-#[derive(Clone, PartialEq, Eq)]
+/// is made from one. Its Debug output is safe: [`Credentials`] redacts the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     pub uri: RedisUri,
     pub credentials: Option<Credentials>,
@@ -130,16 +130,6 @@ impl Server {
     /// `host:port`: what logs, errors and conditions name the server by.
     pub fn addr(&self) -> String {
         self.uri.host_port()
-    }
-}
-
-impl std::fmt::Debug for Server {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("uri", &self.uri)
-            .field("credentials", &self.credentials)
-            .field("tls", &self.tls)
-            .finish()
     }
 }
 
