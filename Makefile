@@ -25,7 +25,9 @@ help:
 
 # From Debian's packages, when missing: redis-server and redis-tools (every Redis the tests and the
 # demo run), umoci (the image test unpacks images with it), Node.js, npm, a JDK and Maven (the
-# client matrix builds its node-redis, Jedis and Lettuce programs with them).
+# client matrix builds its node-redis, Jedis and Lettuce programs with them), and the test
+# node's runtime (e2e/src/node.rs): containerd, runc, the CNI plugins, iptables, conntrack (the
+# kube-proxy needs it) and a static busybox (the shell of the node's tools image).
 deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -35,11 +37,17 @@ deps:
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v javac >/dev/null || missing="$$missing openjdk-17-jdk-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
+	command -v containerd >/dev/null || missing="$$missing containerd"; \
+	command -v runc >/dev/null || missing="$$missing runc"; \
+	[ -x /usr/lib/cni/bridge ] || missing="$$missing containernetworking-plugins"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v conntrack >/dev/null || missing="$$missing conntrack"; \
+	[ -x /bin/busybox ] || missing="$$missing busybox-static"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing from Debian packages"; \
 	  $(SUDO) apt-get update -qq; \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
-	  $(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true; \
+	  $(SUDO) systemctl disable --now redis-server containerd >/dev/null 2>&1 || true; \
 	fi
 	@command -v kubectl >/dev/null || { echo "kubectl is required on PATH"; exit 1; }
 
