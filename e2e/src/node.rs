@@ -145,6 +145,7 @@ pub fn serve(dir: &Path) -> Result<(), FixtureError> {
         let _ = std::io::stdin().read_to_end(&mut Vec::new());
         progress(started, "stdin closed: tearing down");
         teardown(dir, Some(&control_plane));
+        progress(started, "torn down");
     });
     if result.is_err() {
         // Whatever came up before the failure goes too.
@@ -271,8 +272,11 @@ fn exited_component(dir: &Path) -> Option<String> {
     Some(format!("{exited} exited:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n")))
 }
 
+/// A line on stderr, which may be closed by now: a test binary that exits closes the keeper's
+/// pipes with its stdin, and the teardown must go on.
 fn progress(started: Instant, what: &str) {
-    eprintln!("eden-node [{:5.1}s] {what}", started.elapsed().as_secs_f64());
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "eden-node [{:5.1}s] {what}", started.elapsed().as_secs_f64());
 }
 
 fn socket(dir: &Path) -> PathBuf {
