@@ -127,9 +127,7 @@ impl Default for ScanOptions {
 
 /// A running scan-mode replication from a source to a target. Dropping it stops replication.
 pub struct ScanReplicator {
-    source: Endpoint,
-    barrier_channel: String,
-    next_barrier: AtomicU64,
+    barriers: Arc<Barriers>,
     progress: watch::Receiver<Progress>,
     copier: JoinHandle<Result<(), ReplicateError>>,
     subscriber: JoinHandle<()>,
@@ -231,9 +229,7 @@ impl ScanReplicator {
             started: Instant::now(),
         };
         Ok(ScanReplicator {
-            source,
-            barrier_channel,
-            next_barrier: AtomicU64::new(PROBE_BARRIER),
+            barriers: Arc::new(Barriers { source, channel: barrier_channel, next: AtomicU64::new(PROBE_BARRIER) }),
             progress,
             copier: tokio::spawn(run.run(checkpoint, links).instrument(span)),
             subscriber,
@@ -241,14 +237,10 @@ impl ScanReplicator {
         })
     }
 
-    async fn publish_barrier(&self) -> Result<u64, ReplicateError> {
-        let n = self.next_barrier.fetch_add(1, Ordering::Relaxed) + 1;
-        // A connection lost since the last call fails the first command; the next reconnects.
-        match notify::publish_barrier(&self.source, &self.barrier_channel, n).await {
-            Err(err) if err.is_disconnect() => notify::publish_barrier(&self.source, &self.barrier_channel, n).await?,
-            other => other?,
-        }
-        Ok(n)
+    /// The barriers [`Self::caught_up`] publishes, for others to wait on the same way (the
+    /// freshness beats).
+    pub(crate) fn barriers(&self) -> Arc<Barriers> {
+        self.barriers.clone()
     }
 
     /// The keys `skip` kept (see [`KeptKeys`]): `None` under `replace`, and for a resumed run,
@@ -266,7 +258,7 @@ impl ScanReplicator {
     /// done, all notifications up to a barrier processed, dirty set empty). `Ok(None)` on
     /// timeout; the replicator's error if it stopped.
     pub async fn caught_up(&mut self, timeout: Duration) -> Result<Option<Progress>, ReplicateError> {
-        let barrier = self.publish_barrier().await?;
+        let barrier = self.barriers.publish().await?;
         let mut progress = self.progress.clone();
         let wait = progress.wait_for(|p| p.barrier >= barrier && p.caught_up());
         // The snapshot is cloned at once: a borrowed watch value held across the await below
@@ -291,6 +283,27 @@ impl Drop for ScanReplicator {
     fn drop(&mut self) {
         self.subscriber.abort();
         self.copier.abort();
+    }
+}
+
+/// Barriers on the notification channel: a barrier is processed once every notification the
+/// source published before it is in the dirty set (see [`notify`]).
+pub(crate) struct Barriers {
+    source: Endpoint,
+    channel: String,
+    next: AtomicU64,
+}
+
+impl Barriers {
+    /// Publishes the next barrier and returns its number.
+    pub(crate) async fn publish(&self) -> Result<u64, ReplicateError> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        // A connection lost since the last call fails the first command; the next reconnects.
+        match notify::publish_barrier(&self.source, &self.channel, n).await {
+            Err(err) if err.is_disconnect() => notify::publish_barrier(&self.source, &self.channel, n).await?,
+            other => other?,
+        }
+        Ok(n)
     }
 }
 
