@@ -14,7 +14,7 @@ export CARGO_INCREMENTAL ?= 0
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help deps control-plane helm crds check-crds lint test demo bench images
+.PHONY: help deps control-plane helm coredns crds check-crds lint test demo bench images
 
 help:
 	@echo "make demo   run Eden end to end on a local control plane and two redis-servers"
@@ -51,9 +51,14 @@ deps:
 	fi
 	@command -v kubectl >/dev/null || { echo "kubectl is required on PATH"; exit 1; }
 
-# etcd + kube-apiserver v1.33, built once per source version into $(EDEN_CACHE_DIR)/bin.
+# etcd + kube-apiserver v1.33, built once per source version into $(EDEN_CACHE_DIR)/bin; the same
+# binary is the test node's kubelet, kube-proxy, scheduler and controller-manager.
 control-plane:
 	@bash e2e/control-plane/build.sh >/dev/null
+
+# CoreDNS, the test node's cluster DNS, built once per version from its published module.
+coredns:
+	@bash e2e/coredns/build.sh >/dev/null
 
 # Helm, built once per version from its published module into $(EDEN_CACHE_DIR)/bin: the tests
 # install the chart with it.
@@ -76,7 +81,7 @@ lint: helm
 	cargo clippy --workspace --all-targets -q -- -D warnings
 	@"$$(bash e2e/helm/build.sh)" lint --strict --quiet charts/eden
 
-test: deps control-plane helm lint check-crds
+test: deps control-plane helm coredns lint check-crds
 	cargo test --workspace
 
 demo: deps control-plane

@@ -233,8 +233,11 @@ async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_write
     // are refused.
     node.run_kubectl(&["delete", "-n", &apps, "migration/cache", "--timeout=60s"]).unwrap();
     node.run_kubectl(&["scale", "-n", &system, "deployment/eden-operator", "--replicas=0"]).unwrap();
-    let operator_pods = ["wait", "-n", &system, "--for=delete", "pod", "-l", "app.kubernetes.io/name=eden-operator"];
-    node.run_kubectl(&[&operator_pods[..], &["--timeout=60s"]].concat()).unwrap();
+    eventually("the operator's pods to go", Duration::from_secs(60), || {
+        let pods = node.run_kubectl(&["get", "pods", "-n", &system, "-o", "name"]).unwrap();
+        pods.trim().is_empty().then_some(())
+    })
+    .unwrap();
     let unrelated = node.restricted_namespace("unrelated").await.unwrap();
     let sleeper = r#"[busybox, sleep, 1d]"#;
     node.apply_manifest(&unrelated, &pod("plain", "", sleeper)).unwrap();
