@@ -71,7 +71,8 @@ impl FreshnessRecord {
 pub(crate) enum Marks {
     /// The source's `master_repl_offset`, passed once this run's own stream has applied it.
     Offset(Box<Endpoint>),
-    /// A barrier on the notification channel, passed once processed with nothing waiting.
+    /// A barrier on the notification channel, passed once every key notified before it is on
+    /// the target.
     Barrier(Arc<Barriers>),
 }
 
@@ -98,7 +99,7 @@ impl Marks {
         progress.checkpoint.backfill_done()
             && match self {
                 Marks::Offset(_) => progress.streamed.is_some_and(|applied| applied >= mark),
-                Marks::Barrier(_) => progress.barrier >= mark && progress.caught_up(),
+                Marks::Barrier(_) => progress.written_through >= mark,
             }
     }
 }

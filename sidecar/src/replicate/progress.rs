@@ -37,6 +37,9 @@ pub struct Progress {
     /// an offset carried over from a checkpoint.
     #[serde(skip)]
     pub(crate) streamed: Option<u64>,
+    /// Scan mode: the last barrier every key notified before which is on the target.
+    #[serde(skip)]
+    pub(crate) written_through: u64,
     /// Resumable state: counts, `total` (DBSIZE at the start of the pass) and the cursor.
     pub checkpoint: Checkpoint,
     /// When the oldest change not yet on the target arrived, if one is waiting. `lag_ms` is

@@ -354,10 +354,9 @@ impl Turns {
     /// After a lost connection: the batches not written yet are dropped, their dirty keys go
     /// back to the dirty set, and their pass steps are formed again.
     fn drop_in_flight(&mut self, shared: &Shared) {
-        let mut dirty = shared.dirty();
-        for batch in self.unread.take().iter().chain(self.read.take().as_ref().map(|(batch, _)| batch)) {
-            batch.keys[..batch.dirty].iter().for_each(|(key, _)| dirty.insert(key));
-        }
+        let (unread, read) = (self.unread.take(), self.read.take());
+        let batches = unread.iter().chain(read.as_ref().map(|(batch, _)| batch));
+        shared.dirty().requeue(batches.flat_map(|batch| batch.keys[..batch.dirty].iter().map(|(key, _)| key)));
         self.ahead = self.state.passes.clone();
     }
 }
@@ -392,6 +391,9 @@ struct ValueLinks {
 struct Batch {
     /// The notification barrier read before the batch was formed.
     barrier: u64,
+    /// The latest barrier every key notified before which is on the target once this batch
+    /// is (see [`super::dirty`]).
+    passes: Option<u64>,
     /// Keys to copy, each with its policy: the dirty keys first (replaced, unless a `fail` or
     /// `skip` backfill has not settled them yet), then the keys a SCAN step of the source found
     /// (under the pass's policy, unless [`Settled`] decides).
@@ -555,13 +557,21 @@ impl CopyLoop {
         // Live changes first, so lag stays low during a long backfill. `take` removes the keys
         // from the dirty set before anything of them is read (the ordering the proof needs);
         // from here on they are in a batch, so a failure below cannot lose them.
-        let dirty = self.shared.dirty().take(self.options.batch);
+        // A barrier passed by this take is on the target once the batch formed last is written.
+        let (dirty, passed) = {
+            let mut set = self.shared.dirty();
+            (set.take(self.options.batch), set.passed_barrier())
+        };
         if pass.is_none() && dirty.is_empty() && t.unread.is_none() && t.read.is_none() {
-            self.publish(&mut t.snapshot, &t.state, barrier, t.pass_started, 0);
+            self.publish(&mut t.snapshot, &t.state, barrier, passed, t.pass_started, 0);
             let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
             return Ok(());
         }
         let mut formed = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, t.settled.as_mut()));
+        let last_formed = formed.as_mut().or(t.unread.as_mut()).or(t.read.as_mut().map(|(batch, _)| batch));
+        if let Some(batch) = last_formed {
+            batch.passes = batch.passes.max(passed);
+        }
         let to_read = t.unread.take();
         let (mut to_write, read) = t.read.take().unzip();
         if let (Some(batch), Some(kept)) = (&mut to_write, &self.kept) {
@@ -606,10 +616,9 @@ impl CopyLoop {
                 // None of these batches is known to be on the target (the one being written may
                 // be in part). Their dirty keys go back, to be taken by batches formed later,
                 // whose reads follow their forming, so the argument in the module docs holds.
-                let mut dirty = self.shared.dirty();
-                for batch in formed.iter().chain(&to_read).chain(&to_write) {
-                    batch.keys[..batch.dirty].iter().for_each(|(key, _)| dirty.insert(key));
-                }
+                let batches = formed.iter().chain(&to_read).chain(&to_write);
+                let keys = batches.flat_map(|batch| batch.keys[..batch.dirty].iter().map(|(key, _)| key));
+                self.shared.dirty().requeue(keys);
                 return Err(err);
             }
         };
@@ -636,7 +645,7 @@ impl CopyLoop {
             t.state.deleted += stats.deleted;
             t.state.skipped += stats.skipped;
             let in_flight = t.unread.iter().map(|b| b.dirty).chain(t.read.iter().map(|(b, _)| b.dirty)).sum();
-            self.publish(&mut t.snapshot, &t.state, batch.barrier, t.pass_started, in_flight);
+            self.publish(&mut t.snapshot, &t.state, batch.barrier, batch.passes, t.pass_started, in_flight);
         }
         Ok(())
     }
@@ -646,6 +655,7 @@ impl CopyLoop {
     fn form(&self, barrier: u64, dirty: Vec<Key>, settled: Option<&mut Settled>) -> Batch {
         let mut batch = Batch {
             barrier,
+            passes: None,
             dirty: dirty.len(),
             keys: dirty.into_iter().map(|key| (key, ReplacePolicy::Replace)).collect(),
             stale: Vec::new(),
@@ -718,6 +728,7 @@ impl CopyLoop {
         snapshot: &mut Progress,
         state: &Checkpoint,
         barrier: u64,
+        passed: Option<u64>,
         pass_started: Instant,
         in_flight: usize,
     ) {
@@ -730,6 +741,7 @@ impl CopyLoop {
         drop(dirty);
         snapshot.rate = state.copied as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         snapshot.barrier = barrier;
+        snapshot.written_through = snapshot.written_through.max(passed.unwrap_or(0));
         snapshot.checkpoint = state.clone();
         self.progress.send_replace(snapshot.clone());
     }
