@@ -1,9 +1,10 @@
-//! A real Kubernetes API server (etcd + kube-apiserver v1.33) on loopback.
+//! A real Kubernetes API server (etcd + kube-apiserver v1.33) on loopback, or serving the real
+//! node ([`crate::Node`]).
 //!
 //! The binary comes from `e2e/control-plane/` (Go, built once by its `build.sh` into a cache
 //! outside the clone). One control plane is shared by every test of a test binary
 //! ([`ControlPlane::shared`]); tests isolate themselves in their own namespaces
-//! ([`ControlPlane::namespace`]). The process watches its stdin, so it exits with the test
+//! ([`Cluster::namespace`]). The process watches its stdin, so it exits with the test
 //! binary even though a shared static is never dropped.
 
 use std::io::{BufRead, BufReader};

@@ -1,9 +1,10 @@
 //! Real components for Eden's tests and its demo: `redis-server` processes, a local Kubernetes
-//! control plane (etcd + kube-apiserver built from the upstream Go module) and Helm (built from
-//! its published module).
+//! control plane (etcd + kube-apiserver built from the upstream Go module), a real node where
+//! Pods run ([`Node`]) and Helm (built from its published module).
 //!
 //! Nothing here is a mock. Tests and the demo start what a user would have, on free loopback
-//! ports, and tear it down when the fixture is dropped.
+//! ports (the node: on its own pod network), and tear it down when the fixture is dropped or its
+//! test binary exits.
 
 mod cluster;
 mod control_plane;
