@@ -31,7 +31,7 @@ use super::endpoint::{Endpoint, printable};
 use super::keys;
 use super::sync::decode;
 use super::sync::link::{Decimal, Link, encode_into};
-use super::sync::load::{SetExpiry, encode_set};
+use super::sync::load::{SetExpiry, TMP_PREFIX, encode_set};
 use super::{Key, KeyType, ReplicateError, streams};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -477,7 +477,7 @@ impl Copier {
         }
         let expiry: i64 = self.source.cmd(self.expiry.name(), cmd(self.expiry.name()).arg(key)).await?;
         let expiry = self.expiry.absolute_ms(expiry);
-        let tmp = [b"eden:tmp:".as_slice(), key].concat();
+        let tmp = [TMP_PREFIX, key].concat();
         self.target.cmd::<()>("DEL", cmd("DEL").arg(&tmp)).await?;
         let mut chunks = Chunks::new(&self.source, key, kind, self.chunk);
         let mut wrote = false;
@@ -519,9 +519,10 @@ impl Copier {
     }
 }
 
-/// The command adding one chunk of a list, hash, set or sorted set to `key`.
+/// The command adding one chunk of a string, list, hash, set or sorted set to `key`.
 fn flat_write(kind: KeyType, key: &[u8], items: &[Key]) -> redis::Cmd {
     let mut write = match kind {
+        KeyType::String => cmd("APPEND"),
         KeyType::Hash => cmd("HSET"),
         KeyType::Set => cmd("SADD"),
         KeyType::ZSet => cmd("ZADD"),

@@ -52,10 +52,10 @@ impl KeyType {
         }
     }
 
-    /// Whether values of this type can be copied element by element ([`super::chunks`]; a
-    /// stream's groups follow its entries, [`super::streams`]).
+    /// Whether values of this type can be copied element by element, a string range by range
+    /// ([`super::chunks`]; a stream's groups follow its entries, [`super::streams`]).
     pub(crate) fn chunkable(self) -> bool {
-        matches!(self, KeyType::List | KeyType::Hash | KeyType::Set | KeyType::ZSet | KeyType::Stream)
+        self != KeyType::Other
     }
 }
 
