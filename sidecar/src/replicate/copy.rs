@@ -185,7 +185,7 @@ impl Copier {
     /// "" for a missing key too). The cap is the key's share of the batch's budget
     /// ([`budget::string_cap`]), so this reply stays within it. What is left — keys of other
     /// types (WRONGTYPE) and strings over the cap — is read the general way: MEMORY USAGE, TYPE
-    /// for the keys over the big-value threshold (only collections are walked in chunks), then
+    /// for the keys over the big-value threshold (walked in chunks, strings too), then
     /// DUMP and expiry of the others, in MULTIs of keys whose sizes fit the budget
     /// ([`budget::groups`]): the first now, beside the strings, the rest when the batch is
     /// written ([`Read::later`]). Each MULTI makes a key's value and expiry describe the same
@@ -467,8 +467,10 @@ impl Copier {
         }
     }
 
-    /// Walks a big collection into `eden:tmp:<key>` on the target, then atomically sets the
-    /// expiry and RENAMEs it over the key.
+    /// Walks a big value into `eden:tmp:<key>` on the target, then atomically sets the expiry
+    /// and RENAMEs it over the key. The walk's reads, like every read of the batch, follow the
+    /// batch's forming: a write to the key during the walk is notified after it and copies the
+    /// key again later ([`super::scan`]), so a walk that mixed states is overwritten in turn.
     async fn copy_big(&self, key: &[u8], kind: KeyType, policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
         let mut stats = CopyStats::default();
         if policy != ReplacePolicy::Replace && keys::exists(&self.target, &[key.to_vec()]).await?[0] {
@@ -479,23 +481,16 @@ impl Copier {
         let expiry = self.expiry.absolute_ms(expiry);
         let tmp = [TMP_PREFIX, key].concat();
         self.target.cmd::<()>("DEL", cmd("DEL").arg(&tmp)).await?;
-        let mut chunks = Chunks::new(&self.source, key, kind, self.chunk);
-        let mut wrote = false;
-        while let Some(chunk) = chunks.next().await? {
-            let mut write = match chunk {
-                Chunk::Flat(items) if items.is_empty() => continue,
-                Chunk::Flat(items) => {
-                    let mut write = pipe();
-                    write.add_command(flat_write(kind, &tmp, &items));
-                    write
-                }
-                Chunk::Stream(entries) => streams::entries(&self.source, &tmp, &entries)?,
-            };
-            for reply in self.target.pipe("chunk write", &mut write).await? {
-                self.target.ok("chunk write", reply)?;
+        let wrote = match self.walk(key, kind, &tmp).await {
+            Ok(wrote) => wrote,
+            // The key became another type during the walk: the write that made it so is
+            // notified, and copies it again; what was walked is not a value it ever had.
+            Err(ReplicateError::Command { source, .. }) if source.code() == Some("WRONGTYPE") => {
+                self.target.cmd::<()>("DEL", cmd("DEL").arg(&tmp)).await?;
+                return Ok(stats);
             }
-            wrote = true;
-        }
+            Err(err) => return Err(err),
+        };
         if !wrote {
             // The key vanished before its first chunk; a notification will confirm the delete.
             self.target.cmd::<()>("DEL", cmd("DEL").arg(key)).await?;
@@ -516,6 +511,29 @@ impl Copier {
         }
         stats.copied += 1;
         Ok(stats)
+    }
+
+    /// Copies `key`'s elements (a string's bytes) chunk by chunk into `tmp`; whether there
+    /// were any.
+    async fn walk(&self, key: &[u8], kind: KeyType, tmp: &[u8]) -> Result<bool, ReplicateError> {
+        let mut chunks = Chunks::new(&self.source, key, kind, self.chunk);
+        let mut wrote = false;
+        while let Some(chunk) = chunks.next().await? {
+            let mut write = match chunk {
+                Chunk::Flat(items) if items.is_empty() => continue,
+                Chunk::Flat(items) => {
+                    let mut write = pipe();
+                    write.add_command(flat_write(kind, tmp, &items));
+                    write
+                }
+                Chunk::Stream(entries) => streams::entries(&self.source, tmp, &entries)?,
+            };
+            for reply in self.target.pipe("chunk write", &mut write).await? {
+                self.target.ok("chunk write", reply)?;
+            }
+            wrote = true;
+        }
+        Ok(wrote)
     }
 }
 
