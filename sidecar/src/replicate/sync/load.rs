@@ -28,7 +28,7 @@
 //! No command carries more than a piece, so the target's `proto-max-bulk-len` never refuses
 //! one, and memory holds the threshold plus a batch, whatever the value's size. Nothing reads
 //! the temporary key, and the stream's commands for the key are applied only after the load,
-//! so after its `RENAME` (see DESIGN.md, "Sync mode big values").
+//! so after its `RENAME` (see DESIGN.md, "Big values in pieces").
 //!
 //! Batches are bounded by keys and bytes, and up to [`IN_FLIGHT`] batches are sent before the
 //! oldest one's replies are read, so the source's link, Eden and the target all work at once
