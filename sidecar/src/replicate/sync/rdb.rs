@@ -25,7 +25,7 @@
 //! so whatever follows in the buffer (the command stream) is left for the stream applier. It
 //! checks the RDB's own CRC64 as it goes. Anything malformed is an error, never a panic.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use crc::{CRC_64_REDIS, Crc, Digest, Table};
 use tracing::warn;
 
@@ -470,8 +470,10 @@ impl<'a, F: Feed> Snapshot<'a, F> {
                     while walk.next(self, false).await?.is_some() {
                         pieces += 1;
                         if self.capture.as_ref().is_some_and(|c| c.len() > self.big_value_bytes) {
-                            let captured = self.capture.take().unwrap_or_default();
-                            let replay = Memory(BytesMut::from(&captured[1..]));
+                            // Moved, not copied (a unique `Bytes` becomes a `BytesMut` as is).
+                            let mut captured = BytesMut::from(Bytes::from(self.capture.take().unwrap_or_default()));
+                            captured.advance(1); // the type byte
+                            let replay = Memory(captured);
                             let replay = Some((replay, Walk::new(value_type), pieces));
                             return Ok(Entry::Big(Big { entry, kind: value_type, replay, walk }));
                         }
