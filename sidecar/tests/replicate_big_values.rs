@@ -256,3 +256,22 @@ async fn sync_keeps_writes_made_during_a_chunked_copy() {
 async fn scan_keeps_writes_made_during_a_chunked_copy() {
     writes_during_a_chunked_copy_are_kept(Mode::Scan).await;
 }
+
+/// A source that refuses MEMORY USAGE (denied by an ACL, as some managed services do): scan mode
+/// sizes values by type and length instead, and still walks the big ones in chunks rather than
+/// DUMPing them whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_sizes_values_by_length_where_memory_usage_is_refused() {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    let _: () = redis::cmd("ACL").arg(&["SETUSER", "default", "-memory"]).query_async(&mut source).await.unwrap();
+    seed_zset(&mut source, "leaderboard", 50_000).await;
+    let _: () = source.set("blob", noise(1 << 20, 4)).await.unwrap();
+    let _: () = source.set("small", "value").await.unwrap();
+    let options = ReplicatorOptions::new(ReplacePolicy::Replace).with_big_value_bytes(BIG);
+    let mut replicator = pair.replicator(Mode::Scan, options, None).await;
+    caught_up(&mut replicator).await;
+    assert_copied(&pair, &["leaderboard", "blob", "small"]).await;
+    assert_eq!(calls(&mut pair.target().await, "rename").await, 2, "both big values went through a temporary key");
+    assert_eq!(calls(&mut pair.target().await, "restore").await, 0, "nothing was DUMPed whole");
+}

@@ -223,8 +223,8 @@ impl Copier {
         read.big =
             over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
         // No size: the key vanished since the string read (its DUMP will be a null, so it counts
-        // as nothing), or the server refuses MEMORY USAGE, which leaves only the string read
-        // bounded.
+        // as nothing). A server that refuses MEMORY USAGE has its sizes estimated from the
+        // type and length instead ([`keys::sizes`]).
         let (rest, sizes): (Vec<usize>, Vec<u64>) = rest
             .into_iter()
             .zip(sizes)
