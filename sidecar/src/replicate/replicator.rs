@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::endpoint::Endpoint;
+use super::freshness::Marks;
 use super::{
     Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions,
     SyncReplicator,
@@ -141,12 +142,19 @@ impl Replicator {
         };
         // Without the record no sidecar reads the target before it is authoritative: safe,
         // and said once.
-        let freshness = match Endpoint::connect("target", target).await {
-            Ok(endpoint) => Some((super::freshness::keep(endpoint.clone(), progress), endpoint)),
+        let beats = async {
+            let marks = match &engine {
+                Engine::Sync(_) => Marks::Offset(Box::new(Endpoint::connect("source", source).await?)),
+                Engine::Scan(r) => Marks::Barrier(r.barriers()),
+            };
+            Ok::<_, ReplicateError>((Endpoint::connect("target", target).await?, marks))
+        };
+        let freshness = match beats.await {
+            Ok((endpoint, marks)) => Some((super::freshness::keep(endpoint.clone(), marks, progress), endpoint)),
             Err(err) => {
                 tracing::warn!(
                     error = %err,
-                    "cannot connect to the target to keep the freshness record; sidecars will not read from it before cutover"
+                    "cannot connect to keep the freshness record; sidecars will not read from it before cutover"
                 );
                 None
             }

@@ -261,6 +261,7 @@ impl Session {
             // the stream flows again, the target falls behind by however long this takes.
             self.restart = true;
             self.reporter.progress.behind_since.get_or_insert_with(Instant::now);
+            self.reporter.progress.streamed = None;
             self.reporter.publish();
             loop {
                 let wait = Duration::from_secs(1 << attempts);
