@@ -64,6 +64,14 @@ impl ReplicatorOptions {
         }
     }
 
+    /// The same big-value threshold for both modes: values of more bytes are copied in pieces
+    /// ([`ScanOptions::big_key_bytes`], [`SyncOptions::big_value_bytes`]).
+    pub fn with_big_value_bytes(mut self, bytes: u64) -> Self {
+        self.scan.big_key_bytes = bytes;
+        self.sync.big_value_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        self
+    }
+
     /// The same operations-per-second limits for both modes (sync mode refuses a source limit).
     pub fn with_limits(mut self, limits: OpsLimits) -> Self {
         self.scan.limits = limits;

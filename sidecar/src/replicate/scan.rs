@@ -75,6 +75,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::budget::{BIG_VALUE_BYTES, big_value_threshold};
 use super::checkpoint::Pass;
 use super::copy::{Copier, ExpiryCommand, Read};
 use super::endpoint::Endpoint;
@@ -98,7 +99,9 @@ pub struct ScanOptions {
     pub batch_bytes: u64,
     /// What the backfill does with keys that already exist on the target.
     pub replace: ReplacePolicy,
-    /// MEMORY USAGE above which lists, hashes, sets, sorted sets and streams are copied in chunks.
+    /// MEMORY USAGE above which values (strings, lists, hashes, sets, sorted sets, streams)
+    /// are copied in chunks; at most half the target's `proto-max-bulk-len`
+    /// ([`super::budget::big_value_threshold`]).
     pub big_key_bytes: u64,
     /// Elements per chunk when copying a big key.
     pub chunk: usize,
@@ -116,7 +119,7 @@ impl Default for ScanOptions {
             batch: 1000,
             batch_bytes: 32 << 20,
             replace: ReplacePolicy::Replace,
-            big_key_bytes: 16 << 20,
+            big_key_bytes: BIG_VALUE_BYTES,
             chunk: 1000,
             dirty_capacity: 100_000,
             flush_check: Duration::from_millis(500),
@@ -190,9 +193,14 @@ impl ScanReplicator {
                 probe(&source, &shared, &barrier_channel).await?;
             }
             let info: String = target.cmd("INFO", redis::cmd("INFO").arg("server")).await?;
-            Ok((ExpiryCommand::detect(&source).await?, SetExpiry::for_target(&info)))
+            // Refused on many managed services: their limit is then taken to be the default.
+            let limit: Option<Vec<String>> =
+                target.cmd("CONFIG GET", redis::cmd("CONFIG").arg("GET").arg("proto-max-bulk-len")).await.ok();
+            let limit = limit.and_then(|pair| pair.get(1)?.parse().ok());
+            let big = big_value_threshold(options.big_key_bytes, limit);
+            Ok((ExpiryCommand::detect(&source).await?, SetExpiry::for_target(&info), big))
         };
-        let (expiry, set_expiry) = match ready.await {
+        let (expiry, set_expiry, big_key_bytes) = match ready.await {
             Ok(detected) => detected,
             Err(err) => {
                 subscriber.abort();
@@ -209,7 +217,7 @@ impl ScanReplicator {
             set_expiry,
             source: source.clone(),
             target,
-            big_key_bytes: options.big_key_bytes,
+            big_key_bytes,
             batch_bytes: options.batch_bytes,
             chunk: options.chunk,
             rebuilt_types: Default::default(),

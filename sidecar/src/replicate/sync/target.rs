@@ -99,6 +99,15 @@ impl Target {
         }
     }
 
+    /// The target's `proto-max-bulk-len`; `None` when it does not say (CONFIG refused, as on
+    /// many managed services).
+    pub(crate) async fn bulk_limit(&mut self) -> Result<Option<u64>, ReplicateError> {
+        Ok(match self.link.call(&[b"CONFIG", b"GET", b"proto-max-bulk-len"]).await? {
+            BytesFrame::Array(pair) => pair.get(1).and_then(text).and_then(|limit| limit.parse().ok()),
+            _ => None,
+        })
+    }
+
     /// Empties the target before a full resync: it holds an earlier copy of this source, and
     /// keys deleted on the source since would otherwise survive.
     ///
