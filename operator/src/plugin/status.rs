@@ -5,6 +5,7 @@
 
 use std::fmt::Write;
 
+use eden_sidecar::human::{self, duration, percent, thousands};
 use eden_sidecar::lease::{ANNOTATION_GENERATION, ANNOTATION_WRITES};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
@@ -109,9 +110,7 @@ impl Report {
                 copied: progress.keys_copied,
                 total: progress.keys_total,
                 keys_per_second: rate,
-                eta_seconds: rate
-                    .filter(|rate| *rate > 0.0)
-                    .map(|rate| ((progress.keys_total - progress.keys_copied) as f64 / rate).ceil() as i64),
+                eta_seconds: rate.and_then(|rate| human::eta_seconds(progress.keys_copied, progress.keys_total, rate)),
             }
         });
         let sidecars = status.sidecars.as_ref().map(|counts| {
@@ -266,17 +265,7 @@ pub fn table(rows: &[[String; 8]], namespaces: bool) -> String {
 
 impl Copy {
     fn render(&self) -> String {
-        let percent = percent(self.copied, self.total);
-        let filled = (percent as usize).div_ceil(5).min(20);
-        let bar: String = "█".repeat(filled) + &"░".repeat(20 - filled);
-        let mut text = format!("{bar} {percent}%  {} / {} keys", thousands(self.copied), thousands(self.total));
-        if let Some(rate) = self.keys_per_second {
-            let _ = write!(text, "  {} keys/s", thousands(rate.round() as i64));
-        }
-        if let Some(eta) = self.eta_seconds {
-            let _ = write!(text, "  ETA {}", duration(eta));
-        }
-        text
+        human::copy_progress(self.copied, self.total, self.keys_per_second)
     }
 }
 
@@ -375,34 +364,6 @@ impl Paint {
 
     fn bold(&self, text: &str) -> String {
         self.wrap("1", text)
-    }
-}
-
-fn percent(part: i64, whole: i64) -> i64 {
-    if whole <= 0 { 100 } else { (part * 100 / whole).clamp(0, 100) }
-}
-
-/// `1234567` → `1,234,567`.
-fn thousands(n: i64) -> String {
-    let digits = n.unsigned_abs().to_string();
-    let mut out = String::new();
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    if n < 0 { format!("-{out}") } else { out }
-}
-
-/// Seconds as kubectl shows ages: `45s`, `2m10s`, `1h5m`, `3d4h`.
-fn duration(seconds: i64) -> String {
-    let s = seconds.max(0);
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
     }
 }
 
@@ -515,15 +476,5 @@ mod tests {
             table(&[report.row(now)], false),
             "NAME         PHASE   FOR     COPY   LAG   SIDECARS   READS\nshop-cache   Ready   5m30s   -      3ms   1/3        25%\n"
         );
-    }
-
-    #[test]
-    fn numbers_and_ages_read_as_kubectl_shows_them() {
-        assert_eq!(
-            [thousands(0), thousands(999), thousands(1000), thousands(-1234567)],
-            ["0", "999", "1,000", "-1,234,567"]
-        );
-        assert_eq!([duration(45), duration(130), duration(3900), duration(273600)], ["45s", "2m10s", "1h5m", "3d4h"]);
-        assert_eq!(percent(5, 0), 100, "nothing to copy is all copied");
     }
 }
