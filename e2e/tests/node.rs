@@ -148,6 +148,33 @@ fn assert_holds_only_what_it_needs(archive: &Path, binary: &str) {
     assert!(passwd.lines().any(|line| line.contains(":65532:65532:")), "{passwd}");
 }
 
+/// When the test fails, what a person would look at next: the pods, the Migration, the
+/// operator's log and the namespaces' Events.
+struct ShowOnFailure<'a> {
+    node: &'a Node,
+    system: &'a str,
+    apps: &'a str,
+}
+
+impl Drop for ShowOnFailure<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let logs = format!("--namespace={}", self.system);
+        for args in [
+            &["get", "pods", "--all-namespaces", "-o", "wide"][..],
+            &["get", "migrations.eden.io,endpoints.eden.io", "-n", self.apps, "-o", "yaml"],
+            &["logs", &logs, "deployment/eden-operator", "--tail=100"],
+            &["get", "events", "-n", self.apps],
+            &["get", "events", "-n", self.system],
+        ] {
+            let shown = self.node.run_kubectl(args).unwrap_or_else(|err| err.to_string());
+            eprintln!("kubectl {}:\n{shown}", args.join(" "));
+        }
+    }
+}
+
 #[tokio::test]
 async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_writes_through_cutover() {
     // The images are packed while the node comes up.
@@ -162,6 +189,7 @@ async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_write
     }
     let system = node.restricted_namespace("eden-system").await.unwrap();
     let apps = node.restricted_namespace("shop").await.unwrap();
+    let _show = ShowOnFailure { node, system: &system, apps: &apps };
 
     // The operator in a pod, with its ServiceAccount's token; opted-in pods are refused while
     // no replica answers.
