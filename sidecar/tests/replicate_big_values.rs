@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use eden_e2e::RedisConfig;
-use eden_sidecar::replicate::{Mode, ReplacePolicy, ReplicatorOptions};
+use eden_sidecar::replicate::{Mode, ReplacePolicy, ReplicateError, ReplicatorOptions};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use support_replicate::{Pair, assert_clean, caught_up};
@@ -274,4 +274,51 @@ async fn scan_sizes_values_by_length_where_memory_usage_is_refused() {
     assert_copied(&pair, &["leaderboard", "blob", "small"]).await;
     assert_eq!(calls(&mut pair.target().await, "rename").await, 2, "both big values went through a temporary key");
     assert_eq!(calls(&mut pair.target().await, "restore").await, 0, "nothing was DUMPed whole");
+}
+
+/// Under `skip` a big value the target already has stays the target's (its temporary copy is
+/// dropped, and the key is recorded as kept); a big value it lacks is copied. Under `fail` the
+/// same key stops the run, naming it.
+async fn skip_and_fail_hold_for_big_values(mode: Mode) {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_zset(&mut source, "leaderboard", 20_000).await;
+    let _: () = source.set("blob", noise(1 << 20, 5)).await.unwrap();
+    let mut target = pair.target().await;
+    let _: () = target.set("leaderboard", "the target's own").await.unwrap();
+
+    let options = ReplicatorOptions::new(ReplacePolicy::Skip).with_big_value_bytes(BIG);
+    let mut replicator = pair.replicator(mode, options, None).await;
+    caught_up(&mut replicator).await;
+    let kept: String = target.get("leaderboard").await.unwrap();
+    assert_eq!(kept, "the target's own");
+    assert!(replicator.kept_keys().expect("a skip run records its keeps").contains(0, b"leaderboard"));
+    let (a, b): (Vec<u8>, Vec<u8>) = (source.get("blob").await.unwrap(), target.get("blob").await.unwrap());
+    assert!(a == b, "the big value the target lacked is copied");
+    let tmp: Vec<Vec<u8>> = target.keys("eden:tmp:*").await.unwrap();
+    assert!(tmp.is_empty(), "temporary keys left: {tmp:?}");
+    // Both went the big way: sync renames each without overwriting (RENAMENX), scan looks for
+    // the key first and renames only the one the target lacks.
+    let (command, expected) = if mode == Mode::Sync { ("renamenx", 2) } else { ("rename", 1) };
+    assert_eq!(calls(&mut target, command).await, expected, "{command}");
+    replicator.stop().await.unwrap();
+
+    let _: () =
+        redis::pipe().cmd("FLUSHALL").set("leaderboard", "the target's own").exec_async(&mut target).await.unwrap();
+    let options = ReplicatorOptions::new(ReplacePolicy::Fail).with_big_value_bytes(BIG);
+    let mut replicator = pair.replicator(mode, options, None).await;
+    let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("the fail policy stops");
+    assert!(matches!(err, ReplicateError::TargetKeyExists { ref key, .. } if key == "leaderboard"), "{err}");
+    let kept: String = target.get("leaderboard").await.unwrap();
+    assert_eq!(kept, "the target's own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_holds_skip_and_fail_for_big_values() {
+    skip_and_fail_hold_for_big_values(Mode::Sync).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_holds_skip_and_fail_for_big_values() {
+    skip_and_fail_hold_for_big_values(Mode::Scan).await;
 }

@@ -1,6 +1,6 @@
 //! A shallow, streaming reader of the RDB snapshot a source sends its replica.
 //!
-//! Eden does not rebuild collections from the RDB. It only finds where each key's encoded value
+//! Eden does not rebuild values from the RDB. It only finds where each key's encoded value
 //! begins and ends, and hands those bytes on untouched: an RDB value is byte for byte the body
 //! of a `DUMP` payload, so the target's own `RESTORE` decodes it, whatever the encoding
 //! (listpack, quicklist, intset, stream, module value). That keeps this reader small — lengths,
