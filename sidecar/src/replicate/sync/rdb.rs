@@ -657,7 +657,9 @@ impl<'a, F: Feed> Snapshot<'a, F> {
         self.len().await?; // length: what the entries make
         let mut setid = vec![id(self.len().await?, self.len().await?)];
         if v2 {
-            (self.len().await?, self.len().await?); // first ID: what the entries make
+            // The first ID: what the entries make.
+            self.len().await?;
+            self.len().await?;
             let max_deleted = id(self.len().await?, self.len().await?);
             let added = self.len().await?.to_string().into_bytes();
             setid.extend([b"ENTRIESADDED".to_vec(), added, b"MAXDELETEDID".to_vec(), max_deleted]);
