@@ -235,8 +235,8 @@ async fn scan_copies_values_past_the_targets_bulk_limit() {
 async fn writes_during_a_chunked_copy_are_kept(mode: Mode) {
     let pair = Pair::start();
     let mut source = pair.source().await;
-    seed_zset(&mut source, "leaderboard", 200_000).await;
-    let _: () = source.set("blob", noise(3 << 20, 3)).await.unwrap();
+    seed_zset(&mut source, "leaderboard", 50_000).await;
+    let _: () = source.set("blob", noise(1 << 20, 3)).await.unwrap();
     let (stop, writes) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let writer = {
         let (mut con, stop, writes) = (source.clone(), stop.clone(), writes.clone());
@@ -245,12 +245,12 @@ async fn writes_during_a_chunked_copy_are_kept(mode: Mode) {
             while !stop.load(Ordering::Relaxed) {
                 let mut p = redis::pipe();
                 p.zadd("leaderboard", format!("live:{i}"), i)
-                    .zincr("leaderboard", format!("player:{}", i * 7919 % 200_000), 1)
-                    .zrem("leaderboard", format!("player:{}", i * 104_729 % 200_000))
+                    .zincr("leaderboard", format!("player:{}", i * 7919 % 50_000), 1)
+                    .zrem("leaderboard", format!("player:{}", i * 104_729 % 50_000))
                     .append("blob", i.to_string())
                     .cmd("SETRANGE")
                     .arg("blob")
-                    .arg(i * 4099 % (3 << 20))
+                    .arg(i * 4099 % (1 << 20))
                     .arg("edited");
                 let _: () = p.exec_async(&mut con).await.unwrap();
                 writes.fetch_add(1, Ordering::Relaxed);
