@@ -139,11 +139,23 @@ impl Strategy {
 
     /// Whether a read of `key` that [`Self::route`] sent to the target may be served there for
     /// a client whose writes are `writes`: always when the target owns the key; else only when
-    /// the target holds every write the client saw answered (read-your-writes) and is within
-    /// the lag guard.
+    /// something feeds the target the source's writes, and the target holds every write the
+    /// client saw answered (read-your-writes) and is within the lag guard.
     pub fn target_may_serve(&self, key: Option<&[u8]>, writes: ClientWrites) -> bool {
         let Some(config) = &self.config else { return false };
-        owner(config, key) == Side::Target || self.target_reads.holds(writes)
+        if owner(config, key) == Side::Target {
+            return true;
+        }
+        let fed = match self.target_reads {
+            // Replication feeds the target; its freshness record says how far.
+            TargetReads::CoveredBefore(_) => true,
+            // No replication: the sidecars' own mirrors are all that feed it, and in `cutover`
+            // they never carry source-owned keys (replication would). In a split (which runs
+            // only without replication, DESIGN §9) the target keeps the values those keys had
+            // when writes split, so their reads stay on the source.
+            TargetReads::Ungated => config.write_mode == WriteMode::DualWrite,
+        };
+        fed && self.target_reads.holds(writes)
     }
 
     /// Where a request of `kind` whose first key is `key` goes, outside a transaction.
@@ -462,5 +474,20 @@ mod tests {
         let authoritative = config(|c| (c.read_percentage, c.write_policy) = (100, WritePolicy::NewAuthoritative))
             .with_target_reads(TargetReads::CoveredBefore(Option::None));
         assert!(authoritative.target_may_serve(Some(b"k"), Waiting), "the target owns the key: no gate");
+    }
+
+    #[test]
+    fn in_a_split_without_replication_only_target_owned_keys_are_read_from_the_target() {
+        let split = config(|c| {
+            (c.read_percentage, c.write_mode, c.write_percentage, c.mirror_writes) = (100, WriteMode::Cutover, 50, true)
+        });
+        for i in 0..100 {
+            let key = format!("key:{i}");
+            let target_owned = key_bucket(key.as_bytes()) < 50;
+            assert_eq!(split.target_may_serve(Some(key.as_bytes()), ClientWrites::None), target_owned, "{key}");
+        }
+        assert!(!split.target_may_serve(None, ClientWrites::None), "keyless: the source's, not mirrored");
+        let replicated = split.with_target_reads(TargetReads::CoveredBefore(Some(Instant::now())));
+        assert!(replicated.target_may_serve(None, ClientWrites::None), "replication feeds the target");
     }
 }
