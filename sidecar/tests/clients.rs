@@ -199,8 +199,9 @@ impl Setup {
     async fn mirrored(&self) {
         let (source, target) = (&self.migration.source, &self.migration.target);
         eventually("both sides hold the same keys", || async {
-            let count =
-                |server| async move { redis::cmd("DBSIZE").query_async::<i64>(&mut direct(server).await).await.unwrap() };
+            let count = |server| async move {
+                redis::cmd("DBSIZE").query_async::<i64>(&mut direct(server).await).await.unwrap()
+            };
             count(source).await == count(target).await
         })
         .await;

@@ -264,12 +264,7 @@ enum Next {
 }
 
 impl<C: AsyncWrite> Replies<C> {
-    pub fn new(
-        to_client: WriteHalf<C>,
-        dues: DueQueue,
-        shared: Arc<Shared>,
-        metrics: Arc<ProxyMetrics>,
-    ) -> Self {
+    pub fn new(to_client: WriteHalf<C>, dues: DueQueue, shared: Arc<Shared>, metrics: Arc<ProxyMetrics>) -> Self {
         Replies {
             to_client,
             dues,
@@ -617,5 +612,50 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::task::Context;
+
+    use super::*;
+
+    /// Whether the reply task would wake up now.
+    fn woken(queue: &DueQueue) -> bool {
+        pin!(queue.woken()).poll(&mut Context::from_waker(Waker::noop())).is_ready()
+    }
+
+    fn replies(side: Side) -> VecDeque<Due> {
+        VecDeque::from([Due::Replies { side, count: 1, discard: false }])
+    }
+
+    #[test]
+    fn only_what_no_upstream_read_brings_to_the_reply_task_wakes_it() {
+        let (dues, queue) = dues();
+        let mut taken = VecDeque::new();
+        dues.hand_over(&mut replies(Side::Source));
+        assert!(woken(&queue), "until the reply task says what it reads, every due wakes it");
+        assert!(queue.take(&mut taken, [true, false]));
+        assert!(!woken(&queue), "taken: nothing left to wake for");
+
+        dues.hand_over(&mut replies(Side::Source));
+        assert!(!woken(&queue), "replies from a side it reads: the reply's bytes wake it");
+        dues.hand_over(&mut replies(Side::Target));
+        assert!(woken(&queue), "replies from a side it does not read");
+        assert!(queue.take(&mut taken, [true, true]));
+        assert_eq!(taken.len(), 3, "every due, in order");
+        assert!(matches!(taken[2], Due::Replies { side: Side::Target, .. }));
+
+        dues.hand_over(&mut VecDeque::from([Due::Made(Bytes::from_static(b"+OK\r\n"))]));
+        assert!(woken(&queue), "a reply the proxy makes");
+        assert!(queue.take(&mut taken, [false, true]));
+        dues.hand_over(&mut replies(Side::Source));
+        assert!(woken(&queue), "the source's connection closed since");
+        assert!(queue.take(&mut taken, [true, true]));
+
+        drop(dues);
+        assert!(woken(&queue) && !queue.take(&mut taken, [true, true]), "the request side is gone");
     }
 }
