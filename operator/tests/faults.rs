@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 struct SidecarProcess {
     child: std::process::Child,
     port: u16,
+    admin: u16,
     command: std::process::Command,
 }
 
@@ -51,7 +52,7 @@ impl SidecarProcess {
         }
         command.env("KUBECONFIG", kubeconfig).stdout(std::process::Stdio::null()).stderr(log);
         let child = command.spawn().unwrap();
-        SidecarProcess { child, port, command }
+        SidecarProcess { child, port, admin, command }
     }
 
     /// Kills the process (SIGKILL: no clean shutdown, replies in flight are lost) and starts
@@ -60,6 +61,17 @@ impl SidecarProcess {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         self.child = self.command.spawn().unwrap();
+    }
+
+    /// Reads the target has served for this sidecar so far (its `/metrics`).
+    async fn target_reads(&self) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut admin = tokio::net::TcpStream::connect(("127.0.0.1", self.admin)).await.unwrap();
+        admin.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut page = String::new();
+        admin.read_to_string(&mut page).await.unwrap();
+        let series = "eden_commands_total{route=\"target\",kind=\"read\"} ";
+        page.lines().find_map(|line| line.strip_prefix(series)).map_or(0, |n| n.parse().unwrap())
     }
 
     /// A client of this sidecar.
@@ -495,6 +507,12 @@ async fn canary_reads_leave_the_target_when_the_operator_dies_and_no_client_read
     scenario.harness.apply(&migration("shop", "sync", 50, "oldAuthoritative"));
     scenario.harness.wait_payload("shop", |p| p.read_percentage == 50).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // The canary works: the target's beats show it fresh, and it serves reads.
+    let mut target_reads = 0;
+    for sidecar in &scenario.sidecars {
+        target_reads += sidecar.target_reads().await;
+    }
+    assert!(target_reads > 0, "the target served no canary read while replication fed it");
     // The replication engine runs in the operator: killed, nothing feeds the target any more,
     // and no sidecar is told.
     scenario.harness.stop_operator().await;

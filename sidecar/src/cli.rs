@@ -104,6 +104,11 @@ pub struct ReplicateArgs {
     /// Commands per second to the target at most.
     #[arg(long)]
     target_ops_per_sec: Option<NonZeroU32>,
+    /// Values bigger than this many bytes (16 MiB by default; at most half the target's
+    /// `proto-max-bulk-len`) are copied in pieces into a temporary key, then renamed over the
+    /// key, so memory stays bounded whatever the biggest value.
+    #[arg(long)]
+    big_value_bytes: Option<NonZeroU32>,
     /// Where to keep the checkpoint; an existing file resumes the run it came from.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -151,7 +156,10 @@ pub async fn run(verb: Verb) -> ExitCode {
 async fn replicate(args: ReplicateArgs) -> Result<ExitCode, String> {
     let limits = OpsLimits { source: args.source_ops_per_sec, target: args.target_ops_per_sec };
     let (source, target) = args.servers.parse()?;
-    let options = ReplicatorOptions::new(args.replace).with_limits(limits);
+    let mut options = ReplicatorOptions::new(args.replace).with_limits(limits);
+    if let Some(bytes) = args.big_value_bytes {
+        options = options.with_big_value_bytes(bytes.get().into());
+    }
     let checkpoint = match &args.checkpoint {
         Some(path) if path.exists() => Some(read_checkpoint(path)?),
         _ => None,

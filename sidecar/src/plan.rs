@@ -48,10 +48,10 @@ pub struct TargetFreshness {
 }
 
 impl TargetFreshness {
-    /// The gate now: the covered instant, if within the lag guard.
+    /// The gate now: the covered instant, if within the lag guard and lately confirmed.
     fn target_reads(&self) -> TargetReads {
-        let covered = *self.covered.borrow();
-        TargetReads::CoveredBefore(covered.filter(|at| at.elapsed() <= self.max_lag))
+        let fresh = *self.covered.borrow();
+        TargetReads::CoveredBefore(fresh.and_then(|fresh| fresh.covered_within(self.max_lag)))
     }
 }
 

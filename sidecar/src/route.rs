@@ -31,7 +31,6 @@ use tokio::time::Instant;
 
 use crate::command::CommandKind;
 use crate::config::{EdenConfig, ReadRouting, WriteMode, WritePolicy};
-use crate::freshness::STREAM_MARGIN;
 use crate::hold::{HoldReason, HoldState};
 use crate::session::ClientWrites;
 
@@ -100,9 +99,7 @@ impl TargetReads {
             (TargetReads::Ungated, _) => true,
             (TargetReads::CoveredBefore(None), _) | (_, ClientWrites::Waiting) => false,
             (TargetReads::CoveredBefore(Some(_)), ClientWrites::None) => true,
-            (TargetReads::CoveredBefore(Some(covered)), ClientWrites::AnsweredAt(answered)) => {
-                answered + STREAM_MARGIN < covered
-            }
+            (TargetReads::CoveredBefore(Some(covered)), ClientWrites::AnsweredAt(answered)) => answered < covered,
         }
     }
 }
@@ -463,8 +460,8 @@ mod tests {
         let covered =
             canary.clone().with_target_reads(TargetReads::CoveredBefore(Some(now - Duration::from_millis(20))));
         assert!(covered.target_may_serve(Some(b"k"), None));
-        assert!(covered.target_may_serve(Some(b"k"), answered(40)), "answered well before the covered instant");
-        assert!(!covered.target_may_serve(Some(b"k"), answered(22)), "within the stream margin of it");
+        assert!(covered.target_may_serve(Some(b"k"), answered(21)), "answered before the covered instant");
+        assert!(!covered.target_may_serve(Some(b"k"), answered(20)), "answered at it");
         assert!(!covered.target_may_serve(Some(b"k"), answered(5)), "after it: the target may not hold it yet");
         assert!(!covered.target_may_serve(Some(b"k"), Waiting), "a write still on its way");
 

@@ -20,6 +20,7 @@ use eden_sidecar::lease::{
 };
 use eden_sidecar::replicate::{Mode, Replicator, ReplicatorOptions};
 use eden_sidecar::route::key_bucket;
+use eden_sidecar::upstream::{Server, TlsSettings, Upstream};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
@@ -956,6 +957,64 @@ async fn canary_reads_reach_the_target_only_while_replication_keeps_it_fresh_and
         assert_eq!(read, n, "a stale target serves no read");
     }
     assert_eq!(target_reads(), before, "no read reached the target once it went stale");
+}
+
+/// The freshness argument's claim, checked directly in both modes: whenever a sidecar's follower
+/// publishes a covered instant, the target holds every write the source acknowledged before it.
+/// The engine reaches the source over a slow link (every chunk held 30 ms), so the source
+/// acknowledges writes long before the engine can see them: a claim made from what the engine
+/// has received would be false here. The writer never pauses: the engine must beat under a key
+/// that is always being written.
+#[tokio::test]
+async fn every_covered_instant_holds_on_the_target_even_when_the_engine_hears_the_source_late() {
+    for mode in [Mode::Sync, Mode::Scan] {
+        let migration = Migration::new();
+        let [_, target] = migration.servers();
+        let slow = eden_e2e::Relay::start(migration.source.addr()).await.unwrap();
+        slow.delay(Duration::from_millis(30));
+        let slow_source = Server::parse(&format!("redis://{}", slow.addr()), TlsSettings::default()).unwrap();
+        let replicator =
+            Replicator::start(&slow_source, &target, mode, ReplicatorOptions::default(), None).await.unwrap();
+        let upstream = Upstream::new(&migration.target.url(), &TlsSettings::default(), Duration::from_secs(1)).unwrap();
+        let mut covered = eden_sidecar::freshness::follow(upstream);
+        eventually("the engine beats", || async { covered.borrow().is_some() }).await;
+
+        // Writes acknowledged by the source, each with the instant its reply was in hand.
+        let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(tokio::time::Instant, i64)>::new()));
+        let writer = {
+            let (acknowledged, mut source) = (acknowledged.clone(), direct(&migration.source).await);
+            tokio::spawn(async move {
+                let until = tokio::time::Instant::now() + Duration::from_secs(3);
+                while tokio::time::Instant::now() < until {
+                    let n: i64 = source.incr("counter", 1).await.unwrap();
+                    acknowledged.lock().unwrap().push((tokio::time::Instant::now(), n));
+                }
+            })
+        };
+        let mut on_target = direct(&migration.target).await;
+        let (mut checked, mut last) = (0, None);
+        while !writer.is_finished() {
+            let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(100), covered.changed()).await else {
+                continue;
+            };
+            let Some(fresh) = *covered.borrow_and_update() else { continue };
+            if last == Some(fresh.covered) {
+                continue; // only confirmed again
+            }
+            last = Some(fresh.covered);
+            let held: Option<i64> = on_target.get("counter").await.unwrap();
+            let owed =
+                acknowledged.lock().unwrap().iter().rev().find(|(at, _)| *at < fresh.covered).map_or(0, |(_, n)| *n);
+            assert!(
+                held.unwrap_or(0) >= owed,
+                "{mode:?}: the target holds {held:?}, but {owed} was acknowledged before the covered instant"
+            );
+            checked += 1;
+        }
+        eprintln!("{mode:?}: {checked} covered instants held on the target");
+        assert!(checked >= 10, "{mode:?}: only {checked} covered instants to check");
+        replicator.stop().await.unwrap();
+    }
 }
 
 #[tokio::test]

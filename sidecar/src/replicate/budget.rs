@@ -8,6 +8,21 @@
 
 use std::ops::Range;
 
+/// The default size past which a value is copied in pieces rather than whole, in both modes.
+pub(crate) const BIG_VALUE_BYTES: u64 = 16 << 20;
+
+/// Redis's default `proto-max-bulk-len`, assumed when a target will not say its own.
+const DEFAULT_BULK_LIMIT: u64 = 512 << 20;
+
+/// The size past which a value is copied in pieces, on a target whose `proto-max-bulk-len` is
+/// `target_limit` (`None`: it would not say): `configured`, or half the target's limit if that
+/// is less, since a whole value travels as one RESTORE payload or SET argument, which the
+/// target refuses past its limit (and closes the connection). Half, because scan mode sizes
+/// values by MEMORY USAGE, an estimate; sync mode knows the payload's size exactly.
+pub(crate) fn big_value_threshold(configured: u64, target_limit: Option<u64>) -> u64 {
+    configured.min(target_limit.unwrap_or(DEFAULT_BULK_LIMIT) / 2)
+}
+
 /// The smallest per-key cap of the string read. A big batch over a small budget would otherwise
 /// cap strings at a few bytes and send nearly all of them down the costly path (MEMORY USAGE,
 /// DUMP, RESTORE) that reading strings first exists to avoid; 4 KiB keeps typical strings on

@@ -1,5 +1,5 @@
-//! Bounded-memory iteration over one collection: HSCAN, SSCAN, ZSCAN, LRANGE windows, XRANGE
-//! windows.
+//! Bounded-memory iteration over one value: HSCAN, SSCAN, ZSCAN, LRANGE windows, XRANGE
+//! windows, GETRANGE windows of a string.
 //!
 //! A value with a million elements is never held whole: the copier writes each chunk to the
 //! target as it arrives and the comparer checks each chunk against the other server. The SCAN
@@ -10,6 +10,7 @@
 use redis::{Value, cmd};
 
 use super::endpoint::{Endpoint, as_bytes};
+use super::sync::STRING_PIECE;
 use super::{Key, KeyType};
 
 /// Where the walk stands.
@@ -31,20 +32,23 @@ pub(crate) struct Chunks<'a> {
 }
 
 /// One chunk. Hashes and sorted sets are flat `field, value` / `member, score` pairs; sets and
-/// lists are plain elements; a stream chunk is the raw XRANGE entries.
+/// lists are plain elements; a string's chunk is one element, its next bytes; a stream chunk is
+/// the raw XRANGE entries.
 pub(crate) enum Chunk {
     Flat(Vec<Key>),
     Stream(Vec<Value>),
 }
 
 impl<'a> Chunks<'a> {
+    /// A walk of `size` elements a chunk (a string's: [`STRING_PIECE`] bytes).
     pub(crate) fn new(ep: &'a Endpoint, key: &'a [u8], kind: KeyType, size: usize) -> Self {
         let position = match kind {
             KeyType::Hash | KeyType::Set | KeyType::ZSet => Position::Cursor(0),
-            KeyType::List => Position::Index(0),
+            KeyType::List | KeyType::String => Position::Index(0),
             KeyType::Stream => Position::StreamAfter("-".into()),
-            KeyType::String | KeyType::Other => Position::Done,
+            KeyType::Other => Position::Done,
         };
+        let size = if kind == KeyType::String { STRING_PIECE } else { size };
         Chunks { ep, key, kind, size, position }
     }
 
@@ -67,8 +71,19 @@ impl<'a> Chunks<'a> {
             }
             Position::Index(start) => {
                 let stop = start + size as i64 - 1;
-                let items: Vec<Key> = self.ep.cmd("LRANGE", cmd("LRANGE").arg(self.key).arg(start).arg(stop)).await?;
-                self.position = if items.len() < size { Position::Done } else { Position::Index(stop + 1) };
+                // A window of a list's elements, or of a string's bytes.
+                let (items, got): (Vec<Key>, usize) = if self.kind == KeyType::String {
+                    let bytes: Key =
+                        self.ep.cmd("GETRANGE", cmd("GETRANGE").arg(self.key).arg(start).arg(stop)).await?;
+                    let got = bytes.len();
+                    ((got > 0).then_some(bytes).into_iter().collect(), got)
+                } else {
+                    let items: Vec<Key> =
+                        self.ep.cmd("LRANGE", cmd("LRANGE").arg(self.key).arg(start).arg(stop)).await?;
+                    let got = items.len();
+                    (items, got)
+                };
+                self.position = if got < size { Position::Done } else { Position::Index(stop + 1) };
                 Ok((!items.is_empty()).then_some(Chunk::Flat(items)))
             }
             Position::StreamAfter(ref after) => {

@@ -28,13 +28,8 @@ pub(crate) async fn differs(
         }
     }
     match kind {
-        KeyType::String => {
-            let (a, b): (Vec<u8>, Vec<u8>) =
-                (source.cmd("GET", cmd("GET").arg(key)).await?, target.cmd("GET", cmd("GET").arg(key)).await?);
-            Ok((a != b).then(|| "string values differ".into()))
-        }
         KeyType::Hash | KeyType::Set | KeyType::ZSet => members_differ(source, target, key, kind, chunk).await,
-        KeyType::List | KeyType::Stream => windows_differ(source, target, key, kind, chunk).await,
+        KeyType::String | KeyType::List | KeyType::Stream => windows_differ(source, target, key, kind, chunk).await,
         KeyType::Other => Ok(Some("DUMP payloads of a module type differ".into())),
     }
 }

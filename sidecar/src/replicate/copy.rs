@@ -31,7 +31,7 @@ use super::endpoint::{Endpoint, printable};
 use super::keys;
 use super::sync::decode;
 use super::sync::link::{Decimal, Link, encode_into};
-use super::sync::load::{SetExpiry, encode_set};
+use super::sync::load::{SetExpiry, TMP_PREFIX, encode_set};
 use super::{Key, KeyType, ReplicateError, streams};
 
 /// What to do when a key the backfill is about to write already exists on the target.
@@ -185,7 +185,7 @@ impl Copier {
     /// "" for a missing key too). The cap is the key's share of the batch's budget
     /// ([`budget::string_cap`]), so this reply stays within it. What is left — keys of other
     /// types (WRONGTYPE) and strings over the cap — is read the general way: MEMORY USAGE, TYPE
-    /// for the keys over the big-value threshold (only collections are walked in chunks), then
+    /// for the keys over the big-value threshold (walked in chunks, strings too), then
     /// DUMP and expiry of the others, in MULTIs of keys whose sizes fit the budget
     /// ([`budget::groups`]): the first now, beside the strings, the rest when the batch is
     /// written ([`Read::later`]). Each MULTI makes a key's value and expiry describe the same
@@ -223,8 +223,8 @@ impl Copier {
         read.big =
             over.into_iter().zip(kinds).filter_map(|(i, kind)| Some((i, kind.filter(|k| k.chunkable())?))).collect();
         // No size: the key vanished since the string read (its DUMP will be a null, so it counts
-        // as nothing), or the server refuses MEMORY USAGE, which leaves only the string read
-        // bounded.
+        // as nothing). A server that refuses MEMORY USAGE has its sizes estimated from the
+        // type and length instead ([`keys::sizes`]).
         let (rest, sizes): (Vec<usize>, Vec<u64>) = rest
             .into_iter()
             .zip(sizes)
@@ -467,8 +467,10 @@ impl Copier {
         }
     }
 
-    /// Walks a big collection into `eden:tmp:<key>` on the target, then atomically sets the
-    /// expiry and RENAMEs it over the key.
+    /// Walks a big value into `eden:tmp:<key>` on the target, then atomically sets the expiry
+    /// and RENAMEs it over the key. The walk's reads, like every read of the batch, follow the
+    /// batch's forming: a write to the key during the walk is notified after it and copies the
+    /// key again later ([`super::scan`]), so a walk that mixed states is overwritten in turn.
     async fn copy_big(&self, key: &[u8], kind: KeyType, policy: ReplacePolicy) -> Result<CopyStats, ReplicateError> {
         let mut stats = CopyStats::default();
         if policy != ReplacePolicy::Replace && keys::exists(&self.target, &[key.to_vec()]).await?[0] {
@@ -477,25 +479,18 @@ impl Copier {
         }
         let expiry: i64 = self.source.cmd(self.expiry.name(), cmd(self.expiry.name()).arg(key)).await?;
         let expiry = self.expiry.absolute_ms(expiry);
-        let tmp = [b"eden:tmp:".as_slice(), key].concat();
+        let tmp = [TMP_PREFIX, key].concat();
         self.target.cmd::<()>("DEL", cmd("DEL").arg(&tmp)).await?;
-        let mut chunks = Chunks::new(&self.source, key, kind, self.chunk);
-        let mut wrote = false;
-        while let Some(chunk) = chunks.next().await? {
-            let mut write = match chunk {
-                Chunk::Flat(items) if items.is_empty() => continue,
-                Chunk::Flat(items) => {
-                    let mut write = pipe();
-                    write.add_command(flat_write(kind, &tmp, &items));
-                    write
-                }
-                Chunk::Stream(entries) => streams::entries(&self.source, &tmp, &entries)?,
-            };
-            for reply in self.target.pipe("chunk write", &mut write).await? {
-                self.target.ok("chunk write", reply)?;
+        let wrote = match self.walk(key, kind, &tmp).await {
+            Ok(wrote) => wrote,
+            // The key became another type during the walk: the write that made it so is
+            // notified, and copies it again; what was walked is not a value it ever had.
+            Err(ReplicateError::Command { source, .. }) if source.code() == Some("WRONGTYPE") => {
+                self.target.cmd::<()>("DEL", cmd("DEL").arg(&tmp)).await?;
+                return Ok(stats);
             }
-            wrote = true;
-        }
+            Err(err) => return Err(err),
+        };
         if !wrote {
             // The key vanished before its first chunk; a notification will confirm the delete.
             self.target.cmd::<()>("DEL", cmd("DEL").arg(key)).await?;
@@ -517,11 +512,35 @@ impl Copier {
         stats.copied += 1;
         Ok(stats)
     }
+
+    /// Copies `key`'s elements (a string's bytes) chunk by chunk into `tmp`; whether there
+    /// were any.
+    async fn walk(&self, key: &[u8], kind: KeyType, tmp: &[u8]) -> Result<bool, ReplicateError> {
+        let mut chunks = Chunks::new(&self.source, key, kind, self.chunk);
+        let mut wrote = false;
+        while let Some(chunk) = chunks.next().await? {
+            let mut write = match chunk {
+                Chunk::Flat(items) if items.is_empty() => continue,
+                Chunk::Flat(items) => {
+                    let mut write = pipe();
+                    write.add_command(flat_write(kind, tmp, &items));
+                    write
+                }
+                Chunk::Stream(entries) => streams::entries(&self.source, tmp, &entries)?,
+            };
+            for reply in self.target.pipe("chunk write", &mut write).await? {
+                self.target.ok("chunk write", reply)?;
+            }
+            wrote = true;
+        }
+        Ok(wrote)
+    }
 }
 
-/// The command adding one chunk of a list, hash, set or sorted set to `key`.
+/// The command adding one chunk of a string, list, hash, set or sorted set to `key`.
 fn flat_write(kind: KeyType, key: &[u8], items: &[Key]) -> redis::Cmd {
     let mut write = match kind {
+        KeyType::String => cmd("APPEND"),
         KeyType::Hash => cmd("HSET"),
         KeyType::Set => cmd("SADD"),
         KeyType::ZSet => cmd("ZADD"),

@@ -52,10 +52,10 @@ impl KeyType {
         }
     }
 
-    /// Whether values of this type can be copied element by element ([`super::chunks`]; a
-    /// stream's groups follow its entries, [`super::streams`]).
+    /// Whether values of this type can be copied element by element, a string range by range
+    /// ([`super::chunks`]; a stream's groups follow its entries, [`super::streams`]).
     pub(crate) fn chunkable(self) -> bool {
-        matches!(self, KeyType::List | KeyType::Hash | KeyType::Set | KeyType::ZSet | KeyType::Stream)
+        self != KeyType::Other
     }
 }
 
@@ -99,15 +99,39 @@ pub(crate) async fn inspect(ep: &Endpoint, keys: &[Key]) -> Result<Vec<KeyInfo>,
         .collect()
 }
 
+/// Bytes a collection's element is taken to hold where MEMORY USAGE is refused: a guess that
+/// leans towards walking a value in chunks (which any size survives) over DUMPing it whole.
+const ASSUMED_ELEMENT_BYTES: u64 = 1 << 10;
+
 /// MEMORY USAGE of each key, in one round trip: all the copier needs to tell a value to DUMP
 /// whole from one to walk in chunks (the type matters only above the threshold; see
-/// [`types`]). `None` for a missing key or a server that refuses the command.
+/// [`types`]). `None` for a missing key. Where the server refuses MEMORY USAGE (renamed or
+/// denied), the size is estimated from TYPE and the O(1) length ([`KeyType::len_command`]):
+/// a string's bytes, or [`ASSUMED_ELEMENT_BYTES`] per element, so a huge value is still never
+/// DUMPed whole.
 pub(crate) async fn sizes<'a>(
     ep: &Endpoint,
     keys: impl IntoIterator<Item = &'a Key>,
 ) -> Result<Vec<Option<u64>>, ReplicateError> {
-    let replies = per_key(ep, "MEMORY USAGE", keys).await?;
-    Ok(replies.iter().map(|r| as_int(r).map(|n| n.max(0) as u64)).collect())
+    let keys: Vec<&Key> = keys.into_iter().collect();
+    let replies = per_key(ep, "MEMORY USAGE", keys.iter().copied()).await?;
+    let mut sizes: Vec<Option<u64>> = replies.iter().map(|r| as_int(r).map(|n| n.max(0) as u64)).collect();
+    let refused: Vec<usize> = (0..keys.len()).filter(|&i| matches!(replies[i], Value::ServerError(_))).collect();
+    if refused.is_empty() {
+        return Ok(sizes);
+    }
+    let kinds = types(ep, refused.iter().map(|&i| keys[i])).await?;
+    let measured: Vec<(usize, KeyType, &'static str)> =
+        refused.iter().zip(kinds).filter_map(|(&i, kind)| kind.and_then(|k| Some((i, k, k.len_command()?)))).collect();
+    let mut p = pipe();
+    for &(i, _, len) in &measured {
+        p.cmd(len).arg(keys[i]);
+    }
+    for (&(i, kind, _), reply) in measured.iter().zip(ep.pipe("length", &mut p).await?) {
+        let per_element = if kind == KeyType::String { 1 } else { ASSUMED_ELEMENT_BYTES };
+        sizes[i] = as_int(&reply).map(|n| (n.max(0) as u64).saturating_mul(per_element));
+    }
+    Ok(sizes)
 }
 
 /// TYPE of each key, in one round trip; `None` for a missing key.

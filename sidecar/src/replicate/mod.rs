@@ -45,7 +45,7 @@ mod verify;
 pub use checkpoint::{Checkpoint, Pass, SyncPosition};
 pub use copy::ReplacePolicy;
 pub use error::ReplicateError;
-pub use freshness::{FRESHNESS_EVERY, FRESHNESS_KEY, FreshnessRecord};
+pub use freshness::{BEAT_EVERY, FRESHNESS_KEY, FreshnessRecord, TRUSTED_FOR};
 pub use kept::KeptKeys;
 pub use keys::KeyType;
 pub use pace::OpsLimits;

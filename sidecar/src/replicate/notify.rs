@@ -141,6 +141,7 @@ pub(crate) async fn subscriber(
                 while let Some(msg) = messages.next().await {
                     if msg.get_channel_name() == barrier_channel {
                         let n = std::str::from_utf8(msg.get_payload_bytes()).ok().and_then(|s| s.parse().ok());
+                        shared.dirty().barrier(n.unwrap_or(0));
                         shared.barrier.fetch_max(n.unwrap_or(0), Ordering::AcqRel);
                     } else {
                         shared.dirty().insert(msg.get_payload_bytes());

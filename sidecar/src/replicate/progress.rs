@@ -31,6 +31,15 @@ pub struct Progress {
     /// The last barrier ([`super::ScanReplicator::caught_up`]) whose notifications are all
     /// processed.
     pub(crate) barrier: u64,
+    /// Sync mode: the source offset the target has applied, as this run's own stream has shown
+    /// it since its last handshake; `None` while there is no stream (a lost link, a snapshot
+    /// loading, a restart not yet confirmed by the source). Freshness beats wait on it, never on
+    /// an offset carried over from a checkpoint.
+    #[serde(skip)]
+    pub(crate) streamed: Option<u64>,
+    /// Scan mode: the last barrier every key notified before which is on the target.
+    #[serde(skip)]
+    pub(crate) written_through: u64,
     /// Resumable state: counts, `total` (DBSIZE at the start of the pass) and the cursor.
     pub checkpoint: Checkpoint,
     /// When the oldest change not yet on the target arrived, if one is waiting. `lag_ms` is

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::endpoint::Endpoint;
+use super::freshness::Marks;
 use super::{
     Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError, ScanOptions, ScanReplicator, SyncOptions,
     SyncReplicator,
@@ -61,6 +62,14 @@ impl ReplicatorOptions {
             scan: ScanOptions { replace, ..Default::default() },
             sync: SyncOptions { replace, ..Default::default() },
         }
+    }
+
+    /// The same big-value threshold for both modes: values of more bytes are copied in pieces
+    /// ([`ScanOptions::big_key_bytes`], [`SyncOptions::big_value_bytes`]).
+    pub fn with_big_value_bytes(mut self, bytes: u64) -> Self {
+        self.scan.big_key_bytes = bytes;
+        self.sync.big_value_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        self
     }
 
     /// The same operations-per-second limits for both modes (sync mode refuses a source limit).
@@ -133,12 +142,19 @@ impl Replicator {
         };
         // Without the record no sidecar reads the target before it is authoritative: safe,
         // and said once.
-        let freshness = match Endpoint::connect("target", target).await {
-            Ok(endpoint) => Some((super::freshness::keep(endpoint.clone(), progress), endpoint)),
+        let beats = async {
+            let marks = match &engine {
+                Engine::Sync(_) => Marks::Offset(Box::new(Endpoint::connect("source", source).await?)),
+                Engine::Scan(r) => Marks::Barrier(r.barriers()),
+            };
+            Ok::<_, ReplicateError>((Endpoint::connect("target", target).await?, marks))
+        };
+        let freshness = match beats.await {
+            Ok((endpoint, marks)) => Some((super::freshness::keep(endpoint.clone(), marks, progress), endpoint)),
             Err(err) => {
                 tracing::warn!(
                     error = %err,
-                    "cannot connect to the target to keep the freshness record; sidecars will not read from it before cutover"
+                    "cannot connect to keep the freshness record; sidecars will not read from it before cutover"
                 );
                 None
             }

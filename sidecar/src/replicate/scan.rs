@@ -75,6 +75,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::budget::{BIG_VALUE_BYTES, big_value_threshold};
 use super::checkpoint::Pass;
 use super::copy::{Copier, ExpiryCommand, Read};
 use super::endpoint::Endpoint;
@@ -98,7 +99,9 @@ pub struct ScanOptions {
     pub batch_bytes: u64,
     /// What the backfill does with keys that already exist on the target.
     pub replace: ReplacePolicy,
-    /// MEMORY USAGE above which lists, hashes, sets, sorted sets and streams are copied in chunks.
+    /// MEMORY USAGE above which values (strings, lists, hashes, sets, sorted sets, streams)
+    /// are copied in chunks; at most half the target's `proto-max-bulk-len`
+    /// ([`super::budget::big_value_threshold`]).
     pub big_key_bytes: u64,
     /// Elements per chunk when copying a big key.
     pub chunk: usize,
@@ -116,7 +119,7 @@ impl Default for ScanOptions {
             batch: 1000,
             batch_bytes: 32 << 20,
             replace: ReplacePolicy::Replace,
-            big_key_bytes: 16 << 20,
+            big_key_bytes: BIG_VALUE_BYTES,
             chunk: 1000,
             dirty_capacity: 100_000,
             flush_check: Duration::from_millis(500),
@@ -127,9 +130,7 @@ impl Default for ScanOptions {
 
 /// A running scan-mode replication from a source to a target. Dropping it stops replication.
 pub struct ScanReplicator {
-    source: Endpoint,
-    barrier_channel: String,
-    next_barrier: AtomicU64,
+    barriers: Arc<Barriers>,
     progress: watch::Receiver<Progress>,
     copier: JoinHandle<Result<(), ReplicateError>>,
     subscriber: JoinHandle<()>,
@@ -192,9 +193,14 @@ impl ScanReplicator {
                 probe(&source, &shared, &barrier_channel).await?;
             }
             let info: String = target.cmd("INFO", redis::cmd("INFO").arg("server")).await?;
-            Ok((ExpiryCommand::detect(&source).await?, SetExpiry::for_target(&info)))
+            // Refused on many managed services: their limit is then taken to be the default.
+            let limit: Option<Vec<String>> =
+                target.cmd("CONFIG GET", redis::cmd("CONFIG").arg("GET").arg("proto-max-bulk-len")).await.ok();
+            let limit = limit.and_then(|pair| pair.get(1)?.parse().ok());
+            let big = big_value_threshold(options.big_key_bytes, limit);
+            Ok((ExpiryCommand::detect(&source).await?, SetExpiry::for_target(&info), big))
         };
-        let (expiry, set_expiry) = match ready.await {
+        let (expiry, set_expiry, big_key_bytes) = match ready.await {
             Ok(detected) => detected,
             Err(err) => {
                 subscriber.abort();
@@ -211,7 +217,7 @@ impl ScanReplicator {
             set_expiry,
             source: source.clone(),
             target,
-            big_key_bytes: options.big_key_bytes,
+            big_key_bytes,
             batch_bytes: options.batch_bytes,
             chunk: options.chunk,
             rebuilt_types: Default::default(),
@@ -231,9 +237,7 @@ impl ScanReplicator {
             started: Instant::now(),
         };
         Ok(ScanReplicator {
-            source,
-            barrier_channel,
-            next_barrier: AtomicU64::new(PROBE_BARRIER),
+            barriers: Arc::new(Barriers { source, channel: barrier_channel, next: AtomicU64::new(PROBE_BARRIER) }),
             progress,
             copier: tokio::spawn(run.run(checkpoint, links).instrument(span)),
             subscriber,
@@ -241,14 +245,10 @@ impl ScanReplicator {
         })
     }
 
-    async fn publish_barrier(&self) -> Result<u64, ReplicateError> {
-        let n = self.next_barrier.fetch_add(1, Ordering::Relaxed) + 1;
-        // A connection lost since the last call fails the first command; the next reconnects.
-        match notify::publish_barrier(&self.source, &self.barrier_channel, n).await {
-            Err(err) if err.is_disconnect() => notify::publish_barrier(&self.source, &self.barrier_channel, n).await?,
-            other => other?,
-        }
-        Ok(n)
+    /// The barriers [`Self::caught_up`] publishes, for others to wait on the same way (the
+    /// freshness beats).
+    pub(crate) fn barriers(&self) -> Arc<Barriers> {
+        self.barriers.clone()
     }
 
     /// The keys `skip` kept (see [`KeptKeys`]): `None` under `replace`, and for a resumed run,
@@ -266,7 +266,7 @@ impl ScanReplicator {
     /// done, all notifications up to a barrier processed, dirty set empty). `Ok(None)` on
     /// timeout; the replicator's error if it stopped.
     pub async fn caught_up(&mut self, timeout: Duration) -> Result<Option<Progress>, ReplicateError> {
-        let barrier = self.publish_barrier().await?;
+        let barrier = self.barriers.publish().await?;
         let mut progress = self.progress.clone();
         let wait = progress.wait_for(|p| p.barrier >= barrier && p.caught_up());
         // The snapshot is cloned at once: a borrowed watch value held across the await below
@@ -291,6 +291,27 @@ impl Drop for ScanReplicator {
     fn drop(&mut self) {
         self.subscriber.abort();
         self.copier.abort();
+    }
+}
+
+/// Barriers on the notification channel: a barrier is processed once every notification the
+/// source published before it is in the dirty set (see [`notify`]).
+pub(crate) struct Barriers {
+    source: Endpoint,
+    channel: String,
+    next: AtomicU64,
+}
+
+impl Barriers {
+    /// Publishes the next barrier and returns its number.
+    pub(crate) async fn publish(&self) -> Result<u64, ReplicateError> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        // A connection lost since the last call fails the first command; the next reconnects.
+        match notify::publish_barrier(&self.source, &self.channel, n).await {
+            Err(err) if err.is_disconnect() => notify::publish_barrier(&self.source, &self.channel, n).await?,
+            other => other?,
+        }
+        Ok(n)
     }
 }
 
@@ -341,10 +362,9 @@ impl Turns {
     /// After a lost connection: the batches not written yet are dropped, their dirty keys go
     /// back to the dirty set, and their pass steps are formed again.
     fn drop_in_flight(&mut self, shared: &Shared) {
-        let mut dirty = shared.dirty();
-        for batch in self.unread.take().iter().chain(self.read.take().as_ref().map(|(batch, _)| batch)) {
-            batch.keys[..batch.dirty].iter().for_each(|(key, _)| dirty.insert(key));
-        }
+        let (unread, read) = (self.unread.take(), self.read.take());
+        let batches = unread.iter().chain(read.as_ref().map(|(batch, _)| batch));
+        shared.dirty().requeue(batches.flat_map(|batch| batch.keys[..batch.dirty].iter().map(|(key, _)| key)));
         self.ahead = self.state.passes.clone();
     }
 }
@@ -379,6 +399,9 @@ struct ValueLinks {
 struct Batch {
     /// The notification barrier read before the batch was formed.
     barrier: u64,
+    /// The latest barrier every key notified before which is on the target once this batch
+    /// is (see [`super::dirty`]).
+    passes: Option<u64>,
     /// Keys to copy, each with its policy: the dirty keys first (replaced, unless a `fail` or
     /// `skip` backfill has not settled them yet), then the keys a SCAN step of the source found
     /// (under the pass's policy, unless [`Settled`] decides).
@@ -542,13 +565,21 @@ impl CopyLoop {
         // Live changes first, so lag stays low during a long backfill. `take` removes the keys
         // from the dirty set before anything of them is read (the ordering the proof needs);
         // from here on they are in a batch, so a failure below cannot lose them.
-        let dirty = self.shared.dirty().take(self.options.batch);
+        // A barrier passed by this take is on the target once the batch formed last is written.
+        let (dirty, passed) = {
+            let mut set = self.shared.dirty();
+            (set.take(self.options.batch), set.passed_barrier())
+        };
         if pass.is_none() && dirty.is_empty() && t.unread.is_none() && t.read.is_none() {
-            self.publish(&mut t.snapshot, &t.state, barrier, t.pass_started, 0);
+            self.publish(&mut t.snapshot, &t.state, barrier, passed, t.pass_started, 0);
             let _ = tokio::time::timeout(self.options.flush_check, self.shared.wake.notified()).await;
             return Ok(());
         }
         let mut formed = (pass.is_some() || !dirty.is_empty()).then(|| self.form(barrier, dirty, t.settled.as_mut()));
+        let last_formed = formed.as_mut().or(t.unread.as_mut()).or(t.read.as_mut().map(|(batch, _)| batch));
+        if let Some(batch) = last_formed {
+            batch.passes = batch.passes.max(passed);
+        }
         let to_read = t.unread.take();
         let (mut to_write, read) = t.read.take().unzip();
         if let (Some(batch), Some(kept)) = (&mut to_write, &self.kept) {
@@ -593,10 +624,9 @@ impl CopyLoop {
                 // None of these batches is known to be on the target (the one being written may
                 // be in part). Their dirty keys go back, to be taken by batches formed later,
                 // whose reads follow their forming, so the argument in the module docs holds.
-                let mut dirty = self.shared.dirty();
-                for batch in formed.iter().chain(&to_read).chain(&to_write) {
-                    batch.keys[..batch.dirty].iter().for_each(|(key, _)| dirty.insert(key));
-                }
+                let batches = formed.iter().chain(&to_read).chain(&to_write);
+                let keys = batches.flat_map(|batch| batch.keys[..batch.dirty].iter().map(|(key, _)| key));
+                self.shared.dirty().requeue(keys);
                 return Err(err);
             }
         };
@@ -623,7 +653,7 @@ impl CopyLoop {
             t.state.deleted += stats.deleted;
             t.state.skipped += stats.skipped;
             let in_flight = t.unread.iter().map(|b| b.dirty).chain(t.read.iter().map(|(b, _)| b.dirty)).sum();
-            self.publish(&mut t.snapshot, &t.state, batch.barrier, t.pass_started, in_flight);
+            self.publish(&mut t.snapshot, &t.state, batch.barrier, batch.passes, t.pass_started, in_flight);
         }
         Ok(())
     }
@@ -633,6 +663,7 @@ impl CopyLoop {
     fn form(&self, barrier: u64, dirty: Vec<Key>, settled: Option<&mut Settled>) -> Batch {
         let mut batch = Batch {
             barrier,
+            passes: None,
             dirty: dirty.len(),
             keys: dirty.into_iter().map(|key| (key, ReplacePolicy::Replace)).collect(),
             stale: Vec::new(),
@@ -705,6 +736,7 @@ impl CopyLoop {
         snapshot: &mut Progress,
         state: &Checkpoint,
         barrier: u64,
+        passed: Option<u64>,
         pass_started: Instant,
         in_flight: usize,
     ) {
@@ -717,6 +749,7 @@ impl CopyLoop {
         drop(dirty);
         snapshot.rate = state.copied as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         snapshot.barrier = barrier;
+        snapshot.written_through = snapshot.written_through.max(passed.unwrap_or(0));
         snapshot.checkpoint = state.clone();
         self.progress.send_replace(snapshot.clone());
     }

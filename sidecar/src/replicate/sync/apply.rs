@@ -245,6 +245,7 @@ impl Follower<'_> {
         progress.behind_since = self.hold.since().or_else(|| pending.arrivals.front().map(|(_, at)| *at));
         progress.lag_ms = progress.behind_since.map_or(0, |at| at.elapsed().as_millis() as u64);
         progress.checkpoint.sync = Some(self.applied.clone().into());
+        progress.streamed = Some(applied);
         self.reporter.publish();
     }
 }

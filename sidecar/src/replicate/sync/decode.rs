@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use tracing::warn;
 
-use super::rdb::{Memory, Snapshot, kind};
+use super::rdb::{Memory, Snapshot, Walk, kind};
 use crate::replicate::ReplicateError;
 use crate::replicate::endpoint::printable;
 
@@ -74,71 +74,31 @@ pub(crate) async fn commands(
     let Some((&value_type, body)) = object.split_first() else { return Err(bad("an empty value")) };
     let mut feed = Memory(BytesMut::from(body));
     let mut value = Snapshot::value(&mut feed, body.len());
-    let (command, elements): (&[u8], Vec<Vec<u8>>) = match value_type {
+    let owned = |args: Vec<&[u8]>| args.into_iter().map(<[u8]>::to_vec).collect::<Args>();
+    let mut out = Vec::new();
+    if value_type == kind::STRING {
         // Sync mode writes strings with MSET/SET itself; scan mode's DUMP payloads still bring
         // them here.
-        kind::STRING => (b"SET", vec![value.string().await?]),
-        kind::LIST | kind::SET | kind::HASH | kind::ZSET | kind::ZSET_2 => {
-            let pairs = matches!(value_type, kind::HASH | kind::ZSET | kind::ZSET_2);
-            let mut elements = Vec::new();
-            for _ in 0..value.len().await? {
-                elements.push(value.string().await?);
-                if !pairs {
-                    continue;
-                }
-                elements.push(match value_type {
-                    kind::ZSET_2 => f64::from_le_bytes(value.array().await?).to_string().into_bytes(),
-                    kind::ZSET => text_score(&mut value).await?,
-                    _ => value.string().await?,
-                });
-            }
-            (collection_command(value_type), elements)
+        out.push(owned(vec![b"SET", key, &value.string().await?]));
+    } else if Walk::walks(value_type) {
+        let mut elements = Vec::new();
+        let mut walk = Walk::new(value_type);
+        while let Some(piece) = walk.next(&mut value, true).await? {
+            elements.extend(piece);
         }
-        kind::SET_INTSET => (b"SADD", intset(&value.string().await?)?),
-        kind::LIST_ZIPLIST | kind::ZSET_ZIPLIST | kind::HASH_ZIPLIST => {
-            (collection_command(value_type), ziplist(&value.string().await?)?)
-        }
-        kind::HASH_LISTPACK | kind::ZSET_LISTPACK | kind::SET_LISTPACK => {
-            (collection_command(value_type), listpack(&value.string().await?)?)
-        }
-        kind::LIST_QUICKLIST | kind::LIST_QUICKLIST_2 => {
-            let mut elements = Vec::new();
-            for _ in 0..value.len().await? {
-                let packed = value_type == kind::LIST_QUICKLIST || value.len().await? == 2;
-                let node = value.string().await?;
-                match (packed, value_type) {
-                    (false, _) => elements.push(node),
-                    (true, kind::LIST_QUICKLIST) => elements.extend(ziplist(&node)?),
-                    (true, _) => elements.extend(listpack(&node)?),
-                }
-            }
-            (b"RPUSH", elements)
-        }
-        other => return Err(bad(&format!("value type {other} (a stream or module value) has no command form"))),
-    };
-    // Sorted sets are stored member, score; ZADD takes score, member.
-    let zset = command == b"ZADD";
-    let mut out: Vec<Args> = elements
-        .chunks(if value_type == kind::STRING { 1 } else { ELEMENTS_PER_COMMAND * 2 })
-        .map(|chunk| {
-            let mut args = vec![command.to_vec(), key.to_vec()];
-            if zset {
-                for pair in chunk.chunks(2) {
-                    args.extend(pair.iter().rev().cloned());
-                }
-            } else {
-                args.extend(chunk.iter().cloned());
-            }
-            args
-        })
-        .collect();
+        let command = collection_command(value_type);
+        out.extend(elements.chunks(ELEMENTS_PER_COMMAND * 2).map(|chunk| owned(add_args(command, key, chunk))));
+    } else {
+        return Err(bad(&format!("value type {value_type} (a stream or module value) has no command form")));
+    }
     if let Some(at) = expire_at_ms {
         out.push(vec![b"PEXPIREAT".to_vec(), key.to_vec(), at.to_string().into_bytes()]);
     }
     Ok(out)
 }
 
-fn collection_command(value_type: u8) -> &'static [u8] {
+/// The command that adds elements of a value of this type: `RPUSH`, `SADD`, `HSET`, `ZADD`.
+pub(crate) fn collection_command(value_type: u8) -> &'static [u8] {
     match value_type {
         kind::SET | kind::SET_INTSET | kind::SET_LISTPACK => b"SADD",
         kind::HASH | kind::HASH_ZIPLIST | kind::HASH_LISTPACK => b"HSET",
@@ -147,24 +107,23 @@ fn collection_command(value_type: u8) -> &'static [u8] {
     }
 }
 
-fn bad(detail: &str) -> ReplicateError {
-    ReplicateError::Rdb { offset: 0, detail: detail.to_string() }
+/// The arguments of `command` adding `elements` (flat, as a [`Walk`] yields them) to `key`. A
+/// sorted set's elements are member, score pairs; ZADD takes score, member.
+pub(crate) fn add_args<'a>(command: &'a [u8], key: &'a [u8], elements: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
+    let mut args = Vec::with_capacity(2 + elements.len());
+    args.extend([command, key]);
+    if command == b"ZADD" {
+        for pair in elements.chunks(2) {
+            args.extend(pair.iter().rev().map(Vec::as_slice));
+        }
+    } else {
+        args.extend(elements.iter().map(Vec::as_slice));
+    }
+    args
 }
 
-/// A score of the old text format: a length byte, or 253/254/255 for nan/+inf/-inf.
-async fn text_score(value: &mut Snapshot<'_, Memory>) -> Result<Vec<u8>, ReplicateError> {
-    Ok(match value.byte().await? {
-        253 => return Err(bad("a NaN score")),
-        254 => b"+inf".to_vec(),
-        255 => b"-inf".to_vec(),
-        len => {
-            let mut text = Vec::with_capacity(usize::from(len));
-            for _ in 0..len {
-                text.push(value.byte().await?);
-            }
-            text
-        }
-    })
+fn bad(detail: &str) -> ReplicateError {
+    ReplicateError::Rdb { offset: 0, detail: detail.to_string() }
 }
 
 /// A cursor over an encoded blob that fails instead of panicking when the blob is short.
@@ -198,7 +157,7 @@ fn int_text(n: i64) -> Vec<u8> {
 }
 
 /// An intset: encoding width, count, then the integers.
-fn intset(blob: &[u8]) -> Result<Vec<Vec<u8>>, ReplicateError> {
+pub(crate) fn intset(blob: &[u8]) -> Result<Vec<Vec<u8>>, ReplicateError> {
     let mut cur = Cursor { blob, pos: 0 };
     let width = cur.uint_le(4)? as usize;
     if !matches!(width, 2 | 4 | 8) {
@@ -208,7 +167,7 @@ fn intset(blob: &[u8]) -> Result<Vec<Vec<u8>>, ReplicateError> {
 }
 
 /// A listpack (`listpack.c`): total bytes, count, entries each followed by a back-length.
-fn listpack(blob: &[u8]) -> Result<Vec<Vec<u8>>, ReplicateError> {
+pub(crate) fn listpack(blob: &[u8]) -> Result<Vec<Vec<u8>>, ReplicateError> {
     let mut cur = Cursor { blob, pos: 6 };
     let mut out = Vec::new();
     loop {
@@ -250,7 +209,7 @@ fn listpack(blob: &[u8]) -> Result<Vec<Vec<u8>>, ReplicateError> {
 }
 
 /// A ziplist (`ziplist.c`, Redis < 7): header, entries each led by the previous length.
-fn ziplist(blob: &[u8]) -> Result<Vec<Vec<u8>>, ReplicateError> {
+pub(crate) fn ziplist(blob: &[u8]) -> Result<Vec<Vec<u8>>, ReplicateError> {
     let mut cur = Cursor { blob, pos: 10 };
     let mut out = Vec::new();
     loop {

@@ -204,10 +204,12 @@ pub(crate) fn text(frame: &BytesFrame) -> Option<&str> {
 /// The source's current replication offset (`master_repl_offset` in INFO replication).
 pub(crate) async fn master_offset(link: &mut Link) -> Result<u64, ReplicateError> {
     let info = link.call(&[b"INFO", b"replication"]).await?;
-    text(&info)
-        .and_then(|info| info.lines().find_map(|l| l.strip_prefix("master_repl_offset:")))
-        .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| link.error("INFO replication has no master_repl_offset"))
+    text(&info).and_then(master_offset_in).ok_or_else(|| link.error("INFO replication has no master_repl_offset"))
+}
+
+/// `master_repl_offset` in the text of `INFO replication`.
+pub(crate) fn master_offset_in(info: &str) -> Option<u64> {
+    info.lines().find_map(|l| l.strip_prefix("master_repl_offset:")).and_then(|n| n.trim().parse().ok())
 }
 
 #[cfg(test)]

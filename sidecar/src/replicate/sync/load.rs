@@ -20,6 +20,16 @@
 //! A batch's `MSET` goes after its other commands, or before the next `SELECT`: a snapshot holds
 //! each key once, so commands for different keys of one database commute.
 //!
+//! A value over the big-value threshold ([`super::rdb::Big`]) is written a piece at a time into
+//! `eden:tmp:<key>` (`APPEND` for a string; `RPUSH`, `SADD`, `HSET`, `ZADD` of up to
+//! [`ELEMENTS_PER_COMMAND`] elements for a collection), in the same pipelined batches, then
+//! given its (held) expiry and renamed over the key: `RENAME` under `replace`, `RENAMENX` under
+//! `skip` and `fail` (0 = the target has the key, as `BUSYKEY`; the temporary key is deleted).
+//! No command carries more than a piece, so the target's `proto-max-bulk-len` never refuses
+//! one, and memory holds the threshold plus a batch, whatever the value's size. Nothing reads
+//! the temporary key, and the stream's commands for the key are applied only after the load,
+//! so after its `RENAME` (see DESIGN.md, "Big values in pieces").
+//!
 //! Batches are bounded by keys and bytes, and up to [`IN_FLIGHT`] batches are sent before the
 //! oldest one's replies are read, so the source's link, Eden and the target all work at once
 //! and memory stays at a few batches. The replies of that many batches (a few bytes per
@@ -36,7 +46,7 @@ use super::Reporter;
 use super::decode;
 use super::hold;
 use super::link::{Decimal, encode_bulk, encode_into, encode_len};
-use super::rdb::{CRC64, Entry, Feed, KeyEntry, Snapshot};
+use super::rdb::{Big, CRC64, Entry, Feed, KeyEntry, Snapshot, kind};
 use super::target::Target;
 use crate::replicate::KeptKeys;
 use crate::replicate::copy::{now_ms, redis_version};
@@ -46,6 +56,14 @@ use crate::replicate::{ReplacePolicy, ReplicateError};
 /// Batches sent whose replies are not read yet, at most. One round trip per batch would leave
 /// the target idle while Eden parses the next batch, and Eden idle while the target restores.
 const IN_FLIGHT: usize = 4;
+
+/// Elements (a pair counts two) per command writing a big value's pieces, at most; a command
+/// also closes once it holds [`COMMAND_BYTES`].
+const ELEMENTS_PER_COMMAND: usize = 2000;
+const COMMAND_BYTES: usize = 256 << 10;
+
+/// Where a big value is built before it is renamed over its key (scan mode uses the same).
+pub(crate) const TMP_PREFIX: &[u8] = b"eden:tmp:";
 
 /// Limits for one pipelined batch.
 #[derive(Debug, Clone, Copy)]
@@ -66,10 +84,22 @@ enum Sent {
         db: u64,
         key: Vec<u8>,
     },
+    /// A command building a big value of this key in its temporary key.
+    Piece(Vec<u8>),
+    /// The `RENAME` of a big value's temporary key over this key.
+    Rename(Vec<u8>),
+    /// The `RENAMENX` of a big value's temporary key over this key of this database: 0 when
+    /// the target already has it.
+    RenameIfAbsent {
+        db: u64,
+        key: Vec<u8>,
+    },
 }
 
-#[derive(Default)]
 struct Batch {
+    /// The database the connection is in before the batch (a rebuild between batches returns
+    /// to it).
+    db: u64,
     request: Vec<u8>,
     sent: Vec<Sent>,
     /// Key/value pairs (encoded) of the `MSET` still to be written, and how many.
@@ -78,6 +108,10 @@ struct Batch {
 }
 
 impl Batch {
+    fn new(db: u64) -> Self {
+        Batch { db, request: Vec::new(), sent: Vec::new(), pairs: Vec::new(), pair_count: 0 }
+    }
+
     /// Writes the pending `MSET`, if any.
     fn close_mset(&mut self) {
         if self.pair_count == 0 {
@@ -115,39 +149,47 @@ impl Loader<'_> {
         // Only what each batch sent stays in flight: its bytes are the socket's once written.
         let mut in_flight: VecDeque<Vec<Sent>> = VecDeque::with_capacity(IN_FLIGHT);
         loop {
-            let (batch, ended) = self.collect(snapshot, version).await?;
-            if in_flight.len() == IN_FLIGHT
-                && let Some(oldest) = in_flight.pop_front()
-            {
-                let refused = self.settle(oldest).await?;
-                if !refused.is_empty() {
-                    self.rebuild_all(refused, &mut in_flight).await?;
-                }
-            }
-            self.target.pace.spend(batch.sent.len()).await;
-            self.target.link.send(&batch.request).await?;
-            in_flight.push_back(batch.sent);
+            let (batch, ended) = self.collect(snapshot, version, &mut in_flight).await?;
+            self.send(batch, &mut in_flight).await?;
             if ended {
                 break;
             }
         }
-        self.rebuild_all(Vec::new(), &mut in_flight).await
+        let db = self.target.db;
+        self.rebuild_all(Vec::new(), &mut in_flight, db).await
+    }
+
+    /// Sends a batch, first settling the oldest one in flight when [`IN_FLIGHT`] are.
+    async fn send(&mut self, mut batch: Batch, in_flight: &mut VecDeque<Vec<Sent>>) -> Result<(), ReplicateError> {
+        batch.close_mset();
+        if in_flight.len() == IN_FLIGHT
+            && let Some(oldest) = in_flight.pop_front()
+        {
+            let refused = self.settle(oldest).await?;
+            if !refused.is_empty() {
+                self.rebuild_all(refused, in_flight, batch.db).await?;
+            }
+        }
+        self.target.pace.spend(batch.sent.len()).await;
+        self.target.link.send(&batch.request).await?;
+        in_flight.push_back(batch.sent);
+        Ok(())
     }
 
     /// Settles every batch still in flight, then rebuilds what the target refused: a rebuild's
-    /// replies must not interleave with those of batches sent before it.
+    /// replies must not interleave with those of batches sent before it. The connection is
+    /// left in `db`, the database the next batch starts in.
     async fn rebuild_all(
         &mut self,
         mut refused: Vec<KeyEntry>,
         in_flight: &mut VecDeque<Vec<Sent>>,
+        db: u64,
     ) -> Result<(), ReplicateError> {
         while let Some(sent) = in_flight.pop_front() {
             refused.extend(self.settle(sent).await?);
         }
-        // The connection is now in the database the last batch left selected.
-        let end_db = self.target.db;
         for entry in refused {
-            self.rebuild(entry, end_db).await?;
+            self.rebuild(entry, db).await?;
         }
         Ok(())
     }
@@ -157,8 +199,9 @@ impl Loader<'_> {
         &mut self,
         snapshot: &mut Snapshot<'_, F>,
         version: u16,
+        in_flight: &mut VecDeque<Vec<Sent>>,
     ) -> Result<(Batch, bool), ReplicateError> {
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(self.target.db);
         let mut keys = 0;
         let ended = loop {
             if keys >= self.limits.keys || batch.request.len() + batch.pairs.len() >= self.limits.bytes {
@@ -188,10 +231,71 @@ impl Loader<'_> {
                     batch.sent.push(Sent::Restore(entry));
                     keys += 1;
                 }
+                Entry::Big(mut big) => {
+                    self.held |= big.entry.hold_expiry();
+                    self.select(&mut batch, big.entry.db);
+                    batch = self.write_big(snapshot, &mut big, batch, in_flight).await?;
+                    keys += 1;
+                }
             }
         };
         batch.close_mset();
         Ok((batch, ended))
+    }
+
+    /// Writes a big value piece by piece into its temporary key, sending each batch as it
+    /// fills, then gives it its expiry and renames it over the key (see the module docs).
+    /// Returns the batch to go on with.
+    async fn write_big<F: Feed>(
+        &mut self,
+        snapshot: &mut Snapshot<'_, F>,
+        big: &mut Big,
+        mut batch: Batch,
+        in_flight: &mut VecDeque<Vec<Sent>>,
+    ) -> Result<Batch, ReplicateError> {
+        let key = big.entry.key.clone();
+        let tmp = [TMP_PREFIX, &key].concat();
+        let piece = |batch: &mut Batch, args: &[&[u8]]| {
+            encode_into(&mut batch.request, args);
+            batch.sent.push(Sent::Piece(key.clone()));
+        };
+        piece(&mut batch, &[b"DEL", &tmp]);
+        let command: &[u8] = if big.kind == kind::STRING { b"APPEND" } else { decode::collection_command(big.kind) };
+        let (mut elements, mut bytes) = (Vec::new(), 0);
+        loop {
+            let next = big.next(snapshot).await?;
+            let ended = next.is_none();
+            for element in next.into_iter().flatten() {
+                bytes += element.len();
+                elements.push(element);
+            }
+            if !elements.is_empty() && (ended || elements.len() >= ELEMENTS_PER_COMMAND || bytes >= COMMAND_BYTES) {
+                // A string's piece is one APPEND each: its pieces are never merged.
+                for chunk in elements.chunks(if big.kind == kind::STRING { 1 } else { elements.len() }) {
+                    piece(&mut batch, &decode::add_args(command, &tmp, chunk));
+                }
+                (elements, bytes) = (Vec::new(), 0);
+            }
+            if ended {
+                break;
+            }
+            if batch.request.len() >= self.limits.bytes {
+                let full = std::mem::replace(&mut batch, Batch::new(self.target.db));
+                self.send(full, in_flight).await?;
+            }
+        }
+        if let Some(at) = big.entry.expire_at_ms {
+            piece(&mut batch, &[b"PEXPIREAT", &tmp, Decimal::new(at).as_bytes()]);
+        }
+        if self.policy == ReplacePolicy::Replace {
+            encode_into(&mut batch.request, &[b"RENAME", &tmp, &key]);
+            batch.sent.push(Sent::Rename(key));
+        } else {
+            encode_into(&mut batch.request, &[b"RENAMENX", &tmp, &key]);
+            batch.sent.push(Sent::RenameIfAbsent { db: big.entry.db, key: key.clone() });
+            piece(&mut batch, &[b"DEL", &tmp]);
+        }
+        Ok(batch)
     }
 
     /// Switches the batch to `db`; the strings gathered for the `MSET` go first, to the
@@ -225,15 +329,18 @@ impl Loader<'_> {
             let reply = self.target.link.reply().await?;
             let error = match (reply, &sent) {
                 (BytesFrame::Error(err), _) => err.to_string(),
-                (BytesFrame::Null, Sent::SetIfAbsent { db, key }) => {
+                (BytesFrame::Null, Sent::SetIfAbsent { db, key })
+                | (BytesFrame::Integer(0), Sent::RenameIfAbsent { db, key }) => {
                     self.exists(*db, key)?;
                     continue;
                 }
                 (_, sent) => {
                     self.reporter.progress.checkpoint.copied += match sent {
                         Sent::Set(keys) => *keys as u64,
-                        Sent::Restore(_) | Sent::SetIfAbsent { .. } => 1,
-                        Sent::Select | Sent::Function => 0,
+                        Sent::Restore(_) | Sent::SetIfAbsent { .. } | Sent::Rename(_) | Sent::RenameIfAbsent { .. } => {
+                            1
+                        }
+                        Sent::Select | Sent::Function | Sent::Piece(_) => 0,
                     };
                     continue;
                 }
@@ -248,6 +355,10 @@ impl Loader<'_> {
                 Sent::SetIfAbsent { key, .. } => {
                     let key = printable(&key);
                     return Err(self.target.link.error(format!("SET of key {key} failed: {error}")));
+                }
+                Sent::Piece(key) | Sent::Rename(key) | Sent::RenameIfAbsent { key, .. } => {
+                    let key = printable(&key);
+                    return Err(self.target.link.error(format!("writing big key {key} in pieces failed: {error}")));
                 }
                 Sent::Set(keys) => {
                     return Err(self.target.link.error(format!("setting {keys} string keys failed: {error}")));

@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use hold::EXPIRY_GRACE_MS;
+pub(super) use rdb::STRING_PIECE;
 pub use target::POSITION_KEY;
 
 use self::hold::Hold;
@@ -44,6 +45,7 @@ use self::load::{BatchLimits, Loader, SetExpiry};
 use self::psync::Outcome;
 use self::rdb::Snapshot;
 use self::target::{Position, Target};
+use super::budget::{BIG_VALUE_BYTES, big_value_threshold};
 use super::checkpoint::SyncPosition;
 use super::{Checkpoint, KeptKeys, OpsLimits, Progress, ReplacePolicy, ReplicateError};
 use crate::upstream::Server;
@@ -59,6 +61,10 @@ pub struct SyncOptions {
     pub batch_keys: usize,
     /// Bytes per pipelined batch (RESTOREs or stream commands), at most about.
     pub batch_bytes: usize,
+    /// Snapshot values of more bytes than this (or than half the target's
+    /// `proto-max-bulk-len`) are written in pieces into a temporary key rather than restored
+    /// whole, so memory does not grow with the biggest value.
+    pub big_value_bytes: usize,
     /// Commands per second to the target. A source limit is refused: the source sends one
     /// replication stream and has no per-key commands to pace.
     pub limits: OpsLimits,
@@ -70,6 +76,7 @@ impl Default for SyncOptions {
             replace: ReplacePolicy::Replace,
             batch_keys: 1000,
             batch_bytes: 4 << 20,
+            big_value_bytes: BIG_VALUE_BYTES as usize,
             limits: OpsLimits::default(),
         }
     }
@@ -254,6 +261,7 @@ impl Session {
             // the stream flows again, the target falls behind by however long this takes.
             self.restart = true;
             self.reporter.progress.behind_since.get_or_insert_with(Instant::now);
+            self.reporter.progress.streamed = None;
             self.reporter.publish();
             loop {
                 let wait = Duration::from_secs(1 << attempts);
@@ -310,9 +318,11 @@ impl Session {
                 self.reporter.progress.lag_ms = 0;
                 self.reporter.progress.behind_since = Some(loading_started);
                 self.reporter.publish();
-                let mut snapshot = Snapshot::open(link, framing).await?;
                 let info = target.link.call(&[b"INFO", b"server"]).await?;
                 let set_expiry = SetExpiry::for_target(text(&info).unwrap_or_default());
+                let limit = target.bulk_limit().await?;
+                let big = big_value_threshold(self.options.big_value_bytes as u64, limit);
+                let mut snapshot = Snapshot::open(link, framing, big as usize).await?;
                 // After a restart the target holds nothing of its own any more.
                 let policy = if self.restart { ReplacePolicy::Replace } else { self.options.replace };
                 let limits = BatchLimits { keys: self.options.batch_keys, bytes: self.options.batch_bytes };

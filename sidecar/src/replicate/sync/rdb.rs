@@ -9,16 +9,39 @@
 //! target stores a plain string from `MSET` for half the work of a `RESTORE`, and any server
 //! takes `SET`, whatever RDB version it reads.
 //!
+//! Big values are the other exception ([`Entry::Big`]): a value is captured only up to the
+//! big-value threshold. A string whose length (read before its bytes) is over it, and a list,
+//! set, sorted set or hash whose bytes pass it while they are read, is handed on as a [`Big`]
+//! that yields its elements a piece at a time ([`Walk`]): the elements captured before the
+//! threshold was passed are decoded again from the capture, the rest straight from the feed.
+//! A piece is one element (or pair) of a plain encoding, one quicklist node, one encoded blob
+//! (listpack, ziplist, intset: each bounded by the source's `*-max-*-entries`/`-value`
+//! settings), or at most [`STRING_PIECE`] bytes of a string (LZF-compressed ones are
+//! decompressed as they arrive, keeping the 8 KiB window back references reach). So memory
+//! holds the threshold plus one piece, however big the value. Streams and module values have
+//! no element form here and are captured whole, as before.
+//!
 //! The reader pulls from a [`Feed`] (the replication link) exactly the bytes the RDB occupies,
 //! so whatever follows in the buffer (the command stream) is left for the stream applier. It
 //! checks the RDB's own CRC64 as it goes. Anything malformed is an error, never a panic.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use crc::{CRC_64_REDIS, Crc, Digest, Table};
 use tracing::warn;
 
+use super::decode::{intset, listpack, ziplist};
 use crate::frame::MAX_BULK_LEN;
 use crate::replicate::ReplicateError;
+
+/// The most bytes of a big string one piece carries: well under the smallest
+/// `proto-max-bulk-len` a server accepts (1 MB), so each piece is one `APPEND`.
+pub(crate) const STRING_PIECE: usize = 256 << 10;
+
+/// How far back an LZF back reference reaches (13 bits of distance, plus one).
+const LZF_WINDOW: usize = 8 << 10;
+
+/// Compressed bytes of a big string read at a time.
+const LZF_READ: usize = 64 << 10;
 
 /// CRC-64/Jones as Redis computes it, for the RDB trailer and DUMP payloads.
 pub(crate) static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_REDIS);
@@ -92,6 +115,7 @@ impl Feed for super::link::Link {
 }
 
 /// A feed over bytes already in memory (one value being decoded); running out is an error.
+#[derive(Debug)]
 pub(crate) struct Memory(pub(crate) BytesMut);
 
 impl Feed for Memory {
@@ -121,6 +145,9 @@ pub(crate) enum Entry {
     /// A key of any other type; its value as encoded in the RDB (type byte first): a DUMP
     /// payload without its trailer.
     Object(KeyEntry),
+    /// A value over the big-value threshold, read a piece at a time ([`Big::next`]) before
+    /// the next entry.
+    Big(Big),
     /// A function library's source (`FUNCTION LOAD` restores it).
     Function(Vec<u8>),
     /// The number of keys the next database holds (RESIZEDB), for progress.
@@ -142,7 +169,190 @@ pub(crate) struct KeyEntry {
 /// A length-encoded field: a length, or one of the special string encodings.
 enum Length {
     Len(u64),
-    Encoded(u8),
+    /// An integer of this many bytes, stored as a string.
+    Int(usize),
+    /// An LZF-compressed string.
+    Lzf {
+        compressed: u64,
+        plain: u64,
+    },
+}
+
+impl Length {
+    /// The string's length once decoded (an integer's text is short: it counts as nothing).
+    fn plain(&self) -> u64 {
+        match self {
+            Length::Len(n) | Length::Lzf { plain: n, .. } => *n,
+            Length::Int(_) => 0,
+        }
+    }
+}
+
+/// A value over the big-value threshold ([`Entry::Big`]): its key, and its elements to come.
+#[derive(Debug)]
+pub(crate) struct Big {
+    /// Key, database and expiry; `value` is empty.
+    pub(crate) entry: KeyEntry,
+    /// The value type (`kind`): a string, or a collection [`Walk::walks`].
+    pub(crate) kind: u8,
+    /// The bytes read before the value turned out big (without the type byte), and the walk
+    /// that decodes the pieces they hold, how many pieces.
+    replay: Option<(Memory, Walk, usize)>,
+    /// Where the rest of the value stands in the feed.
+    walk: Walk,
+}
+
+impl Big {
+    /// The next piece's elements, flat (a hash's field then value, a sorted set's member then
+    /// score as text; a string's next bytes); `None` once the value is over. Must be read to
+    /// its end before the snapshot's next entry.
+    pub(crate) async fn next<F: Feed>(
+        &mut self,
+        rdb: &mut Snapshot<'_, F>,
+    ) -> Result<Option<Vec<Vec<u8>>>, ReplicateError> {
+        if let Some((memory, walk, left)) = &mut self.replay {
+            if *left > 0 {
+                *left -= 1;
+                let len = memory.0.len();
+                return walk.next(&mut Snapshot::value(memory, len), true).await;
+            }
+            self.replay = None;
+        }
+        self.walk.next(rdb, true).await
+    }
+}
+
+/// Reads one value of a walkable type a piece at a time, decoding the pieces or skipping them
+/// (captured, while the value may still be small).
+#[derive(Debug)]
+pub(crate) struct Walk {
+    kind: u8,
+    state: WalkState,
+}
+
+#[derive(Debug)]
+enum WalkState {
+    Start,
+    /// Items left: elements, pairs or quicklist nodes.
+    Items(u64),
+    /// A string's raw bytes left.
+    Raw(u64),
+    /// An LZF string being decompressed: compressed bytes not read yet, plain bytes not produced
+    /// yet, compressed bytes read but not decoded, and the output's last [`LZF_WINDOW`] bytes.
+    Lzf {
+        compressed: u64,
+        plain: u64,
+        pending: Vec<u8>,
+        window: Vec<u8>,
+    },
+    Done,
+}
+
+impl Walk {
+    pub(crate) fn new(kind: u8) -> Self {
+        Walk { kind, state: WalkState::Start }
+    }
+
+    /// Whether values of this type have an element form: lists, sets, sorted sets and hashes,
+    /// in every encoding but the ancient zipmap.
+    pub(crate) fn walks(kind: u8) -> bool {
+        matches!(
+            kind,
+            kind::LIST
+                | kind::SET
+                | kind::ZSET
+                | kind::HASH
+                | kind::ZSET_2
+                | kind::LIST_ZIPLIST
+                | kind::SET_INTSET
+                | kind::ZSET_ZIPLIST
+                | kind::HASH_ZIPLIST
+                | kind::LIST_QUICKLIST
+                | kind::HASH_LISTPACK
+                | kind::ZSET_LISTPACK
+                | kind::LIST_QUICKLIST_2
+                | kind::SET_LISTPACK
+        )
+    }
+
+    /// A big string's bytes, after its length.
+    fn string(length: Length) -> Self {
+        let state = match length {
+            Length::Lzf { compressed, plain } => {
+                WalkState::Lzf { compressed, plain, pending: Vec::new(), window: Vec::new() }
+            }
+            other => WalkState::Raw(other.plain()),
+        };
+        Walk { kind: kind::STRING, state }
+    }
+
+    /// The next piece: its elements when `decode`, else nothing (its bytes skipped, and captured
+    /// if the snapshot captures); `None` at the value's end. Both ways count the same pieces.
+    pub(crate) async fn next<F: Feed>(
+        &mut self,
+        rdb: &mut Snapshot<'_, F>,
+        decode: bool,
+    ) -> Result<Option<Vec<Vec<u8>>>, ReplicateError> {
+        loop {
+            match &mut self.state {
+                WalkState::Done => return Ok(None),
+                WalkState::Start => match self.kind {
+                    kind::LIST
+                    | kind::SET
+                    | kind::ZSET
+                    | kind::HASH
+                    | kind::ZSET_2
+                    | kind::LIST_QUICKLIST
+                    | kind::LIST_QUICKLIST_2 => self.state = WalkState::Items(rdb.len().await?),
+                    blob => {
+                        self.state = WalkState::Done;
+                        return Ok(Some(rdb.blob(blob, decode).await?));
+                    }
+                },
+                WalkState::Items(0) | WalkState::Raw(0) => self.state = WalkState::Done,
+                WalkState::Items(left) => {
+                    *left -= 1;
+                    return Ok(Some(rdb.item(self.kind, decode).await?));
+                }
+                WalkState::Raw(left) => {
+                    let n = (*left).min(STRING_PIECE as u64);
+                    *left -= n;
+                    return Ok(Some(vec![rdb.take(n as usize, <[u8]>::to_vec).await?]));
+                }
+                WalkState::Lzf { compressed, plain, pending, window } => {
+                    // Decode up to a piece's worth, reading more compressed bytes as needed: a
+                    // piece is bounded in what it produces, since a few bytes of input can
+                    // stand for hundreds of output bytes.
+                    let start = window.len();
+                    let max = start + usize::try_from(*plain).unwrap_or(usize::MAX);
+                    loop {
+                        let used = lzf_decode(pending, window, max, start + STRING_PIECE)
+                            .map_err(|err| rdb.malformed(format!("LZF string: {err}")))?;
+                        pending.drain(..used);
+                        if window.len() - start >= STRING_PIECE || *compressed == 0 {
+                            break;
+                        }
+                        let n = (*compressed).min(LZF_READ as u64);
+                        *compressed -= n;
+                        rdb.take(n as usize, |bytes| pending.extend_from_slice(bytes)).await?;
+                    }
+                    let piece = window.split_off(start);
+                    *plain -= piece.len() as u64;
+                    if piece.is_empty() {
+                        if *plain > 0 || !pending.is_empty() {
+                            return Err(rdb.malformed("LZF string: shorter than announced, or cut short"));
+                        }
+                        self.state = WalkState::Done;
+                        return Ok(None);
+                    }
+                    // Keep what later back references may reach.
+                    window.extend_from_slice(&piece[piece.len().saturating_sub(LZF_WINDOW)..]);
+                    window.drain(..window.len().saturating_sub(LZF_WINDOW));
+                    return Ok(Some(vec![piece]));
+                }
+            }
+        }
+    }
 }
 
 /// Reads one snapshot from a [`Feed`].
@@ -156,13 +366,21 @@ pub(crate) struct Snapshot<'a, F: Feed> {
     capture: Option<Vec<u8>>,
     version: u16,
     db: u64,
+    /// Values of more bytes than this are handed on as [`Entry::Big`].
+    big_value_bytes: usize,
 }
 
 impl<'a, F: Feed> Snapshot<'a, F> {
-    /// Reads the `REDISnnnn` header.
-    pub(crate) async fn open(feed: &'a mut F, framing: Framing) -> Result<Self, ReplicateError> {
+    /// Reads the `REDISnnnn` header. Values of more than `big_value_bytes` come as
+    /// [`Entry::Big`].
+    pub(crate) async fn open(
+        feed: &'a mut F,
+        framing: Framing,
+        big_value_bytes: usize,
+    ) -> Result<Self, ReplicateError> {
         let mut snapshot = Snapshot::value(feed, 0);
         snapshot.framing = framing;
+        snapshot.big_value_bytes = big_value_bytes;
         let version = snapshot
             .take(9, |header| header.strip_prefix(b"REDIS").and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()))
             .await?
@@ -175,7 +393,16 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     /// value the target could not RESTORE.
     pub(crate) fn value(feed: &'a mut F, len: usize) -> Self {
         let framing = Framing::Length(len as u64);
-        Snapshot { feed, framing, consumed: 0, digest: CRC64.digest(), capture: None, version: 0, db: 0 }
+        Snapshot {
+            feed,
+            framing,
+            consumed: 0,
+            digest: CRC64.digest(),
+            capture: None,
+            version: 0,
+            db: 0,
+            big_value_bytes: usize::MAX,
+        }
     }
 
     /// The RDB format version, which DUMP payloads built from these values carry.
@@ -225,8 +452,34 @@ impl<'a, F: Feed> Snapshot<'a, F> {
                 op::FUNCTION_PRE_GA => return Err(self.malformed("functions from a Redis 7.0 release candidate")),
                 kind::STRING => {
                     let key = self.string().await?;
-                    let value = self.string().await?;
-                    return Ok(Entry::String(KeyEntry { db: self.db, key, expire_at_ms, value }));
+                    let length = self.length().await?;
+                    let entry = KeyEntry { db: self.db, key, expire_at_ms, value: Vec::new() };
+                    if length.plain() > self.big_value_bytes as u64 {
+                        let walk = Walk::string(length);
+                        return Ok(Entry::Big(Big { entry, kind: kind::STRING, replay: None, walk }));
+                    }
+                    let value = self.string_from(length).await?;
+                    return Ok(Entry::String(KeyEntry { value, ..entry }));
+                }
+                value_type if Walk::walks(value_type) => {
+                    let key = self.string().await?;
+                    let entry = KeyEntry { db: self.db, key, expire_at_ms, value: Vec::new() };
+                    self.capture = Some(vec![value_type]);
+                    let mut walk = Walk::new(value_type);
+                    let mut pieces = 0;
+                    while walk.next(self, false).await?.is_some() {
+                        pieces += 1;
+                        if self.capture.as_ref().is_some_and(|c| c.len() > self.big_value_bytes) {
+                            // Moved, not copied (a unique `Bytes` becomes a `BytesMut` as is).
+                            let mut captured = BytesMut::from(Bytes::from(self.capture.take().unwrap_or_default()));
+                            captured.advance(1); // the type byte
+                            let replay = Memory(captured);
+                            let replay = Some((replay, Walk::new(value_type), pieces));
+                            return Ok(Entry::Big(Big { entry, kind: value_type, replay, walk }));
+                        }
+                    }
+                    let value = self.capture.take().unwrap_or_default();
+                    return Ok(Entry::Object(KeyEntry { value, ..entry }));
                 }
                 value_type => {
                     let key = self.string().await?;
@@ -268,55 +521,11 @@ impl<'a, F: Feed> Snapshot<'a, F> {
         }
     }
 
-    /// Skips one value of `value_type`, capturing its bytes.
+    /// Skips one value of a type [`Walk`] does not read (zipmap, stream, module), capturing its
+    /// bytes.
     async fn skip_value(&mut self, value_type: u8) -> Result<(), ReplicateError> {
         match value_type {
-            kind::HASH_ZIPMAP
-            | kind::LIST_ZIPLIST
-            | kind::SET_INTSET
-            | kind::ZSET_ZIPLIST
-            | kind::HASH_ZIPLIST
-            | kind::HASH_LISTPACK
-            | kind::ZSET_LISTPACK
-            | kind::SET_LISTPACK => self.skip_string().await,
-            kind::LIST | kind::SET | kind::LIST_QUICKLIST => {
-                for _ in 0..self.len().await? {
-                    self.skip_string().await?;
-                }
-                Ok(())
-            }
-            kind::HASH => {
-                for _ in 0..self.len().await? {
-                    self.skip_string().await?;
-                    self.skip_string().await?;
-                }
-                Ok(())
-            }
-            kind::ZSET => {
-                for _ in 0..self.len().await? {
-                    self.skip_string().await?;
-                    // A score as text: a length byte, or 253/254/255 for nan/+inf/-inf.
-                    let len = self.byte().await?;
-                    if len < 253 {
-                        self.skip(usize::from(len)).await?;
-                    }
-                }
-                Ok(())
-            }
-            kind::ZSET_2 => {
-                for _ in 0..self.len().await? {
-                    self.skip_string().await?;
-                    self.skip(8).await?;
-                }
-                Ok(())
-            }
-            kind::LIST_QUICKLIST_2 => {
-                for _ in 0..self.len().await? {
-                    self.len().await?; // container: plain or packed
-                    self.skip_string().await?;
-                }
-                Ok(())
-            }
+            kind::HASH_ZIPMAP => self.skip_string().await,
             kind::MODULE_2 => {
                 self.len().await?; // module id
                 self.skip_module_value().await
@@ -327,6 +536,72 @@ impl<'a, F: Feed> Snapshot<'a, F> {
             other => Err(self.malformed(format!(
                 "value type {other} is not supported (a module value of the old format, or a Redis newer than 7.2)"
             ))),
+        }
+    }
+
+    /// One item of a collection with an item count: an element, a pair, or a quicklist node.
+    async fn item(&mut self, value_type: u8, decode: bool) -> Result<Vec<Vec<u8>>, ReplicateError> {
+        let mut elements = Vec::new();
+        match value_type {
+            kind::LIST | kind::SET => self.element(decode, &mut elements).await?,
+            kind::HASH => {
+                self.element(decode, &mut elements).await?;
+                self.element(decode, &mut elements).await?;
+            }
+            kind::ZSET => {
+                self.element(decode, &mut elements).await?;
+                // A score as text: a length byte, or 253/254/255 for nan/+inf/-inf.
+                let score = match self.byte().await? {
+                    253 => return Err(self.malformed("a NaN score")),
+                    254 => b"+inf".to_vec(),
+                    255 => b"-inf".to_vec(),
+                    len => self.take(usize::from(len), |text| text.to_vec()).await?,
+                };
+                if decode {
+                    elements.push(score);
+                }
+            }
+            kind::ZSET_2 => {
+                self.element(decode, &mut elements).await?;
+                let score = f64::from_le_bytes(self.array().await?);
+                if decode {
+                    elements.push(score.to_string().into_bytes());
+                }
+            }
+            kind::LIST_QUICKLIST => elements = self.blob(kind::LIST_ZIPLIST, decode).await?,
+            _ => {
+                // LIST_QUICKLIST_2: each node says whether it is plain (one element) or packed.
+                // A packed node is a listpack (any listpack type decodes the same).
+                match self.len().await? {
+                    2 => elements = self.blob(kind::SET_LISTPACK, decode).await?,
+                    _ => self.element(decode, &mut elements).await?,
+                }
+            }
+        }
+        Ok(elements)
+    }
+
+    /// One string element, decoded into `elements` or skipped.
+    async fn element(&mut self, decode: bool, elements: &mut Vec<Vec<u8>>) -> Result<(), ReplicateError> {
+        match decode {
+            true => elements.push(self.string().await?),
+            false => self.skip_string().await?,
+        }
+        Ok(())
+    }
+
+    /// One encoded blob of `value_type`'s encoding (intset, ziplist or listpack), as its
+    /// elements when `decode`.
+    async fn blob(&mut self, value_type: u8, decode: bool) -> Result<Vec<Vec<u8>>, ReplicateError> {
+        if !decode {
+            self.skip_string().await?;
+            return Ok(Vec::new());
+        }
+        let blob = self.string().await?;
+        match value_type {
+            kind::SET_INTSET => intset(&blob),
+            kind::LIST_ZIPLIST | kind::ZSET_ZIPLIST | kind::HASH_ZIPLIST => ziplist(&blob),
+            _ => listpack(&blob),
         }
     }
 
@@ -375,55 +650,62 @@ impl<'a, F: Feed> Snapshot<'a, F> {
         }
     }
 
+    /// A length field, or the special string encoding it announces (its lengths read too).
     async fn length(&mut self) -> Result<Length, ReplicateError> {
-        let first = self.byte().await?;
-        Ok(match first >> 6 {
-            0 => Length::Len(u64::from(first & 0x3f)),
-            1 => Length::Len(u64::from(first & 0x3f) << 8 | u64::from(self.byte().await?)),
-            2 if first == 0x80 => Length::Len(u64::from(u32::from_be_bytes(self.array().await?))),
-            2 if first == 0x81 => Length::Len(u64::from_be_bytes(self.array().await?)),
-            2 => return Err(self.malformed(format!("unknown length encoding {first:#x}"))),
-            _ => Length::Encoded(first & 0x3f),
+        Ok(match self.header().await? {
+            Ok(n) => Length::Len(n),
+            Err(0) => Length::Int(1),
+            Err(1) => Length::Int(2),
+            Err(2) => Length::Int(4),
+            Err(3) => Length::Lzf { compressed: self.len().await?, plain: self.len().await? },
+            Err(other) => return Err(self.malformed(format!("unknown string encoding {other}"))),
         })
     }
 
+    /// A plain length.
     pub(crate) async fn len(&mut self) -> Result<u64, ReplicateError> {
-        match self.length().await? {
-            Length::Len(n) => Ok(n),
-            Length::Encoded(_) => Err(self.malformed("a string encoding where a length belongs")),
-        }
+        self.header().await?.map_err(|_| self.malformed("a string encoding where a length belongs"))
+    }
+
+    /// A length field as it is: a length, or the number of a special string encoding.
+    async fn header(&mut self) -> Result<Result<u64, u8>, ReplicateError> {
+        let first = self.byte().await?;
+        Ok(match first >> 6 {
+            0 => Ok(u64::from(first & 0x3f)),
+            1 => Ok(u64::from(first & 0x3f) << 8 | u64::from(self.byte().await?)),
+            2 if first == 0x80 => Ok(u64::from(u32::from_be_bytes(self.array().await?))),
+            2 if first == 0x81 => Ok(u64::from_be_bytes(self.array().await?)),
+            2 => return Err(self.malformed(format!("unknown length encoding {first:#x}"))),
+            _ => Err(first & 0x3f),
+        })
     }
 
     /// A string, decoded (integers as decimal text, LZF decompressed).
     pub(crate) async fn string(&mut self) -> Result<Vec<u8>, ReplicateError> {
-        match self.length().await? {
+        let length = self.length().await?;
+        self.string_from(length).await
+    }
+
+    /// The rest of a string whose length was read.
+    async fn string_from(&mut self, length: Length) -> Result<Vec<u8>, ReplicateError> {
+        match length {
             Length::Len(n) => self.take(self.size(n)?, <[u8]>::to_vec).await,
-            Length::Encoded(0) => Ok(i8::from_le_bytes(self.array().await?).to_string().into_bytes()),
-            Length::Encoded(1) => Ok(i16::from_le_bytes(self.array().await?).to_string().into_bytes()),
-            Length::Encoded(2) => Ok(i32::from_le_bytes(self.array().await?).to_string().into_bytes()),
-            Length::Encoded(3) => {
-                let (compressed, plain) = (self.len().await?, self.len().await?);
+            Length::Int(1) => Ok(i8::from_le_bytes(self.array().await?).to_string().into_bytes()),
+            Length::Int(2) => Ok(i16::from_le_bytes(self.array().await?).to_string().into_bytes()),
+            Length::Int(_) => Ok(i32::from_le_bytes(self.array().await?).to_string().into_bytes()),
+            Length::Lzf { compressed, plain } => {
                 let (compressed, plain) = (self.size(compressed)?, self.size(plain)?);
                 let decompressed = self.take(compressed, |data| lzf_decompress(data, plain)).await?;
                 decompressed.map_err(|err| self.malformed(format!("LZF string: {err}")))
             }
-            Length::Encoded(other) => Err(self.malformed(format!("unknown string encoding {other}"))),
         }
     }
 
     /// A string, skipped without decoding (its bytes are captured as they are).
     async fn skip_string(&mut self) -> Result<(), ReplicateError> {
         let skip = match self.length().await? {
-            Length::Len(n) => n,
-            Length::Encoded(0) => 1,
-            Length::Encoded(1) => 2,
-            Length::Encoded(2) => 4,
-            Length::Encoded(3) => {
-                let compressed = self.len().await?;
-                self.len().await?;
-                compressed
-            }
-            Length::Encoded(other) => return Err(self.malformed(format!("unknown string encoding {other}"))),
+            Length::Len(n) | Length::Lzf { compressed: n, .. } => n,
+            Length::Int(n) => n as u64,
         };
         self.skip(self.size(skip)?).await
     }
@@ -493,37 +775,48 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     }
 }
 
-/// Decompresses an LZF string (`lzf_d.c`) that must come to `len` bytes. Written here rather
-/// than taken from a crate that zeroes the output first and copies back references a byte at
-/// a time: snapshots of small strings are mostly such strings, and Eden decodes every one.
+/// Decompresses an LZF string (`lzf_d.c`) that must come to `len` bytes.
 fn lzf_decompress(data: &[u8], len: usize) -> Result<Vec<u8>, &'static str> {
     let mut out = Vec::with_capacity(len);
+    match lzf_decode(data, &mut out, len, usize::MAX)? {
+        used if used < data.len() => Err("an instruction runs past the data"),
+        _ if out.len() == len => Ok(out),
+        _ => Err("shorter than announced"),
+    }
+}
+
+/// Decodes the complete LZF instructions at the start of `data` onto the end of `out`, which
+/// must not grow past `max` bytes, until `out` holds `stop` bytes or more; returns how many
+/// bytes of `data` they took (an instruction cut short at the end is left for the caller to
+/// complete). Back references reach into what
+/// `out` held before. Written here rather than taken from a crate that zeroes the output first
+/// and copies back references a byte at a time: snapshots of small strings are mostly such
+/// strings, and Eden decodes every one.
+fn lzf_decode(data: &[u8], out: &mut Vec<u8>, max: usize, stop: usize) -> Result<usize, &'static str> {
     let mut at = 0;
-    while let Some(&control) = data.get(at) {
+    while let Some(&control) = data.get(at)
+        && out.len() < stop
+    {
         let control = usize::from(control);
-        at += 1;
         if control < 32 {
             // A literal: the next control + 1 bytes.
-            let literal = data.get(at..at + control + 1).ok_or("a literal runs past the data")?;
-            if out.len() + literal.len() > len {
+            let Some(literal) = data.get(at + 1..at + 2 + control) else { break };
+            if out.len() + literal.len() > max {
                 return Err("longer than announced");
             }
             out.extend_from_slice(literal);
-            at += literal.len();
+            at += 2 + control;
             continue;
         }
         // A back reference: length - 2 in 3 bits (7: plus the next byte), distance - 1 in 13.
-        let mut n = control >> 5;
-        if n == 7 {
-            n += usize::from(*data.get(at).ok_or("a reference runs past the data")?);
-            at += 1;
-        }
-        let low = usize::from(*data.get(at).ok_or("a reference runs past the data")?);
-        at += 1;
-        let distance = ((control & 0x1f) << 8 | low) + 1;
+        let long = control >> 5 == 7;
+        let Some(&low) = data.get(at + 1 + usize::from(long)) else { break };
+        let n = (control >> 5) + if long { usize::from(data[at + 1]) } else { 0 };
+        at += 2 + usize::from(long);
+        let distance = ((control & 0x1f) << 8 | usize::from(low)) + 1;
         let start = out.len().checked_sub(distance).ok_or("a reference before the start")?;
         let mut left = n + 2;
-        if out.len() + left > len {
+        if out.len() + left > max {
             return Err("longer than announced");
         }
         // A reference may overlap what it produces (a run); its output repeats with period
@@ -534,7 +827,7 @@ fn lzf_decompress(data: &[u8], len: usize) -> Result<Vec<u8>, &'static str> {
             left -= piece;
         }
     }
-    if out.len() == len { Ok(out) } else { Err("shorter than announced") }
+    Ok(at)
 }
 
 #[cfg(test)]
@@ -559,7 +852,7 @@ mod tests {
 
     async fn read_all(rdb: &[u8], framing: Framing) -> Result<Vec<Entry>, ReplicateError> {
         let mut feed = Memory(BytesMut::from(rdb));
-        let mut snapshot = Snapshot::open(&mut feed, framing).await?;
+        let mut snapshot = Snapshot::open(&mut feed, framing, usize::MAX).await?;
         let mut entries = Vec::new();
         loop {
             match snapshot.next().await? {
@@ -584,6 +877,51 @@ mod tests {
         let mut with_mark = rdb.clone();
         with_mark.extend([b'x'; 40]);
         assert_eq!(read_all(&with_mark, Framing::EofMark(vec![b'x'; 40])).await.unwrap().len(), 4);
+    }
+
+    /// A snapshot of one string key, its value LZF-compressed, and the value.
+    fn compressed_string_rdb() -> (Vec<u8>, Vec<u8>) {
+        let words = [&b"alpha "[..], b"beta ", b"gamma ", b"delta ", b"epsilon ", b"zeta ", b"eta "];
+        let mut plain = Vec::new();
+        let mut seed = 7u64;
+        while plain.len() < 2 << 20 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            plain.extend_from_slice(words[(seed >> 59) as usize % words.len()]);
+        }
+        let compressed = lzf::compress(&plain).unwrap();
+        assert!(compressed.len() > 2 * STRING_PIECE, "the compressed bytes span several reads");
+        let mut rdb = b"REDIS0010".to_vec();
+        rdb.extend([kind::STRING, 1, b's', 0xc3, 0x80]);
+        rdb.extend((compressed.len() as u32).to_be_bytes());
+        rdb.push(0x80);
+        rdb.extend((plain.len() as u32).to_be_bytes());
+        rdb.extend(&compressed);
+        rdb.push(op::EOF);
+        let crc = CRC64.checksum(&rdb);
+        rdb.extend(crc.to_le_bytes());
+        (rdb, plain)
+    }
+
+    /// Past the threshold, a compressed string comes in pieces of at most `STRING_PIECE` bytes,
+    /// decompressed across reads (instructions and back references straddle them) to the value.
+    #[tokio::test]
+    async fn a_big_compressed_string_comes_in_pieces() {
+        let (rdb, plain) = compressed_string_rdb();
+        let mut feed = Memory(BytesMut::from(&rdb[..]));
+        let mut snapshot = Snapshot::open(&mut feed, Framing::Length(rdb.len() as u64), 1 << 20).await.unwrap();
+        let Entry::Big(mut big) = snapshot.next().await.unwrap() else { panic!("not big") };
+        let mut value = Vec::new();
+        while let Some(piece) = big.next(&mut snapshot).await.unwrap() {
+            assert_eq!(piece.len(), 1);
+            assert!(piece[0].len() <= STRING_PIECE + 264, "{}", piece[0].len());
+            value.extend_from_slice(&piece[0]);
+        }
+        assert!(value == plain, "the pieces make the value");
+        assert!(matches!(snapshot.next().await.unwrap(), Entry::End));
+
+        // Under the threshold it is one string, as before.
+        let entries = read_all(&rdb, Framing::Length(rdb.len() as u64)).await.unwrap();
+        assert!(matches!(&entries[..], [Entry::String(entry)] if entry.value == plain));
     }
 
     #[test]

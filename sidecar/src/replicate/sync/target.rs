@@ -14,6 +14,7 @@ use redis_protocol::resp2::types::BytesFrame;
 
 use super::link::{Link, encode_into, text};
 use crate::replicate::ReplicateError;
+use crate::replicate::freshness::{FRESHNESS_KEY, TRUSTED_FOR};
 use crate::replicate::pace::Pace;
 
 /// The key on the target that records how far the stream has been applied.
@@ -98,9 +99,26 @@ impl Target {
         }
     }
 
+    /// The target's `proto-max-bulk-len`; `None` when it does not say (CONFIG refused, as on
+    /// many managed services).
+    pub(crate) async fn bulk_limit(&mut self) -> Result<Option<u64>, ReplicateError> {
+        Ok(match self.link.call(&[b"CONFIG", b"GET", b"proto-max-bulk-len"]).await? {
+            BytesFrame::Array(pair) => pair.get(1).and_then(text).and_then(|limit| limit.parse().ok()),
+            _ => None,
+        })
+    }
+
     /// Empties the target before a full resync: it holds an earlier copy of this source, and
     /// keys deleted on the source since would otherwise survive.
+    ///
+    /// Sidecars read the target for the source only while they see its freshness record, and
+    /// at most [`TRUSTED_FOR`] after they last saw it (DESIGN §9, "Freshness"): the record goes
+    /// first, and the data only once every such trust has run out (twice over, for clocks that
+    /// run at slightly different rates). A beat still on its way either finds no record to
+    /// overwrite (it is written `XX`) or, written plainly, follows nothing a sidecar saw.
     pub(crate) async fn flush(&mut self) -> Result<(), ReplicateError> {
+        self.link.call(&[b"DEL", FRESHNESS_KEY.as_bytes()]).await?;
+        tokio::time::sleep(2 * TRUSTED_FOR).await;
         self.link.call(&[b"FLUSHALL"]).await?;
         self.link.call(&[b"FUNCTION", b"FLUSH"]).await?;
         Ok(())
