@@ -204,6 +204,18 @@ impl Strategy {
         self.transaction(key).0
     }
 
+    /// Whether any answer of this strategy depends on a request's key: a split by key
+    /// (`cutover`), reads routed by key hash, and shadow reads (a mismatch is logged by its key).
+    /// Otherwise every key has the same owner and read share, and a session need not look for
+    /// keys at all, as the plain proxy does not (about a fifth of a pipelined request's cost).
+    pub fn needs_keys(&self) -> bool {
+        self.config.as_ref().is_some_and(|config| {
+            config.write_mode == WriteMode::Cutover
+                || config.read_routing == ReadRouting::KeyHash
+                || config.shadow_read_percentage > 0
+        })
+    }
+
     /// Whether writes are held right now.
     pub fn holding(&self) -> bool {
         matches!(self.hold, HoldState::Holding(_))
@@ -471,6 +483,37 @@ mod tests {
         let authoritative = config(|c| (c.read_percentage, c.write_policy) = (100, WritePolicy::NewAuthoritative))
             .with_target_reads(TargetReads::CoveredBefore(Option::None));
         assert!(authoritative.target_may_serve(Some(b"k"), Waiting), "the target owns the key: no gate");
+    }
+
+    #[test]
+    fn without_needs_keys_no_answer_depends_on_the_key() {
+        use CommandKind::*;
+        let mut strategies = vec![Strategy::default()];
+        for policy in [WritePolicy::OldAuthoritative, WritePolicy::NewAuthoritative] {
+            for (read_percentage, mirror_writes) in [(0, false), (50, true), (100, true)] {
+                strategies.push(config(|c| {
+                    (c.write_policy, c.read_percentage, c.mirror_writes) = (policy, read_percentage, mirror_writes);
+                    c.target_read_deadline_ms = Some(100);
+                }));
+            }
+        }
+        for strategy in strategies {
+            assert!(!strategy.needs_keys(), "{strategy:?}");
+            for key in ["k", "user:1", "{tag}x", "zset"].map(str::as_bytes) {
+                for kind in [Read, Write, Blocking, Admin, Other, Transaction, PubSub, Connection] {
+                    let (keyed, keyless) = (&mut Dice(7), &mut Dice(7));
+                    assert_eq!(strategy.route(kind, Some(key), keyed), strategy.route(kind, None, keyless));
+                }
+                assert_eq!(strategy.transaction(Some(key)), strategy.transaction(None));
+                assert_eq!(strategy.target_read_deadline(Some(key)), strategy.target_read_deadline(None));
+                for writes in [ClientWrites::None, ClientWrites::Waiting] {
+                    assert_eq!(strategy.target_may_serve(Some(key), writes), strategy.target_may_serve(None, writes));
+                }
+            }
+        }
+        assert!(config(|c| (c.write_mode, c.write_percentage) = (WriteMode::Cutover, 50)).needs_keys());
+        assert!(config(|c| c.read_routing = ReadRouting::KeyHash).needs_keys());
+        assert!(config(|c| c.shadow_read_percentage = 1).needs_keys());
     }
 
     #[test]

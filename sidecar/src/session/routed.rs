@@ -43,7 +43,7 @@ use tokio::sync::{oneshot, watch};
 use super::replies::{Due, Dues, Replies, Shared, dues};
 use super::writes::SourceWrites;
 use super::{BUFFER, unreachable_reply};
-use crate::command::{CommandKind, RecentCommand};
+use crate::command::{Command, CommandKind, RecentCommand};
 use crate::frame::{Request, RequestScanner};
 use crate::hold::{HoldReason, HoldState};
 use crate::metrics::{CommandCounts, ErrorKind, MirrorOutcome, ProxyMetrics, ShadowOutcome};
@@ -234,7 +234,10 @@ impl Session {
 
     /// Routes one request; false when it is held.
     async fn dispatch(&mut self, strategy: &Strategy, plan: &Plan, bytes: &[u8], request: &Request) -> bool {
-        let command = self.recent.command(bytes, request);
+        let command = match strategy.needs_keys() {
+            true => self.recent.command(bytes, request),
+            false => Command { kind: self.recent.kind(bytes, request), key: None },
+        };
         let kind = command.kind;
         if self.pinned {
             if writes(kind) && strategy.holding() {
