@@ -62,8 +62,9 @@ pub(super) enum Due {
 /// the latter). Most dues need no wake-up of their own: replies due from a side this task is
 /// reading get looked at when that side's bytes arrive, and those bytes cannot arrive before
 /// the due is handed over, because the request side hands a batch's dues over before it writes
-/// the batch. After every wake-up this task takes what was handed over (a read of `side`
-/// included) before it looks at anything, so every byte it has read has its due in the queue.
+/// the batch. After every wake-up (the arrival of a side's bytes included) this task takes
+/// what was handed over before it looks at anything, so every byte it has read has its due in
+/// its queue.
 /// Everything else (a reply the proxy makes, a new connection, a pin, a deadline, the end, or
 /// replies from a side this task is not reading) wakes it.
 ///
