@@ -14,7 +14,7 @@ export CARGO_INCREMENTAL ?= 0
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help deps control-plane helm crds check-crds lint test demo bench images
+.PHONY: help deps control-plane helm coredns crds check-crds lint test demo bench images
 
 help:
 	@echo "make demo   run Eden end to end on a local control plane and two redis-servers"
@@ -25,7 +25,9 @@ help:
 
 # From Debian's packages, when missing: redis-server and redis-tools (every Redis the tests and the
 # demo run), umoci (the image test unpacks images with it), Node.js, npm, a JDK and Maven (the
-# client matrix builds its node-redis, Jedis and Lettuce programs with them).
+# client matrix builds its node-redis, Jedis and Lettuce programs with them), and the test
+# node's runtime (e2e/src/node.rs): containerd, runc, the CNI plugins, iptables, conntrack (the
+# kube-proxy needs it) and a static busybox (the shell of the node's tools image).
 deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -35,17 +37,28 @@ deps:
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v javac >/dev/null || missing="$$missing openjdk-17-jdk-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
+	command -v containerd >/dev/null || missing="$$missing containerd"; \
+	command -v runc >/dev/null || missing="$$missing runc"; \
+	[ -x /usr/lib/cni/bridge ] || missing="$$missing containernetworking-plugins"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v conntrack >/dev/null || missing="$$missing conntrack"; \
+	[ -x /bin/busybox ] || missing="$$missing busybox-static"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing from Debian packages"; \
 	  $(SUDO) apt-get update -qq; \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
-	  $(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true; \
+	  $(SUDO) systemctl disable --now redis-server containerd >/dev/null 2>&1 || true; \
 	fi
 	@command -v kubectl >/dev/null || { echo "kubectl is required on PATH"; exit 1; }
 
-# etcd + kube-apiserver v1.33, built once per source version into $(EDEN_CACHE_DIR)/bin.
+# etcd + kube-apiserver v1.33, built once per source version into $(EDEN_CACHE_DIR)/bin; the same
+# binary is the test node's kubelet, kube-proxy, scheduler and controller-manager.
 control-plane:
 	@bash e2e/control-plane/build.sh >/dev/null
+
+# CoreDNS, the test node's cluster DNS, built once per version from its published module.
+coredns:
+	@bash e2e/coredns/build.sh >/dev/null
 
 # Helm, built once per version from its published module into $(EDEN_CACHE_DIR)/bin: the tests
 # install the chart with it.
@@ -68,7 +81,7 @@ lint: helm
 	cargo clippy --workspace --all-targets -q -- -D warnings
 	@"$$(bash e2e/helm/build.sh)" lint --strict --quiet charts/eden
 
-test: deps control-plane helm lint check-crds
+test: deps control-plane helm coredns lint check-crds
 	cargo test --workspace
 
 demo: deps control-plane

@@ -1,14 +1,18 @@
 // Command eden-control-plane runs a real Kubernetes API server for Eden's tests and demo:
 // an embedded etcd and kube-apiserver (built from the upstream k8s.io/kubernetes module) in
-// one process, on loopback ports, with a generated CA, serving certificate and admin kubeconfig.
+// one process, with a generated CA, serving certificate and admin kubeconfig.
 //
-// There is no kubelet, scheduler or controller-manager: objects are stored, validated and sent
-// through admission webhooks exactly as in a cluster, but Pods never run. Tests run the Eden
-// sidecar and operator as local processes with the kubeconfig this program writes.
+// By default it listens on loopback only and nothing else runs: objects are stored, validated
+// and sent through admission webhooks exactly as in a cluster, but Pods never run. Tests run
+// the Eden sidecar and operator as local processes with the kubeconfig this program writes.
+// With --advertise-address it serves a real node instead (see node.go): listening on that
+// address, reachable from pods, with ServiceAccount tokens and the kubernetes Service's
+// endpoints; the same binary runs the node's other components.
 //
 // Usage:
 //
-//	eden-control-plane --dir DIR
+//	eden-control-plane --dir DIR [--advertise-address IP] [--exit-on-stdin-close]
+//	eden-control-plane kubelet|kube-proxy|kube-scheduler|kube-controller-manager [flags]
 //
 // It writes DIR/kubeconfig, prints one line "ready <kubeconfig path>" to stdout once the API
 // server answers /readyz, and shuts etcd and the API server down on SIGTERM or SIGINT, or when
@@ -36,8 +40,15 @@ import (
 )
 
 func main() {
+	if len(os.Args) > 1 {
+		if component, ok := nodeComponents[os.Args[1]]; ok {
+			os.Exit(runComponent(component, os.Args[2:]))
+		}
+	}
 	dir := flag.String("dir", "", "state directory: etcd data, certificates, kubeconfig (required)")
 	watchStdin := flag.Bool("exit-on-stdin-close", false, "shut down when standard input reaches EOF")
+	flag.StringVar(&advertiseAddress, "advertise-address", "",
+		"serve a node: listen on this local address (not loopback) and advertise it to pods")
 	flag.Parse()
 	if *dir == "" {
 		fail(fmt.Errorf("--dir is required"))
@@ -46,6 +57,9 @@ func main() {
 		fail(err)
 	}
 }
+
+// advertiseAddress is the node's address when this control plane serves one, else empty.
+var advertiseAddress string
 
 func fail(err error) {
 	fmt.Fprintf(os.Stderr, "eden-control-plane: %v\n", err)
@@ -77,17 +91,15 @@ func run(dir string, watchStdin bool) error {
 	}
 	defer etcd.Close()
 
-	apiURL := "https://127.0.0.1:" + strconv.Itoa(apiPort)
+	apiURL := "https://" + listenAddress() + ":" + strconv.Itoa(apiPort)
 	kubeconfig := filepath.Join(dir, "kubeconfig")
 	if err := writeKubeconfig(kubeconfig, apiURL, pki); err != nil {
 		return err
 	}
 
 	cmd := app.NewAPIServerCommand()
-	cmd.SetArgs([]string{
+	args := []string{
 		"--etcd-servers=http://127.0.0.1:" + strconv.Itoa(etcdClientPort),
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
 		"--secure-port=" + strconv.Itoa(apiPort),
 		"--cert-dir=" + filepath.Join(dir, "apiserver-certs"),
 		"--tls-cert-file=" + pki.servingCert,
@@ -100,17 +112,26 @@ func run(dir string, watchStdin bool) error {
 		"--service-account-signing-key-file=" + pki.serviceAccountKey,
 		"--authorization-mode=RBAC",
 		"--allow-privileged=true",
-		// No controller-manager mints ServiceAccount tokens, so Pods would be rejected.
-		"--disable-admission-plugins=ServiceAccount",
-		// Service references in webhook configurations resolve to endpoints, not ClusterIPs
-		// nobody serves; tests point webhooks at loopback URLs anyway.
+		// Service references in webhook configurations resolve to endpoints (pod IPs on a
+		// node), not ClusterIPs; tests without a node point webhooks at loopback URLs anyway.
 		"--enable-aggregator-routing=true",
 		"--enable-priority-and-fairness=false",
-		// The "kubernetes" Service cannot point at a loopback address; nothing here needs it.
-		"--endpoint-reconciler-type=none",
 		"--profiling=false",
 		"--v=0",
-	})
+	}
+	if advertiseAddress == "" {
+		args = append(args,
+			"--bind-address=127.0.0.1",
+			"--advertise-address=127.0.0.1",
+			// No controller-manager mints ServiceAccount tokens, so Pods would be rejected.
+			"--disable-admission-plugins=ServiceAccount",
+			// The "kubernetes" Service cannot point at a loopback address; nothing here needs it.
+			"--endpoint-reconciler-type=none",
+		)
+	} else {
+		args = append(args, nodeAPIServerArgs()...)
+	}
+	cmd.SetArgs(args)
 	cmd.SilenceUsage = true
 
 	done := make(chan error, 1)

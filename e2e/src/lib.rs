@@ -1,12 +1,15 @@
 //! Real components for Eden's tests and its demo: `redis-server` processes, a local Kubernetes
-//! control plane (etcd + kube-apiserver built from the upstream Go module) and Helm (built from
-//! its published module).
+//! control plane (etcd + kube-apiserver built from the upstream Go module), a real node where
+//! Pods run ([`Node`]) and Helm (built from its published module).
 //!
 //! Nothing here is a mock. Tests and the demo start what a user would have, on free loopback
-//! ports, and tear it down when the fixture is dropped.
+//! ports (the node: on its own pod network), and tear it down when the fixture is dropped or its
+//! test binary exits.
 
+mod cluster;
 mod control_plane;
 mod helm;
+pub mod node;
 mod redis;
 mod relay;
 mod tls;
@@ -14,9 +17,12 @@ mod tls;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+pub use cluster::Cluster;
 pub use control_plane::ControlPlane;
 pub use helm::Helm;
+pub use node::Node;
 pub use redis::{RedisConfig, RedisServer};
 pub use relay::Relay;
 pub use tls::{TestPki, TlsFiles};
@@ -36,6 +42,21 @@ pub enum FixtureError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Kube(#[from] kube::Error),
+}
+
+/// Polls `probe` every 200 ms until it returns `Some`, for at most `timeout`: the one way the
+/// fixtures and the tests on them wait for what happens elsewhere (a process, a node, a pod).
+pub fn eventually<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Result<T, FixtureError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            return Err(FixtureError::NotReady { what: what.into(), detail: format!("not within {timeout:?}") });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The repository root. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test or `cargo run`, and

@@ -127,6 +127,39 @@ async fn the_chart_installs_the_webhooks_the_operator_defines() {
     assert_eq!(chart.webhooks, defined.webhooks);
 }
 
+/// `values.schema.json`: a wrong value is refused before anything renders, with where and what;
+/// the production knobs render as the values say.
+#[test]
+fn wrong_values_are_refused_by_name_and_the_production_knobs_render() {
+    let helm = Helm::find().unwrap();
+    for (value, says) in [
+        ("operator.replicas=0", "at '/operator/replicas': minimum: got 0, want 1"),
+        ("operator.replica=2", "at '/operator': additional properties 'replica' not allowed"),
+        ("webhook.failurePolicy=sometimes", "at '/webhook/failurePolicy': value must be one of"),
+        ("sidecarNamespaces={Shop}", "at '/sidecarNamespaces/0': 'Shop' does not match pattern"),
+        ("operator.topologySpreadConstraints[0].whenUnsatisfiable=Never", "value must be one of"),
+    ] {
+        let refused = helm.template_eden("eden-system", &[value]).unwrap_err().to_string();
+        assert!(refused.contains(says), "{value}: {refused}");
+    }
+
+    let rendered = helm.template_eden("eden-system", &["operator.priorityClassName=eden-critical"]).unwrap();
+    let find = |kind: &str| {
+        let document = rendered.split("\n---").find(|document| document.contains(&format!("\nkind: {kind}\n")));
+        serde_yaml::from_str::<serde_json::Value>(document.unwrap_or_else(|| panic!("no {kind}"))).unwrap()
+    };
+    let selector = serde_json::json!({"matchLabels": {"app.kubernetes.io/name": "eden-operator"}});
+    let budget = find("PodDisruptionBudget");
+    assert_eq!((&budget["spec"]["minAvailable"], &budget["spec"]["selector"]), (&1.into(), &selector));
+    let pod = &find("Deployment")["spec"]["template"]["spec"];
+    assert_eq!(pod["priorityClassName"], "eden-critical");
+    let spread = &pod["topologySpreadConstraints"][0];
+    assert_eq!((&spread["topologyKey"], &spread["labelSelector"]), (&"kubernetes.io/hostname".into(), &selector));
+
+    let alone = helm.template_eden("eden-system", &["operator.replicas=1"]).unwrap();
+    assert!(!alone.contains("kind: PodDisruptionBudget"), "one replica: a budget would block every drain");
+}
+
 /// `helm install` with `webhook.failurePolicy=fail`; the operator writes the caBundle and stops
 /// (scaled to 0, or down): a pod that did not opt in, in a namespace of its own, is created; a pod
 /// that asks, or one in a labelled namespace, is refused and told which webhook failed; after

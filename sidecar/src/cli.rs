@@ -6,6 +6,7 @@
 //! runs until interrupted (SIGINT/SIGTERM), or with `--once` until the target has caught up.
 //! `verify` prints a summary and the first differences, and exits 1 when there are any.
 
+use std::io::IsTerminal;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::human;
 use crate::replicate::{
     Checkpoint, Mode, OpsLimits, Progress, ReplacePolicy, Replicator, ReplicatorOptions, Verifier, VerifyOptions,
 };
@@ -172,17 +174,26 @@ async fn replicate(args: ReplicateArgs) -> Result<ExitCode, String> {
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // On a terminal one line redrawn in place, with a bar; otherwise a line a second, for logs.
+    let terminal = std::io::stderr().is_terminal();
     let outcome = loop {
         tokio::select! {
             _ = terminate.recv() => break Ok(()),
             _ = interrupt.recv() => break Ok(()),
             _ = tick.tick() => {
                 let progress = replicator.progress().borrow().clone();
-                eprintln!("{}", describe(args.mode, &progress));
+                if terminal {
+                    eprint!("\r\x1b[K{}", draw(args.mode, &progress));
+                } else {
+                    eprintln!("{}", describe(args.mode, &progress));
+                }
                 save(&args.checkpoint, &progress.checkpoint)?;
                 if args.once {
                     match replicator.caught_up(Duration::from_millis(500)).await {
                         Ok(Some(progress)) => {
+                            if terminal {
+                                eprintln!();
+                            }
                             eprintln!("{}\ncaught up", describe(args.mode, &progress));
                             break Ok(());
                         }
@@ -207,6 +218,17 @@ fn describe(mode: Mode, progress: &Progress) -> String {
         "{mode} ({phase}): {}/{} keys ({percent}%), {:.0} keys/s, lag {} ms / {} bytes",
         checkpoint.copied, checkpoint.total, progress.rate, progress.lag_ms, progress.lag_bytes
     )
+}
+
+/// The terminal's line: `sync (copying) ████░░… 21%  1,200 / 5,000 keys  830 keys/s  ETA 5s,
+/// lag 15 ms`.
+fn draw(mode: Mode, progress: &Progress) -> String {
+    let checkpoint = &progress.checkpoint;
+    let copying = !checkpoint.backfill_done();
+    let (copied, total) = (checkpoint.copied as i64, checkpoint.total as i64);
+    let rate = copying.then_some(progress.rate);
+    let phase = if copying { "copying" } else { "following" };
+    format!("{mode} ({phase}) {}, lag {} ms", human::copy_progress(copied, total, rate), progress.lag_ms)
 }
 
 fn read_checkpoint(path: &Path) -> Result<Checkpoint, String> {
@@ -247,4 +269,26 @@ async fn verify(args: VerifyArgs) -> Result<ExitCode, String> {
         }
     }
     Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replicate::Checkpoint;
+
+    #[test]
+    fn a_terminal_sees_a_bar_with_rate_and_time_left_while_copying_and_the_lag_after() {
+        let mut progress = Progress { rate: 1000.0, lag_ms: 40, ..Default::default() };
+        progress.checkpoint = Checkpoint { copied: 600_000, total: 1_000_000, ..Checkpoint::fresh() };
+        assert_eq!(
+            draw(Mode::Scan, &progress),
+            "scan (copying) ████████████░░░░░░░░ 60%  600,000 / 1,000,000 keys  1,000 keys/s  ETA 6m40s, lag 40 ms"
+        );
+        progress.checkpoint.passes.clear();
+        progress.checkpoint.copied = 1_000_000;
+        assert_eq!(
+            draw(Mode::Scan, &progress),
+            "scan (following) ████████████████████ 100%  1,000,000 / 1,000,000 keys, lag 40 ms"
+        );
+    }
 }

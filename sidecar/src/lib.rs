@@ -20,6 +20,7 @@ pub mod config;
 pub mod frame;
 pub mod freshness;
 pub mod hold;
+pub mod human;
 pub mod lease;
 pub mod metrics;
 pub mod mirror;

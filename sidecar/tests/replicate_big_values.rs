@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use eden_e2e::RedisConfig;
-use eden_sidecar::replicate::{Mode, ReplacePolicy, ReplicatorOptions};
+use eden_sidecar::replicate::{Mode, ReplacePolicy, ReplicateError, ReplicatorOptions};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use support_replicate::{Pair, assert_clean, caught_up};
@@ -73,6 +73,10 @@ async fn seed_big_values(con: &mut MultiplexedConnection) {
         p.cmd("XADD").arg("events").arg(format!("{i}-1")).arg("n").arg(format!("{:x}{:x}", mix(i), mix(i + 7)));
     }
     p.cmd("XGROUP").arg(&["CREATE", "events", "billing", "0"]);
+    p.cmd("XREADGROUP").arg(&["GROUP", "billing", "alice", "COUNT", "120", "STREAMS", "events", ">"]);
+    p.cmd("XACK").arg(&["events", "billing", "10-1", "11-1"]);
+    p.cmd("XGROUP").arg(&["CREATECONSUMER", "events", "billing", "idle-bob"]);
+    p.cmd("XDEL").arg(&["events", "500-1", "501-1"]);
     p.set("blob", noise(5 << 20, 1));
     p.set("text", "the quick brown fox jumps over the lazy dog ".repeat(150_000)).pexpire("text", 7_200_000);
     p.exec_async(con).await.unwrap();
@@ -152,11 +156,33 @@ async fn every_type_copies_exactly_in_pieces(mode: Mode) {
     let mut replicator = pair.replicator(mode, options, None).await;
     caught_up(&mut replicator).await;
     assert_copied(&pair, &BIG_KEYS).await;
-    // Every big key went through a temporary key (in sync mode the stream has no RESTORE form
-    // here and is restored whole; see DESIGN.md), and the strings were appended in pieces.
+    // Every big key went through a temporary key, and the strings were appended in pieces.
     let renamed = calls(&mut pair.target().await, "rename").await;
-    let expected = if mode == Mode::Sync { BIG_KEYS.len() - 1 } else { BIG_KEYS.len() };
-    assert!(renamed >= expected as u64, "{renamed} RENAMEs for {expected} big keys");
+    assert!(renamed >= BIG_KEYS.len() as u64, "{renamed} RENAMEs for {} big keys", BIG_KEYS.len());
+    // The stream's state beyond its entries: counters, the group, its consumers and each
+    // pending entry with its owner and delivery count (the idle time moves on by itself).
+    let (mut source, mut target) = (pair.source().await, pair.target().await);
+    let stream = |reply: redis::Value| match reply {
+        redis::Value::Array(fields) => fields
+            .chunks(2)
+            .filter(|pair| !matches!(&pair[0], redis::Value::BulkString(name) if name.starts_with(b"radix-tree")))
+            .map(<[redis::Value]>::to_vec)
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let info = redis::cmd("XINFO").arg(&["STREAM", "events"]).clone();
+    let on_source = stream(info.query_async(&mut source).await.unwrap());
+    assert_eq!(on_source, stream(info.query_async(&mut target).await.unwrap()));
+    let pending = redis::cmd("XPENDING").arg(&["events", "billing", "-", "+", "1000"]).clone();
+    let entries = |reply: Vec<(String, String, u64, u64)>| {
+        reply.into_iter().map(|(id, who, _, n)| (id, who, n)).collect::<Vec<_>>()
+    };
+    let on_source = entries(pending.query_async(&mut source).await.unwrap());
+    assert_eq!(on_source.len(), 118);
+    assert_eq!(on_source, entries(pending.query_async(&mut target).await.unwrap()));
+    let consumers = redis::cmd("XINFO").arg(&["CONSUMERS", "events", "billing"]).clone();
+    let names = |reply: Vec<redis::Value>| reply.len();
+    assert_eq!(names(consumers.query_async(&mut target).await.unwrap()), 2, "a consumer with nothing pending too");
     assert!(calls(&mut pair.target().await, "append").await >= 2 * (5 << 20) / (256 << 10));
 }
 
@@ -209,8 +235,8 @@ async fn scan_copies_values_past_the_targets_bulk_limit() {
 async fn writes_during_a_chunked_copy_are_kept(mode: Mode) {
     let pair = Pair::start();
     let mut source = pair.source().await;
-    seed_zset(&mut source, "leaderboard", 200_000).await;
-    let _: () = source.set("blob", noise(3 << 20, 3)).await.unwrap();
+    seed_zset(&mut source, "leaderboard", 50_000).await;
+    let _: () = source.set("blob", noise(1 << 20, 3)).await.unwrap();
     let (stop, writes) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let writer = {
         let (mut con, stop, writes) = (source.clone(), stop.clone(), writes.clone());
@@ -219,12 +245,12 @@ async fn writes_during_a_chunked_copy_are_kept(mode: Mode) {
             while !stop.load(Ordering::Relaxed) {
                 let mut p = redis::pipe();
                 p.zadd("leaderboard", format!("live:{i}"), i)
-                    .zincr("leaderboard", format!("player:{}", i * 7919 % 200_000), 1)
-                    .zrem("leaderboard", format!("player:{}", i * 104_729 % 200_000))
+                    .zincr("leaderboard", format!("player:{}", i * 7919 % 50_000), 1)
+                    .zrem("leaderboard", format!("player:{}", i * 104_729 % 50_000))
                     .append("blob", i.to_string())
                     .cmd("SETRANGE")
                     .arg("blob")
-                    .arg(i * 4099 % (3 << 20))
+                    .arg(i * 4099 % (1 << 20))
                     .arg("edited");
                 let _: () = p.exec_async(&mut con).await.unwrap();
                 writes.fetch_add(1, Ordering::Relaxed);
@@ -274,4 +300,51 @@ async fn scan_sizes_values_by_length_where_memory_usage_is_refused() {
     assert_copied(&pair, &["leaderboard", "blob", "small"]).await;
     assert_eq!(calls(&mut pair.target().await, "rename").await, 2, "both big values went through a temporary key");
     assert_eq!(calls(&mut pair.target().await, "restore").await, 0, "nothing was DUMPed whole");
+}
+
+/// Under `skip` a big value the target already has stays the target's (its temporary copy is
+/// dropped, and the key is recorded as kept); a big value it lacks is copied. Under `fail` the
+/// same key stops the run, naming it.
+async fn skip_and_fail_hold_for_big_values(mode: Mode) {
+    let pair = Pair::start();
+    let mut source = pair.source().await;
+    seed_zset(&mut source, "leaderboard", 20_000).await;
+    let _: () = source.set("blob", noise(1 << 20, 5)).await.unwrap();
+    let mut target = pair.target().await;
+    let _: () = target.set("leaderboard", "the target's own").await.unwrap();
+
+    let options = ReplicatorOptions::new(ReplacePolicy::Skip).with_big_value_bytes(BIG);
+    let mut replicator = pair.replicator(mode, options, None).await;
+    caught_up(&mut replicator).await;
+    let kept: String = target.get("leaderboard").await.unwrap();
+    assert_eq!(kept, "the target's own");
+    assert!(replicator.kept_keys().expect("a skip run records its keeps").contains(0, b"leaderboard"));
+    let (a, b): (Vec<u8>, Vec<u8>) = (source.get("blob").await.unwrap(), target.get("blob").await.unwrap());
+    assert!(a == b, "the big value the target lacked is copied");
+    let tmp: Vec<Vec<u8>> = target.keys("eden:tmp:*").await.unwrap();
+    assert!(tmp.is_empty(), "temporary keys left: {tmp:?}");
+    // Both went the big way: sync renames each without overwriting (RENAMENX), scan looks for
+    // the key first and renames only the one the target lacks.
+    let (command, expected) = if mode == Mode::Sync { ("renamenx", 2) } else { ("rename", 1) };
+    assert_eq!(calls(&mut target, command).await, expected, "{command}");
+    replicator.stop().await.unwrap();
+
+    let _: () =
+        redis::pipe().cmd("FLUSHALL").set("leaderboard", "the target's own").exec_async(&mut target).await.unwrap();
+    let options = ReplicatorOptions::new(ReplacePolicy::Fail).with_big_value_bytes(BIG);
+    let mut replicator = pair.replicator(mode, options, None).await;
+    let err = replicator.caught_up(Duration::from_secs(30)).await.expect_err("the fail policy stops");
+    assert!(matches!(err, ReplicateError::TargetKeyExists { ref key, .. } if key == "leaderboard"), "{err}");
+    let kept: String = target.get("leaderboard").await.unwrap();
+    assert_eq!(kept, "the target's own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_holds_skip_and_fail_for_big_values() {
+    skip_and_fail_hold_for_big_values(Mode::Sync).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_holds_skip_and_fail_for_big_values() {
+    skip_and_fail_hold_for_big_values(Mode::Scan).await;
 }

@@ -156,9 +156,10 @@ async fn demo() -> Result<()> {
     }
     from_target += routed_reads(admin).await? - before;
     done(&format!("{from_target} of {reads} reads of user:42 were served by the target (readPercentage 25)"));
+    print!("    kubectl eden status shop:\n{}", indent(&kubectl_eden(&control_plane, &["status", "shop"])?));
 
     step("`kubectl eden cutover shop`: the target becomes authoritative; writes are mirrored back to the source");
-    done(&kubectl_eden(&control_plane, &["cutover", "shop"])?);
+    done(first_line(&kubectl_eden(&control_plane, &["cutover", "shop"])?));
     wait_phase(&control_plane, "CutOver", "60s")?;
     wait_until("the sidecar to apply the flip", || async {
         Ok(sidecar_generation(admin).await? >= configmap_generation(&control_plane)?)
@@ -174,7 +175,7 @@ async fn demo() -> Result<()> {
     done("last-order = order-1002 answered by the target and mirrored to the source: a rollback would lose nothing");
 
     step("`kubectl eden complete shop`: the source is detached, every read and write goes to the target");
-    done(&kubectl_eden(&control_plane, &["complete", "shop"])?);
+    done(first_line(&kubectl_eden(&control_plane, &["complete", "shop"])?));
     wait_phase(&control_plane, "Completed", "60s")?;
     let (on_both_source, on_both_target) = (dbsize(&mut on_source).await?, dbsize(&mut on_target).await?);
     if on_both_source != on_both_target {
@@ -307,7 +308,7 @@ fn indent(text: &str) -> String {
 
 /// Eden's binaries are built next to this one (`cargo build` puts them in the same directory).
 /// `kubectl eden ARGS` in the demo's namespace, the plugin found on PATH beside this binary; its
-/// first line of output.
+/// output.
 fn kubectl_eden(control_plane: &ControlPlane, args: &[&str]) -> Result<String> {
     let plugin = sibling_binary("kubectl-eden")?;
     let path = format!("{}:{}", plugin.parent().unwrap_or(Path::new(".")).display(), std::env::var("PATH")?);
@@ -320,7 +321,11 @@ fn kubectl_eden(control_plane: &ControlPlane, args: &[&str]) -> Result<String> {
     if !output.status.success() {
         return Err(format!("kubectl eden {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr)).into());
     }
-    Ok(String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or_default().to_string())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {

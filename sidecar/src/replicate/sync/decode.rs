@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use tracing::warn;
 
-use super::rdb::{Memory, Snapshot, Walk, kind};
+use super::rdb::{Memory, Piece, Snapshot, Walk, kind};
 use crate::replicate::ReplicateError;
 use crate::replicate::endpoint::printable;
 
@@ -84,7 +84,10 @@ pub(crate) async fn commands(
         let mut elements = Vec::new();
         let mut walk = Walk::new(value_type);
         while let Some(piece) = walk.next(&mut value, true).await? {
-            elements.extend(piece);
+            match piece {
+                Piece::Elements(piece) => elements.extend(piece),
+                Piece::Commands(_) => return Err(bad("a stream's consumer groups have no faithful command form here")),
+            }
         }
         let command = collection_command(value_type);
         out.extend(elements.chunks(ELEMENTS_PER_COMMAND * 2).map(|chunk| owned(add_args(command, key, chunk))));

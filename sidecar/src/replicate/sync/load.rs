@@ -22,7 +22,8 @@
 //!
 //! A value over the big-value threshold ([`super::rdb::Big`]) is written a piece at a time into
 //! `eden:tmp:<key>` (`APPEND` for a string; `RPUSH`, `SADD`, `HSET`, `ZADD` of up to
-//! [`ELEMENTS_PER_COMMAND`] elements for a collection), in the same pipelined batches, then
+//! [`ELEMENTS_PER_COMMAND`] elements for a collection; `XADD` per entry, then `XSETID`, groups,
+//! consumers and pending entries for a stream), in the same pipelined batches, then
 //! given its (held) expiry and renamed over the key: `RENAME` under `replace`, `RENAMENX` under
 //! `skip` and `fail` (0 = the target has the key, as `BUSYKEY`; the temporary key is deleted).
 //! No command carries more than a piece, so the target's `proto-max-bulk-len` never refuses
@@ -46,7 +47,7 @@ use super::Reporter;
 use super::decode;
 use super::hold;
 use super::link::{Decimal, encode_bulk, encode_into, encode_len};
-use super::rdb::{Big, CRC64, Entry, Feed, KeyEntry, Snapshot, kind};
+use super::rdb::{Big, CRC64, Entry, Feed, KeyEntry, Piece, Snapshot, kind};
 use super::target::Target;
 use crate::replicate::KeptKeys;
 use crate::replicate::copy::{now_ms, redis_version};
@@ -265,9 +266,14 @@ impl Loader<'_> {
         loop {
             let next = big.next(snapshot).await?;
             let ended = next.is_none();
-            for element in next.into_iter().flatten() {
-                bytes += element.len();
-                elements.push(element);
+            let mut commands = Vec::new();
+            match next {
+                Some(Piece::Elements(piece)) => {
+                    bytes += piece.iter().map(Vec::len).sum::<usize>();
+                    elements.extend(piece);
+                }
+                Some(Piece::Commands(piece)) => commands = piece,
+                None => {}
             }
             if !elements.is_empty() && (ended || elements.len() >= ELEMENTS_PER_COMMAND || bytes >= COMMAND_BYTES) {
                 // A string's piece is one APPEND each: its pieces are never merged.
@@ -275,6 +281,12 @@ impl Loader<'_> {
                     piece(&mut batch, &decode::add_args(command, &tmp, chunk));
                 }
                 (elements, bytes) = (Vec::new(), 0);
+            }
+            for (words, args) in &commands {
+                let mut command: Vec<&[u8]> = words.to_vec();
+                command.push(&tmp);
+                command.extend(args.iter().map(Vec::as_slice));
+                piece(&mut batch, &command);
             }
             if ended {
                 break;

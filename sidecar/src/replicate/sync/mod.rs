@@ -7,7 +7,8 @@
 //! 2. **Snapshot.** On `+FULLRESYNC` the source sends an RDB (`$<len>` or diskless
 //!    `$EOF:<mark>`). [`rdb`] finds each key's encoded value and [`load`] RESTOREs it on the
 //!    target as is, with its absolute expiry (strings, decoded, go in MSETs, or SETs when they
-//!    expire), in pipelined batches, one value in memory at a time. The target is flushed
+//!    expire), in pipelined batches, one value in memory at a time (a value past the big-value
+//!    threshold is written in pieces instead, see [`load`]). The target is flushed
 //!    first only when this is a restart: it then holds Eden's own earlier copy, which may have
 //!    keys the source has deleted since. A first run never flushes; keys already on the target
 //!    follow the replace policy. Under `skip` and `fail` the target has keys of its own that no

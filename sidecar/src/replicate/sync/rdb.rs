@@ -1,6 +1,6 @@
 //! A shallow, streaming reader of the RDB snapshot a source sends its replica.
 //!
-//! Eden does not rebuild collections from the RDB. It only finds where each key's encoded value
+//! Eden does not rebuild values from the RDB. It only finds where each key's encoded value
 //! begins and ends, and hands those bytes on untouched: an RDB value is byte for byte the body
 //! of a `DUMP` payload, so the target's own `RESTORE` decodes it, whatever the encoding
 //! (listpack, quicklist, intset, stream, module value). That keeps this reader small — lengths,
@@ -11,15 +11,16 @@
 //!
 //! Big values are the other exception ([`Entry::Big`]): a value is captured only up to the
 //! big-value threshold. A string whose length (read before its bytes) is over it, and a list,
-//! set, sorted set or hash whose bytes pass it while they are read, is handed on as a [`Big`]
-//! that yields its elements a piece at a time ([`Walk`]): the elements captured before the
+//! set, sorted set, hash or stream whose bytes pass it while they are read, is handed on as a
+//! [`Big`] that yields its content a piece at a time ([`Walk`]): the pieces captured before the
 //! threshold was passed are decoded again from the capture, the rest straight from the feed.
 //! A piece is one element (or pair) of a plain encoding, one quicklist node, one encoded blob
 //! (listpack, ziplist, intset: each bounded by the source's `*-max-*-entries`/`-value`
-//! settings), or at most [`STRING_PIECE`] bytes of a string (LZF-compressed ones are
-//! decompressed as they arrive, keeping the 8 KiB window back references reach). So memory
-//! holds the threshold plus one piece, however big the value. Streams and module values have
-//! no element form here and are captured whole, as before.
+//! settings), one stream node as `XADD`s (then the stream's counters, groups, consumers and
+//! pending entries as commands), or at most [`STRING_PIECE`] bytes of a string
+//! (LZF-compressed ones are decompressed as they arrive, keeping the 8 KiB window back
+//! references reach). So memory holds the threshold plus one piece, however big the value.
+//! Module values have no such form and are captured whole, as before.
 //!
 //! The reader pulls from a [`Feed`] (the replication link) exactly the bytes the RDB occupies,
 //! so whatever follows in the buffer (the command stream) is left for the stream applier. It
@@ -188,12 +189,26 @@ impl Length {
     }
 }
 
+/// What one piece of a big value adds to it.
+#[derive(Debug)]
+pub(crate) enum Piece {
+    /// Elements for the value type's adding command, flat (a hash's field then value, a sorted
+    /// set's member then score as text; a string's next bytes).
+    Elements(Vec<Vec<u8>>),
+    /// Whole commands on the key (a stream's entries, then its counters, groups, consumers and
+    /// pending entries): each its command words, then the key, then these arguments.
+    Commands(Vec<KeyCommand>),
+}
+
+/// A command on the key being built: its words, the key, its arguments.
+pub(crate) type KeyCommand = (&'static [&'static [u8]], Vec<Vec<u8>>);
+
 /// A value over the big-value threshold ([`Entry::Big`]): its key, and its elements to come.
 #[derive(Debug)]
 pub(crate) struct Big {
     /// Key, database and expiry; `value` is empty.
     pub(crate) entry: KeyEntry,
-    /// The value type (`kind`): a string, or a collection [`Walk::walks`].
+    /// The value type (`kind`): a string, or a type [`Walk::walks`].
     pub(crate) kind: u8,
     /// The bytes read before the value turned out big (without the type byte), and the walk
     /// that decodes the pieces they hold, how many pieces.
@@ -203,13 +218,9 @@ pub(crate) struct Big {
 }
 
 impl Big {
-    /// The next piece's elements, flat (a hash's field then value, a sorted set's member then
-    /// score as text; a string's next bytes); `None` once the value is over. Must be read to
-    /// its end before the snapshot's next entry.
-    pub(crate) async fn next<F: Feed>(
-        &mut self,
-        rdb: &mut Snapshot<'_, F>,
-    ) -> Result<Option<Vec<Vec<u8>>>, ReplicateError> {
+    /// The next piece; `None` once the value is over. Must be read to its end before the
+    /// snapshot's next entry.
+    pub(crate) async fn next<F: Feed>(&mut self, rdb: &mut Snapshot<'_, F>) -> Result<Option<Piece>, ReplicateError> {
         if let Some((memory, walk, left)) = &mut self.replay {
             if *left > 0 {
                 *left -= 1;
@@ -235,6 +246,9 @@ enum WalkState {
     Start,
     /// Items left: elements, pairs or quicklist nodes.
     Items(u64),
+    /// A stream's listpack nodes left, then its metadata and groups.
+    StreamNodes(u64),
+    StreamMeta,
     /// A string's raw bytes left.
     Raw(u64),
     /// An LZF string being decompressed: compressed bytes not read yet, plain bytes not produced
@@ -253,8 +267,8 @@ impl Walk {
         Walk { kind, state: WalkState::Start }
     }
 
-    /// Whether values of this type have an element form: lists, sets, sorted sets and hashes,
-    /// in every encoding but the ancient zipmap.
+    /// Whether values of this type have a form in pieces: lists, sets, sorted sets and hashes,
+    /// in every encoding but the ancient zipmap, and streams.
     pub(crate) fn walks(kind: u8) -> bool {
         matches!(
             kind,
@@ -272,6 +286,9 @@ impl Walk {
                 | kind::ZSET_LISTPACK
                 | kind::LIST_QUICKLIST_2
                 | kind::SET_LISTPACK
+                | kind::STREAM_LISTPACKS
+                | kind::STREAM_LISTPACKS_2
+                | kind::STREAM_LISTPACKS_3
         )
     }
 
@@ -286,13 +303,14 @@ impl Walk {
         Walk { kind: kind::STRING, state }
     }
 
-    /// The next piece: its elements when `decode`, else nothing (its bytes skipped, and captured
-    /// if the snapshot captures); `None` at the value's end. Both ways count the same pieces.
+    /// The next piece: what it adds when `decode`, else nothing (its bytes skipped, and
+    /// captured if the snapshot captures); `None` at the value's end. Both ways count the same
+    /// pieces.
     pub(crate) async fn next<F: Feed>(
         &mut self,
         rdb: &mut Snapshot<'_, F>,
         decode: bool,
-    ) -> Result<Option<Vec<Vec<u8>>>, ReplicateError> {
+    ) -> Result<Option<Piece>, ReplicateError> {
         loop {
             match &mut self.state {
                 WalkState::Done => return Ok(None),
@@ -304,20 +322,32 @@ impl Walk {
                     | kind::ZSET_2
                     | kind::LIST_QUICKLIST
                     | kind::LIST_QUICKLIST_2 => self.state = WalkState::Items(rdb.len().await?),
+                    kind::STREAM_LISTPACKS | kind::STREAM_LISTPACKS_2 | kind::STREAM_LISTPACKS_3 => {
+                        self.state = WalkState::StreamNodes(rdb.len().await?)
+                    }
                     blob => {
                         self.state = WalkState::Done;
-                        return Ok(Some(rdb.blob(blob, decode).await?));
+                        return Ok(Some(Piece::Elements(rdb.blob(blob, decode).await?)));
                     }
                 },
                 WalkState::Items(0) | WalkState::Raw(0) => self.state = WalkState::Done,
                 WalkState::Items(left) => {
                     *left -= 1;
-                    return Ok(Some(rdb.item(self.kind, decode).await?));
+                    return Ok(Some(Piece::Elements(rdb.item(self.kind, decode).await?)));
+                }
+                WalkState::StreamNodes(0) => self.state = WalkState::StreamMeta,
+                WalkState::StreamNodes(left) => {
+                    *left -= 1;
+                    return Ok(Some(rdb.stream_node(decode).await?));
+                }
+                WalkState::StreamMeta => {
+                    self.state = WalkState::Done;
+                    return Ok(Some(rdb.stream_meta(self.kind, decode).await?));
                 }
                 WalkState::Raw(left) => {
                     let n = (*left).min(STRING_PIECE as u64);
                     *left -= n;
-                    return Ok(Some(vec![rdb.take(n as usize, <[u8]>::to_vec).await?]));
+                    return Ok(Some(Piece::Elements(vec![rdb.take(n as usize, <[u8]>::to_vec).await?])));
                 }
                 WalkState::Lzf { compressed, plain, pending, window } => {
                     // Decode up to a piece's worth, reading more compressed bytes as needed: a
@@ -348,7 +378,7 @@ impl Walk {
                     // Keep what later back references may reach.
                     window.extend_from_slice(&piece[piece.len().saturating_sub(LZF_WINDOW)..]);
                     window.drain(..window.len().saturating_sub(LZF_WINDOW));
-                    return Ok(Some(vec![piece]));
+                    return Ok(Some(Piece::Elements(vec![piece])));
                 }
             }
         }
@@ -521,17 +551,13 @@ impl<'a, F: Feed> Snapshot<'a, F> {
         }
     }
 
-    /// Skips one value of a type [`Walk`] does not read (zipmap, stream, module), capturing its
-    /// bytes.
+    /// Skips one value of a type [`Walk`] does not read (zipmap, module), capturing its bytes.
     async fn skip_value(&mut self, value_type: u8) -> Result<(), ReplicateError> {
         match value_type {
             kind::HASH_ZIPMAP => self.skip_string().await,
             kind::MODULE_2 => {
                 self.len().await?; // module id
                 self.skip_module_value().await
-            }
-            kind::STREAM_LISTPACKS | kind::STREAM_LISTPACKS_2 | kind::STREAM_LISTPACKS_3 => {
-                self.skip_stream(value_type).await
             }
             other => Err(self.malformed(format!(
                 "value type {other} is not supported (a module value of the old format, or a Redis newer than 7.2)"
@@ -605,35 +631,88 @@ impl<'a, F: Feed> Snapshot<'a, F> {
         }
     }
 
-    /// A stream: its listpack nodes, metadata and consumer groups (`rdbLoadObject`).
-    async fn skip_stream(&mut self, value_type: u8) -> Result<(), ReplicateError> {
-        let v2 = value_type >= kind::STREAM_LISTPACKS_2;
-        for _ in 0..self.len().await? {
+    /// One listpack node of a stream: its master ID and listpack, as one `XADD` per entry not
+    /// deleted.
+    async fn stream_node(&mut self, decode: bool) -> Result<Piece, ReplicateError> {
+        if !decode {
             self.skip_string().await?; // master ID
             self.skip_string().await?; // listpack
+            return Ok(Piece::Elements(Vec::new()));
         }
-        // length, last ID; in v2 also first ID, max deleted ID, entries added.
-        for _ in 0..if v2 { 8 } else { 3 } {
+        let master = self.string().await?;
+        let master = stream_id(&master).ok_or_else(|| self.malformed("a stream node's master ID is not 16 bytes"))?;
+        let node = listpack(&self.string().await?)?;
+        stream_entries(master, node).map(Piece::Commands).map_err(|detail| self.malformed(detail))
+    }
+
+    /// What follows a stream's nodes (`rdbLoadObject`): its length and IDs, then each consumer
+    /// group with its pending entries and consumers, as `XSETID`, `XGROUP CREATE`, `XGROUP
+    /// CREATECONSUMER` and `XCLAIM … TIME … RETRYCOUNT … FORCE JUSTID` (as scan mode carries a
+    /// stream's state, [`crate::replicate::streams`]). A group's pending entries are held while
+    /// its consumers are read, to give each claim its delivery time and count.
+    async fn stream_meta(&mut self, value_type: u8, decode: bool) -> Result<Piece, ReplicateError> {
+        let v2 = value_type >= kind::STREAM_LISTPACKS_2;
+        let id = |ms: u64, seq: u64| format!("{ms}-{seq}").into_bytes();
+        let mut commands: Vec<KeyCommand> = Vec::new();
+        self.len().await?; // length: what the entries make
+        let mut setid = vec![id(self.len().await?, self.len().await?)];
+        if v2 {
+            // The first ID: what the entries make.
             self.len().await?;
+            self.len().await?;
+            let max_deleted = id(self.len().await?, self.len().await?);
+            let added = self.len().await?.to_string().into_bytes();
+            setid.extend([b"ENTRIESADDED".to_vec(), added, b"MAXDELETEDID".to_vec(), max_deleted]);
         }
+        commands.push((&[b"XSETID"], setid));
         for _ in 0..self.len().await? {
-            self.skip_string().await?; // group name
-            for _ in 0..if v2 { 3 } else { 2 } {
-                self.len().await?; // last delivered ID, entries read
+            let group = self.string().await?;
+            let mut create = vec![group.clone(), id(self.len().await?, self.len().await?)];
+            if v2 {
+                // -1 (unknown) is saved as a length of all ones.
+                let read = self.len().await? as i64;
+                create.extend([b"ENTRIESREAD".to_vec(), read.to_string().into_bytes()]);
+            }
+            commands.push((&[b"XGROUP", b"CREATE"], create));
+            let mut pending = std::collections::HashMap::new();
+            for _ in 0..self.len().await? {
+                let raw: [u8; 16] = self.array().await?;
+                let delivered = u64::from_le_bytes(self.array().await?);
+                let count = self.len().await?;
+                if decode {
+                    pending.insert(raw, (delivered, count));
+                }
             }
             for _ in 0..self.len().await? {
-                self.skip(16 + 8).await?; // raw ID, delivery time
-                self.len().await?; // delivery count
-            }
-            for _ in 0..self.len().await? {
-                self.skip_string().await?; // consumer name
+                let consumer = self.string().await?;
                 self.skip(if value_type >= kind::STREAM_LISTPACKS_3 { 16 } else { 8 }).await?; // seen/active time
-                let pending = self.len().await?;
-                let bytes = pending.checked_mul(16).ok_or_else(|| self.malformed("consumer PEL too long"))?;
-                self.skip(self.size(bytes)?).await?;
+                commands.push((&[b"XGROUP", b"CREATECONSUMER"], vec![group.clone(), consumer.clone()]));
+                for _ in 0..self.len().await? {
+                    let raw: [u8; 16] = self.array().await?;
+                    if !decode {
+                        continue;
+                    }
+                    let (ms, seq) = stream_id(&raw).unwrap_or_default();
+                    let (delivered, count) = *pending
+                        .get(&raw)
+                        .ok_or_else(|| self.malformed("a consumer's pending entry is not in its group's"))?;
+                    let claim = [
+                        group.clone(),
+                        consumer.clone(),
+                        b"0".to_vec(),
+                        id(ms, seq),
+                        b"TIME".to_vec(),
+                        delivered.to_string().into_bytes(),
+                        b"RETRYCOUNT".to_vec(),
+                        count.to_string().into_bytes(),
+                        b"FORCE".to_vec(),
+                        b"JUSTID".to_vec(),
+                    ];
+                    commands.push((&[b"XCLAIM"], claim.to_vec()));
+                }
             }
         }
-        Ok(())
+        Ok(Piece::Commands(if decode { commands } else { Vec::new() }))
     }
 
     /// A module value: opcode-tagged data up to the EOF opcode.
@@ -775,6 +854,52 @@ impl<'a, F: Feed> Snapshot<'a, F> {
     }
 }
 
+/// A stream ID as Redis stores it raw: milliseconds and sequence, 8 bytes each, big-endian.
+fn stream_id(raw: &[u8]) -> Option<(u64, u64)> {
+    let raw: &[u8; 16] = raw.try_into().ok()?;
+    let (ms, seq) = raw.split_at(8);
+    Some((u64::from_be_bytes(ms.try_into().ok()?), u64::from_be_bytes(seq.try_into().ok()?)))
+}
+
+/// The `XADD`s of one stream node (`t_stream.c`): a master entry (valid and deleted counts, the
+/// master fields, a terminating 0), then each entry as flags, ID offsets from the master ID,
+/// its fields and values (only values when it has the master's fields) and an element count.
+fn stream_entries(master: (u64, u64), node: Vec<Vec<u8>>) -> Result<Vec<KeyCommand>, String> {
+    const DELETED: i64 = 1;
+    const SAME_FIELDS: i64 = 2;
+    const XADD: &[&[u8]] = &[b"XADD"];
+    let mut node = node.into_iter();
+    let mut next = || node.next().ok_or_else(|| "a stream node ends early".to_string());
+    let int = |element: Vec<u8>| {
+        std::str::from_utf8(&element).ok().and_then(|text| text.parse::<i64>().ok()).ok_or("a stream node's number")
+    };
+    let entries = int(next()?)? + int(next()?)?;
+    let fields = int(next()?)?;
+    let master_fields = (0..fields).map(|_| next()).collect::<Result<Vec<_>, _>>()?;
+    next()?; // the master entry's terminator
+    let mut commands = Vec::new();
+    for _ in 0..entries {
+        let flags = int(next()?)?;
+        let ms = master.0.wrapping_add(int(next()?)? as u64);
+        let seq = master.1.wrapping_add(int(next()?)? as u64);
+        let mut args = vec![format!("{ms}-{seq}").into_bytes()];
+        if flags & SAME_FIELDS != 0 {
+            for field in &master_fields {
+                args.extend([field.clone(), next()?]);
+            }
+        } else {
+            for _ in 0..2 * int(next()?)? {
+                args.push(next()?);
+            }
+        }
+        next()?; // the entry's element count
+        if flags & DELETED == 0 {
+            commands.push((XADD, args));
+        }
+    }
+    Ok(commands)
+}
+
 /// Decompresses an LZF string (`lzf_d.c`) that must come to `len` bytes.
 fn lzf_decompress(data: &[u8], len: usize) -> Result<Vec<u8>, &'static str> {
     let mut out = Vec::with_capacity(len);
@@ -912,6 +1037,7 @@ mod tests {
         let Entry::Big(mut big) = snapshot.next().await.unwrap() else { panic!("not big") };
         let mut value = Vec::new();
         while let Some(piece) = big.next(&mut snapshot).await.unwrap() {
+            let Piece::Elements(piece) = piece else { panic!("{piece:?}") };
             assert_eq!(piece.len(), 1);
             assert!(piece[0].len() <= STRING_PIECE + 264, "{}", piece[0].len());
             value.extend_from_slice(&piece[0]);

@@ -1,7 +1,9 @@
-//! The verbs of the `kubectl eden` plugin (`src/bin/kubectl-eden.rs`), as JSON merge patches of
+//! The `kubectl eden` plugin (`src/bin/kubectl-eden.rs`). Its verbs are JSON merge patches of
 //! a Migration: each says what the user wants, and the operator moves the data there, holding
-//! (with the reason in its conditions) what the data cannot honour yet. Nothing here touches
-//! Redis or the sidecars.
+//! (with the reason in its conditions) what the data cannot honour yet. [`status`] shows where
+//! a Migration stands. Nothing here touches Redis or the sidecars.
+
+pub mod status;
 
 use serde_json::{Value, json};
 
@@ -22,6 +24,10 @@ pub enum Verb {
     Complete,
     Pause,
     Resume,
+    /// Send this share of reads (0–100) to the target.
+    SetRead {
+        percentage: u8,
+    },
 }
 
 /// Why a verb does not apply to a Migration as it stands.
@@ -33,6 +39,8 @@ pub enum Refusal {
         "complete detaches the source for good, so it applies only once Migration {name} is CutOver (it is {phase:?}); run `kubectl eden cutover {name}` first"
     )]
     NotCutOver { name: String, phase: Phase },
+    #[error("a read share is a percentage: 0 to 100, not {0}")]
+    NotAPercentage(u8),
 }
 
 /// The merge patch that asks `verb` of `migration`.
@@ -64,6 +72,8 @@ pub fn patch(migration: &Migration, verb: &Verb) -> Result<Value, Refusal> {
         Verb::Complete => json!({"spec": {"complete": true}}),
         Verb::Pause => json!({"spec": {"paused": true}}),
         Verb::Resume => json!({"spec": {"paused": false}}),
+        Verb::SetRead { percentage } if *percentage > 100 => return Err(Refusal::NotAPercentage(*percentage)),
+        Verb::SetRead { percentage } => json!({"spec": {"strategy": {"readPercentage": percentage}}}),
     })
 }
 
@@ -114,5 +124,15 @@ mod tests {
             assert_eq!(patch(&completed, &verb), Err(Refusal::Completed("cache".into())), "{verb:?}");
         }
         assert_eq!(patch(&completed, &Verb::Pause).unwrap(), json!({"spec": {"paused": true}}));
+        let set_read = Verb::SetRead { percentage: 50 };
+        assert_eq!(patch(&completed, &set_read), Err(Refusal::Completed("cache".into())));
+    }
+
+    #[test]
+    fn set_read_takes_a_percentage() {
+        let ready = migration(json!({"mode": "dualWrite", "policy": "oldAuthoritative"}), Phase::Ready);
+        let patched = patch(&ready, &Verb::SetRead { percentage: 25 }).unwrap();
+        assert_eq!(patched, json!({"spec": {"strategy": {"readPercentage": 25}}}));
+        assert_eq!(patch(&ready, &Verb::SetRead { percentage: 101 }), Err(Refusal::NotAPercentage(101)));
     }
 }
