@@ -5,7 +5,7 @@
 //! Redis pods driven through cutover by the operator while the application writes through
 //! `127.0.0.1`. Every namespace enforces the `restricted` Pod Security Standard.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use eden_e2e::node::TOOLS_IMAGE;
@@ -95,24 +95,23 @@ fn redis_cli(node: &Node, namespace: &str, pod: &str, args: &[&str]) -> String {
     node.run_kubectl(&all).unwrap().trim().to_string()
 }
 
-/// Packs this build's `eden-operator` and `eden-sidecar` as `make images` does (named as the
-/// chart's default values name them), checks that each holds only what it needs, and imports
-/// them into the node.
-fn import_eden_images(node: &Node) {
-    let out = tempfile::tempdir().unwrap();
+/// This build's `eden-operator` and `eden-sidecar` packed as `make images` does (named as the
+/// chart's default values name them), in `out`, each checked to hold only what it needs.
+fn pack_eden_images(out: &Path) -> Vec<PathBuf> {
     let mut command = std::process::Command::new("python3");
-    command.arg(eden_e2e::repo_root().join("images/build.py")).arg("--out").arg(out.path());
+    command.arg(eden_e2e::repo_root().join("images/build.py")).arg("--out").arg(out);
     command.arg("--chart").arg(eden_e2e::repo_root().join("charts/eden"));
     for (package, binary) in [("operator", "eden-operator"), ("sidecar", "eden-sidecar")] {
         command.arg(eden_e2e::workspace_binary(package, binary).unwrap());
     }
     let output = command.output().unwrap();
     assert!(output.status.success(), "images/build.py: {}", String::from_utf8_lossy(&output.stderr));
-    for binary in ["eden-operator", "eden-sidecar"] {
-        let archive = out.path().join(format!("{binary}-0.1.0.oci.tar"));
+    let archives = ["eden-operator", "eden-sidecar"].map(|binary| {
+        let archive = out.join(format!("{binary}-0.1.0.oci.tar"));
         assert_holds_only_what_it_needs(&archive, binary);
-        node.import_image(&archive).unwrap();
-    }
+        archive
+    });
+    archives.into()
 }
 
 /// The image runs as user 65532, which its passwd names, and holds the binary, the libraries it
@@ -149,12 +148,48 @@ fn assert_holds_only_what_it_needs(archive: &Path, binary: &str) {
     assert!(passwd.lines().any(|line| line.contains(":65532:65532:")), "{passwd}");
 }
 
+/// When the test fails, what a person would look at next: the pods, the Migration, the
+/// operator's log and the namespaces' Events.
+struct ShowOnFailure<'a> {
+    node: &'a Node,
+    system: &'a str,
+    apps: &'a str,
+}
+
+impl Drop for ShowOnFailure<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let logs = format!("--namespace={}", self.system);
+        for args in [
+            &["get", "pods", "--all-namespaces", "-o", "wide"][..],
+            &["get", "migrations.eden.io,endpoints.eden.io", "-n", self.apps, "-o", "yaml"],
+            &["logs", &logs, "deployment/eden-operator", "--tail=100"],
+            &["get", "events", "-n", self.apps],
+            &["get", "events", "-n", self.system],
+        ] {
+            let shown = self.node.run_kubectl(args).unwrap_or_else(|err| err.to_string());
+            eprintln!("kubectl {}:\n{shown}", args.join(" "));
+        }
+    }
+}
+
 #[tokio::test]
 async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_writes_through_cutover() {
+    // The images are packed while the node comes up.
+    let out = tempfile::tempdir().unwrap();
+    let packing = std::thread::spawn({
+        let out = out.path().to_path_buf();
+        move || pack_eden_images(&out)
+    });
     let node = Node::shared();
-    import_eden_images(node);
+    for archive in packing.join().unwrap() {
+        node.import_image(&archive).unwrap();
+    }
     let system = node.restricted_namespace("eden-system").await.unwrap();
     let apps = node.restricted_namespace("shop").await.unwrap();
+    let _show = ShowOnFailure { node, system: &system, apps: &apps };
 
     // The operator in a pod, with its ServiceAccount's token; opted-in pods are refused while
     // no replica answers.
