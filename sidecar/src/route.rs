@@ -136,11 +136,23 @@ impl Strategy {
 
     /// Whether a read of `key` that [`Self::route`] sent to the target may be served there for
     /// a client whose writes are `writes`: always when the target owns the key; else only when
-    /// the target holds every write the client saw answered (read-your-writes) and is within
-    /// the lag guard.
+    /// something feeds the target the source's writes, and the target holds every write the
+    /// client saw answered (read-your-writes) and is within the lag guard.
     pub fn target_may_serve(&self, key: Option<&[u8]>, writes: ClientWrites) -> bool {
         let Some(config) = &self.config else { return false };
-        owner(config, key) == Side::Target || self.target_reads.holds(writes)
+        if owner(config, key) == Side::Target {
+            return true;
+        }
+        let fed = match self.target_reads {
+            // Replication feeds the target; its freshness record says how far.
+            TargetReads::CoveredBefore(_) => true,
+            // No replication: the sidecars' own mirrors are all that feed it, and in `cutover`
+            // they never carry source-owned keys (replication would). In a split (which runs
+            // only without replication, DESIGN §9) the target keeps the values those keys had
+            // when writes split, so their reads stay on the source.
+            TargetReads::Ungated => config.write_mode == WriteMode::DualWrite,
+        };
+        fed && self.target_reads.holds(writes)
     }
 
     /// Where a request of `kind` whose first key is `key` goes, outside a transaction.
@@ -190,6 +202,18 @@ impl Strategy {
     /// The side that owns writes to `key` (keyless: writes that name no key) right now.
     pub fn owner(&self, key: Option<&[u8]>) -> Side {
         self.transaction(key).0
+    }
+
+    /// Whether any answer of this strategy depends on a request's key: a split by key
+    /// (`cutover`), reads routed by key hash, and shadow reads (a mismatch is logged by its key).
+    /// Otherwise every key has the same owner and read share, and a session need not look for
+    /// keys at all, as the plain proxy does not (about a fifth of a pipelined request's cost).
+    pub fn needs_keys(&self) -> bool {
+        self.config.as_ref().is_some_and(|config| {
+            config.write_mode == WriteMode::Cutover
+                || config.read_routing == ReadRouting::KeyHash
+                || config.shadow_read_percentage > 0
+        })
     }
 
     /// Whether writes are held right now.
@@ -459,5 +483,51 @@ mod tests {
         let authoritative = config(|c| (c.read_percentage, c.write_policy) = (100, WritePolicy::NewAuthoritative))
             .with_target_reads(TargetReads::CoveredBefore(Option::None));
         assert!(authoritative.target_may_serve(Some(b"k"), Waiting), "the target owns the key: no gate");
+    }
+
+    #[test]
+    fn without_needs_keys_no_answer_depends_on_the_key() {
+        use CommandKind::*;
+        let mut strategies = vec![Strategy::default()];
+        for policy in [WritePolicy::OldAuthoritative, WritePolicy::NewAuthoritative] {
+            for (read_percentage, mirror_writes) in [(0, false), (50, true), (100, true)] {
+                strategies.push(config(|c| {
+                    (c.write_policy, c.read_percentage, c.mirror_writes) = (policy, read_percentage, mirror_writes);
+                    c.target_read_deadline_ms = Some(100);
+                }));
+            }
+        }
+        for strategy in strategies {
+            assert!(!strategy.needs_keys(), "{strategy:?}");
+            for key in ["k", "user:1", "{tag}x", "zset"].map(str::as_bytes) {
+                for kind in [Read, Write, Blocking, Admin, Other, Transaction, PubSub, Connection] {
+                    let (keyed, keyless) = (&mut Dice(7), &mut Dice(7));
+                    assert_eq!(strategy.route(kind, Some(key), keyed), strategy.route(kind, None, keyless));
+                }
+                assert_eq!(strategy.transaction(Some(key)), strategy.transaction(None));
+                assert_eq!(strategy.target_read_deadline(Some(key)), strategy.target_read_deadline(None));
+                for writes in [ClientWrites::None, ClientWrites::Waiting] {
+                    assert_eq!(strategy.target_may_serve(Some(key), writes), strategy.target_may_serve(None, writes));
+                }
+            }
+        }
+        assert!(config(|c| (c.write_mode, c.write_percentage) = (WriteMode::Cutover, 50)).needs_keys());
+        assert!(config(|c| c.read_routing = ReadRouting::KeyHash).needs_keys());
+        assert!(config(|c| c.shadow_read_percentage = 1).needs_keys());
+    }
+
+    #[test]
+    fn in_a_split_without_replication_only_target_owned_keys_are_read_from_the_target() {
+        let split = config(|c| {
+            (c.read_percentage, c.write_mode, c.write_percentage, c.mirror_writes) = (100, WriteMode::Cutover, 50, true)
+        });
+        for i in 0..100 {
+            let key = format!("key:{i}");
+            let target_owned = key_bucket(key.as_bytes()) < 50;
+            assert_eq!(split.target_may_serve(Some(key.as_bytes()), ClientWrites::None), target_owned, "{key}");
+        }
+        assert!(!split.target_may_serve(None, ClientWrites::None), "keyless: the source's, not mirrored");
+        let replicated = split.with_target_reads(TargetReads::CoveredBefore(Some(Instant::now())));
+        assert!(replicated.target_may_serve(None, ClientWrites::None), "replication feeds the target");
     }
 }

@@ -38,13 +38,25 @@ enum State {
     /// The target answers everything, writes mirrored back to the source (paused and flipped at
     /// the state change).
     CutOver,
+    /// Writes split by key (`cutover` at 50 %): each key written by its owner, target-owned
+    /// keys mirrored back to the source, reads from the target. Before it, writes mirrored to
+    /// the target (`data.type: none`: the only copy a split runs with); paused at the state
+    /// change until the mirror has delivered them, then split.
+    Split,
     /// Back to the source after a cutover (paused and flipped back at the state change): what
     /// was written and loaded while the target answered runs on the source.
     RolledBack,
 }
 
-const STATES: [State; 6] =
-    [State::Plain, State::Canary, State::DualWrite, State::PausedThenReleased, State::CutOver, State::RolledBack];
+const STATES: [State; 7] = [
+    State::Plain,
+    State::Canary,
+    State::DualWrite,
+    State::PausedThenReleased,
+    State::CutOver,
+    State::Split,
+    State::RolledBack,
+];
 
 /// Before the canary: the engine feeds the target, which serves no reads yet.
 const SYNCING: &str = "read_percentage: 0\nmax_lag_ms: 500";
@@ -54,6 +66,9 @@ const PAUSED: &str = "read_percentage: 50\nmax_lag_ms: 500\nwrites: paused";
 /// wrote nothing itself may find the target.
 const MAX_LAG: Duration = Duration::from_millis(500);
 const CUT_OVER: &str = "read_percentage: 100\nwrite_policy: new_authoritative\nmirror_writes: true";
+/// Writes mirrored to the target, which serves nothing yet (`data.type: none`).
+const MIRRORED: &str = "read_percentage: 0\nmirror_writes: true";
+const SPLIT: &str = "read_percentage: 100\nwrite_mode: cutover\nwrite_percentage: 50\nmirror_writes: true";
 
 const TARGET_READS: &str = "eden_commands_total{route=\"target\",kind=\"read\"}";
 
@@ -86,6 +101,7 @@ impl Setup {
             _ => {
                 let before = match state {
                     State::RolledBack => CUT_OVER,
+                    State::Split => MIRRORED,
                     _ if state.replicated() => SYNCING,
                     _ => "read_percentage: 0",
                 };
@@ -120,7 +136,7 @@ impl Setup {
             State::Canary => assert!(target_reads > self.probe_reads, "the canary read from the target"),
             State::DualWrite => assert!(mirrored("target") > 0, "writes were mirrored to the target"),
             State::RolledBack => assert!(mirrored("source") > 0, "writes were mirrored to the source"),
-            State::PausedThenReleased | State::CutOver => {
+            State::PausedThenReleased | State::CutOver | State::Split => {
                 assert!(
                     target_reads > 0 && mirrored("source") > 0,
                     "{:?}: the target served, the source got the mirror",
@@ -146,7 +162,7 @@ impl Setup {
                 go().await;
             }
             State::DualWrite => {
-                self.migration.apply(2, "read_percentage: 0\nmirror_writes: true").await;
+                self.migration.apply(2, MIRRORED).await;
                 go().await;
             }
             State::PausedThenReleased => {
@@ -161,21 +177,34 @@ impl Setup {
                 self.cut_over().await;
                 go().await;
             }
+            State::Split => {
+                self.migration.apply(2, &format!("{MIRRORED}\nwrites: paused")).await;
+                // The operator splits once the mirror has brought the target up to date.
+                self.mirrored().await;
+                self.migration.apply(3, SPLIT).await;
+                go().await;
+            }
             State::RolledBack => {
                 self.migration.apply(2, &format!("{CUT_OVER}\nwrites: paused")).await;
                 // The operator rolls back once the mirror has brought the source up to date.
-                let (source, target) = (&self.migration.source, &self.migration.target);
-                eventually("the source has every key the target has", || async {
-                    let count = |server| async move {
-                        redis::cmd("DBSIZE").query_async::<i64>(&mut direct(server).await).await.unwrap()
-                    };
-                    count(source).await == count(target).await
-                })
-                .await;
+                self.mirrored().await;
                 self.migration.apply(3, "read_percentage: 0").await;
                 go().await;
             }
         }
+    }
+
+    /// Waits until the mirror, writes paused, has delivered what it carries: both sides hold
+    /// the same keys.
+    async fn mirrored(&self) {
+        let (source, target) = (&self.migration.source, &self.migration.target);
+        eventually("both sides hold the same keys", || async {
+            let count = |server| async move {
+                redis::cmd("DBSIZE").query_async::<i64>(&mut direct(server).await).await.unwrap()
+            };
+            count(source).await == count(target).await
+        })
+        .await;
     }
 
     /// Waits until no canary read can find the target behind what the program wrote before the

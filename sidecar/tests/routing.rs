@@ -1017,6 +1017,56 @@ async fn every_covered_instant_holds_on_the_target_even_when_the_engine_hears_th
     }
 }
 
+/// The edge where a claim stops being true: a restarted engine that must copy everything again
+/// empties the target first. It removes the freshness record and waits before it flushes, so a
+/// sidecar has stopped trusting the target by then, however long its lag guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sidecar_trusts_the_target_once_a_restart_empties_it() {
+    let migration = Migration::new();
+    let [source, target] = migration.servers();
+    let mut on_source = direct(&migration.source).await;
+    for i in 0..2_000 {
+        let _: () = on_source.set(format!("key:{i}"), i).await.unwrap();
+    }
+    let replicator = Replicator::start(&source, &target, Mode::Sync, ReplicatorOptions::default(), None).await.unwrap();
+    let upstream = Upstream::new(&migration.target.url(), &TlsSettings::default(), Duration::from_secs(1)).unwrap();
+    let covered = eden_sidecar::freshness::follow(upstream);
+    let guard = Duration::from_secs(60); // a lag guard that would not end the trust by itself
+    let trusted = move || covered.borrow().and_then(|fresh| fresh.covered_within(guard)).is_some();
+    eventually("the target is trusted", || async { trusted() }).await;
+
+    // The restart cannot continue the stream: the target lost its position record. A key of
+    // the target's own shows when it is emptied: nothing copies it back.
+    let checkpoint = replicator.checkpoint();
+    drop(replicator);
+    let mut on_target = direct(&migration.target).await;
+    let _: () = on_target.del(eden_sidecar::replicate::POSITION_KEY).await.unwrap();
+    let _: () = on_target.set("only-on-the-target", 1).await.unwrap();
+    let restarted = tokio::spawn(async move {
+        Replicator::start(&source, &target, Mode::Sync, ReplicatorOptions::default(), Some(checkpoint)).await.unwrap()
+    });
+    // Sampled every millisecond: the last instant the sidecar trusted the target, and the first
+    // the target was seen emptied.
+    let mut last_trusted = None;
+    let sampling = async {
+        loop {
+            if trusted() {
+                last_trusted = Some(tokio::time::Instant::now());
+            }
+            if !on_target.exists::<_, bool>("only-on-the-target").await.unwrap() {
+                break tokio::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let emptied =
+        tokio::time::timeout(Duration::from_secs(30), sampling).await.expect("the restart empties the target");
+    let last_trusted = last_trusted.expect("trusted until the restart began");
+    assert!(last_trusted < emptied, "trusted {:?} after the target was emptied", last_trusted - emptied);
+    assert!(!trusted(), "and not since");
+    restarted.await.unwrap().stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_pause_is_reported_only_once_every_earlier_write_was_answered() {
     let mut migration = Migration::new();

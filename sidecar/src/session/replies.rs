@@ -2,7 +2,8 @@
 //! the client sent its requests.
 //!
 //! The request side tells this task, in request order, what is due ([`Due`]): so many replies
-//! from one side, a reply the proxy makes itself, a new connection. Each side's bytes are
+//! from one side, a reply the proxy makes itself, a new connection ([`Dues`], which wakes this
+//! task only when nothing else would). Each side's bytes are
 //! scanned for reply boundaries ([`ReplyScanner`]) and passed on as they arrive while that
 //! side is at the head of the queue (a large value streams through instead of being
 //! buffered); a side that answers early waits in its buffer. RESP3 pushes answer no request
@@ -14,12 +15,13 @@
 //! next request to the target reconnects.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::writes::{SessionWrites, SharedInstant, SourceWrites};
@@ -51,6 +53,142 @@ pub(super) enum Due {
     /// A read sent to both sides: the target's reply when it has come by `deadline`, else the
     /// source's; the other one is dropped when it arrives.
     Hedged { deadline: Instant },
+}
+
+/// The hand-off of dues from the request side to this task.
+///
+/// Waking this task for every batch would cost a task switch per request for a client that
+/// waits for each reply, on top of the one its reply's arrival costs (the plain proxy pays only
+/// the latter). Most dues need no wake-up of their own: replies due from a side this task is
+/// reading get looked at when that side's bytes arrive, and those bytes cannot arrive before
+/// the due is handed over, because the request side hands a batch's dues over before it writes
+/// the batch. After every wake-up (the arrival of a side's bytes included) this task takes
+/// what was handed over before it looks at anything, so every byte it has read has its due in
+/// its queue.
+/// Everything else (a reply the proxy makes, a new connection, a pin, a deadline, the end, or
+/// replies from a side this task is not reading) wakes it.
+///
+/// Which sides this task is reading is published in the same lock as it takes the dues, and
+/// read by the request side in the lock it hands them over in: either the hand-off comes first
+/// and this task finds the due, or the publication does and the request side sees the side
+/// unread and wakes it. A due is never left unseen by a task that sleeps. The queues trade
+/// places instead of copying dues when the receiving one is empty (nearly always), so no due
+/// is copied and no buffer grows past the largest batch.
+#[derive(Default)]
+struct Handoff(Mutex<Handed>);
+
+#[derive(Default)]
+struct Handed {
+    dues: VecDeque<Due>,
+    /// The sides the reply task will wake up for: connected and not closed, as of its last take.
+    reading: [bool; 2],
+    /// The request side is gone.
+    closed: bool,
+    /// Something was handed over that needs the reply task, since its last take.
+    woken: bool,
+    /// The reply task, while it waits for `woken`.
+    waker: Option<Waker>,
+}
+
+impl Handoff {
+    fn lock(&self) -> MutexGuard<'_, Handed> {
+        // Nothing panics while holding the lock; were it poisoned, the queue would still be whole.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks the reply task woken and wakes it, after `handed` is unlocked.
+    fn wake(mut handed: MutexGuard<'_, Handed>) {
+        handed.woken = true;
+        let waker = handed.waker.take();
+        drop(handed);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The request side's end of the hand-off.
+pub(super) struct Dues(Arc<Handoff>);
+
+impl Dues {
+    /// Hands over `dues` (emptying it), in order, waking the reply task if one needs it.
+    pub fn hand_over(&self, dues: &mut VecDeque<Due>) {
+        if dues.is_empty() {
+            return;
+        }
+        let mut handed = self.0.lock();
+        let wake = dues.iter().any(|due| due.wakes(handed.reading));
+        append(&mut handed.dues, dues);
+        if wake {
+            Handoff::wake(handed);
+        }
+    }
+}
+
+impl Drop for Dues {
+    fn drop(&mut self) {
+        let mut handed = self.0.lock();
+        handed.closed = true;
+        Handoff::wake(handed);
+    }
+}
+
+/// The reply task's end of the hand-off.
+pub(super) struct DueQueue(Arc<Handoff>);
+
+/// A new hand-off: the request side's end and the reply task's.
+pub(super) fn dues() -> (Dues, DueQueue) {
+    let handoff = Arc::new(Handoff::default());
+    (Dues(handoff.clone()), DueQueue(handoff))
+}
+
+impl DueQueue {
+    /// Moves what was handed over to the back of `queue`, telling the request side which sides
+    /// are `reading`; false when the request side is gone.
+    fn take(&self, queue: &mut VecDeque<Due>, reading: [bool; 2]) -> bool {
+        let mut handed = self.0.lock();
+        handed.reading = reading;
+        // Whatever woke this task is in what it takes now.
+        handed.woken = false;
+        append(queue, &mut handed.dues);
+        !handed.closed
+    }
+
+    /// Resolves once something that needs this task was handed over since its last take.
+    fn woken(&self) -> impl Future<Output = ()> {
+        std::future::poll_fn(|cx| {
+            let mut handed = self.0.lock();
+            if handed.woken {
+                return Poll::Ready(());
+            }
+            if !handed.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                handed.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// Moves everything in `from` to the back of `to`, by trading the two when `to` is empty.
+fn append(to: &mut VecDeque<Due>, from: &mut VecDeque<Due>) {
+    if to.is_empty() {
+        std::mem::swap(to, from);
+    } else {
+        to.append(from);
+    }
+}
+
+impl Due {
+    /// Whether handing this due over must wake the reply task, which reads the sides in `reading`.
+    fn wakes(&self, reading: [bool; 2]) -> bool {
+        match self {
+            Due::Replies { side, .. } | Due::Copied { side, .. } => !reading[*side as usize],
+            // A batch's writes follow a reply due from the source in the same batch (a write is
+            // counted only with its reply due): looked at once those replies are delivered.
+            Due::Settled(_) => false,
+            Due::Made(_) | Due::Opened { .. } | Due::Pin(_) | Due::Finish(_) | Due::Hedged { .. } => true,
+        }
+    }
 }
 
 /// State both directions of a routed session see.
@@ -95,7 +233,7 @@ struct SideReader {
 
 pub(super) struct Replies<C> {
     to_client: WriteHalf<C>,
-    dues: mpsc::UnboundedReceiver<Due>,
+    dues: DueQueue,
     queue: VecDeque<Due>,
     sides: [Option<SideReader>; 2],
     out: BytesMut,
@@ -107,7 +245,8 @@ pub(super) struct Replies<C> {
 }
 
 enum Event {
-    Due(Option<Due>),
+    /// Dues that need a look were handed over.
+    Woken,
     /// A side was read; true when it closed.
     Read(Side, bool),
     Deadline,
@@ -126,12 +265,7 @@ enum Next {
 }
 
 impl<C: AsyncWrite> Replies<C> {
-    pub fn new(
-        to_client: WriteHalf<C>,
-        dues: mpsc::UnboundedReceiver<Due>,
-        shared: Arc<Shared>,
-        metrics: Arc<ProxyMetrics>,
-    ) -> Self {
+    pub fn new(to_client: WriteHalf<C>, dues: DueQueue, shared: Arc<Shared>, metrics: Arc<ProxyMetrics>) -> Self {
         Replies {
             to_client,
             dues,
@@ -149,6 +283,10 @@ impl<C: AsyncWrite> Replies<C> {
     pub async fn run(mut self) {
         let mut finishing: Option<tokio::time::Instant> = None;
         let next = loop {
+            if !self.receive(&mut finishing) {
+                // The request side is gone without finishing: the client is gone.
+                return;
+            }
             let next = self.deliver();
             if !self.out.is_empty() {
                 if self.to_client.write_all(&self.out).await.is_err() {
@@ -168,24 +306,17 @@ impl<C: AsyncWrite> Replies<C> {
             };
             let [source, target] = &mut self.sides;
             let event = tokio::select! {
-                due = self.dues.recv(), if finishing.is_none() => Event::Due(due),
+                () = self.dues.woken() => Event::Woken,
                 closed = read(source, head == Some(Side::Source), &self.shared.latency, &self.metrics) => {
                     Event::Read(Side::Source, closed)
                 }
                 closed = read(target, head == Some(Side::Target), &self.shared.latency, &self.metrics) => {
                     Event::Read(Side::Target, closed)
                 }
-                () = sleep_until(finishing) => Event::Deadline,
-                () = sleep_until(hedge) => Event::HedgeDeadline,
+                () = sleep_until(finishing), if finishing.is_some() => Event::Deadline,
+                () = sleep_until(hedge), if hedge.is_some() => Event::HedgeDeadline,
             };
             match event {
-                Event::Due(Some(Due::Finish(closing))) => {
-                    finishing = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
-                    self.queue.push_back(Due::Finish(closing));
-                }
-                Event::Due(Some(due)) => self.queue.push_back(due),
-                // The request side is gone without finishing: the client is gone.
-                Event::Due(None) => return,
                 Event::Read(side, true) => {
                     self.shared.lost[side as usize].store(true, Ordering::Relaxed);
                     if side == Side::Source {
@@ -195,7 +326,7 @@ impl<C: AsyncWrite> Replies<C> {
                         break Next::Close(Vec::new());
                     }
                 }
-                Event::Read(_, false) | Event::HedgeDeadline => {}
+                Event::Woken | Event::Read(_, false) | Event::HedgeDeadline => {}
                 Event::Deadline => break Next::Close(Vec::new()),
             }
         };
@@ -205,6 +336,18 @@ impl<C: AsyncWrite> Replies<C> {
             let _ = self.to_client.write_all(&closing).await;
         }
         let _ = self.to_client.shutdown().await;
+    }
+
+    /// Takes the dues handed over since the last time, starting the drain deadline at a
+    /// [`Due::Finish`]; false when the request side is gone without finishing.
+    fn receive(&mut self, finishing: &mut Option<tokio::time::Instant>) -> bool {
+        let reading = self.sides.each_ref().map(|reader| reader.as_ref().is_some_and(|reader| !reader.closed));
+        let taken = self.queue.len();
+        let open = self.dues.take(&mut self.queue, reading);
+        if finishing.is_none() && self.queue.range(taken..).any(|due| matches!(due, Due::Finish(_))) {
+            *finishing = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+        }
+        open || finishing.is_some()
     }
 
     fn head_side(&self) -> Option<Side> {
@@ -406,7 +549,8 @@ impl<C: AsyncWrite> Replies<C> {
         }
     }
 
-    /// Pinned: the client gets `side`'s bytes as they come, until either closes.
+    /// Pinned: the client gets `side`'s bytes as they come, until either closes or the session
+    /// finishes (every due but the finish is moot: the request side sends only bytes now).
     async fn copy_from(&mut self, side: Side) {
         let Some(mut reader) = self.sides[side as usize].take() else { return };
         self.sides = [None, None];
@@ -419,17 +563,23 @@ impl<C: AsyncWrite> Replies<C> {
                 }
                 buf.clear();
             }
+            // Reading no side through the hand-off: every due wakes this task.
+            let open = self.dues.take(&mut self.queue, [false; 2]);
+            let finish = self.queue.drain(..).find_map(|due| match due {
+                Due::Finish(closing) => Some(closing),
+                _ => None,
+            });
+            if let Some(closing) = finish {
+                let _ = self.to_client.write_all(&closing).await;
+                return;
+            }
+            if !open {
+                return;
+            }
             buf.reserve(BUFFER);
             tokio::select! {
                 read = reader.from.read_buf(&mut buf) => if !matches!(read, Ok(n) if n > 0) { return },
-                due = self.dues.recv() => match due {
-                    Some(Due::Finish(closing)) => {
-                        let _ = self.to_client.write_all(&closing).await;
-                        return;
-                    }
-                    Some(_) => {}
-                    None => return,
-                },
+                () = self.dues.woken() => {}
             }
         }
     }
@@ -463,5 +613,50 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::task::Context;
+
+    use super::*;
+
+    /// Whether the reply task would wake up now.
+    fn woken(queue: &DueQueue) -> bool {
+        pin!(queue.woken()).poll(&mut Context::from_waker(Waker::noop())).is_ready()
+    }
+
+    fn replies(side: Side) -> VecDeque<Due> {
+        VecDeque::from([Due::Replies { side, count: 1, discard: false }])
+    }
+
+    #[test]
+    fn only_what_no_upstream_read_brings_to_the_reply_task_wakes_it() {
+        let (dues, queue) = dues();
+        let mut taken = VecDeque::new();
+        dues.hand_over(&mut replies(Side::Source));
+        assert!(woken(&queue), "until the reply task says what it reads, every due wakes it");
+        assert!(queue.take(&mut taken, [true, false]));
+        assert!(!woken(&queue), "taken: nothing left to wake for");
+
+        dues.hand_over(&mut replies(Side::Source));
+        assert!(!woken(&queue), "replies from a side it reads: the reply's bytes wake it");
+        dues.hand_over(&mut replies(Side::Target));
+        assert!(woken(&queue), "replies from a side it does not read");
+        assert!(queue.take(&mut taken, [true, true]));
+        assert_eq!(taken.len(), 3, "every due, in order");
+        assert!(matches!(taken[2], Due::Replies { side: Side::Target, .. }));
+
+        dues.hand_over(&mut VecDeque::from([Due::Made(Bytes::from_static(b"+OK\r\n"))]));
+        assert!(woken(&queue), "a reply the proxy makes");
+        assert!(queue.take(&mut taken, [false, true]));
+        dues.hand_over(&mut replies(Side::Source));
+        assert!(woken(&queue), "the source's connection closed since");
+        assert!(queue.take(&mut taken, [true, true]));
+
+        drop(dues);
+        assert!(woken(&queue) && !queue.take(&mut taken, [true, true]), "the request side is gone");
     }
 }

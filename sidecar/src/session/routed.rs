@@ -32,17 +32,18 @@
 //!   routed with the strategy then in force, so held writes go to the new owner after a flip,
 //!   to the source after the deadline, and always in the client's order.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
-use super::replies::{Due, Replies, Shared};
+use super::replies::{Due, Dues, Replies, Shared, dues};
 use super::writes::SourceWrites;
 use super::{BUFFER, unreachable_reply};
-use crate::command::{CommandKind, RecentCommand};
+use crate::command::{Command, CommandKind, RecentCommand};
 use crate::frame::{Request, RequestScanner};
 use crate::hold::{HoldReason, HoldState};
 use crate::metrics::{CommandCounts, ErrorKind, MirrorOutcome, ProxyMetrics, ShadowOutcome};
@@ -58,7 +59,7 @@ where
 {
     metrics.connection_opened();
     let (mut client_reader, to_client) = tokio::io::split(client);
-    let (dues, queue) = mpsc::unbounded_channel();
+    let (dues, queue) = dues();
     let shared = Arc::new(Shared::default());
     let mut replies = tokio::spawn(Replies::new(to_client, queue, shared.clone(), metrics.clone()).run());
     let mut session = Session {
@@ -72,7 +73,7 @@ where
         conns: [None, None],
         eden_authenticated: [false, false],
         out: [BytesMut::new(), BytesMut::new()],
-        pending: Vec::new(),
+        pending: VecDeque::new(),
         unreachable: [None, None],
         links: [None, None],
         state: ConnectionState::default(),
@@ -83,11 +84,14 @@ where
         batch_writes: None,
     };
     let mut requests = BytesMut::with_capacity(BUFFER);
+    // Made once, not per read: waiting for shutdown registers with the watch channel.
+    let stop = crate::server::stopped(&mut shutdown);
+    tokio::pin!(stop);
     'session: loop {
         let read = tokio::select! {
             read = client_reader.read_buf(&mut requests) => read,
             _ = &mut replies => break,
-            () = crate::server::stopped(&mut shutdown) => {
+            () = &mut stop => {
                 session.finish(Vec::new());
                 let _ = replies.await;
                 break;
@@ -110,7 +114,7 @@ where
                     tokio::select! {
                         () = session.routing.released() => {}
                         _ = &mut replies => break 'session,
-                        () = crate::server::stopped(&mut shutdown) => {
+                        () = &mut stop => {
                             session.finish(Vec::new());
                             let _ = replies.await;
                             break 'session;
@@ -162,7 +166,7 @@ enum Reply {
 struct Session {
     routing: Routing,
     metrics: Arc<ProxyMetrics>,
-    dues: mpsc::UnboundedSender<Due>,
+    dues: Dues,
     shared: Arc<Shared>,
     scanner: RequestScanner,
     recent: RecentCommand,
@@ -172,8 +176,9 @@ struct Session {
     eden_authenticated: [bool; 2],
     /// This batch's bytes for each side: one write per side per batch.
     out: [BytesMut; 2],
-    /// This batch's dues, in request order; sent before the batch is written.
-    pending: Vec<Due>,
+    /// This batch's dues, in request order; handed over before the batch is written, so the
+    /// reply side has them before any of their replies can arrive.
+    pending: VecDeque<Due>,
     /// A side whose connect failed in this batch, with the reply its requests get.
     unreachable: [Option<Bytes>; 2],
     links: [Option<MirrorLink>; 2],
@@ -229,7 +234,10 @@ impl Session {
 
     /// Routes one request; false when it is held.
     async fn dispatch(&mut self, strategy: &Strategy, plan: &Plan, bytes: &[u8], request: &Request) -> bool {
-        let command = self.recent.command(bytes, request);
+        let command = match strategy.needs_keys() {
+            true => self.recent.command(bytes, request),
+            false => Command { kind: self.recent.kind(bytes, request), key: None },
+        };
         let kind = command.kind;
         if self.pinned {
             if writes(kind) && strategy.holding() {
@@ -342,14 +350,14 @@ impl Session {
             self.out[side as usize].extend_from_slice(request);
         }
         self.counts.count(Side::Target, CommandKind::Read);
-        self.pending.push(Due::Hedged { deadline: tokio::time::Instant::now() + deadline });
+        self.pending.push_back(Due::Hedged { deadline: tokio::time::Instant::now() + deadline });
         true
     }
 
     /// Answers a write the gate refuses.
     fn refuse(&mut self, reason: HoldReason) {
         self.metrics.write_refused();
-        self.pending.push(Due::Made(Bytes::from_static(HoldState::refusal(reason))));
+        self.pending.push_back(Due::Made(Bytes::from_static(HoldState::refusal(reason))));
     }
 
     /// A request inside a [`Txn::Refused`] transaction, answered as Redis would.
@@ -369,7 +377,7 @@ impl Session {
         } else {
             b"+QUEUED\r\n"
         };
-        self.pending.push(Due::Made(Bytes::from_static(reply)));
+        self.pending.push_back(Due::Made(Bytes::from_static(reply)));
     }
 
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH.
@@ -546,7 +554,7 @@ impl Session {
             self.send(plan, Side::Source, bytes, kind, Reply::Client).await;
             return;
         }
-        self.pending.push(Due::Pin(Side::Source));
+        self.pending.push_back(Due::Pin(Side::Source));
         self.out[Side::Source as usize].extend_from_slice(bytes);
         self.counts.count(Side::Source, kind);
         self.pinned = true;
@@ -557,7 +565,7 @@ impl Session {
     async fn send(&mut self, plan: &Plan, side: Side, request: &[u8], kind: CommandKind, reply: Reply) -> bool {
         if !self.connected(plan, side).await {
             if let Some(error) = &self.unreachable[side as usize] {
-                self.pending.push(Due::Made(error.clone()));
+                self.pending.push_back(Due::Made(error.clone()));
             }
             return false;
         }
@@ -569,7 +577,7 @@ impl Session {
         }
         match reply {
             Reply::Client => self.expect(side, false),
-            Reply::Copied(copy) => self.pending.push(Due::Copied { side, copy }),
+            Reply::Copied(copy) => self.pending.push_back(Due::Copied { side, copy }),
         }
         true
     }
@@ -584,14 +592,14 @@ impl Session {
 
     /// One more reply due from `side`, merged with the previous due when it is the same kind.
     fn expect(&mut self, side: Side, discard: bool) {
-        if let Some(Due::Replies { side: last, count, discard: dropped }) = self.pending.last_mut()
+        if let Some(Due::Replies { side: last, count, discard: dropped }) = self.pending.back_mut()
             && *last == side
             && *dropped == discard
         {
             *count += 1;
             return;
         }
-        self.pending.push(Due::Replies { side, count: 1, discard });
+        self.pending.push_back(Due::Replies { side, count: 1, discard });
     }
 
     /// Makes sure the session has a connection to `side`, opening it (and replaying the
@@ -615,7 +623,7 @@ impl Session {
         match upstream.connect().await {
             Ok(stream) => {
                 let (from, to) = tokio::io::split(stream);
-                self.pending.push(Due::Opened { side, from, addr: upstream.addr().into() });
+                self.pending.push_back(Due::Opened { side, from, addr: upstream.addr().into() });
                 self.conns[index] = Some(to);
                 self.eden_authenticated[index] = upstream.has_credentials();
                 let state = self.state.replay(upstream.has_credentials());
@@ -679,11 +687,9 @@ impl Session {
     async fn flush(&mut self) -> bool {
         self.metrics.commands(&mut self.counts);
         if let Some(writes) = self.batch_writes.take() {
-            self.pending.push(Due::Settled(writes));
+            self.pending.push_back(Due::Settled(writes));
         }
-        for due in self.pending.drain(..) {
-            let _ = self.dues.send(due);
-        }
+        self.dues.hand_over(&mut self.pending);
         for link in self.links.iter_mut().flatten() {
             link.flush();
         }
@@ -709,7 +715,8 @@ impl Session {
 
     /// Ends the session after the replies already due, with `closing` as the client's last bytes.
     fn finish(&mut self, closing: Vec<u8>) {
-        let _ = self.dues.send(Due::Finish(closing));
+        self.pending.push_back(Due::Finish(closing));
+        self.dues.hand_over(&mut self.pending);
     }
 }
 
