@@ -508,11 +508,18 @@ async fn canary_reads_leave_the_target_when_the_operator_dies_and_no_client_read
     scenario.harness.wait_payload("shop", |p| p.read_percentage == 50).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The canary works: the target's beats show it fresh, and it serves reads.
-    let mut target_reads = 0;
-    for sidecar in &scenario.sidecars {
-        target_reads += sidecar.target_reads().await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut target_reads = 0;
+        for sidecar in &scenario.sidecars {
+            target_reads += sidecar.target_reads().await;
+        }
+        if target_reads > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "the target served no canary read while replication fed it");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(target_reads > 0, "the target served no canary read while replication fed it");
     // The replication engine runs in the operator: killed, nothing feeds the target any more,
     // and no sidecar is told.
     scenario.harness.stop_operator().await;

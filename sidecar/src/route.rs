@@ -12,8 +12,9 @@
 //!   the other side only when `mirror_writes` says so; in `cutover` only target-owned keys are
 //!   mirrored, back to the source, because source-owned keys reach the target through
 //!   replication (DESIGN §9).
-//! - Reads go to the target with probability `read_percentage`, per command or by key hash
-//!   (`read_routing`). A shadowed read (`shadow_read_percentage`) is answered by the key's
+//! - Reads of keys the source owns go to the target with probability `read_percentage`, per
+//!   command or by key hash (`read_routing`); keys the target owns are read there, since the
+//!   source gets their writes only through the asynchronous mirror. A shadowed read (`shadow_read_percentage`) is answered by the key's
 //!   owner and also sent to the other side for comparison.
 //! - Blocking commands go to the owner and are never mirrored (a second BLPOP would pop a
 //!   second item). Admin commands (CONFIG, INFO, OBJECT, CLIENT…) go to the owner too, of
@@ -175,6 +176,13 @@ impl Strategy {
             CommandKind::Read => {
                 if dice.percent() < config.shadow_read_percentage {
                     return Route::Send { answer: owner(config, key), mirror: None, shadow: true };
+                }
+                // A key the target owns is read there, whatever the read share: the source gets
+                // its writes only through the asynchronous mirror, so a read there could miss
+                // the client's own acknowledged write, or go back in time after one served by
+                // the target.
+                if owner(config, key) == Side::Target {
+                    return Route::to(Side::Target);
                 }
                 let roll = match (config.read_routing, key) {
                     (ReadRouting::KeyHash, Some(key)) => key_bucket(key),
@@ -452,10 +460,11 @@ mod tests {
             for kind in [CommandKind::Write, CommandKind::Blocking, CommandKind::Other] {
                 assert_eq!(holding.route(kind, Some(b"k"), dice), Route::Hold);
             }
-            assert_eq!(holding.route(CommandKind::Read, Some(b"k"), dice), send(Side::Source, None));
+            // Reads flow, from the key's owner.
+            assert_eq!(holding.route(CommandKind::Read, Some(b"k"), dice), send(Side::Target, None));
             let refusing = Strategy { hold: HoldState::Refusing(reason), ..new.clone() };
             assert_eq!(refusing.route(CommandKind::Write, Some(b"k"), dice), Route::Refuse(reason));
-            assert_eq!(refusing.route(CommandKind::Read, Some(b"k"), dice), send(Side::Source, None));
+            assert_eq!(refusing.route(CommandKind::Read, Some(b"k"), dice), send(Side::Target, None));
             assert_eq!(refusing.refusing(), Some(reason));
         }
         assert_eq!(Strategy::default().route(CommandKind::Write, Some(b"k"), dice), send(Side::Source, None));
@@ -483,6 +492,21 @@ mod tests {
         let authoritative = config(|c| (c.read_percentage, c.write_policy) = (100, WritePolicy::NewAuthoritative))
             .with_target_reads(TargetReads::CoveredBefore(Option::None));
         assert!(authoritative.target_may_serve(Some(b"k"), Waiting), "the target owns the key: no gate");
+    }
+
+    #[test]
+    fn keys_the_target_owns_are_read_there_whatever_the_read_share() {
+        let dice = &mut Dice::new();
+        let cut_over = config(|c| {
+            (c.write_policy, c.read_percentage, c.mirror_writes) = (WritePolicy::NewAuthoritative, 25, true)
+        });
+        assert!((0..1000).all(|_| cut_over.route(CommandKind::Read, Some(b"k"), dice) == send(Side::Target, None)));
+        let split = config(|c| (c.write_mode, c.write_percentage, c.read_percentage) = (WriteMode::Cutover, 50, 0));
+        for i in 0..100 {
+            let key = format!("key:{i}");
+            let owner = if key_bucket(key.as_bytes()) < 50 { Side::Target } else { Side::Source };
+            assert_eq!(split.route(CommandKind::Read, Some(key.as_bytes()), dice), send(owner, None), "{key}");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use redis::AsyncCommands;
-use support::{Migration, Proxy, direct, eventually, resp, wait_for_lease};
+use support::{Migration, Proxy, direct, eventually, eventually_within, resp, wait_for_lease};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 impl Migration {
@@ -930,7 +930,7 @@ async fn canary_reads_reach_the_target_only_while_replication_keeps_it_fresh_and
 
     // A client that only reads is served by the target once the engine's beats show it fresh.
     let reader = proxy.client().await;
-    eventually("the target serves reads", || async {
+    eventually_within("the target serves reads", Duration::from_secs(30), || async {
         let _: Option<i64> = reader.clone().get("k").await.unwrap();
         target_reads() > 0
     })
@@ -977,7 +977,7 @@ async fn every_covered_instant_holds_on_the_target_even_when_the_engine_hears_th
             Replicator::start(&slow_source, &target, mode, ReplicatorOptions::default(), None).await.unwrap();
         let upstream = Upstream::new(&migration.target.url(), &TlsSettings::default(), Duration::from_secs(1)).unwrap();
         let mut covered = eden_sidecar::freshness::follow(upstream);
-        eventually("the engine beats", || async { covered.borrow().is_some() }).await;
+        eventually_within("the engine beats", Duration::from_secs(30), || async { covered.borrow().is_some() }).await;
 
         // Writes acknowledged by the source, each with the instant its reply was in hand.
         let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(tokio::time::Instant, i64)>::new()));
@@ -1033,7 +1033,7 @@ async fn no_sidecar_trusts_the_target_once_a_restart_empties_it() {
     let covered = eden_sidecar::freshness::follow(upstream);
     let guard = Duration::from_secs(60); // a lag guard that would not end the trust by itself
     let trusted = move || covered.borrow().and_then(|fresh| fresh.covered_within(guard)).is_some();
-    eventually("the target is trusted", || async { trusted() }).await;
+    eventually_within("the target is trusted", Duration::from_secs(30), || async { trusted() }).await;
 
     // The restart cannot continue the stream: the target lost its position record. A key of
     // the target's own shows when it is emptied: nothing copies it back.

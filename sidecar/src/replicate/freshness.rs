@@ -37,7 +37,7 @@ pub const BEAT_EVERY: Duration = Duration::from_millis(20);
 /// How long a sidecar goes on trusting the target after the last read that saw the record it
 /// follows. The engine removes the record and waits twice this long before it empties the
 /// target (a restart's full resync), so that no sidecar still trusts it then.
-pub const TRUSTED_FOR: Duration = Duration::from_millis(50);
+pub const TRUSTED_FOR: Duration = Duration::from_millis(200);
 /// How long a beat waits for the engine to pass its mark before taking a new one.
 const PASS_WITHIN: Duration = Duration::from_secs(1);
 const EXPIRES_AFTER_MS: u64 = 10_000;

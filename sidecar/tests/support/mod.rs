@@ -143,9 +143,20 @@ pub async fn direct(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
 }
 
-/// Waits until `probe` holds (mirrors are asynchronous).
-pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut probe: impl FnMut() -> F) {
-    for _ in 0..250 {
+/// Waits until `probe` holds (mirrors are asynchronous), for 5 s.
+pub async fn eventually<F: std::future::Future<Output = bool>>(what: &str, probe: impl FnMut() -> F) {
+    eventually_within(what, Duration::from_secs(5), probe).await
+}
+
+/// Waits until `probe` holds, for `limit`: a replication engine's first beats follow its copy
+/// and the end of its expiry hold, which a loaded machine can take a while to reach.
+pub async fn eventually_within<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> F,
+) {
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
         if probe().await {
             return;
         }
