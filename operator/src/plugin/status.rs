@@ -36,6 +36,9 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecars: Option<Sidecars>,
     pub reads_on_target: i32,
+    /// Where reads go, in words: `readPercentage` moves reads of the keys the source owns only
+    /// (the sidecars read a key the target owns from the target).
+    pub reads: String,
     /// Where writes go, in words.
     pub writes: String,
     /// What holds the Migration back or keeps it from going on, from its conditions.
@@ -137,16 +140,23 @@ impl Report {
             }
         });
         let strategy = &migration.spec.strategy;
-        let writes = match (strategy.write_mode.mode, strategy.write_mode.policy, strategy.write_mode.write_percentage)
-        {
-            (WriteModeKind::DualWrite, Some(WritePolicy::NewAuthoritative), _) => {
-                "to both sides, the target answering".to_string()
-            }
-            (WriteModeKind::DualWrite, _, _) => "to both sides, the source answering".to_string(),
-            (WriteModeKind::Cutover, _, percentage) => {
-                format!("{}% of keys owned by the target", percentage.unwrap_or(0))
-            }
-        };
+        let share = strategy.read_percentage;
+        let (reads, writes) =
+            match (strategy.write_mode.mode, strategy.write_mode.policy, strategy.write_mode.write_percentage) {
+                (WriteModeKind::DualWrite, Some(WritePolicy::NewAuthoritative), _)
+                | (WriteModeKind::Cutover, _, Some(100)) => (
+                    "all on the target, which owns every key".to_string(),
+                    "to the target, mirrored to the source".to_string(),
+                ),
+                (WriteModeKind::DualWrite, _, _) => {
+                    (format!("{share}% on the target"), "to both sides, the source answering".to_string())
+                }
+                (WriteModeKind::Cutover, _, Some(owned @ 1..)) => (
+                    format!("the target's keys on the target, {share}% of the others"),
+                    format!("{owned}% of keys owned by the target"),
+                ),
+                (WriteModeKind::Cutover, _, _) => (format!("{share}% on the target"), "to the source".to_string()),
+            };
         let before_cutover = matches!(phase, Phase::Pending | Phase::Syncing | Phase::Ready);
         let held = status
             .conditions
@@ -171,7 +181,8 @@ impl Report {
             max_lag_millis: migration.spec.cutover.max_lag_millis,
             verification: status.last_verification,
             sidecars,
-            reads_on_target: strategy.read_percentage,
+            reads_on_target: share,
+            reads,
             writes,
             held,
         }
@@ -217,7 +228,7 @@ impl Report {
         if let Some(sidecars) = &self.sidecars {
             line(&mut out, "Sidecars", &sidecars.render(&paint));
         }
-        line(&mut out, "Traffic", &format!("reads {}% on the target; writes {}", self.reads_on_target, self.writes));
+        line(&mut out, "Traffic", &format!("reads {}; writes {}", self.reads, self.writes));
         for held in &self.held {
             let text = format!("{} ({}): {}", held.reason, held.condition, held.message);
             line(&mut out, "Held", &paint.warn(&text));
@@ -444,6 +455,20 @@ mod tests {
         );
         let coloured = report.render(now, true);
         assert!(coloured.contains("\x1b[36mSyncing\x1b[0m"), "{coloured}");
+    }
+
+    #[test]
+    fn after_a_cutover_every_read_is_the_targets_whatever_the_read_share() {
+        let mut cut_over = migration(json!({"phase": "CutOver"}));
+        cut_over.spec.strategy.write_mode.policy = Some(WritePolicy::NewAuthoritative);
+        let now: Timestamp = NOW.parse().unwrap();
+        let text = Report::new(&cut_over, &[], &[], now).render(now, false);
+        assert!(
+            text.contains(
+                "Traffic    reads all on the target, which owns every key; writes to the target, mirrored to the source"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
