@@ -124,9 +124,8 @@ impl Chain {
                 self.fresh = Some(Fresh { covered, confirmed: sent });
                 self.followed = Some((record, written_after));
             }
-            Some((followed, None)) if record.follows(&followed) => {
-                self.followed = Some((record, written_after));
-            }
+            // Also the successor of a beat whose writing time is unknown (the chain's first):
+            // nothing is trusted yet, and the chain goes on from `record`.
             _ => {
                 self.fresh = None;
                 self.followed = Some((record, written_after));
