@@ -32,19 +32,19 @@ struct SidecarProcess {
 
 impl SidecarProcess {
     fn spawn(
-        harness: &Harness,
+        files: &Files,
+        namespace: &str,
         pod: &Pod,
         source: &RedisServer,
         kubeconfig: &std::path::Path,
         target: Option<&Relay>,
     ) -> SidecarProcess {
         let (port, admin) = (eden_e2e::free_port().unwrap(), eden_e2e::free_port().unwrap());
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("{}-{}.log", harness.namespace, pod.name)))
-            .unwrap();
+        let log = std::fs::File::create(files.path(&format!("{}.log", pod.name))).unwrap();
         let mut command = std::process::Command::new(eden_e2e::workspace_binary("sidecar", "eden-sidecar").unwrap());
         command
             .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--source", &source.url(), "--configmap", "eden-shop", "--namespace", &harness.namespace])
+            .args(["--source", &source.url(), "--configmap", "eden-shop", "--namespace", namespace])
             .args(["--pod-name", pod.name, "--confirm-every-ms", "200"])
             .args(["--fence-after-ms", &pod.fenced_after_ms.to_string(), "--max-write-pause-ms", "3000"]);
         if let Some(relay) = target {
@@ -253,7 +253,7 @@ impl<'a> Pod<'a> {
     }
 }
 
-/// A Ready `sync` migration `shop` whose clients write through eden-sidecar processes.
+/// A migration `shop` whose clients write through eden-sidecar processes.
 struct Scenario {
     harness: Harness,
     source: RedisServer,
@@ -266,22 +266,67 @@ struct Scenario {
     /// A client per sidecar that only reads (so its reads may go to the target): the longest
     /// a read took.
     readers: Vec<(&'static str, JoinHandle<Duration>)>,
+    /// Held for its `Drop`: removed after the sidecars are stopped.
+    _files: Files,
+}
+
+/// The sidecars' logs and kubeconfigs of one scenario: removed with it, kept (and named) when
+/// it fails.
+struct Files(Option<tempfile::TempDir>);
+
+impl Files {
+    fn new(namespace: &str) -> Files {
+        Files(Some(tempfile::Builder::new().prefix(&format!("{namespace}-")).tempdir().unwrap()))
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.as_ref().unwrap().path().join(name)
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!("the sidecars' logs are kept in {}", dir.keep().display());
+        }
+    }
 }
 
 impl Scenario {
+    /// Writers start once the migration is Ready.
     async fn start(prefix: &str, pods: &[Pod<'_>]) -> Scenario {
         let harness = Harness::start(prefix).await;
         let (source, target) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
         harness.apply(&endpoints(&source, &target));
         harness.apply(&migration("shop", "sync", 0, "oldAuthoritative"));
         harness.wait_phase("shop", Phase::Ready).await;
+        Scenario::with_writers(harness, source, target, pods).await
+    }
+
+    /// Writers start before the copy of `source` (the Migration's `data`): the target Endpoint
+    /// names a port nothing listens on until every sidecar serves.
+    async fn copying(prefix: &str, pods: &[Pod<'_>], source: RedisServer, data: &str) -> Scenario {
+        let harness = Harness::start(prefix).await;
+        let target = RedisServer::start().unwrap();
+        let nowhere = format!("redis://127.0.0.1:{}", eden_e2e::free_port().unwrap());
+        harness.apply(&endpoints(&source, &target).replace(&target.url(), &nowhere));
+        harness.apply(&migration("shop", data, 0, "oldAuthoritative"));
+        let scenario = Scenario::with_writers(harness, source, target, pods).await;
+        scenario.harness.apply(&endpoints(&scenario.source, &scenario.target));
+        scenario
+    }
+
+    async fn with_writers(harness: Harness, source: RedisServer, target: RedisServer, pods: &[Pod<'_>]) -> Scenario {
+        let files = Files::new(&harness.namespace);
         let (stop, stopped) = watch::channel(false);
         let (mut processes, mut writers, mut readers, mut target_relays) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for pod in pods {
             let kubeconfig = match pod.api {
                 Some(relay) => {
-                    let path = std::env::temp_dir().join(format!("{}-{}.kubeconfig", harness.namespace, pod.name));
+                    let path = files.path(&format!("{}.kubeconfig", pod.name));
                     harness.control_plane.kubeconfig_via(relay.addr(), &path).unwrap();
                     path
                 }
@@ -291,7 +336,7 @@ impl Scenario {
                 true => Some(Relay::start(target.addr()).await.unwrap()),
                 false => None,
             };
-            let process = SidecarProcess::spawn(&harness, pod, &source, &kubeconfig, relay.as_ref());
+            let process = SidecarProcess::spawn(&files, &harness.namespace, pod, &source, &kubeconfig, relay.as_ref());
             target_relays.extend(relay);
             let client = Client { restarts: pod.restarted, ..process.client() };
             writers.push((pod.name, tokio::spawn(write_until(client, pod.name, stopped.clone()))));
@@ -303,7 +348,7 @@ impl Scenario {
                 m.status.as_ref().and_then(|s| s.sidecars.as_ref()).is_some_and(|s| s.acknowledged == pods.len() as i32)
             })
             .await;
-        Scenario { harness, source, target, sidecars: processes, target_relays, stop, writers, readers }
+        Scenario { harness, source, target, sidecars: processes, target_relays, stop, writers, readers, _files: files }
     }
 
     /// Stops the writers and checks that every write a client saw acknowledged is on the
@@ -461,6 +506,52 @@ async fn an_operator_killed_while_writes_are_paused_loses_no_write_and_the_cutov
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_killed_mid_copy_loses_no_write_and_a_cutover_at_a_quarter_of_reads_reads_nothing_older() {
+    // 20,000 hashes (a command each, where small strings would share an MSET) written to the
+    // target at 4,000 a second: the copy takes about 5 s, and the operator dies in it, with
+    // writers running through the sidecars all along.
+    const KEYS: usize = 20_000;
+    let source = RedisServer::start().unwrap();
+    let fill = "for i = 1, ARGV[1] do redis.call('HSET', 'key:' .. i, 'field', i) end";
+    let _: () = redis::cmd("EVAL").arg(fill).arg(0).arg(KEYS).query_async(&mut connect(&source).await).await.unwrap();
+    let data = "sync, targetOpsPerSecond: 4000";
+    let mut scenario = Scenario::copying("operator-mid-copy", &[Pod::new("app-0"), Pod::new("app-1")], source, data).await;
+    let copying = scenario
+        .harness
+        .wait("shop", "the copy under way", |m| {
+            let progress = m.status.as_ref().and_then(|s| s.progress.as_ref());
+            phase_of(m) == Some(Phase::Syncing) && progress.is_some_and(|p| p.keys_copied > 0)
+        })
+        .await;
+    scenario.harness.stop_operator().await;
+    let progress = copying.status.and_then(|s| s.progress).unwrap().summary;
+    let mut on_target = connect(&scenario.target).await;
+    let copied: usize = redis::cmd("DBSIZE").query_async(&mut on_target).await.unwrap();
+    assert!(copied < KEYS, "killed mid-copy: the target holds {copied} keys (status said {progress})");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The new operator copies again from what the source holds now: the keys, and every write
+    // the sidecars acknowledged meanwhile.
+    scenario.harness.start_operator();
+    scenario.harness.wait_phase("shop", Phase::Ready).await;
+    // After the cutover each writer's key is the target's: its reads go there whatever the read
+    // share, so no read comes from the source, which has the write only through the mirror.
+    scenario.harness.apply(&migration("shop", data, 25, "newAuthoritative"));
+    scenario.harness.wait_phase("shop", Phase::CutOver).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let copied: usize = redis::cmd("EVAL")
+        .arg("return #redis.call('KEYS', 'key:*')")
+        .arg(0)
+        .query_async(&mut on_target)
+        .await
+        .unwrap();
+    assert_eq!(copied, KEYS, "every key of the copy is on the target");
+    for (name, acknowledged) in scenario.finish(Side::Target).await {
+        assert_eq!(acknowledged.refused, 0, "{name}: the operator's death refused no write before the cutover");
+        assert!(acknowledged.reads > 0, "{name} read back throughout");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_or_corrupted_config_map_is_rewritten_above_every_generation_and_writes_go_on() {
     let scenario = Scenario::start("config-map-lost", &[Pod::new("app-0")]).await;
     let harness = &scenario.harness;
@@ -606,7 +697,10 @@ async fn a_sidecar_cut_off_during_the_pause_aborts_the_cutover_which_then_comple
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_killed_after_the_cutover_and_again_mid_rollback_loses_no_write() {
     let mut scenario = Scenario::start("operator-rollback", &[Pod::new("app-0"), Pod::new("app-1")]).await;
-    scenario.harness.apply(&migration("shop", "sync", 0, "newAuthoritative"));
+    // A quarter of the reads of source-owned keys go to the target; each writer's own key is
+    // the target's after the cutover and the source's after the rollback, and its reads must
+    // follow it.
+    scenario.harness.apply(&migration("shop", "sync", 25, "newAuthoritative"));
     scenario.harness.wait_phase("shop", Phase::CutOver).await;
     // Killed in CutOver: writes go on to the target, mirrored to the source, with no operator.
     scenario.harness.stop_operator().await;
@@ -616,7 +710,7 @@ async fn an_operator_killed_after_the_cutover_and_again_mid_rollback_loses_no_wr
     assert_eq!(phase_of(&scenario.harness.migrations().get("shop").await.unwrap()), Some(Phase::CutOver));
     // Killed again as soon as it has pushed the rollback (writes back to the source), before it
     // knows that every sidecar applied it: the next operator finishes the rollback.
-    let rollback = migration("shop", "sync", 0, "oldAuthoritative");
+    let rollback = migration("shop", "sync", 25, "oldAuthoritative");
     apply_and_wait_for_push(&scenario.harness, &rollback, |p| p.write_policy == WritePolicy::OldAuthoritative).await;
     scenario.harness.stop_operator().await;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -214,7 +214,7 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         Phase::CuttingOver => observation.status.cutover_barrier_generation,
         _ => None,
     };
-    let mut paused_now = false;
+    let mut push = None;
     if drained
         && let Some(effective) = &decision.effective
         && let Some(payload) = observation.payload(&migration, effective)
@@ -226,18 +226,15 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         let floor = observation.sidecars.max_applied().max(ctx.fence_clock(&uid).latest());
         let next = configmap::next_generation(observation.config.as_ref(), &payload, floor, barrier_due);
         if Some(next) != observation.config.as_ref().map(|c| c.generation) {
-            let payload = eden_sidecar::config::EdenConfig { generation: next, ..payload };
-            push_config(&migration, ctx, &payload).await?;
-            ctx.fence_clock(&uid).generation_seen(next, tokio::time::Instant::now());
-            let note = status::describe_strategy(&payload);
-            events.push(Notice::new(EventType::Normal, "StrategyPushed", format!("PushGeneration{next}"), note));
+            let pauses = effective.writes == Writes::Paused;
+            push = Some((eden_sidecar::config::EdenConfig { generation: next, ..payload }, pauses));
             generation = next;
-            paused_now = effective.writes == Writes::Paused;
         }
         if barrier_due {
             barrier = Some(next as i64);
         }
     }
+    let pausing = push.as_ref().is_some_and(|(_, pauses)| *pauses);
 
     if decision.phase == Phase::Completed && observation.phase != Phase::Completed {
         forget_sync_position(&migration, ctx).await;
@@ -259,9 +256,9 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
 
     let gateway = sync_gateway(&migration, ctx, &observation, &mut events).await?;
 
-    // The pause is timed from the push that started it.
+    // The pause is timed from the status that announces it, written just before the push.
     let cutover_started_at = match decision.phase {
-        Phase::CuttingOver if paused_now => Some(MicroTime(Timestamp::now())),
+        Phase::CuttingOver if pausing => Some(MicroTime(Timestamp::now())),
         Phase::CuttingOver => observation.status.cutover_started_at.clone(),
         _ => None,
     };
@@ -277,10 +274,27 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         gateway,
     };
     let new_status = report.status();
-    events.extend(report.events(&new_status));
     // Unchanged, it is not written again: every write is one more request for the API server
     // that the sidecars' acknowledgements queue behind in a cutover.
-    if new_status != observation.status {
+    let status_due = new_status != observation.status;
+    // The status that starts a pause goes out before the pause does. Every sidecar answers the
+    // pause with a Lease write at once; a status write queued behind them would hold this
+    // reconcile, and so the next one, which flips, for as long as they take: time every
+    // client's writes wait. Written first, it can only start the pause's clock early, and so
+    // end a pause early (an abort: writes resume on the source), never hold one longer; that
+    // includes a push that fails after it.
+    if pausing && status_due {
+        write_status(&migration, ctx, &new_status).await?;
+    }
+    if let Some((payload, _)) = push {
+        push_config(&migration, ctx, &payload).await?;
+        ctx.fence_clock(&uid).generation_seen(payload.generation, tokio::time::Instant::now());
+        let note = status::describe_strategy(&payload);
+        let action = format!("PushGeneration{}", payload.generation);
+        events.push(Notice::new(EventType::Normal, "StrategyPushed", action, note));
+    }
+    events.extend(report.events(&new_status));
+    if !pausing && status_due {
         write_status(&migration, ctx, &new_status).await?;
     }
     let status_written = started.elapsed();
