@@ -104,6 +104,13 @@ impl Marks {
     }
 }
 
+/// Removes the record from `target`; one left behind expires by itself.
+pub(crate) async fn remove(target: &Endpoint) {
+    if target.cmd::<()>("DEL", redis::cmd("DEL").arg(FRESHNESS_KEY)).await.is_err() {
+        tracing::debug!("could not remove the freshness record; it expires by itself");
+    }
+}
+
 /// Beats on `target` while `progress` has a sender (the engine runs); the task ends with the
 /// engine, removing the record, or when aborted (the replicator removes it then).
 pub(crate) fn keep(target: Endpoint, marks: Marks, mut progress: watch::Receiver<Progress>) -> JoinHandle<()> {
@@ -117,7 +124,7 @@ pub(crate) fn keep(target: Endpoint, marks: Marks, mut progress: watch::Receiver
             ticker.tick().await;
             if progress.has_changed().is_err() {
                 // The engine ended (failed): no record stays behind claiming anything.
-                let _ = target.cmd::<()>("DEL", redis::cmd("DEL").arg(FRESHNESS_KEY)).await;
+                remove(&target).await;
                 return;
             }
             if !progress.borrow().checkpoint.backfill_done() {

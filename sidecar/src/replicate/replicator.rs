@@ -95,11 +95,7 @@ impl Freshness {
     async fn forget(mut self) {
         if let Some((task, target)) = self.0.take() {
             task.abort();
-            let mut del = redis::Cmd::new();
-            del.arg("DEL").arg(super::FRESHNESS_KEY);
-            if target.cmd::<()>("DEL", &del).await.is_err() {
-                tracing::debug!("could not remove the freshness record; it expires by itself");
-            }
+            super::freshness::remove(&target).await;
         }
     }
 }
@@ -136,30 +132,27 @@ impl Replicator {
                 Some(checkpoint) => ScanReplicator::resume(source, target, options.scan, checkpoint).await?,
             })),
         };
-        let progress = match &engine {
-            Engine::Sync(r) => r.progress(),
-            Engine::Scan(r) => r.progress(),
-        };
+        let mut replicator = Replicator { engine, freshness: Freshness(None) };
         // Without the record no sidecar reads the target before it is authoritative: safe,
         // and said once.
         let beats = async {
-            let marks = match &engine {
+            let marks = match &replicator.engine {
                 Engine::Sync(_) => Marks::Offset(Box::new(Endpoint::connect("source", source).await?)),
                 Engine::Scan(r) => Marks::Barrier(r.barriers()),
             };
             Ok::<_, ReplicateError>((Endpoint::connect("target", target).await?, marks))
         };
-        let freshness = match beats.await {
-            Ok((endpoint, marks)) => Some((super::freshness::keep(endpoint.clone(), marks, progress), endpoint)),
-            Err(err) => {
-                tracing::warn!(
-                    error = %err,
-                    "cannot connect to keep the freshness record; sidecars will not read from it before cutover"
-                );
-                None
+        match beats.await {
+            Ok((endpoint, marks)) => {
+                let task = super::freshness::keep(endpoint.clone(), marks, replicator.progress());
+                replicator.freshness = Freshness(Some((task, endpoint)));
             }
-        };
-        Ok(Replicator { engine, freshness: Freshness(freshness) })
+            Err(err) => tracing::warn!(
+                error = %err,
+                "cannot connect to keep the freshness record; sidecars will not read from it before cutover"
+            ),
+        }
+        Ok(replicator)
     }
 
     pub fn mode(&self) -> Mode {
