@@ -416,8 +416,10 @@ async fn a_gateway_follows_its_spec_and_goes_with_its_migration() {
 /// An Endpoint password holding `@ : / % # + = ?`, spaces and non-ASCII (an Azure key's `+`,
 /// `/` and `=` among them), given in a Secret, reaches both servers for the probe and for
 /// replication in both modes, which copy and verify; the planted password is nowhere in what
-/// the operator writes: the Migration's and Endpoints' status, their Events, the ConfigMap, the
-/// metrics.
+/// the operator writes (the Migration's and Endpoints' status, their Events, the ConfigMap, the
+/// metrics), in what it logs, nor in the command line it gives the proxy or what a proxy started
+/// with that command line logs and shows as its arguments (`/proc/<pid>/cmdline`). The gateway's
+/// command line is the injected sidecar's: both come from `proxy::container`.
 #[tokio::test]
 async fn a_password_of_any_characters_in_a_secret_migrates_in_both_modes_and_is_shown_nowhere() {
     const PASSWORD: &str = "p@ss:w/rd %#+=?ü✓ Zm9v+/==";
@@ -445,18 +447,22 @@ async fn a_password_of_any_characters_in_a_secret_migrates_in_both_modes_and_is_
     ));
     for mode in ["sync", "scan"] {
         let name = format!("{mode}-shop");
-        harness.apply(&migration(&name, mode, 0, "oldAuthoritative"));
+        harness.apply(&format!("{}  gateway: {{}}\n", migration(&name, mode, 0, "oldAuthoritative")));
         let ready = harness.wait_phase(&name, Phase::Ready).await;
         let verification = ready.status.as_ref().unwrap().last_verification.clone().expect("verified");
         assert_eq!((verification.checked, verification.missing, verification.mismatched), (500, 0, 0), "{mode}");
         harness.wait_described(&name, "Verified").await;
+        let proxy = GatewayProcess::start(&harness, &name).await;
 
         let shown = [
-            harness.kubectl(&["get", "migrations,endpoints.eden.io,configmaps", "-o", "yaml"]),
+            harness.kubectl(&["get", "migrations,endpoints.eden.io,configmaps,deployments", "-o", "yaml"]),
             harness.kubectl(&["describe", "migration", &name]),
             harness.kubectl(&["describe", "endpoints.eden.io"]),
             harness.kubectl(&["get", "events", "-o", "yaml"]),
             harness.metrics.render(),
+            support::operator_logs(),
+            proxy.cmdline(),
+            proxy.log(),
         ];
         for (text, secret) in shown.iter().flat_map(|text| ["p@ss", "p%40ss", "Zm9v"].map(|secret| (text, secret))) {
             assert!(!text.contains(secret), "{mode}: {secret:?} shown in:\n{text}");
@@ -519,4 +525,62 @@ async fn tls_connection(server: &RedisServer, pki: &TestPki, name: &str) -> redi
     let (connection, driver) = redis::aio::MultiplexedConnection::new_with_config(&info, stream, config).await.unwrap();
     tokio::spawn(driver);
     connection
+}
+
+/// An `eden-sidecar` process started with the command line the operator gave Migration `name`'s
+/// gateway (its ports moved to free loopback ones, its pod name filled in), reaching the API
+/// server as the test does, its log kept in a file; killed when dropped.
+struct GatewayProcess {
+    child: std::process::Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl GatewayProcess {
+    async fn start(harness: &Harness, name: &str) -> GatewayProcess {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let deployments: Api<Deployment> = Api::namespaced(harness.client.clone(), &harness.namespace);
+        let deployment = deployments.get(&format!("eden-{name}-gateway")).await.unwrap();
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        let mut args = pod.containers[0].args.clone().unwrap();
+        for (flag, value) in args.clone().iter().zip(args.iter_mut().skip(1)) {
+            match flag.as_str() {
+                "--listen" | "--admin-listen" => *value = format!("127.0.0.1:{}", eden_e2e::free_port().unwrap()),
+                "--pod-name" => *value = format!("{name}-gateway-0"),
+                _ => {}
+            }
+        }
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = std::process::Command::new(eden_e2e::workspace_binary("sidecar", "eden-sidecar").unwrap())
+            .args(&args)
+            .env("KUBECONFIG", harness.control_plane.kubeconfig())
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let process = GatewayProcess { child, log };
+        for _ in 0..300 {
+            if process.log().contains("eden-sidecar ready") {
+                return process;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the gateway's proxy never became ready; its log:\n{}", process.log());
+    }
+
+    /// Its arguments as the kernel shows them to anyone on the node.
+    fn cmdline(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", self.child.id())).unwrap())
+            .replace('\0', " ")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
