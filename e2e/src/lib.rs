@@ -13,6 +13,7 @@ pub mod node;
 mod redis;
 mod relay;
 mod tls;
+pub mod writers;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
