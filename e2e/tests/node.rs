@@ -3,7 +3,8 @@
 //! pods with their ServiceAccount's token, its webhook called through its Service, the sidecar
 //! injected as a native sidecar the kubelet starts before the application, and a Migration
 //! between two Redis pods driven through its whole journey (copy, read canary, cutover,
-//! rollback, cutover, complete) while the application's pods write through `127.0.0.1`, with
+//! rollback, cutover, complete) while the application's pods write through `127.0.0.1` (and one
+//! without a sidecar through the Migration's gateway, by its Service's DNS name), with
 //! the faults users meet on the way: the leading operator pod deleted mid-copy, a sidecar
 //! container killed, the operator rolled by `helm upgrade`. The writers are the fault suite's
 //! ([`eden_e2e::writers`]), so the end is checked the same way: every write a client saw
@@ -23,6 +24,11 @@ use serde_json::Value;
 const WRITER_IMAGE: &str = "localhost/eden-e2e/writer:test";
 /// The application's pods; the sidecar of the second is killed on the way.
 const APPS: [&str; 2] = ["app-0", "app-1"];
+/// A pod of the application without a sidecar, which reaches the Migration's gateway through
+/// its Service's DNS name.
+const GATEWAY_APP: &str = "gateway-app";
+/// Proxies that follow the strategy: the two injected sidecars and the gateway's one replica.
+const PROXIES: i32 = 3;
 /// Keys on the source before the copy, and the copy's pace (operations on the target per
 /// second): long enough (about 10 s) to delete the leading operator pod in the middle of it.
 const PRELOADED: u64 = 20_000;
@@ -82,6 +88,7 @@ spec:
     readPercentage: 0
     writeMode: {{mode: dualWrite, policy: oldAuthoritative}}
   data: {{type: sync, targetOpsPerSecond: {COPY_OPS_PER_SECOND}}}
+  gateway: {{replicas: 1}}
 ",
         endpoint("source"),
         endpoint("target")
@@ -211,7 +218,7 @@ fn patch(node: &Node, namespace: &str, spec: &str) {
     node.run_kubectl(&["patch", "-n", namespace, "migration/cache", "--type=merge", "-p", &patch]).unwrap();
 }
 
-/// Waits until every application pod's sidecar has applied the strategy the operator pushed
+/// Waits until every sidecar and the gateway have applied the strategy the operator pushed
 /// last, which `settled` accepts (the ConfigMap's `eden.yaml`).
 fn wait_applied(node: &Node, namespace: &str, what: &str, settled: impl Fn(&str) -> bool) {
     let generation = eventually(what, PATIENCE, || {
@@ -224,7 +231,7 @@ fn wait_applied(node: &Node, namespace: &str, what: &str, settled: impl Fn(&str)
     .unwrap();
     wait_for(node, namespace, &format!("{what}, applied by every sidecar"), |m| {
         let sidecars = m.status.as_ref().and_then(|s| s.sidecars.as_ref());
-        sidecars.is_some_and(|s| s.configured_generation >= generation && s.acknowledged == APPS.len() as i32)
+        sidecars.is_some_and(|s| s.configured_generation >= generation && s.acknowledged == PROXIES)
     });
 }
 
@@ -314,9 +321,9 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
         Some(leader(node, &system)).filter(|holder| !holder.is_empty() && *holder != deleted)
     })
     .unwrap();
+    // Ready only once verified (a difference a live write made is checked again alone).
     let ready = wait_phase(node, &apps, Phase::Ready);
     let verified = ready.status.unwrap().last_verification.unwrap();
-    assert!(verified.checked >= PRELOADED as i64, "{verified:?}");
     assert_eq!((verified.missing, verified.extra, verified.mismatched), (0, 0, 0), "{verified:?}");
     let events = json(node, &["get", "events", "-n", &apps, "--field-selector", "reason=ReplicationStarted"]);
     let resumed = events["items"].as_array().unwrap().iter().any(|event| event["action"] == "Resume");
@@ -343,7 +350,14 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
         "the sidecar started at {sidecar_started}, the application at {app_started}"
     );
 
-    // The read canary, in two steps, each applied by every sidecar; the target serves reads.
+    // The gateway's Service, by its DNS name, for a pod that has no sidecar.
+    node.run_kubectl(&["-n", &apps, "rollout", "status", "deployment/eden-cache-gateway", "--timeout=180s"]).unwrap();
+    let gateway = format!("[eden-writer, {GATEWAY_APP}, \"eden-cache.{apps}.svc.cluster.local:6379\"]");
+    node.apply_manifest(&apps, &pod(GATEWAY_APP, WRITER_IMAGE, "", &gateway)).unwrap();
+    let pod_name = format!("pod/{GATEWAY_APP}");
+    node.run_kubectl(&["wait", "-n", &apps, "--for=condition=Ready", &pod_name, "--timeout=180s"]).unwrap();
+
+    // The read canary, in two steps, each applied by every proxy; the target serves reads.
     for percent in [25, 50] {
         patch(node, &apps, &format!("{{\"strategy\":{{\"readPercentage\":{percent}}}}}"));
         let line = format!("read_percentage: {percent}");
@@ -394,7 +408,15 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
     // no read went back in time; only the killed sidecar's clients had to connect again.
     let target = redis::Client::open(format!("redis://{}:6379", pod_ip(node, &apps, "redis-target"))).unwrap();
     let mut target = target.get_multiplexed_async_connection().await.unwrap();
-    for name in APPS {
+    let preloaded: u64 = redis::cmd("EVAL")
+        .arg("local n = 0 for i = 1, ARGV[1] do if redis.call('lindex', 'list:' .. i, 0) == tostring(i) then n = n + 1 end end return n")
+        .arg(0)
+        .arg(PRELOADED)
+        .query_async(&mut target)
+        .await
+        .unwrap();
+    assert_eq!(preloaded, PRELOADED, "the lists on the source before the copy, on the target");
+    for name in APPS.into_iter().chain([GATEWAY_APP]) {
         let acknowledged = stop_writer(node, &apps, name);
         acknowledged.assert_exact_on(name, &mut target).await;
         assert_eq!(acknowledged.refused, 0, "{name}: a sidecar in touch only ever held writes");
