@@ -6,13 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use eden_e2e::{RedisConfig, RedisServer};
+use eden_e2e::{RedisConfig, RedisServer, TestPki};
 use eden_operator::crd::Phase;
 use eden_operator::proxy::DEFAULT_IMAGE;
 use eden_sidecar::config::{Applier, WritePolicy};
 use eden_sidecar::lease::{ANNOTATION_LOST_SOURCE_WRITES, LeaseReporter};
 use eden_sidecar::metrics::{MirrorOutcome, ProxyMetrics};
 use eden_sidecar::route::Side;
+use eden_sidecar::upstream::{TlsSettings, Upstream};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams};
 use redis::AsyncCommands;
@@ -463,4 +464,59 @@ async fn a_password_of_any_characters_in_a_secret_migrates_in_both_modes_and_is_
         harness.migrations().delete(&name, &DeleteParams::default()).await.unwrap();
         harness.wait_gone(&name).await;
     }
+}
+
+/// A source and a target over TLS, each certificate from a CA of its own and valid only for a
+/// name of its own, not the address the Endpoint dials: each Endpoint's `caSecretRef` and
+/// `serverName` reach the probe, the replication engine in both modes and the verifier, so the
+/// migration is verified and Ready under the default `requireVerification`.
+#[tokio::test]
+async fn tls_servers_with_their_own_ca_and_server_name_copy_verify_and_reach_ready() {
+    let harness = Harness::start("tls").await;
+    let scratch = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let names = ["source.redis.test", "target.redis.test"];
+    let pkis = names.map(|name| TestPki::new(&[name]).unwrap());
+    let [source, target] = [0, 1].map(|i| {
+        let files = pkis[i].write_to(scratch[i].path()).unwrap();
+        RedisServer::with_config(RedisConfig::default().tls(&files.ca, &files.cert, &files.key)).unwrap()
+    });
+    let mut manifests = String::new();
+    for (i, (role, server)) in [("source", &source), ("target", &target)].into_iter().enumerate() {
+        let ca = serde_json::to_string(&pkis[i].ca_pem).unwrap(); // a YAML double-quoted scalar
+        manifests += &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {role}-ca}}\nstringData: {{ca.crt: {ca}}}\n---\n\
+             apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: {role}}}\n\
+             spec: {{uri: \"{}\", tls: {{caSecretRef: {{name: {role}-ca}}, serverName: {}}}}}\n---\n",
+            server.url(),
+            names[i]
+        );
+    }
+    harness.apply(&manifests);
+    let mut on_source = tls_connection(&source, &pkis[0], names[0]).await;
+    for i in 0..300 {
+        let _: () = on_source.set(format!("user:{i}"), i).await.unwrap();
+    }
+    for mode in ["sync", "scan"] {
+        let name = format!("{mode}-tls");
+        harness.apply(&migration(&name, mode, 0, "oldAuthoritative"));
+        let ready = harness.wait_phase(&name, Phase::Ready).await;
+        let verification = ready.status.as_ref().unwrap().last_verification.clone().expect("verified");
+        assert_eq!((verification.checked, verification.missing, verification.mismatched), (300, 0, 0), "{mode}");
+        harness.migrations().delete(&name, &DeleteParams::default()).await.unwrap();
+        harness.wait_gone(&name).await;
+    }
+}
+
+/// A connection to a TLS server through Eden's own connection layer, trusting `pki` for `name`.
+async fn tls_connection(server: &RedisServer, pki: &TestPki, name: &str) -> redis::aio::MultiplexedConnection {
+    let tls = TlsSettings {
+        ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+        server_name: Some(name.into()),
+        insecure_skip_verify: false,
+    };
+    let stream = Upstream::new(&server.url(), &tls, Duration::from_secs(5)).unwrap().connect().await.unwrap();
+    let (info, config) = (redis::RedisConnectionInfo::default(), redis::AsyncConnectionConfig::new());
+    let (connection, driver) = redis::aio::MultiplexedConnection::new_with_config(&info, stream, config).await.unwrap();
+    tokio::spawn(driver);
+    connection
 }
