@@ -55,7 +55,7 @@ async fn walkthrough() -> Result<()> {
     node.run_kubectl(&["-n", &system, "rollout", "status", "deployment/eden-operator", "--timeout=180s"])?;
     done(&format!("release eden in namespace {system}; sidecars allowed in {apps}"));
 
-    step("Two Redis pods (source with data, empty target), Endpoints and Migration `cache`");
+    step("Two Redis pods (source with data, empty target), Endpoints, Migration `cache` with a gateway");
     node.apply_manifest(&apps, &shop::redis_servers())?;
     node.run_kubectl(&[
         "wait",
