@@ -12,31 +12,31 @@ use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-/// How a writer reaches its sidecar: `127.0.0.1:<port>`. A client of a sidecar that may be
-/// restarted treats a dropped connection as the end of that connection, not a failure: what it
-/// had sent is ambiguous (applied or not, it cannot know), and it connects again.
-#[derive(Clone, Copy, Debug)]
+/// How a writer reaches its sidecar (or a gateway): `host:port`. A client of a sidecar that may
+/// be restarted treats a dropped connection as the end of that connection, not a failure: what
+/// it had sent is ambiguous (applied or not, it cannot know), and it connects again.
+#[derive(Clone, Debug)]
 pub struct Client {
-    pub port: u16,
+    pub address: String,
     pub restarts: bool,
 }
 
 impl Client {
     /// A connection, once the sidecar serves (after it applied a strategy); panics after 30 s.
-    pub async fn connect(self) -> MultiplexedConnection {
+    pub async fn connect(&self) -> MultiplexedConnection {
         let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).expect("a valid address");
+        let client = redis::Client::open(format!("redis://{}", self.address)).expect("a valid address");
         for _ in 0..300 {
             if let Ok(connection) = client.get_multiplexed_async_connection_with_config(&config).await {
                 return connection;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("sidecar on port {} never served", self.port);
+        panic!("{} never served", self.address);
     }
 
     /// Whether `err` ends the connection rather than fails the writer.
-    pub fn dropped(self, err: &redis::RedisError) -> bool {
+    pub fn dropped(&self, err: &redis::RedisError) -> bool {
         self.restarts && (err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error())
     }
 }
@@ -118,7 +118,7 @@ pub fn target_reads(admin: impl std::net::ToSocketAddrs) -> u64 {
 /// A writer and a reader of the same sidecar until `stop`: [`write_until`] with the reader's
 /// longest read (its reads, of a key it never writes, may be served by the target).
 pub async fn write_and_read_until(client: Client, name: &str, stop: watch::Receiver<bool>) -> Acknowledged {
-    let reader = tokio::spawn(read_until(client, name.to_string(), stop.clone()));
+    let reader = tokio::spawn(read_until(client.clone(), name.to_string(), stop.clone()));
     let mut acknowledged = write_until(client, name, stop).await;
     acknowledged.longest_read = reader.await.expect("the reader does not panic");
     acknowledged

@@ -3,131 +3,42 @@
 //! pods with their ServiceAccount's token, its webhook called through its Service, the sidecar
 //! injected as a native sidecar the kubelet starts before the application, and a Migration
 //! between two Redis pods driven through its whole journey (copy, read canary, cutover,
-//! rollback, cutover, complete) while the application's pods write through `127.0.0.1`, with
+//! rollback, cutover, complete) while the application's pods write through `127.0.0.1` (and one
+//! without a sidecar through the Migration's gateway, by its Service's DNS name), with
 //! the faults users meet on the way: the leading operator pod deleted mid-copy, a sidecar
 //! container killed, the operator rolled by `helm upgrade`. The writers are the fault suite's
 //! ([`eden_e2e::writers`]), so the end is checked the same way: every write a client saw
 //! acknowledged, on the server authoritative at the end, exactly once. Every namespace enforces
 //! the `restricted` Pod Security Standard.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use eden_e2e::node::TOOLS_IMAGE;
-use eden_e2e::writers::{Acknowledged, target_reads};
+use eden_e2e::shop::{self, INJECT, pod};
+use eden_e2e::writers::target_reads;
 use eden_e2e::{Helm, Node, eventually};
 use eden_operator::crd::{Migration, Phase};
 use serde_json::Value;
 
-/// `eden-writer` (`e2e/src/bin/eden-writer.rs`) of this build: the application.
-const WRITER_IMAGE: &str = "localhost/eden-e2e/writer:test";
 /// The application's pods; the sidecar of the second is killed on the way.
 const APPS: [&str; 2] = ["app-0", "app-1"];
-/// Keys on the source before the copy, and the copy's pace (operations on the target per
-/// second): long enough (about 10 s) to delete the leading operator pod in the middle of it.
+/// A pod of the application without a sidecar, which reaches the Migration's gateway through
+/// its Service's DNS name.
+const GATEWAY_APP: &str = "gateway-app";
+/// Proxies that follow the strategy: the two injected sidecars and the gateway's one replica.
+const PROXIES: i32 = 3;
+/// Lists on the source before the copy: at its pace, about 10 s to copy, long enough to
+/// delete the leading operator pod in the middle of it.
 const PRELOADED: u64 = 20_000;
-const COPY_OPS_PER_SECOND: u32 = 2_000;
 /// The sidecar's admin port (`eden_operator::proxy::ADMIN_PORT`), where its metrics are.
 const SIDECAR_ADMIN_PORT: u16 = 9090;
 const PATIENCE: Duration = Duration::from_secs(180);
-
-/// A restricted pod's security settings (the injected sidecar brings its own for its container).
-const POD_SECURITY: &str =
-    "securityContext: {runAsNonRoot: true, runAsUser: 65532, seccompProfile: {type: RuntimeDefault}}";
-const CONTAINER_SECURITY: &str = "securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}";
-
-/// A pod of `image` running `command` (a YAML flow sequence), with `annotations` (the inside
-/// of a YAML flow mapping).
-fn pod(name: &str, image: &str, annotations: &str, command: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, labels: {{app: {name}}}, annotations: {{{annotations}}}}}
-spec:
-  terminationGracePeriodSeconds: 1
-  {POD_SECURITY}
-  containers:
-  - name: app
-    image: {image}
-    imagePullPolicy: Never
-    command: {command}
-    {CONTAINER_SECURITY}
-"
-    )
-}
-
-/// A Redis server in a pod, behind a Service of the same name.
-fn redis(name: &str) -> String {
-    let server = pod(name, TOOLS_IMAGE, "", r#"[redis-server, --save, "", --protected-mode, "no", --dir, /tmp]"#);
-    format!(
-        "{server}---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{selector: {{app: {name}}}, ports: [{{port: 6379}}]}}\n"
-    )
-}
-
-fn endpoints_and_migration(namespace: &str) -> String {
-    let endpoint = |name: &str| {
-        format!(
-            "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: {name}}}\n\
-             spec: {{uri: \"redis://redis-{name}.{namespace}.svc.cluster.local:6379\"}}\n---\n"
-        )
-    };
-    format!(
-        "{}{}apiVersion: eden.io/v1alpha1
-kind: Migration
-metadata: {{name: cache}}
-spec:
-  source: {{endpointRef: {{name: source}}}}
-  target: {{endpointRef: {{name: target}}}}
-  strategy:
-    readPercentage: 0
-    writeMode: {{mode: dualWrite, policy: oldAuthoritative}}
-  data: {{type: sync, targetOpsPerSecond: {COPY_OPS_PER_SECOND}}}
-",
-        endpoint("source"),
-        endpoint("target")
-    )
-}
 
 fn json(node: &Node, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
     serde_json::from_str(&node.run_kubectl(&all).unwrap()).unwrap()
-}
-
-/// `redis-cli` in pod `pod` (its first container; in the application's pod, through the sidecar).
-fn redis_cli(node: &Node, namespace: &str, pod: &str, args: &[&str]) -> String {
-    let mut all = vec!["exec", "-n", namespace, pod, "--", "redis-cli"];
-    all.extend_from_slice(args);
-    node.run_kubectl(&all).unwrap().trim().to_string()
-}
-
-/// This build's `eden-operator` and `eden-sidecar` packed as `make images` does (named as the
-/// chart's default values name them), each checked to hold only what it needs, and the
-/// application's image of `eden-writer`, in `out`.
-fn pack_images(out: &Path) -> Vec<PathBuf> {
-    let build = |args: &[&std::ffi::OsStr], binaries: &[PathBuf]| {
-        let mut command = std::process::Command::new("python3");
-        command.arg(eden_e2e::repo_root().join("images/build.py")).arg("--out").arg(out).args(args).args(binaries);
-        let output = command.output().unwrap();
-        assert!(output.status.success(), "images/build.py: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).unwrap()
-    };
-    let chart = eden_e2e::repo_root().join("charts/eden");
-    let eden = [("operator", "eden-operator"), ("sidecar", "eden-sidecar")]
-        .map(|(package, binary)| eden_e2e::workspace_binary(package, binary).unwrap());
-    build(&["--chart".as_ref(), chart.as_os_str()], &eden);
-    let mut archives: Vec<PathBuf> = ["eden-operator", "eden-sidecar"]
-        .into_iter()
-        .map(|binary| {
-            let archive = out.join(format!("{binary}-0.1.0.oci.tar"));
-            assert_holds_only_what_it_needs(&archive, binary);
-            archive
-        })
-        .collect();
-    let writer = [eden_e2e::workspace_binary("e2e", "eden-writer").unwrap()];
-    let printed = build(&["--name".as_ref(), WRITER_IMAGE.as_ref()], &writer);
-    archives.push(PathBuf::from(printed.split_whitespace().next().unwrap()));
-    archives
 }
 
 /// The image runs as user 65532, which its passwd names, and holds the binary, the libraries it
@@ -211,7 +122,7 @@ fn patch(node: &Node, namespace: &str, spec: &str) {
     node.run_kubectl(&["patch", "-n", namespace, "migration/cache", "--type=merge", "-p", &patch]).unwrap();
 }
 
-/// Waits until every application pod's sidecar has applied the strategy the operator pushed
+/// Waits until every sidecar and the gateway have applied the strategy the operator pushed
 /// last, which `settled` accepts (the ConfigMap's `eden.yaml`).
 fn wait_applied(node: &Node, namespace: &str, what: &str, settled: impl Fn(&str) -> bool) {
     let generation = eventually(what, PATIENCE, || {
@@ -224,7 +135,7 @@ fn wait_applied(node: &Node, namespace: &str, what: &str, settled: impl Fn(&str)
     .unwrap();
     wait_for(node, namespace, &format!("{what}, applied by every sidecar"), |m| {
         let sidecars = m.status.as_ref().and_then(|s| s.sidecars.as_ref());
-        sidecars.is_some_and(|s| s.configured_generation >= generation && s.acknowledged == APPS.len() as i32)
+        sidecars.is_some_and(|s| s.configured_generation >= generation && s.acknowledged == PROXIES)
     });
 }
 
@@ -239,27 +150,21 @@ fn pod_ip(node: &Node, namespace: &str, name: &str) -> String {
     json(node, &["get", "-n", namespace, "pod", name])["status"]["podIP"].as_str().unwrap().to_string()
 }
 
-/// Stops the writer of pod `name` and returns what its clients were told.
-fn stop_writer(node: &Node, namespace: &str, name: &str) -> Acknowledged {
-    node.run_kubectl(&["exec", "-n", namespace, name, "-c", "app", "--", "eden-writer", "stop"]).unwrap();
-    eventually(&format!("{name}'s writer to stop"), Duration::from_secs(60), || {
-        let log = node.run_kubectl(&["logs", "-n", namespace, name, "-c", "app"]).unwrap();
-        log.lines().find_map(|line| serde_json::from_str(line.strip_prefix("acknowledged ")?).ok())
-    })
-    .unwrap()
-}
-
 #[tokio::test]
 async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pods_through_faults() {
     // The images are packed while the node comes up.
     let out = tempfile::tempdir().unwrap();
     let packing = std::thread::spawn({
         let out = out.path().to_path_buf();
-        move || pack_images(&out)
+        move || shop::pack_images(&out).unwrap()
     });
     let node = Node::shared();
-    for archive in packing.join().unwrap() {
-        node.import_image(&archive).unwrap();
+    let archives = packing.join().unwrap();
+    for (archive, binary) in archives.iter().zip(["eden-operator", "eden-sidecar"]) {
+        assert_holds_only_what_it_needs(archive, binary);
+    }
+    for archive in &archives {
+        node.import_image(archive).unwrap();
     }
     let system = node.restricted_namespace("eden-system").await.unwrap();
     let apps = node.restricted_namespace("shop").await.unwrap();
@@ -277,7 +182,7 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
     })
     .unwrap();
 
-    node.apply_manifest(&apps, &format!("{}---\n{}", redis("redis-source"), redis("redis-target"))).unwrap();
+    node.apply_manifest(&apps, &shop::redis_servers()).unwrap();
     node.run_kubectl(&[
         "wait",
         "-n",
@@ -288,18 +193,13 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
         "--timeout=120s",
     ])
     .unwrap();
-    // Lists, which the copy writes one by one (strings would go many to a command), so it
-    // keeps to its pace.
-    let preload = "for i = 1, ARGV[1] do redis.call('rpush', 'list:' .. i, i) end";
-    redis_cli(node, &apps, "redis-source", &["eval", preload, "0", &PRELOADED.to_string()]);
+    shop::preload(node, &apps, PRELOADED).unwrap();
 
     // The application's pods write from the moment their sidecars have a strategy, through the
     // copy and everything after.
-    node.apply_manifest(&apps, &endpoints_and_migration(&apps)).unwrap();
-    let annotations = "eden.io/inject: \"true\", eden.io/migration: cache";
+    node.apply_manifest(&apps, &shop::endpoints_and_migration(&apps)).unwrap();
     for name in APPS {
-        let command = format!("[eden-writer, {name}]");
-        node.apply_manifest(&apps, &pod(name, WRITER_IMAGE, annotations, &command)).unwrap();
+        node.apply_manifest(&apps, &shop::writer(name, INJECT, None)).unwrap();
     }
 
     // The leading replica's pod is deleted mid-copy: the other takes the Lease over and resumes
@@ -314,9 +214,9 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
         Some(leader(node, &system)).filter(|holder| !holder.is_empty() && *holder != deleted)
     })
     .unwrap();
+    // Ready only once verified (a difference a live write made is checked again alone).
     let ready = wait_phase(node, &apps, Phase::Ready);
     let verified = ready.status.unwrap().last_verification.unwrap();
-    assert!(verified.checked >= PRELOADED as i64, "{verified:?}");
     assert_eq!((verified.missing, verified.extra, verified.mismatched), (0, 0, 0), "{verified:?}");
     let events = json(node, &["get", "events", "-n", &apps, "--field-selector", "reason=ReplicationStarted"]);
     let resumed = events["items"].as_array().unwrap().iter().any(|event| event["action"] == "Resume");
@@ -343,7 +243,14 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
         "the sidecar started at {sidecar_started}, the application at {app_started}"
     );
 
-    // The read canary, in two steps, each applied by every sidecar; the target serves reads.
+    // The gateway's Service, by its DNS name, for a pod that has no sidecar.
+    node.run_kubectl(&["-n", &apps, "rollout", "status", "deployment/eden-cache-gateway", "--timeout=180s"]).unwrap();
+    let gateway = format!("eden-cache.{apps}.svc.cluster.local:6379");
+    node.apply_manifest(&apps, &shop::writer(GATEWAY_APP, "", Some(&gateway))).unwrap();
+    let pod_name = format!("pod/{GATEWAY_APP}");
+    node.run_kubectl(&["wait", "-n", &apps, "--for=condition=Ready", &pod_name, "--timeout=180s"]).unwrap();
+
+    // The read canary, in two steps, each applied by every proxy; the target serves reads.
     for percent in [25, 50] {
         patch(node, &apps, &format!("{{\"strategy\":{{\"readPercentage\":{percent}}}}}"));
         let line = format!("read_percentage: {percent}");
@@ -394,8 +301,10 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
     // no read went back in time; only the killed sidecar's clients had to connect again.
     let target = redis::Client::open(format!("redis://{}:6379", pod_ip(node, &apps, "redis-target"))).unwrap();
     let mut target = target.get_multiplexed_async_connection().await.unwrap();
-    for name in APPS {
-        let acknowledged = stop_writer(node, &apps, name);
+    let preloaded = shop::preloaded_on(&mut target, PRELOADED).await.unwrap();
+    assert_eq!(preloaded, PRELOADED, "the lists on the source before the copy, on the target");
+    for name in APPS.into_iter().chain([GATEWAY_APP]) {
+        let acknowledged = shop::stop_writer(node, &apps, name).unwrap();
         acknowledged.assert_exact_on(name, &mut target).await;
         assert_eq!(acknowledged.refused, 0, "{name}: a sidecar in touch only ever held writes");
         assert_eq!(acknowledged.reconnects > 0, name == APPS[1], "{name}: {} reconnects", acknowledged.reconnects);
@@ -415,7 +324,7 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
     let unrelated = node.restricted_namespace("unrelated").await.unwrap();
     let sleeper = r#"[busybox, sleep, 1d]"#;
     node.apply_manifest(&unrelated, &pod("plain", TOOLS_IMAGE, "", sleeper)).unwrap();
-    let refused = node.apply_manifest(&unrelated, &pod("asks", TOOLS_IMAGE, annotations, sleeper)).unwrap_err();
+    let refused = node.apply_manifest(&unrelated, &pod("asks", TOOLS_IMAGE, INJECT, sleeper)).unwrap_err();
     assert!(refused.to_string().contains("failed calling webhook \"inject.eden.io\""), "{refused}");
 
     // The webhook configuration belongs to the release.

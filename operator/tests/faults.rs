@@ -71,7 +71,7 @@ impl SidecarProcess {
 
     /// A client of this sidecar.
     fn client(&self) -> Client {
-        Client { port: self.port, restarts: false }
+        Client { address: format!("127.0.0.1:{}", self.port), restarts: false }
     }
 }
 

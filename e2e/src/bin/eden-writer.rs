@@ -1,11 +1,11 @@
 //! `eden-writer`: the application of the node's tests, run inside an application pod whose
-//! injected sidecar listens on `127.0.0.1:6379`. `eden-writer NAME` writes and reads through
-//! it as [`eden_e2e::writers`] describes until it receives SIGTERM, then prints `acknowledged`
-//! and what its clients were told as JSON on one line, and waits for the pod to go.
-//! `eden-writer stop`, run in the same container (`kubectl exec`), sends that SIGTERM to the
-//! writer, which is the container's first process.
+//! injected sidecar listens on `127.0.0.1:6379`. `eden-writer NAME [HOST:PORT]` writes and reads
+//! through it (or through a gateway at `HOST:PORT`) as [`eden_e2e::writers`] describes until it
+//! receives SIGTERM, then prints `acknowledged` and what its clients were told as JSON on one
+//! line, and waits for the pod to go. `eden-writer stop`, run in the same container (`kubectl
+//! exec`), sends that SIGTERM to the writer, which is the container's first process.
 //!
-//! Its clients reconnect when the sidecar drops them (a killed sidecar container that the
+//! Its clients reconnect when the proxy drops them (a killed sidecar container that the
 //! kubelet restarts); the test tells which writers may count reconnects.
 
 use std::process::ExitCode;
@@ -28,14 +28,15 @@ async fn main() -> ExitCode {
         }
         Some(name) => name,
         None => {
-            eprintln!("usage: eden-writer NAME | eden-writer stop");
+            eprintln!("usage: eden-writer NAME [HOST:PORT] | eden-writer stop");
             return ExitCode::from(2);
         }
     };
     let mut terminate = signal(SignalKind::terminate()).expect("a SIGTERM handler");
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let writer =
-        tokio::spawn(async move { write_and_read_until(Client { port: 6379, restarts: true }, &name, stopped).await });
+    let address = std::env::args().nth(2).unwrap_or_else(|| "127.0.0.1:6379".into());
+    let client = Client { address, restarts: true };
+    let writer = tokio::spawn(async move { write_and_read_until(client, &name, stopped).await });
     terminate.recv().await;
     stop.send_replace(true);
     let acknowledged = writer.await.expect("the writer does not panic");
