@@ -14,10 +14,11 @@ export CARGO_INCREMENTAL ?= 0
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help deps control-plane helm coredns crds check-crds lint test demo bench images
+.PHONY: help deps control-plane helm coredns crds check-crds lint test demo demo-node bench images
 
 help:
 	@echo "make demo   run Eden end to end on a local control plane and two redis-servers"
+	@echo "make demo-node  the same on a real node, to watch real pods (root; installed with Helm)"
 	@echo "make test   the whole suite: format, lint, CRDs up to date, unit and end-to-end tests"
 	@echo "make bench  benchmarks; results go to BENCHMARKS.md"
 	@echo "make crds   regenerate crds/ from the Rust types"
@@ -87,6 +88,13 @@ test: deps control-plane helm coredns lint check-crds
 demo: deps control-plane
 	cargo build -q --bins -p eden-operator -p eden-sidecar -p eden-e2e
 	"$(CARGO_TARGET_DIR)/debug/eden-demo"
+
+# The walkthrough on a real node (e2e/src/node.rs; root), for watching real pods: this build's
+# images installed with Helm, a migration under writing application pods; the node stays up
+# until Enter when run from a terminal.
+demo-node: deps control-plane helm coredns
+	cargo build -q --bins -p eden-operator -p eden-sidecar -p eden-e2e
+	"$(CARGO_TARGET_DIR)/debug/eden-demo-node"
 
 # Five benchmarks in turn, each writing its own section of BENCHMARKS.md (helpers in bench/common.py):
 #   bench/proxy.py        the sidecar against direct Redis, HAProxy and twemproxy (installs haproxy

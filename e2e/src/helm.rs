@@ -40,8 +40,24 @@ impl Helm {
     /// `helm install eden charts/eden` in `namespace` of the cluster `kubeconfig` names, with one
     /// `--set` for each of `values`: a release Helm records, and `helm uninstall` removes.
     pub fn install_eden(&self, kubeconfig: &Path, namespace: &str, values: &[&str]) -> Result<String, FixtureError> {
+        self.release(&["install"], kubeconfig, namespace, values)
+    }
+
+    /// `helm upgrade eden charts/eden` of the release in `namespace`, keeping its values but for
+    /// `values`.
+    pub fn upgrade_eden(&self, kubeconfig: &Path, namespace: &str, values: &[&str]) -> Result<String, FixtureError> {
+        self.release(&["upgrade", "--reuse-values"], kubeconfig, namespace, values)
+    }
+
+    fn release(
+        &self,
+        verb: &[&str],
+        kubeconfig: &Path,
+        namespace: &str,
+        values: &[&str],
+    ) -> Result<String, FixtureError> {
         let mut command = self.command();
-        command.args(["install", "eden"]).arg(crate::repo_root().join("charts/eden"));
+        command.args(verb).arg("eden").arg(crate::repo_root().join("charts/eden"));
         command.args(["--namespace", namespace]).arg("--kubeconfig").arg(kubeconfig);
         for value in values {
             command.args(["--set", value]);

@@ -12,7 +12,9 @@ mod helm;
 pub mod node;
 mod redis;
 mod relay;
+pub mod shop;
 mod tls;
+pub mod writers;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -81,9 +83,11 @@ pub fn free_port() -> Result<u16, FixtureError> {
 /// is not asked for: cargo's plain build resolves dev-dependency features differently from a
 /// test build, and would rebuild (and replace) the binary the test build made.
 pub fn workspace_binary(package_dir: &str, name: &str) -> Result<PathBuf, FixtureError> {
-    // A test runs from `<target>/<profile>/deps`; binaries sit one level up.
+    // A test runs from `<target>/<profile>/deps`, a binary from `<target>/<profile>`, where
+    // binaries sit.
     let exe = std::env::current_exe()?;
-    let profile = exe.parent().and_then(|deps| deps.parent()).ok_or_else(|| FixtureError::NotReady {
+    let dir = exe.parent().filter(|dir| !dir.ends_with("deps")).or_else(|| exe.parent()?.parent());
+    let profile = dir.ok_or_else(|| FixtureError::NotReady {
         what: name.into(),
         detail: format!("{} is not in a cargo target directory", exe.display()),
     })?;

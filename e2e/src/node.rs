@@ -118,6 +118,16 @@ impl Node {
     pub fn import_image(&self, archive: &Path) -> Result<(), FixtureError> {
         import_image(&self.socket, archive)
     }
+
+    /// Kills a container with SIGKILL through containerd, as a crash would: `id` is the
+    /// `containerID` a pod's status gives (`containerd://<id>`). Its pod's restart policy decides
+    /// what the kubelet does next.
+    pub fn kill_container(&self, id: &str) -> Result<(), FixtureError> {
+        let id = id.strip_prefix("containerd://").unwrap_or(id);
+        let mut command = Command::new("ctr");
+        command.arg("--address").arg(&self.socket).args(["-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", id]);
+        crate::stdout_of(&mut command, None).map(drop)
+    }
 }
 
 impl std::ops::Deref for Node {

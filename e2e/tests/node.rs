@@ -1,117 +1,44 @@
 //! Eden as users run it, on a real node (`eden_e2e::Node`): the project's images, packed from
-//! this build and imported into containerd, installed with `helm install`; the operator in a pod
-//! with its ServiceAccount token, its webhook called through its Service, the sidecar injected
-//! as a native sidecar the kubelet starts before the application, and a Migration between two
-//! Redis pods driven through cutover by the operator while the application writes through
-//! `127.0.0.1`. Every namespace enforces the `restricted` Pod Security Standard.
+//! this build and imported into containerd, installed with `helm install`; the operator in two
+//! pods with their ServiceAccount's token, its webhook called through its Service, the sidecar
+//! injected as a native sidecar the kubelet starts before the application, and a Migration
+//! between two Redis pods driven through its whole journey (copy, read canary, cutover,
+//! rollback, cutover, complete) while the application's pods write through `127.0.0.1` (and one
+//! without a sidecar through the Migration's gateway, by its Service's DNS name), with
+//! the faults users meet on the way: the leading operator pod deleted mid-copy, a sidecar
+//! container killed, the operator rolled by `helm upgrade`. The writers are the fault suite's
+//! ([`eden_e2e::writers`]), so the end is checked the same way: every write a client saw
+//! acknowledged, on the server authoritative at the end, exactly once. Every namespace enforces
+//! the `restricted` Pod Security Standard.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use eden_e2e::node::TOOLS_IMAGE;
+use eden_e2e::shop::{self, INJECT, pod};
+use eden_e2e::writers::target_reads;
 use eden_e2e::{Helm, Node, eventually};
+use eden_operator::crd::{Migration, Phase};
 use serde_json::Value;
 
-/// The application: numbered writes (`RPUSH writes <n>`) through the sidecar on 127.0.0.1 until
-/// the key `stop` is set, each checked against the list's length in the reply, so a write lost,
-/// applied twice or served from a server behind shows at once. Then it says how many it wrote.
-const WRITER: &str = r#"i=0
-while [ "$(redis-cli get stop)" != 1 ]; do
-  i=$((i+1))
-  reply=$(redis-cli rpush writes $i)
-  if [ "$reply" != "$i" ]; then echo "write $i answered '$reply'"; exit 1; fi
-  busybox sleep 0.05
-done
-echo "wrote $i"
-exec busybox sleep 1d"#;
-
-/// A restricted pod's security settings (the injected sidecar brings its own for its container).
-const POD_SECURITY: &str =
-    "securityContext: {runAsNonRoot: true, runAsUser: 65532, seccompProfile: {type: RuntimeDefault}}";
-const CONTAINER_SECURITY: &str = "securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}";
-
-/// A pod of the tools image running `command` (a YAML flow sequence), with `annotations` (the
-/// inside of a YAML flow mapping).
-fn pod(name: &str, annotations: &str, command: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, labels: {{app: {name}}}, annotations: {{{annotations}}}}}
-spec:
-  terminationGracePeriodSeconds: 1
-  {POD_SECURITY}
-  containers:
-  - name: app
-    image: {TOOLS_IMAGE}
-    imagePullPolicy: Never
-    command: {command}
-    {CONTAINER_SECURITY}
-"
-    )
-}
-
-/// A Redis server in a pod, behind a Service of the same name.
-fn redis(name: &str) -> String {
-    let server = pod(name, "", r#"[redis-server, --save, "", --protected-mode, "no", --dir, /tmp]"#);
-    format!(
-        "{server}---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{selector: {{app: {name}}}, ports: [{{port: 6379}}]}}\n"
-    )
-}
-
-fn endpoints_and_migration(namespace: &str) -> String {
-    let endpoint = |name: &str| {
-        format!(
-            "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: {name}}}\n\
-             spec: {{uri: \"redis://redis-{name}.{namespace}.svc.cluster.local:6379\"}}\n---\n"
-        )
-    };
-    format!(
-        "{}{}apiVersion: eden.io/v1alpha1
-kind: Migration
-metadata: {{name: cache}}
-spec:
-  source: {{endpointRef: {{name: source}}}}
-  target: {{endpointRef: {{name: target}}}}
-  strategy:
-    readPercentage: 0
-    writeMode: {{mode: dualWrite, policy: oldAuthoritative}}
-  data: {{type: sync}}
-",
-        endpoint("source"),
-        endpoint("target")
-    )
-}
+/// The application's pods; the sidecar of the second is killed on the way.
+const APPS: [&str; 2] = ["app-0", "app-1"];
+/// A pod of the application without a sidecar, which reaches the Migration's gateway through
+/// its Service's DNS name.
+const GATEWAY_APP: &str = "gateway-app";
+/// Proxies that follow the strategy: the two injected sidecars and the gateway's one replica.
+const PROXIES: i32 = 3;
+/// Lists on the source before the copy: at its pace, about 10 s to copy, long enough to
+/// delete the leading operator pod in the middle of it.
+const PRELOADED: u64 = 20_000;
+/// The sidecar's admin port (`eden_operator::proxy::ADMIN_PORT`), where its metrics are.
+const SIDECAR_ADMIN_PORT: u16 = 9090;
+const PATIENCE: Duration = Duration::from_secs(180);
 
 fn json(node: &Node, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
     serde_json::from_str(&node.run_kubectl(&all).unwrap()).unwrap()
-}
-
-/// `redis-cli` in pod `pod` (its first container; in the application's pod, through the sidecar).
-fn redis_cli(node: &Node, namespace: &str, pod: &str, args: &[&str]) -> String {
-    let mut all = vec!["exec", "-n", namespace, pod, "--", "redis-cli"];
-    all.extend_from_slice(args);
-    node.run_kubectl(&all).unwrap().trim().to_string()
-}
-
-/// This build's `eden-operator` and `eden-sidecar` packed as `make images` does (named as the
-/// chart's default values name them), in `out`, each checked to hold only what it needs.
-fn pack_eden_images(out: &Path) -> Vec<PathBuf> {
-    let mut command = std::process::Command::new("python3");
-    command.arg(eden_e2e::repo_root().join("images/build.py")).arg("--out").arg(out);
-    command.arg("--chart").arg(eden_e2e::repo_root().join("charts/eden"));
-    for (package, binary) in [("operator", "eden-operator"), ("sidecar", "eden-sidecar")] {
-        command.arg(eden_e2e::workspace_binary(package, binary).unwrap());
-    }
-    let output = command.output().unwrap();
-    assert!(output.status.success(), "images/build.py: {}", String::from_utf8_lossy(&output.stderr));
-    let archives = ["eden-operator", "eden-sidecar"].map(|binary| {
-        let archive = out.join(format!("{binary}-0.1.0.oci.tar"));
-        assert_holds_only_what_it_needs(&archive, binary);
-        archive
-    });
-    archives.into()
 }
 
 /// The image runs as user 65532, which its passwd names, and holds the binary, the libraries it
@@ -175,26 +102,78 @@ impl Drop for ShowOnFailure<'_> {
     }
 }
 
+fn migration(node: &Node, namespace: &str) -> Migration {
+    serde_json::from_value(json(node, &["get", "-n", namespace, "migration/cache"])).unwrap()
+}
+
+/// Waits until the Migration satisfies `done`, and returns it.
+fn wait_for(node: &Node, namespace: &str, what: &str, done: impl Fn(&Migration) -> bool) -> Migration {
+    eventually(what, PATIENCE, || Some(migration(node, namespace)).filter(&done))
+        .unwrap_or_else(|err| panic!("{err}: {:#?}", migration(node, namespace).status))
+}
+
+fn wait_phase(node: &Node, namespace: &str, phase: Phase) -> Migration {
+    wait_for(node, namespace, &format!("phase {phase:?}"), |m| m.status.as_ref().and_then(|s| s.phase) == Some(phase))
+}
+
+/// Merge-patches the Migration's spec with `spec` (JSON).
+fn patch(node: &Node, namespace: &str, spec: &str) {
+    let patch = format!("{{\"spec\":{spec}}}");
+    node.run_kubectl(&["patch", "-n", namespace, "migration/cache", "--type=merge", "-p", &patch]).unwrap();
+}
+
+/// Waits until every sidecar and the gateway have applied the strategy the operator pushed
+/// last, which `settled` accepts (the ConfigMap's `eden.yaml`).
+fn wait_applied(node: &Node, namespace: &str, what: &str, settled: impl Fn(&str) -> bool) {
+    let generation = eventually(what, PATIENCE, || {
+        let payload = node
+            .run_kubectl(&["get", "-n", namespace, "configmap/eden-cache", "-o", "jsonpath={.data.eden\\.yaml}"])
+            .unwrap();
+        let generation = payload.lines().find_map(|line| line.strip_prefix("generation: ")?.parse::<i64>().ok());
+        generation.filter(|_| settled(&payload))
+    })
+    .unwrap();
+    wait_for(node, namespace, &format!("{what}, applied by every sidecar"), |m| {
+        let sidecars = m.status.as_ref().and_then(|s| s.sidecars.as_ref());
+        sidecars.is_some_and(|s| s.configured_generation >= generation && s.acknowledged == PROXIES)
+    });
+}
+
+/// The holder of the operator's leader-election Lease.
+fn leader(node: &Node, system: &str) -> String {
+    node.run_kubectl(&["get", "-n", system, "lease/eden-operator-leader", "-o", "jsonpath={.spec.holderIdentity}"])
+        .unwrap()
+}
+
+/// The IP address of pod `name`.
+fn pod_ip(node: &Node, namespace: &str, name: &str) -> String {
+    json(node, &["get", "-n", namespace, "pod", name])["status"]["podIP"].as_str().unwrap().to_string()
+}
+
 #[tokio::test]
-async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_writes_through_cutover() {
+async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pods_through_faults() {
     // The images are packed while the node comes up.
     let out = tempfile::tempdir().unwrap();
     let packing = std::thread::spawn({
         let out = out.path().to_path_buf();
-        move || pack_eden_images(&out)
+        move || shop::pack_images(&out).unwrap()
     });
     let node = Node::shared();
-    for archive in packing.join().unwrap() {
-        node.import_image(&archive).unwrap();
+    let archives = packing.join().unwrap();
+    for (archive, binary) in archives.iter().zip(["eden-operator", "eden-sidecar"]) {
+        assert_holds_only_what_it_needs(archive, binary);
+    }
+    for archive in &archives {
+        node.import_image(archive).unwrap();
     }
     let system = node.restricted_namespace("eden-system").await.unwrap();
     let apps = node.restricted_namespace("shop").await.unwrap();
     let _show = ShowOnFailure { node, system: &system, apps: &apps };
 
-    // The operator in a pod, with its ServiceAccount's token; opted-in pods are refused while
-    // no replica answers.
+    // The operator in two pods (the chart's default), with their ServiceAccount's token;
+    // opted-in pods are refused while no replica answers.
     let helm = Helm::find().unwrap();
-    let values = ["operator.replicas=1", "webhook.failurePolicy=fail", &format!("sidecarNamespaces={{{apps}}}")];
+    let values = ["webhook.failurePolicy=fail", &format!("sidecarNamespaces={{{apps}}}")];
     helm.install_eden(node.kubeconfig(), &system, &values).unwrap();
     node.run_kubectl(&["-n", &system, "rollout", "status", "deployment/eden-operator", "--timeout=180s"]).unwrap();
     eventually("the webhook's caBundle", Duration::from_secs(60), || {
@@ -203,7 +182,7 @@ async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_write
     })
     .unwrap();
 
-    node.apply_manifest(&apps, &format!("{}---\n{}", redis("redis-source"), redis("redis-target"))).unwrap();
+    node.apply_manifest(&apps, &shop::redis_servers()).unwrap();
     node.run_kubectl(&[
         "wait",
         "-n",
@@ -214,15 +193,42 @@ async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_write
         "--timeout=120s",
     ])
     .unwrap();
-    node.apply_manifest(&apps, &endpoints_and_migration(&apps)).unwrap();
-    let annotations = "eden.io/inject: \"true\", eden.io/migration: cache";
-    let writer = serde_json::to_string(&["busybox", "sh", "-c", WRITER]).unwrap();
-    node.apply_manifest(&apps, &pod("shop-api", annotations, &writer)).unwrap();
-    node.run_kubectl(&["wait", "-n", &apps, "--for=condition=Ready", "pod/shop-api", "--timeout=180s"]).unwrap();
+    shop::preload(node, &apps, PRELOADED).unwrap();
 
-    // The webhook made the sidecar a native one, and the kubelet started the application only
+    // The application's pods write from the moment their sidecars have a strategy, through the
+    // copy and everything after.
+    node.apply_manifest(&apps, &shop::endpoints_and_migration(&apps)).unwrap();
+    for name in APPS {
+        node.apply_manifest(&apps, &shop::writer(name, INJECT, None)).unwrap();
+    }
+
+    // The leading replica's pod is deleted mid-copy: the other takes the Lease over and resumes
+    // the copy from the checkpoint in the Migration's status.
+    wait_for(node, &apps, "the copy under way", |m| {
+        let progress = m.status.as_ref().and_then(|s| s.progress.as_ref());
+        progress.is_some_and(|p| p.keys_copied > 0 && p.keys_copied < p.keys_total)
+    });
+    let deleted = leader(node, &system);
+    node.run_kubectl(&["delete", "-n", &system, "pod", &deleted, "--wait=false"]).unwrap();
+    let successor = eventually("another leader", Duration::from_secs(60), || {
+        Some(leader(node, &system)).filter(|holder| !holder.is_empty() && *holder != deleted)
+    })
+    .unwrap();
+    // Ready only once verified (a difference a live write made is checked again alone).
+    let ready = wait_phase(node, &apps, Phase::Ready);
+    let verified = ready.status.unwrap().last_verification.unwrap();
+    assert_eq!((verified.missing, verified.extra, verified.mismatched), (0, 0, 0), "{verified:?}");
+    let events = json(node, &["get", "events", "-n", &apps, "--field-selector", "reason=ReplicationStarted"]);
+    let resumed = events["items"].as_array().unwrap().iter().any(|event| event["action"] == "Resume");
+    assert!(resumed, "{successor} did not resume from the checkpoint: {events:#}");
+
+    // The webhook made each sidecar a native one, and the kubelet started the application only
     // once its startup probe passed.
-    let app = json(node, &["get", "-n", &apps, "pod/shop-api"]);
+    let pods: Vec<String> = APPS.iter().map(|name| format!("pod/{name}")).collect();
+    let mut wait = vec!["wait", "-n", &apps, "--for=condition=Ready", "--timeout=180s"];
+    wait.extend(pods.iter().map(String::as_str));
+    node.run_kubectl(&wait).unwrap();
+    let app = json(node, &["get", "-n", &apps, "pod", APPS[0]]);
     let sidecar = &app["spec"]["initContainers"][0];
     assert_eq!(sidecar["name"], "eden-sidecar", "{app:#}");
     assert_eq!(sidecar["restartPolicy"], "Always");
@@ -237,31 +243,73 @@ async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_write
         "the sidecar started at {sidecar_started}, the application at {app_started}"
     );
 
-    // The operator copies the data and, once the target is in sync, cuts over while the
-    // application writes.
-    let phase = |phase: &str| format!("--for=jsonpath={{.status.phase}}={phase}");
-    node.run_kubectl(&["wait", "-n", &apps, "migration/cache", &phase("Ready"), "--timeout=180s"]).unwrap();
-    let before_cutover: u64 = redis_cli(node, &apps, "redis-source", &["llen", "writes"]).parse().unwrap();
-    assert!(before_cutover > 0, "the application writes through its sidecar");
-    let cutover = r#"{"spec":{"strategy":{"writeMode":{"mode":"dualWrite","policy":"newAuthoritative"}}}}"#;
-    node.run_kubectl(&["patch", "-n", &apps, "migration/cache", "--type=merge", "-p", cutover]).unwrap();
-    node.run_kubectl(&["wait", "-n", &apps, "migration/cache", &phase("CutOver"), "--timeout=120s"]).unwrap();
-    eventually("writes on the target after cutover", Duration::from_secs(60), || {
-        let on_target: u64 = redis_cli(node, &apps, "redis-target", &["llen", "writes"]).parse().unwrap();
-        (on_target > before_cutover + 20).then_some(())
+    // The gateway's Service, by its DNS name, for a pod that has no sidecar.
+    node.run_kubectl(&["-n", &apps, "rollout", "status", "deployment/eden-cache-gateway", "--timeout=180s"]).unwrap();
+    let gateway = format!("eden-cache.{apps}.svc.cluster.local:6379");
+    node.apply_manifest(&apps, &shop::writer(GATEWAY_APP, "", Some(&gateway))).unwrap();
+    let pod_name = format!("pod/{GATEWAY_APP}");
+    node.run_kubectl(&["wait", "-n", &apps, "--for=condition=Ready", &pod_name, "--timeout=180s"]).unwrap();
+
+    // The read canary, in two steps, each applied by every proxy; the target serves reads.
+    for percent in [25, 50] {
+        patch(node, &apps, &format!("{{\"strategy\":{{\"readPercentage\":{percent}}}}}"));
+        let line = format!("read_percentage: {percent}");
+        wait_applied(node, &apps, &format!("reads {percent}% on the target"), |payload| payload.contains(&line));
+    }
+    let admins: Vec<String> =
+        APPS.iter().map(|name| format!("{}:{SIDECAR_ADMIN_PORT}", pod_ip(node, &apps, name))).collect();
+    eventually("reads served by the target", Duration::from_secs(60), || {
+        (admins.iter().map(|admin| target_reads(admin.as_str())).sum::<u64>() > 0).then_some(())
     })
     .unwrap();
-    redis_cli(node, &apps, "shop-api", &["set", "stop", "1"]);
-    let wrote = eventually("the application to stop", Duration::from_secs(30), || {
-        let log = node.run_kubectl(&["logs", "-n", &apps, "shop-api", "-c", "app"]).unwrap();
-        assert!(!log.contains("answered"), "{log}");
-        log.lines().find_map(|line| line.strip_prefix("wrote ")?.parse::<u64>().ok())
+
+    // A sidecar container killed: the kubelet starts it again, and its application's clients
+    // connect again.
+    let killed = json(node, &["get", "-n", &apps, "pod", APPS[1]]);
+    node.kill_container(killed["status"]["initContainerStatuses"][0]["containerID"].as_str().unwrap()).unwrap();
+    eventually("the killed sidecar started again", Duration::from_secs(60), || {
+        let status = json(node, &["get", "-n", &apps, "pod", APPS[1]])["status"]["initContainerStatuses"][0].clone();
+        (status["restartCount"].as_u64() >= Some(1) && status["ready"] == true).then_some(())
     })
     .unwrap();
-    let expected: Vec<String> = (1..=wrote).map(|n| n.to_string()).collect();
-    for server in ["redis-target", "redis-source"] {
-        let list = redis_cli(node, &apps, server, &["lrange", "writes", "0", "-1"]);
-        assert_eq!(list.lines().collect::<Vec<_>>(), expected, "every write, once, in order, on {server}");
+
+    // Cutover, rollback, the operator rolled by `helm upgrade` (a value changed), cutover again
+    // under the new pods, complete.
+    let cutover = r#"{"strategy":{"writeMode":{"mode":"dualWrite","policy":"newAuthoritative"}}}"#;
+    patch(node, &apps, cutover);
+    wait_phase(node, &apps, Phase::CutOver);
+    patch(
+        node,
+        &apps,
+        r#"{"strategy":{"readPercentage":0,"writeMode":{"mode":"dualWrite","policy":"oldAuthoritative"}}}"#,
+    );
+    wait_phase(node, &apps, Phase::RolledBack);
+    let before_upgrade = json(node, &["get", "-n", &system, "pods", "-o", "name"]);
+    helm.upgrade_eden(node.kubeconfig(), &system, &["operator.logFormat=text"]).unwrap();
+    node.run_kubectl(&["-n", &system, "rollout", "status", "deployment/eden-operator", "--timeout=180s"]).unwrap();
+    assert_ne!(
+        json(node, &["get", "-n", &system, "pods", "-o", "name"]),
+        before_upgrade,
+        "the upgrade rolled the operator"
+    );
+    patch(node, &apps, cutover);
+    wait_phase(node, &apps, Phase::CutOver);
+    patch(node, &apps, r#"{"complete":true}"#);
+    wait_phase(node, &apps, Phase::Completed);
+
+    // Every write each application's clients saw acknowledged is on the target, once, in order;
+    // no read went back in time; only the killed sidecar's clients had to connect again.
+    let target = redis::Client::open(format!("redis://{}:6379", pod_ip(node, &apps, "redis-target"))).unwrap();
+    let mut target = target.get_multiplexed_async_connection().await.unwrap();
+    let preloaded = shop::preloaded_on(&mut target, PRELOADED).await.unwrap();
+    assert_eq!(preloaded, PRELOADED, "the lists on the source before the copy, on the target");
+    for name in APPS.into_iter().chain([GATEWAY_APP]) {
+        let acknowledged = shop::stop_writer(node, &apps, name).unwrap();
+        acknowledged.assert_exact_on(name, &mut target).await;
+        assert_eq!(acknowledged.refused, 0, "{name}: a sidecar in touch only ever held writes");
+        assert_eq!(acknowledged.reconnects > 0, name == APPS[1], "{name}: {} reconnects", acknowledged.reconnects);
+        let app = json(node, &["get", "-n", &apps, "pod", name]);
+        assert_eq!(app["status"]["containerStatuses"][0]["restartCount"], 0, "{name}'s writer never failed");
     }
 
     // With failurePolicy fail and no operator replica answering, only the pods that opted in
@@ -275,8 +323,8 @@ async fn helm_installs_eden_whose_injected_sidecar_carries_an_applications_write
     .unwrap();
     let unrelated = node.restricted_namespace("unrelated").await.unwrap();
     let sleeper = r#"[busybox, sleep, 1d]"#;
-    node.apply_manifest(&unrelated, &pod("plain", "", sleeper)).unwrap();
-    let refused = node.apply_manifest(&unrelated, &pod("asks", annotations, sleeper)).unwrap_err();
+    node.apply_manifest(&unrelated, &pod("plain", TOOLS_IMAGE, "", sleeper)).unwrap();
+    let refused = node.apply_manifest(&unrelated, &pod("asks", TOOLS_IMAGE, INJECT, sleeper)).unwrap_err();
     assert!(refused.to_string().contains("failed calling webhook \"inject.eden.io\""), "{refused}");
 
     // The webhook configuration belongs to the release.

@@ -54,7 +54,7 @@ fn metadata(migration: &Migration, name: String) -> ObjectMeta {
 /// The proxy Deployment. `default_image` is the operator's `--sidecar-image`.
 pub fn deployment(migration: &Migration, gateway: &Gateway, upstreams: &Upstreams, default_image: &str) -> Deployment {
     let image = gateway.image.as_deref().unwrap_or(default_image);
-    let (mut container, volume) = proxy::container(migration, image, &format!("0.0.0.0:{}", gateway.port), upstreams);
+    let (mut container, volumes) = proxy::container(migration, image, &format!("0.0.0.0:{}", gateway.port), upstreams);
     let redis = ContainerPort { name: Some("redis".into()), container_port: gateway.port, ..Default::default() };
     container.ports.get_or_insert_with(Vec::new).insert(0, redis);
     Deployment {
@@ -74,7 +74,7 @@ pub fn deployment(migration: &Migration, gateway: &Gateway, upstreams: &Upstream
                         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         ..Default::default()
                     }),
-                    volumes: volume.map(|volume| vec![volume]),
+                    volumes: (!volumes.is_empty()).then_some(volumes),
                     ..Default::default()
                 }),
             },
@@ -105,7 +105,7 @@ pub fn service(migration: &Migration, gateway: &Gateway) -> Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::MigrationSpec;
+    use crate::crd::{EndpointSpec, MigrationSpec};
     use crate::migration::TARGET_CREDENTIALS_FILE;
     use crate::proxy::DEFAULT_IMAGE;
 
@@ -123,7 +123,16 @@ mod tests {
         (migration, gateway)
     }
 
-    const UPSTREAMS: Upstreams = Upstreams { source_uri: "redis://old:6379", target_secret: None };
+    fn endpoint(spec: serde_json::Value) -> EndpointSpec {
+        serde_json::from_value(spec).unwrap()
+    }
+
+    fn plain() -> (EndpointSpec, EndpointSpec) {
+        (
+            endpoint(serde_json::json!({"uri": "redis://old:6379"})),
+            endpoint(serde_json::json!({"uri": "redis://new:6379"})),
+        )
+    }
 
     fn pod(deployment: &Deployment) -> &PodSpec {
         deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
@@ -133,7 +142,9 @@ mod tests {
     fn an_empty_gateway_gets_two_replicas_on_6379_behind_eden_migration() {
         let (migration, gateway) = migration(serde_json::json!({}));
         assert_eq!((gateway.replicas, gateway.port, gateway.image.as_deref()), (2, 6379, None));
-        let deployment = deployment(&migration, &gateway, &UPSTREAMS, DEFAULT_IMAGE);
+        let (source, target) = plain();
+        let deployment =
+            deployment(&migration, &gateway, &Upstreams { source: &source, target: &target }, DEFAULT_IMAGE);
         assert_eq!(deployment.metadata.name.as_deref(), Some("eden-cache-gateway"));
         assert_eq!(deployment.spec.as_ref().unwrap().replicas, Some(2));
         let container = &pod(&deployment).containers[0];
@@ -153,7 +164,9 @@ mod tests {
     #[test]
     fn the_service_selects_exactly_the_gateway_pods_and_both_are_owned_by_the_migration() {
         let (migration, gateway) = migration(serde_json::json!({"serviceName": "redis", "port": 6380, "replicas": 3}));
-        let deployment = deployment(&migration, &gateway, &UPSTREAMS, DEFAULT_IMAGE);
+        let (source, target) = plain();
+        let deployment =
+            deployment(&migration, &gateway, &Upstreams { source: &source, target: &target }, DEFAULT_IMAGE);
         let service = service(&migration, &gateway);
         assert_eq!(service.metadata.name.as_deref(), Some("redis"));
         let pod_labels = deployment.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
@@ -176,7 +189,9 @@ mod tests {
     #[test]
     fn the_proxy_runs_locked_down_with_probes_on_the_admin_port() {
         let (migration, gateway) = migration(serde_json::json!({"image": "registry.local/eden-sidecar:dev"}));
-        let deployment = deployment(&migration, &gateway, &UPSTREAMS, DEFAULT_IMAGE);
+        let (source, target) = plain();
+        let deployment =
+            deployment(&migration, &gateway, &Upstreams { source: &source, target: &target }, DEFAULT_IMAGE);
         let pod = pod(&deployment);
         let container = &pod.containers[0];
         assert_eq!(container.image.as_deref(), Some("registry.local/eden-sidecar:dev"), "spec.gateway.image wins");
@@ -199,13 +214,79 @@ mod tests {
     #[test]
     fn the_target_secret_is_mounted_where_the_payload_points() {
         let (migration, gateway) = migration(serde_json::json!({}));
-        let upstreams = Upstreams { target_secret: Some("target-redis-credentials"), ..UPSTREAMS };
-        let deployment = deployment(&migration, &gateway, &upstreams, DEFAULT_IMAGE);
+        let (source, _) = plain();
+        let target = endpoint(
+            serde_json::json!({"uri": "redis://new:6379", "credentialsSecretRef": {"name": "target-redis-credentials"}}),
+        );
+        let deployment =
+            deployment(&migration, &gateway, &Upstreams { source: &source, target: &target }, DEFAULT_IMAGE);
         let pod = pod(&deployment);
         let volume = &pod.volumes.as_ref().unwrap()[0];
         assert_eq!(volume.secret.as_ref().unwrap().secret_name.as_deref(), Some("target-redis-credentials"));
         let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
         assert_eq!((mount.name.as_str(), mount.read_only), (volume.name.as_str(), Some(true)));
         assert_eq!(format!("{}/password", mount.mount_path), TARGET_CREDENTIALS_FILE);
+    }
+
+    /// Each server's own TLS reaches the proxy: its server name and its CA (mounted from its own
+    /// Secret, the key `ca.crt` only) as flags of that server; verification skipped only where
+    /// that Endpoint says so.
+    #[test]
+    fn each_servers_tls_settings_reach_the_proxy_as_its_own_flags_and_mounts() {
+        let (migration, gateway) = migration(serde_json::json!({}));
+        let source = endpoint(serde_json::json!({
+            "uri": "rediss://10.0.0.5:6380",
+            "tls": {"caSecretRef": {"name": "source-ca"}, "serverName": "old.redis.test"},
+        }));
+        let target = endpoint(serde_json::json!({
+            "uri": "rediss://new:6380",
+            "credentialsSecretRef": {"name": "target-redis-credentials"},
+            "tls": {"caSecretRef": {"name": "target-ca"}, "insecureSkipVerify": true},
+        }));
+        let deployment =
+            deployment(&migration, &gateway, &Upstreams { source: &source, target: &target }, DEFAULT_IMAGE);
+        let pod = pod(&deployment);
+        let args = pod.containers[0].args.as_ref().unwrap().join(" ");
+        assert!(
+            args.ends_with(
+                "--source-server-name old.redis.test --source-ca-file /var/run/eden/ca/source/ca.crt \
+                 --target-insecure-skip-verify --target-ca-file /var/run/eden/ca/target/ca.crt"
+            ),
+            "{args}"
+        );
+        let volumes: Vec<_> = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let secret = v.secret.as_ref().unwrap();
+                let items = secret.items.as_ref().map(|items| items.iter().map(|i| i.key.clone()).collect::<Vec<_>>());
+                (v.name.as_str(), secret.secret_name.as_deref().unwrap(), items)
+            })
+            .collect();
+        let ca = Some(vec!["ca.crt".to_string()]);
+        assert_eq!(
+            volumes,
+            [
+                ("eden-target-credentials", "target-redis-credentials", None),
+                ("eden-source-ca", "source-ca", ca.clone()),
+                ("eden-target-ca", "target-ca", ca),
+            ]
+        );
+        let mounts: Vec<_> = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str(), m.read_only))
+            .collect();
+        assert_eq!(
+            mounts[1..],
+            [
+                ("eden-source-ca", "/var/run/eden/ca/source", Some(true)),
+                ("eden-target-ca", "/var/run/eden/ca/target", Some(true)),
+            ]
+        );
     }
 }

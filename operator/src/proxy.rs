@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Probe,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, Probe,
     ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use crate::configmap;
-use crate::crd::Migration;
+use crate::crd::{EndpointSpec, Migration};
 use crate::migration::TARGET_CREDENTIALS_DIR;
 
 /// The image when neither the Migration nor the operator's `--sidecar-image` says otherwise:
@@ -27,33 +27,33 @@ const ADMIN_PORT_NAME: &str = "eden-admin";
 /// A numeric non-root user, so `runAsNonRoot` holds whatever user the image declares.
 pub const NON_ROOT: i64 = 65532;
 const CREDENTIALS_VOLUME: &str = "eden-target-credentials";
+/// Where each server's CA Secret (`tls.caSecretRef`, key `ca.crt`) is mounted.
+const CA_DIR: &str = "/var/run/eden/ca";
 
-/// What the proxy needs from outside the Migration.
+/// What the proxy needs from outside the Migration: the two Endpoints.
 pub struct Upstreams<'a> {
-    /// The source Endpoint's URI (no secret in it: clients' AUTH goes through to the source).
-    pub source_uri: &'a str,
-    /// The target Endpoint's credentials Secret, mounted where the payload's
-    /// `credentials_file` points.
-    pub target_secret: Option<&'a str>,
+    /// The source: its URI (no secret in it: clients' AUTH goes through to the source) and its
+    /// TLS settings.
+    pub source: &'a EndpointSpec,
+    /// The target: its TLS settings, and its credentials Secret, mounted where the payload's
+    /// `credentials_file` points (the payload names its URI).
+    pub target: &'a EndpointSpec,
 }
 
 /// The container serving RESP on `listen`, following `migration`'s ConfigMap and acknowledging
-/// it in a Lease named after its pod. With a target Secret, also the volume it mounts, which the
-/// pod must carry.
-pub fn container(
-    migration: &Migration,
-    image: &str,
-    listen: &str,
-    upstreams: &Upstreams,
-) -> (Container, Option<Volume>) {
+/// it in a Lease named after its pod, and the volumes it mounts, which the pod must carry: the
+/// target's credentials Secret and each server's CA Secret. Each server's TLS settings become
+/// flags of their own (`--source-server-name`, `--target-ca-file`...): a name and a path, never
+/// a secret, on the command line.
+pub fn container(migration: &Migration, image: &str, listen: &str, upstreams: &Upstreams) -> (Container, Vec<Volume>) {
     let namespace = migration.namespace().unwrap_or_default();
-    let args = [
+    let mut args: Vec<String> = [
         "--listen",
         listen,
         "--admin-listen",
         &format!("0.0.0.0:{ADMIN_PORT}"),
         "--source",
-        upstreams.source_uri,
+        &upstreams.source.uri,
         "--configmap",
         &configmap::name(migration),
         "--namespace",
@@ -62,7 +62,37 @@ pub fn container(
         "$(POD_NAME)",
         "--log-format",
         "json",
-    ];
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    let mut mount = |volume: Volume, path: String| {
+        mounts.push(VolumeMount {
+            name: volume.name.clone(),
+            mount_path: path,
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(volume);
+    };
+    if let Some(secret) = &upstreams.target.credentials_secret_ref {
+        mount(secret_volume(CREDENTIALS_VOLUME, &secret.name, None), TARGET_CREDENTIALS_DIR.into());
+    }
+    for (role, endpoint) in [("source", upstreams.source), ("target", upstreams.target)] {
+        let Some(tls) = &endpoint.tls else { continue };
+        if let Some(name) = &tls.server_name {
+            args.extend([format!("--{role}-server-name"), name.clone()]);
+        }
+        if tls.insecure_skip_verify {
+            args.push(format!("--{role}-insecure-skip-verify"));
+        }
+        if let Some(secret) = &tls.ca_secret_ref {
+            let dir = format!("{CA_DIR}/{role}");
+            args.extend([format!("--{role}-ca-file"), format!("{dir}/ca.crt")]);
+            mount(secret_volume(&format!("eden-{role}-ca"), &secret.name, Some("ca.crt")), dir);
+        }
+    }
     let probe = |path: &str, period_seconds: i32, failure_threshold: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -73,29 +103,10 @@ pub fn container(
         failure_threshold: Some(failure_threshold),
         ..Default::default()
     };
-    let volume = upstreams.target_secret.map(|secret| Volume {
-        name: CREDENTIALS_VOLUME.into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret.into()),
-            // Only this container mounts it, and it runs as its own user, whatever the pod's
-            // fsGroup.
-            default_mode: Some(0o444),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let mounts = volume.as_ref().map(|volume| {
-        vec![VolumeMount {
-            name: volume.name.clone(),
-            mount_path: TARGET_CREDENTIALS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]
-    });
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(image.into()),
-        args: Some(args.map(String::from).to_vec()),
+        args: Some(args),
         env: Some(vec![EnvVar {
             name: "POD_NAME".into(),
             value_from: Some(EnvVarSource {
@@ -136,8 +147,24 @@ pub fn container(
             seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
             ..Default::default()
         }),
-        volume_mounts: mounts,
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
         ..Default::default()
     };
-    (container, volume)
+    (container, volumes)
+}
+
+/// A volume of Secret `secret` (only its key `only`, when given).
+fn secret_volume(name: &str, secret: &str, only: Option<&str>) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            items: only.map(|key| vec![KeyToPath { key: key.into(), path: key.into(), ..Default::default() }]),
+            // Only this container mounts it, and it runs as its own user, whatever the pod's
+            // fsGroup.
+            default_mode: Some(0o444),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }

@@ -8,6 +8,7 @@ mod support;
 
 use std::time::Duration;
 
+use eden_e2e::writers::{Acknowledged, Client, write_and_read_until};
 use eden_e2e::{ControlPlane, RedisServer, Relay};
 use eden_operator::crd::Phase;
 use eden_sidecar::config::{EdenConfig, PAYLOAD_KEY, WritePolicy, WritesState};
@@ -63,49 +64,14 @@ impl SidecarProcess {
         self.child = self.command.spawn().unwrap();
     }
 
-    /// Reads the target has served for this sidecar so far (its `/metrics`).
-    async fn target_reads(&self) -> u64 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut admin = tokio::net::TcpStream::connect(("127.0.0.1", self.admin)).await.unwrap();
-        admin.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut page = String::new();
-        admin.read_to_string(&mut page).await.unwrap();
-        let series = "eden_commands_total{route=\"target\",kind=\"read\"} ";
-        page.lines().find_map(|line| line.strip_prefix(series)).map_or(0, |n| n.parse().unwrap())
+    /// Reads the target has served for this sidecar so far.
+    fn target_reads(&self) -> u64 {
+        eden_e2e::writers::target_reads(("127.0.0.1", self.admin))
     }
 
     /// A client of this sidecar.
     fn client(&self) -> Client {
-        Client { port: self.port, restarts: false }
-    }
-}
-
-/// How a test's client reaches one sidecar. A client of a sidecar that is restarted treats a
-/// dropped connection as the end of that connection, not a failure: what it had sent is
-/// ambiguous (applied or not, it cannot know), and it connects again.
-#[derive(Clone, Copy)]
-struct Client {
-    port: u16,
-    restarts: bool,
-}
-
-impl Client {
-    /// A connection, once the sidecar serves (after it applied a strategy).
-    async fn connect(self) -> redis::aio::MultiplexedConnection {
-        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap();
-        for _ in 0..300 {
-            if let Ok(connection) = client.get_multiplexed_async_connection_with_config(&config).await {
-                return connection;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("sidecar on port {} never served", self.port);
-    }
-
-    /// Whether `err` ends the connection rather than fails the test.
-    fn dropped(self, err: &redis::RedisError) -> bool {
-        self.restarts && (err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error())
+        Client { address: format!("127.0.0.1:{}", self.port), restarts: false }
     }
 }
 
@@ -114,109 +80,6 @@ impl Drop for SidecarProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// What one writer's clients were told.
-#[derive(Debug, Default)]
-struct Acknowledged {
-    /// INCRs answered with a count.
-    incr: i64,
-    /// RPUSHed values, each answered with a length.
-    pushed: Vec<i64>,
-    /// Writes answered with an error (refused by a fenced sidecar).
-    refused: u64,
-    /// The longest one round of writes (INCR, RPUSH, SET) waited for its replies.
-    longest: Duration,
-    /// Reads of `last:<name>` that returned a value older than this client's last acknowledged
-    /// `SET` of it.
-    stale_reads: u64,
-    /// Reads of it, in all.
-    reads: u64,
-    /// The longest a read took, for a client of the same sidecar that only reads.
-    longest_read: Duration,
-    /// INCRs and RPUSHed values sent on a connection that dropped before their reply.
-    ambiguous_incr: i64,
-    ambiguous_pushed: Vec<i64>,
-    /// Connections the writer had to open again.
-    reconnects: u32,
-}
-
-/// Reads `last:<name>` through `sidecar` until `stop`; returns the longest a read took. A
-/// client that writes nothing may be served by the target.
-async fn read_until(client: Client, name: &'static str, mut stop: tokio::sync::watch::Receiver<bool>) -> Duration {
-    let (mut longest, mut sidecar) = (Duration::ZERO, client.connect().await);
-    while !*stop.borrow_and_update() {
-        let started = std::time::Instant::now();
-        let read: redis::RedisResult<Option<i64>> = sidecar.get(format!("last:{name}")).await;
-        match read {
-            Ok(_) => longest = longest.max(started.elapsed()),
-            Err(err) if client.dropped(&err) => sidecar = client.connect().await,
-            Err(err) => panic!("{name}: a read failed: {err}"),
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    longest
-}
-
-/// Writes `INCR counter:<name>`, `RPUSH seq:<name> n` and `SET last:<name> n` through
-/// `sidecar` until `stop`, recording every acknowledgement, and reads `last:<name>` back after
-/// each, counting reads that went back in time.
-async fn write_until(client: Client, name: &'static str, mut stop: tokio::sync::watch::Receiver<bool>) -> Acknowledged {
-    let (mut acknowledged, mut last) = (Acknowledged::default(), None);
-    let mut sidecar = client.connect().await;
-    for n in 0.. {
-        if *stop.borrow_and_update() {
-            break;
-        }
-        let started = std::time::Instant::now();
-        let incr: redis::RedisResult<i64> = sidecar.incr(format!("counter:{name}"), 1).await;
-        let push: redis::RedisResult<i64> = sidecar.rpush(format!("seq:{name}"), n).await;
-        let set: redis::RedisResult<()> = sidecar.set(format!("last:{name}"), n).await;
-        acknowledged.longest = acknowledged.longest.max(started.elapsed());
-        let mut dropped = false;
-        for outcome in [incr.as_ref().map(|_| ()), push.as_ref().map(|_| ()), set.as_ref().map(|_| ())] {
-            match outcome {
-                Err(err) if client.dropped(err) => dropped = true,
-                Err(err) => {
-                    assert!(!err.is_io_error() && !err.is_timeout(), "{name}: the sidecar failed the client: {err}");
-                    assert!(err.to_string().contains("eden:"), "{name}: an error that is not a refusal: {err}");
-                    acknowledged.refused += 1;
-                }
-                Ok(()) => {}
-            }
-        }
-        match &incr {
-            Ok(_) => acknowledged.incr += 1,
-            Err(err) if client.dropped(err) => acknowledged.ambiguous_incr += 1,
-            Err(_) => {}
-        }
-        match &push {
-            Ok(_) => acknowledged.pushed.push(n),
-            Err(err) if client.dropped(err) => acknowledged.ambiguous_pushed.push(n),
-            Err(_) => {}
-        }
-        if set.is_ok() {
-            last = Some(n);
-        }
-        if !dropped {
-            match sidecar.get::<_, Option<i64>>(format!("last:{name}")).await {
-                Ok(read) => {
-                    acknowledged.reads += 1;
-                    acknowledged.stale_reads += u64::from(read < last);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
-                }
-                Err(err) if client.dropped(&err) => {}
-                Err(err) => panic!("{name}: a read failed: {err}"),
-            }
-        }
-        // What the dropped connection had sent may or may not have been applied; whether
-        // `last` moved is unknown too, so reads are judged from the next SET on.
-        last = None;
-        acknowledged.reconnects += 1;
-        sidecar = client.connect().await;
-    }
-    acknowledged
 }
 
 /// One sidecar of a scenario: its pod name, the relay through which it reaches the API server
@@ -262,10 +125,9 @@ struct Scenario {
     /// The relays to the target, of the sidecars that asked for one.
     target_relays: Vec<Relay>,
     stop: watch::Sender<bool>,
+    /// A writer per sidecar, each with a client of its sidecar that only reads (so its reads
+    /// may go to the target).
     writers: Vec<(&'static str, JoinHandle<Acknowledged>)>,
-    /// A client per sidecar that only reads (so its reads may go to the target): the longest
-    /// a read took.
-    readers: Vec<(&'static str, JoinHandle<Duration>)>,
     /// Held for its `Drop`: removed after the sidecars are stopped.
     _files: Files,
 }
@@ -321,8 +183,7 @@ impl Scenario {
     async fn with_writers(harness: Harness, source: RedisServer, target: RedisServer, pods: &[Pod<'_>]) -> Scenario {
         let files = Files::new(&harness.namespace);
         let (stop, stopped) = watch::channel(false);
-        let (mut processes, mut writers, mut readers, mut target_relays) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut processes, mut writers, mut target_relays) = (Vec::new(), Vec::new(), Vec::new());
         for pod in pods {
             let kubeconfig = match pod.api {
                 Some(relay) => {
@@ -339,8 +200,7 @@ impl Scenario {
             let process = SidecarProcess::spawn(&files, &harness.namespace, pod, &source, &kubeconfig, relay.as_ref());
             target_relays.extend(relay);
             let client = Client { restarts: pod.restarted, ..process.client() };
-            writers.push((pod.name, tokio::spawn(write_until(client, pod.name, stopped.clone()))));
-            readers.push((pod.name, tokio::spawn(read_until(client, pod.name, stopped.clone()))));
+            writers.push((pod.name, tokio::spawn(write_and_read_until(client, pod.name, stopped.clone()))));
             processes.push(process);
         }
         harness
@@ -348,7 +208,7 @@ impl Scenario {
                 m.status.as_ref().and_then(|s| s.sidecars.as_ref()).is_some_and(|s| s.acknowledged == pods.len() as i32)
             })
             .await;
-        Scenario { harness, source, target, sidecars: processes, target_relays, stop, writers, readers, _files: files }
+        Scenario { harness, source, target, sidecars: processes, target_relays, stop, writers, _files: files }
     }
 
     /// Stops the writers and checks that every write a client saw acknowledged is on the
@@ -364,42 +224,8 @@ impl Scenario {
         let mut outcomes = Vec::new();
         for (name, writer) in self.writers {
             let acknowledged = writer.await.unwrap();
-            eprintln!(
-                "{name}: {} INCRs and {} RPUSHes acknowledged, {} refused, {} ambiguous, longest wait {:?}, {} of {} \
-                 reads stale",
-                acknowledged.incr,
-                acknowledged.pushed.len(),
-                acknowledged.refused,
-                acknowledged.ambiguous_incr,
-                acknowledged.longest,
-                acknowledged.stale_reads,
-                acknowledged.reads
-            );
-            assert_eq!(acknowledged.stale_reads, 0, "{name}: a read went back in time for its client");
-            // Every acknowledged write exactly once; an ambiguous one (its connection dropped
-            // before the reply) at most once.
-            let counter: i64 = server.get::<_, Option<i64>>(format!("counter:{name}")).await.unwrap().unwrap_or(0);
-            let most = acknowledged.incr + acknowledged.ambiguous_incr;
-            assert!(
-                (acknowledged.incr..=most).contains(&counter),
-                "{name}: {counter} INCRs applied, {} acknowledged, {} ambiguous",
-                acknowledged.incr,
-                acknowledged.ambiguous_incr
-            );
-            let sequence: Vec<i64> = server.lrange(format!("seq:{name}"), 0, -1).await.unwrap();
-            let (applied, extra): (Vec<i64>, Vec<i64>) =
-                sequence.iter().partition(|n| acknowledged.pushed.binary_search(n).is_ok());
-            assert_eq!(applied, acknowledged.pushed, "{name}: RPUSHes acknowledged vs stored, in order");
-            assert!(
-                extra.iter().all(|n| acknowledged.ambiguous_pushed.contains(n))
-                    && extra.windows(2).all(|pair| pair[0] < pair[1]),
-                "{name}: stored values never acknowledged nor ambiguous, or twice: {extra:?}"
-            );
+            acknowledged.assert_exact_on(name, &mut server).await;
             outcomes.push((name, acknowledged));
-        }
-        for ((name, reader), (_, acknowledged)) in self.readers.into_iter().zip(&mut outcomes) {
-            acknowledged.longest_read = reader.await.unwrap();
-            eprintln!("{name}: the reader's longest read {:?}", acknowledged.longest_read);
         }
         outcomes
     }
@@ -603,7 +429,7 @@ async fn canary_reads_leave_the_target_when_the_operator_dies_and_no_client_read
     loop {
         let mut target_reads = 0;
         for sidecar in &scenario.sidecars {
-            target_reads += sidecar.target_reads().await;
+            target_reads += sidecar.target_reads();
         }
         if target_reads > 0 {
             break;

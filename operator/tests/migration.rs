@@ -6,13 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use eden_e2e::{RedisConfig, RedisServer};
+use eden_e2e::{RedisConfig, RedisServer, TestPki};
 use eden_operator::crd::Phase;
 use eden_operator::proxy::DEFAULT_IMAGE;
 use eden_sidecar::config::{Applier, WritePolicy};
 use eden_sidecar::lease::{ANNOTATION_LOST_SOURCE_WRITES, LeaseReporter};
 use eden_sidecar::metrics::{MirrorOutcome, ProxyMetrics};
 use eden_sidecar::route::Side;
+use eden_sidecar::upstream::{TlsSettings, Upstream};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams};
 use redis::AsyncCommands;
@@ -415,8 +416,10 @@ async fn a_gateway_follows_its_spec_and_goes_with_its_migration() {
 /// An Endpoint password holding `@ : / % # + = ?`, spaces and non-ASCII (an Azure key's `+`,
 /// `/` and `=` among them), given in a Secret, reaches both servers for the probe and for
 /// replication in both modes, which copy and verify; the planted password is nowhere in what
-/// the operator writes: the Migration's and Endpoints' status, their Events, the ConfigMap, the
-/// metrics.
+/// the operator writes (the Migration's and Endpoints' status, their Events, the ConfigMap, the
+/// metrics), in what it logs, nor in the command line it gives the proxy or what a proxy started
+/// with that command line logs and shows as its arguments (`/proc/<pid>/cmdline`). The gateway's
+/// command line is the injected sidecar's: both come from `proxy::container`.
 #[tokio::test]
 async fn a_password_of_any_characters_in_a_secret_migrates_in_both_modes_and_is_shown_nowhere() {
     const PASSWORD: &str = "p@ss:w/rd %#+=?ü✓ Zm9v+/==";
@@ -444,23 +447,140 @@ async fn a_password_of_any_characters_in_a_secret_migrates_in_both_modes_and_is_
     ));
     for mode in ["sync", "scan"] {
         let name = format!("{mode}-shop");
-        harness.apply(&migration(&name, mode, 0, "oldAuthoritative"));
+        harness.apply(&format!("{}  gateway: {{}}\n", migration(&name, mode, 0, "oldAuthoritative")));
         let ready = harness.wait_phase(&name, Phase::Ready).await;
         let verification = ready.status.as_ref().unwrap().last_verification.clone().expect("verified");
         assert_eq!((verification.checked, verification.missing, verification.mismatched), (500, 0, 0), "{mode}");
         harness.wait_described(&name, "Verified").await;
+        let proxy = GatewayProcess::start(&harness, &name).await;
 
         let shown = [
-            harness.kubectl(&["get", "migrations,endpoints.eden.io,configmaps", "-o", "yaml"]),
+            harness.kubectl(&["get", "migrations,endpoints.eden.io,configmaps,deployments", "-o", "yaml"]),
             harness.kubectl(&["describe", "migration", &name]),
             harness.kubectl(&["describe", "endpoints.eden.io"]),
             harness.kubectl(&["get", "events", "-o", "yaml"]),
             harness.metrics.render(),
+            support::operator_logs(),
+            proxy.cmdline(),
+            proxy.log(),
         ];
         for (text, secret) in shown.iter().flat_map(|text| ["p@ss", "p%40ss", "Zm9v"].map(|secret| (text, secret))) {
             assert!(!text.contains(secret), "{mode}: {secret:?} shown in:\n{text}");
         }
         harness.migrations().delete(&name, &DeleteParams::default()).await.unwrap();
         harness.wait_gone(&name).await;
+    }
+}
+
+/// A source and a target over TLS, each certificate from a CA of its own and valid only for a
+/// name of its own, not the address the Endpoint dials: each Endpoint's `caSecretRef` and
+/// `serverName` reach the probe, the replication engine in both modes and the verifier, so the
+/// migration is verified and Ready under the default `requireVerification`.
+#[tokio::test]
+async fn tls_servers_with_their_own_ca_and_server_name_copy_verify_and_reach_ready() {
+    let harness = Harness::start("tls").await;
+    let scratch = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let names = ["source.redis.test", "target.redis.test"];
+    let pkis = names.map(|name| TestPki::new(&[name]).unwrap());
+    let [source, target] = [0, 1].map(|i| {
+        let files = pkis[i].write_to(scratch[i].path()).unwrap();
+        RedisServer::with_config(RedisConfig::default().tls(&files.ca, &files.cert, &files.key)).unwrap()
+    });
+    let mut manifests = String::new();
+    for (i, (role, server)) in [("source", &source), ("target", &target)].into_iter().enumerate() {
+        let ca = serde_json::to_string(&pkis[i].ca_pem).unwrap(); // a YAML double-quoted scalar
+        manifests += &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {role}-ca}}\nstringData: {{ca.crt: {ca}}}\n---\n\
+             apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: {role}}}\n\
+             spec: {{uri: \"{}\", tls: {{caSecretRef: {{name: {role}-ca}}, serverName: {}}}}}\n---\n",
+            server.url(),
+            names[i]
+        );
+    }
+    harness.apply(&manifests);
+    let mut on_source = tls_connection(&source, &pkis[0], names[0]).await;
+    for i in 0..300 {
+        let _: () = on_source.set(format!("user:{i}"), i).await.unwrap();
+    }
+    for mode in ["sync", "scan"] {
+        let name = format!("{mode}-tls");
+        harness.apply(&migration(&name, mode, 0, "oldAuthoritative"));
+        let ready = harness.wait_phase(&name, Phase::Ready).await;
+        let verification = ready.status.as_ref().unwrap().last_verification.clone().expect("verified");
+        assert_eq!((verification.checked, verification.missing, verification.mismatched), (300, 0, 0), "{mode}");
+        harness.migrations().delete(&name, &DeleteParams::default()).await.unwrap();
+        harness.wait_gone(&name).await;
+    }
+}
+
+/// A connection to a TLS server through Eden's own connection layer, trusting `pki` for `name`.
+async fn tls_connection(server: &RedisServer, pki: &TestPki, name: &str) -> redis::aio::MultiplexedConnection {
+    let tls = TlsSettings {
+        ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+        server_name: Some(name.into()),
+        insecure_skip_verify: false,
+    };
+    let stream = Upstream::new(&server.url(), &tls, Duration::from_secs(5)).unwrap().connect().await.unwrap();
+    let (info, config) = (redis::RedisConnectionInfo::default(), redis::AsyncConnectionConfig::new());
+    let (connection, driver) = redis::aio::MultiplexedConnection::new_with_config(&info, stream, config).await.unwrap();
+    tokio::spawn(driver);
+    connection
+}
+
+/// An `eden-sidecar` process started with the command line the operator gave Migration `name`'s
+/// gateway (its ports moved to free loopback ones, its pod name filled in), reaching the API
+/// server as the test does, its log kept in a file; killed when dropped.
+struct GatewayProcess {
+    child: std::process::Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl GatewayProcess {
+    async fn start(harness: &Harness, name: &str) -> GatewayProcess {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let deployments: Api<Deployment> = Api::namespaced(harness.client.clone(), &harness.namespace);
+        let deployment = deployments.get(&format!("eden-{name}-gateway")).await.unwrap();
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        let mut args = pod.containers[0].args.clone().unwrap();
+        for (flag, value) in args.clone().iter().zip(args.iter_mut().skip(1)) {
+            match flag.as_str() {
+                "--listen" | "--admin-listen" => *value = format!("127.0.0.1:{}", eden_e2e::free_port().unwrap()),
+                "--pod-name" => *value = format!("{name}-gateway-0"),
+                _ => {}
+            }
+        }
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = std::process::Command::new(eden_e2e::workspace_binary("sidecar", "eden-sidecar").unwrap())
+            .args(&args)
+            .env("KUBECONFIG", harness.control_plane.kubeconfig())
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let process = GatewayProcess { child, log };
+        for _ in 0..300 {
+            if process.log().contains("eden-sidecar ready") {
+                return process;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the gateway's proxy never became ready; its log:\n{}", process.log());
+    }
+
+    /// Its arguments as the kernel shows them to anyone on the node.
+    fn cmdline(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", self.child.id())).unwrap())
+            .replace('\0', " ")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -31,6 +31,46 @@ pub enum Verb {
     Verify(VerifyArgs),
 }
 
+/// How Eden trusts each `rediss://` server: each server its own CA, name and verification, as
+/// an Endpoint says for itself, since a source and a target at different providers rarely share
+/// a CA. The proxy and the verbs take the same flags.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsFlags {
+    /// PEM CA bundle the source's certificate is verified with (system roots when absent).
+    #[arg(long, env = "EDEN_SOURCE_CA_FILE")]
+    source_ca_file: Option<PathBuf>,
+    /// Name to verify the source's certificate against, when it is not the URI's host.
+    #[arg(long, env = "EDEN_SOURCE_SERVER_NAME")]
+    source_server_name: Option<String>,
+    /// Accept any certificate from the source (testing only).
+    #[arg(long, env = "EDEN_SOURCE_INSECURE_SKIP_VERIFY")]
+    source_insecure_skip_verify: bool,
+    /// PEM CA bundle the target's certificate is verified with (system roots when absent).
+    #[arg(long, env = "EDEN_TARGET_CA_FILE")]
+    target_ca_file: Option<PathBuf>,
+    /// Name to verify the target's certificate against, when it is not the URI's host.
+    #[arg(long, env = "EDEN_TARGET_SERVER_NAME")]
+    target_server_name: Option<String>,
+    /// Accept any certificate from the target (testing only).
+    #[arg(long, env = "EDEN_TARGET_INSECURE_SKIP_VERIFY")]
+    target_insecure_skip_verify: bool,
+}
+
+impl TlsFlags {
+    /// The settings of `role` ("source" or "target"), its CA file read.
+    pub fn settings(&self, role: &str) -> Result<TlsSettings, String> {
+        let (ca_file, server_name, insecure_skip_verify) = match role {
+            "source" => (&self.source_ca_file, &self.source_server_name, self.source_insecure_skip_verify),
+            _ => (&self.target_ca_file, &self.target_server_name, self.target_insecure_skip_verify),
+        };
+        let ca_pem = match ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| format!("--{role}-ca-file {}: {e}", path.display()))?),
+            None => None,
+        };
+        Ok(TlsSettings { ca_pem, server_name: server_name.clone(), insecure_skip_verify })
+    }
+}
+
 /// The two servers and how to trust them.
 #[derive(Args, Debug)]
 pub struct Servers {
@@ -41,15 +81,8 @@ pub struct Servers {
     /// The target Redis, same form.
     #[arg(long)]
     target: String,
-    /// PEM CA bundle for rediss:// servers (system roots when absent).
-    #[arg(long)]
-    ca_file: Option<PathBuf>,
-    /// Name to verify certificates against, when it is not the URI's host (sync mode only).
-    #[arg(long)]
-    tls_server_name: Option<String>,
-    /// Accept any certificate (testing only).
-    #[arg(long)]
-    insecure_skip_verify: bool,
+    #[command(flatten)]
+    tls: TlsFlags,
     /// A file holding the source's password (a `username` file beside it names the user),
     /// instead of credentials in the URI, which any process list shows.
     #[arg(long)]
@@ -60,31 +93,23 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// The source and the target, each with the TLS flags.
+    /// The source and the target, each with its own TLS flags.
     fn parse(&self) -> Result<(Server, Server), String> {
-        let ca_pem = match &self.ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?),
-            None => None,
-        };
-        let tls = TlsSettings {
-            ca_pem,
-            server_name: self.tls_server_name.clone(),
-            insecure_skip_verify: self.insecure_skip_verify,
-        };
-        let server = |flag: &str, uri: &str, tls, file: &Option<PathBuf>| {
+        let server = |role: &str, uri: &str, file: &Option<PathBuf>| {
             let credentials = match file {
                 Some(path) => Some(
                     Credentials::from_file(path)
-                        .map_err(|e| format!("--{flag}-credentials-file {}: {e}", path.display()))?,
+                        .map_err(|e| format!("--{role}-credentials-file {}: {e}", path.display()))?,
                 ),
                 None => None,
             };
+            let tls = self.tls.settings(role)?;
             Ok::<_, String>(
-                Server::parse(uri, tls).map_err(|e| format!("--{flag}: {e}"))?.with_credentials(credentials),
+                Server::parse(uri, tls).map_err(|e| format!("--{role}: {e}"))?.with_credentials(credentials),
             )
         };
-        let source = server("source", &self.source, tls.clone(), &self.source_credentials_file)?;
-        let target = server("target", &self.target, tls, &self.target_credentials_file)?;
+        let source = server("source", &self.source, &self.source_credentials_file)?;
+        let target = server("target", &self.target, &self.target_credentials_file)?;
         Ok((source, target))
     }
 }

@@ -10,26 +10,20 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 
-use redis_protocol::resp2::decode::decode;
-use redis_protocol::resp2::types::OwnedFrame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use redis_protocol::resp2::types::BytesFrame;
 
 use crate::command::{self, CommandInfo};
+use crate::conversation::{Conversation, ConversationError};
 use crate::upstream::{Upstream, UpstreamError};
-
-/// The largest `COMMAND` reply read (a stock server's is about 100 KiB; modules add some).
-const MAX_REPLY: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandInfoError {
     #[error(transparent)]
     Connect(#[from] UpstreamError),
-    #[error("reading the COMMAND reply: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("COMMAND: {0}")]
+    Conversation(#[from] ConversationError),
     #[error("the COMMAND reply is not what Redis sends: {0}")]
     Protocol(String),
-    #[error("COMMAND refused: {0}")]
-    Refused(String),
 }
 
 impl CommandInfoError {
@@ -37,7 +31,7 @@ impl CommandInfoError {
     fn is_transient(&self) -> bool {
         matches!(
             self,
-            CommandInfoError::Io(_)
+            CommandInfoError::Conversation(ConversationError::Lost { .. })
                 | CommandInfoError::Connect(UpstreamError::Unreachable { .. } | UpstreamError::ConnectTimeout { .. })
         )
     }
@@ -45,42 +39,27 @@ impl CommandInfoError {
 
 /// Asks `upstream` for its commands.
 pub async fn fetch(upstream: &Upstream) -> Result<Vec<CommandInfo>, CommandInfoError> {
-    let mut stream = upstream.connect().await?;
-    stream.write_all(b"*1\r\n$7\r\nCOMMAND\r\n").await?;
-    let mut buffer = Vec::with_capacity(128 << 10);
-    loop {
-        match decode(&buffer) {
-            Ok(Some((frame, _))) => return parse(frame),
-            Ok(None) if buffer.len() >= MAX_REPLY => {
-                return Err(CommandInfoError::Protocol(format!("larger than {MAX_REPLY} bytes")));
-            }
-            Ok(None) => {}
-            Err(err) => return Err(CommandInfoError::Protocol(err.to_string())),
-        }
-        if stream.read_buf(&mut buffer).await? == 0 {
-            return Err(CommandInfoError::Protocol("connection closed mid-reply".into()));
-        }
-    }
+    let mut conversation = Conversation::open(upstream).await?;
+    parse(conversation.ask(&[b"COMMAND"]).await?)
 }
 
-fn parse(frame: OwnedFrame) -> Result<Vec<CommandInfo>, CommandInfoError> {
+fn parse(frame: BytesFrame) -> Result<Vec<CommandInfo>, CommandInfoError> {
     let entries = match frame {
-        OwnedFrame::Array(entries) => entries,
-        OwnedFrame::Error(message) => return Err(CommandInfoError::Refused(message)),
+        BytesFrame::Array(entries) => entries,
         other => return Err(CommandInfoError::Protocol(format!("expected an array, got {other:?}"))),
     };
     // Each entry: [name, arity, [flags…], first key, last key, step, …].
     Ok(entries
         .into_iter()
         .filter_map(|entry| {
-            let OwnedFrame::Array(fields) = entry else { return None };
+            let BytesFrame::Array(fields) = entry else { return None };
             let name = text(fields.first()?)?;
             let flags = match fields.get(2)? {
-                OwnedFrame::Array(flags) => flags.iter().filter_map(text).collect(),
+                BytesFrame::Array(flags) => flags.iter().filter_map(text).collect(),
                 _ => Vec::new(),
             };
             let first_key = match fields.get(3)? {
-                OwnedFrame::Integer(position) => *position,
+                BytesFrame::Integer(position) => *position,
                 _ => 0,
             };
             Some(CommandInfo { name, flags, first_key })
@@ -88,10 +67,11 @@ fn parse(frame: OwnedFrame) -> Result<Vec<CommandInfo>, CommandInfoError> {
         .collect())
 }
 
-fn text(frame: &OwnedFrame) -> Option<String> {
+fn text(frame: &BytesFrame) -> Option<String> {
     match frame {
-        OwnedFrame::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-        OwnedFrame::SimpleString(text) => Some(String::from_utf8_lossy(text).into_owned()),
+        BytesFrame::BulkString(bytes) | BytesFrame::SimpleString(bytes) => {
+            Some(String::from_utf8_lossy(bytes).into_owned())
+        }
         _ => None,
     }
 }

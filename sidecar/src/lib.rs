@@ -17,6 +17,7 @@ pub mod cli;
 pub mod command;
 pub mod command_info;
 pub mod config;
+pub mod conversation;
 pub mod frame;
 pub mod freshness;
 pub mod hold;

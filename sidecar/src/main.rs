@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use eden_sidecar::cli::{self, Verb};
+use eden_sidecar::cli::{self, TlsFlags, Verb};
 use eden_sidecar::config::{Applier, ConfigStatus, Confirmations, Confirmer};
 use eden_sidecar::lease::LeaseReporter;
 use eden_sidecar::metrics::ProxyMetrics;
 use eden_sidecar::plan::{Routing, UpstreamSettings};
 use eden_sidecar::server::{self, Backend, Listener};
 use eden_sidecar::telemetry::{LogFormat, init_logging};
-use eden_sidecar::upstream::{TlsSettings, Upstream};
+use eden_sidecar::upstream::Upstream;
 use eden_sidecar::{admin, command_info};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UnixListener};
@@ -74,15 +74,9 @@ struct Args {
     /// strategy it had stopped being current. At least twice --confirm-every-ms.
     #[arg(long, env = "EDEN_FENCE_AFTER_MS", default_value_t = 30_000)]
     fence_after_ms: u64,
-    /// PEM CA bundle for rediss:// upstreams (system roots when absent).
-    #[arg(long, env = "EDEN_UPSTREAM_CA_FILE")]
-    upstream_ca_file: Option<PathBuf>,
-    /// Name to verify upstream certificates against, when it is not the URI's host.
-    #[arg(long, env = "EDEN_UPSTREAM_SERVER_NAME")]
-    upstream_server_name: Option<String>,
-    /// Accept any upstream certificate (testing only).
-    #[arg(long, env = "EDEN_UPSTREAM_INSECURE_SKIP_VERIFY")]
-    upstream_insecure_skip_verify: bool,
+    /// How each rediss:// upstream is trusted.
+    #[command(flatten)]
+    tls: TlsFlags,
     /// Connect timeout for upstreams, in milliseconds.
     #[arg(long, env = "EDEN_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
     connect_timeout_ms: u64,
@@ -135,18 +129,11 @@ fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let tls = TlsSettings {
-        ca_pem: match &args.upstream_ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|e| format!("--upstream-ca-file {}: {e}", path.display()))?),
-            None => None,
-        },
-        server_name: args.upstream_server_name.clone(),
-        insecure_skip_verify: args.upstream_insecure_skip_verify,
-    };
+    let (source_tls, target_tls) = (args.tls.settings("source")?, args.tls.settings("target")?);
     let timeout = Duration::from_millis(args.connect_timeout_ms);
-    let source = Upstream::new(&args.source, &tls, timeout).map_err(|e| format!("--source: {e}"))?;
+    let source = Upstream::new(&args.source, &source_tls, timeout).map_err(|e| format!("--source: {e}"))?;
     if let Some(target) = &args.target {
-        Upstream::new(target, &tls, timeout).map_err(|e| format!("--target: {e}"))?;
+        Upstream::new(target, &target_tls, timeout).map_err(|e| format!("--target: {e}"))?;
     }
 
     let mut metrics = ProxyMetrics::default();
@@ -155,7 +142,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let backend = match &strategy {
         None => Backend::Plain(source.clone()),
         Some(strategy) => {
-            let settings = UpstreamSettings { tls, connect_timeout: timeout, target: args.target.clone() };
+            let settings = UpstreamSettings { target_tls, connect_timeout: timeout, target: args.target.clone() };
             let max_pause = Duration::from_millis(args.max_write_pause_ms);
             let (config, confirmations) = (strategy.applier.subscribe(), strategy.confirmations.clone());
             Backend::Routed(Routing::follow(source.clone(), settings, config, confirmations, max_pause))

@@ -3,8 +3,9 @@
 //!
 //! Upstreams are built here, once per change, not per session: a session takes one `Arc<Plan>`
 //! snapshot per batch and finds everything it needs in it. Addresses come from the command
-//! line when given (`--source`, `--target`: the pod's view of the network, with its TLS
-//! settings); the payload's target URI fills in a target the flags do not name. Credentials
+//! line when given (`--source`, `--target`: the pod's view of the network), each server with TLS
+//! settings of its own (`--source-ca-file`, `--target-server-name`...); the payload's target URI
+//! fills in a target the flags do not name. Credentials
 //! come from the payload's `credentials_file` (a mounted Secret: `password`, and `username`
 //! beside it when present), read whenever a new generation is applied, so a rotated Secret is
 //! picked up with the next change.
@@ -73,10 +74,11 @@ impl Plan {
     }
 }
 
-/// Settings for upstreams the payload names.
+/// Settings for the target, which the payload may name.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
-    pub tls: TlsSettings,
+    /// The target's own TLS trust (`--target-ca-file`, `--target-server-name`...).
+    pub target_tls: TlsSettings,
     pub connect_timeout: Duration,
     /// `--target`, which wins over the payload's target URI.
     pub target: Option<String>,
@@ -139,7 +141,7 @@ async fn rebuild(plans: watch::Sender<Arc<Plan>>, mut config: CurrentConfig, set
             let previous = plans.borrow().clone();
             let target_uri = payload.target.as_ref().map(|target| settings.target.as_deref().unwrap_or(&target.uri));
             let target = payload.target.as_ref().zip(target_uri).and_then(|(target, uri)| {
-                match Upstream::new(uri, &settings.tls, settings.connect_timeout) {
+                match Upstream::new(uri, &settings.target_tls, settings.connect_timeout) {
                     Ok(upstream) => Some(upstream.with_credentials(credentials(target))),
                     Err(err) => {
                         tracing::error!(%err, "target unusable; everything stays on the source");

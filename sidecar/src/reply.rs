@@ -21,6 +21,18 @@ pub enum Frame {
     Push,
 }
 
+/// What [`ReplyScanner::replies`] passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// Bytes consumed: whole replies and pushes, and the start of one that is not complete.
+    pub len: usize,
+    /// Replies completed (pushes not counted).
+    pub replies: u32,
+    /// What stopped the scan, when `buf` holds something that is not RESP; the bytes before
+    /// it are consumed.
+    pub error: Option<ReplyError>,
+}
+
 /// Finds the end of each top-level frame, resuming across calls.
 #[derive(Debug, Clone, Default)]
 pub struct ReplyScanner {
@@ -48,12 +60,53 @@ impl ReplyScanner {
         if self.in_frame {
             return (pos, replies);
         }
-        while replies < max && matches!(buf.get(pos), Some(b'+' | b':' | b'_' | b'#' | b',' | b'(')) {
-            let Some(newline) = buf[pos..].iter().position(|&b| b == b'\n') else { break };
-            pos += newline + 1;
+        while replies < max
+            && matches!(buf.get(pos), Some(b'+' | b':' | b'_' | b'#' | b',' | b'('))
+            && let Some(len) = whole_reply(&buf[pos..])
+        {
+            pos += len;
             replies += 1;
         }
         (pos, replies)
+    }
+
+    /// Passes up to `max` complete replies at the front of `buf` (the bytes after the last
+    /// call's consumed ones), with the RESP3 pushes among them, resuming where the last call
+    /// stopped; consumed bytes are final, as with [`scan`](Self::scan).
+    ///
+    /// This is how a session counts replies back, so the common answers take a short path:
+    /// between frames, a single-line reply (`+OK`, an integer, an error…) or a bulk string
+    /// whose header is canonical (`$<digits>\r\n` or `$-1\r\n`) and whose body is all in
+    /// `buf` is passed whole, with no state to keep. Anything else (an aggregate, a push, a
+    /// frame that ends past `buf`, an unusual header) goes through `scan`, which the short
+    /// path leaves exactly as it would have: it runs only where `scan` would have started a
+    /// frame and consumed it whole.
+    pub fn replies(&mut self, buf: &[u8], max: u32) -> Taken {
+        let mut taken = Taken { len: 0, replies: 0, error: None };
+        while taken.replies < max {
+            if !self.in_frame
+                && let Some(len) = whole_reply(&buf[taken.len..])
+            {
+                taken.len += len;
+                taken.replies += 1;
+                continue;
+            }
+            match self.scan(&buf[taken.len..]) {
+                Ok((n, frame)) => {
+                    taken.len += n;
+                    match frame {
+                        Some(Frame::Reply) => taken.replies += 1,
+                        Some(Frame::Push) => {}
+                        None => break,
+                    }
+                }
+                Err(error) => {
+                    taken.error = Some(error);
+                    break;
+                }
+            }
+        }
+        taken
     }
 
     /// Scans `buf` (the bytes after the last call's consumed ones) up to the end of the next
@@ -97,10 +150,42 @@ impl ReplyScanner {
     }
 }
 
+/// The length of the complete single-line reply or bulk string `buf` starts with, when its
+/// header is one the short path reads (see [`ReplyScanner::replies`]); `None` otherwise, and
+/// for anything incomplete.
+fn whole_reply(buf: &[u8]) -> Option<usize> {
+    match *buf.first()? {
+        b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => Some(buf.iter().position(|&b| b == b'\n')? + 1),
+        b'$' => {
+            if buf.get(1..5) == Some(b"-1\r\n") {
+                return Some(5);
+            }
+            // Digits, then CRLF: a header `scan` would read as the same length.
+            let (mut len, mut at) = (0usize, 1);
+            while let Some(&digit @ b'0'..=b'9') = buf.get(at) {
+                len = len.checked_mul(10)?.checked_add(usize::from(digit - b'0'))?;
+                at += 1;
+            }
+            if at == 1 || buf.get(at..at + 2) != Some(b"\r\n") {
+                return None;
+            }
+            let end = (at + 2).checked_add(len)?.checked_add(2)?;
+            (end <= buf.len()).then_some(end)
+        }
+        _ => None,
+    }
+}
+
 /// The count in a `$`/`*`-style header (`-1` and friends are nulls: `None`).
 fn parse_count(line: &[u8]) -> Option<usize> {
     let digits = line.strip_suffix(b"\r\n").unwrap_or(line);
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0usize, |count, &digit| match digit {
+        b'0'..=b'9' => count.checked_mul(10)?.checked_add(usize::from(digit - b'0')),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -124,34 +209,96 @@ mod tests {
         out
     }
 
+    /// One of each reply type, with the splits that trip a parser: bodies holding CRLF, nested
+    /// aggregates, attributes, nulls, long integers.
+    const EVERY_REPLY: [&[u8]; 15] = [
+        b"+OK\r\n",
+        b"-ERR wrong\r\n",
+        b":42\r\n",
+        b"$5\r\nhe\r\nl\r\n",
+        b"$0\r\n\r\n",
+        b"$-1\r\n",
+        b"*-1\r\n",
+        b"*3\r\n$1\r\na\r\n*2\r\n:1\r\n:2\r\n*0\r\n",
+        b"_\r\n",
+        b"#t\r\n",
+        b",3.14\r\n",
+        b"(12345678901234567890\r\n",
+        b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n=8\r\ntxt:abcd\r\n",
+        b"|1\r\n+ttl\r\n:3\r\n$1\r\nv\r\n",
+        b"~1\r\n!3\r\nbad\r\n",
+    ];
+
+    /// Where each of [`EVERY_REPLY`] ends, concatenated.
+    fn ends() -> Vec<usize> {
+        let mut end = 0;
+        EVERY_REPLY
+            .iter()
+            .map(|reply| {
+                end += reply.len();
+                end
+            })
+            .collect()
+    }
+
     #[test]
     fn every_reply_type_ends_where_it_should_however_reads_split_it() {
-        let replies: [&[u8]; 14] = [
-            b"+OK\r\n",
-            b"-ERR wrong\r\n",
-            b":42\r\n",
-            b"$5\r\nhe\r\nl\r\n",
-            b"$-1\r\n",
-            b"*-1\r\n",
-            b"*3\r\n$1\r\na\r\n*2\r\n:1\r\n:2\r\n*0\r\n",
-            b"_\r\n",
-            b"#t\r\n",
-            b",3.14\r\n",
-            b"(12345678901234567890\r\n",
-            b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n=8\r\ntxt:abcd\r\n",
-            b"|1\r\n+ttl\r\n:3\r\n$1\r\nv\r\n",
-            b"~1\r\n!3\r\nbad\r\n",
-        ];
-        let all: Vec<u8> = replies.concat();
-        let mut ends = vec![];
-        let mut end = 0;
-        for reply in replies {
-            end += reply.len();
-            ends.push((end, Frame::Reply));
-        }
+        let all: Vec<u8> = EVERY_REPLY.concat();
+        let ends: Vec<_> = ends().into_iter().map(|end| (end, Frame::Reply)).collect();
         for chunk in [1, 2, 3, 7, all.len()] {
             assert_eq!(frames(&all, chunk), ends, "reads of {chunk} bytes");
         }
+    }
+
+    /// Counts `input`'s replies `max` at a time from reads of `chunk` bytes, as a session does;
+    /// returns where each run of `max` left off, and the bytes consumed.
+    fn counted(input: &[u8], chunk: usize, max: u32) -> (Vec<usize>, usize) {
+        let (mut scanner, mut stops, mut consumed, mut available) = (ReplyScanner::default(), vec![], 0, 0);
+        let mut left = max;
+        while consumed < input.len() {
+            available = (available + chunk).min(input.len());
+            loop {
+                let taken = scanner.replies(&input[consumed..available], left);
+                assert_eq!(taken.error, None);
+                (consumed, left) = (consumed + taken.len, left - taken.replies);
+                if left > 0 {
+                    break;
+                }
+                stops.push(consumed);
+                left = max;
+            }
+        }
+        (stops, consumed)
+    }
+
+    #[test]
+    fn replies_are_counted_where_scan_ends_them_with_pushes_passed_between() {
+        let push: &[u8] = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n";
+        // A push before the first reply: passed with it, not counted.
+        let all = [push, &EVERY_REPLY.concat()].concat();
+        let ends: Vec<usize> = ends().into_iter().map(|end| end + push.len()).collect();
+        for chunk in [1, 2, 3, 7, all.len()] {
+            assert_eq!(counted(&all, chunk, 1), (ends.clone(), all.len()), "one at a time, reads of {chunk} bytes");
+            let threes: Vec<usize> = ends.iter().copied().skip(2).step_by(3).collect();
+            assert_eq!(counted(&all, chunk, 3), (threes, all.len()), "three at a time, reads of {chunk} bytes");
+        }
+    }
+
+    #[test]
+    fn the_short_path_reads_only_headers_scan_reads_the_same_way() {
+        // Read by scan alone: a body not all here yet (passed as it comes), a sign and a header
+        // without its CR (nulls), a length past any buffer (a null too).
+        for (input, len, replies) in [
+            (&b"$5\r\nhel"[..], 7, 0),
+            (b"$+2\r\n+OK\r\n", 5, 1),
+            (b"$2\n+OK\r\n", 3, 1),
+            (b"$99999999999999999999999\r\n", 26, 1),
+        ] {
+            let taken = ReplyScanner::default().replies(input, 1);
+            assert_eq!((taken.len, taken.replies), (len, replies), "{:?}", String::from_utf8_lossy(input));
+        }
+        let taken = ReplyScanner::default().replies(b"+OK\r\n?\r\n", 2);
+        assert_eq!(taken, Taken { len: 5, replies: 1, error: Some(ReplyError(b'?')) }, "what came before is passed");
     }
 
     #[test]

@@ -113,12 +113,19 @@ pub struct Strategy {
     config: Option<Arc<EdenConfig>>,
     hold: HoldState,
     target_reads: TargetReads,
+    /// What [`Self::needs_keys`] answers, worked out once per snapshot rather than per request.
+    needs_keys: bool,
 }
 
 impl Strategy {
     pub fn new(config: Option<Arc<EdenConfig>>, hold: HoldState) -> Self {
         let config = config.filter(|config| config.target.is_some());
-        Strategy { config, hold, target_reads: TargetReads::Ungated }
+        let needs_keys = config.as_ref().is_some_and(|config| {
+            config.write_mode == WriteMode::Cutover
+                || config.read_routing == ReadRouting::KeyHash
+                || config.shadow_read_percentage > 0
+        });
+        Strategy { config, hold, target_reads: TargetReads::Ungated, needs_keys }
     }
 
     /// How long a read the target serves for the source may take before the source's answer
@@ -174,7 +181,8 @@ impl Strategy {
             CommandKind::Blocking => Route::to(owner(config, key)),
             CommandKind::Admin => Route::to(self.owner(key)),
             CommandKind::Read => {
-                if dice.percent() < config.shadow_read_percentage {
+                // A share of 0 needs no roll (the die is a few instructions, per read).
+                if config.shadow_read_percentage > 0 && dice.percent() < config.shadow_read_percentage {
                     return Route::Send { answer: owner(config, key), mirror: None, shadow: true };
                 }
                 // A key the target owns is read there, whatever the read share: the source gets
@@ -183,6 +191,9 @@ impl Strategy {
                 // the target.
                 if owner(config, key) == Side::Target {
                     return Route::to(Side::Target);
+                }
+                if config.read_percentage == 0 {
+                    return Route::SOURCE;
                 }
                 let roll = match (config.read_routing, key) {
                     (ReadRouting::KeyHash, Some(key)) => key_bucket(key),
@@ -217,11 +228,7 @@ impl Strategy {
     /// Otherwise every key has the same owner and read share, and a session need not look for
     /// keys at all, as the plain proxy does not (about a fifth of a pipelined request's cost).
     pub fn needs_keys(&self) -> bool {
-        self.config.as_ref().is_some_and(|config| {
-            config.write_mode == WriteMode::Cutover
-                || config.read_routing == ReadRouting::KeyHash
-                || config.shadow_read_percentage > 0
-        })
+        self.needs_keys
     }
 
     /// Whether writes are held right now.

@@ -6,7 +6,8 @@ mod support;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use eden_e2e::RedisServer;
+use eden_e2e::{RedisConfig, RedisServer, TestPki};
+use eden_sidecar::upstream::{TlsSettings, Upstream};
 use support::{RawClient, resp};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{ChildStderr, Command};
@@ -231,4 +232,55 @@ async fn the_image_unpacks_and_its_root_filesystem_alone_runs_the_proxy() {
     let mut client = RawClient::connect(ready["listen"].as_str().unwrap().parse().unwrap()).await;
     client.send(&[resp(&["SET", "k", "from the image"]), resp(&["GET", "k"])].concat()).await;
     client.expect(b"+OK\r\n$14\r\nfrom the image\r\n").await;
+}
+
+/// The proxy trusts each `rediss://` upstream on its own terms: a CA and a server name for the
+/// source, another CA and name for the target, neither certificate valid for the address dialled.
+#[tokio::test]
+async fn each_tls_upstream_is_verified_with_its_own_ca_and_server_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["source.redis.test", "target.redis.test"];
+    let [source, target] = [0, 1].map(|i| {
+        let pki = TestPki::new(&[names[i]]).unwrap();
+        let pki_dir = dir.path().join(names[i]);
+        std::fs::create_dir(&pki_dir).unwrap();
+        let files = pki.write_to(&pki_dir).unwrap();
+        (RedisServer::with_config(RedisConfig::default().tls(&files.ca, &files.cert, &files.key)).unwrap(), files, pki)
+    });
+    for ((server, _, pki), name) in [&source, &target].into_iter().zip(names) {
+        let tls = TlsSettings {
+            ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+            server_name: Some(name.into()),
+            ..Default::default()
+        };
+        let mut direct = Upstream::new(&server.url(), &tls, Duration::from_secs(5)).unwrap().connect().await.unwrap();
+        direct.write_all(&resp(&["SET", "where", name.split('.').next().unwrap()])).await.unwrap();
+        let mut reply = [0; 5];
+        direct.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"+OK\r\n");
+    }
+    let config = dir.path().join("eden.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "generation: 1\nmigration: shop/cache\nsource: {{uri: '{}'}}\ntarget: {{uri: '{}'}}\nread_percentage: 100\n",
+            source.0.url(),
+            target.0.url()
+        ),
+    )
+    .unwrap();
+    let mut child = sidecar()
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--source", &source.0.url(), "--config", config.to_str().unwrap()])
+        .args(["--source-ca-file", source.1.ca.to_str().unwrap(), "--source-server-name", names[0]])
+        .args(["--target-ca-file", target.1.ca.to_str().unwrap(), "--target-server-name", names[1]])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ready, _logs) = ready_line(&mut child).await;
+    let mut client = RawClient::connect(ready["listen"].as_str().unwrap().parse().unwrap()).await;
+    client.send(&resp(&["GET", "where"])).await;
+    client.expect(b"$6\r\ntarget\r\n").await;
+    client.send(&resp(&["SET", "written", "through"])).await;
+    client.expect(b"+OK\r\n").await;
 }

@@ -8,9 +8,9 @@ use std::time::Duration;
 use eden_e2e::{RedisConfig, RedisServer, TestPki};
 use eden_sidecar::replicate::{
     EXPIRY_GRACE_MS, FRESHNESS_KEY, Mode, POSITION_KEY, ReplacePolicy, ReplicateError, Replicator, ReplicatorOptions,
-    SyncOptions, VerifyOptions,
+    SyncOptions, Verifier, VerifyOptions,
 };
-use eden_sidecar::upstream::TlsSettings;
+use eden_sidecar::upstream::{Server, TlsSettings, Upstream};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use support_replicate::{
@@ -396,27 +396,29 @@ async fn skip_run_caught_up(pair: &Pair) -> (MultiplexedConnection, MultiplexedC
 }
 
 /// Both modes and the verifier reach `rediss://` servers whose certificates come from two
-/// different CAs, each trusted for its own server only.
+/// different CAs, each trusted for its own server only, and name neither the address Eden dials
+/// (127.0.0.1) but each its own `serverName`, which Eden verifies them against.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_modes_and_the_verifier_work_over_tls_with_a_ca_for_each_server() {
+async fn both_modes_and_the_verifier_work_over_tls_with_a_ca_and_a_server_name_for_each_server() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let [source_pki, target_pki] = [TestPki::new(&["127.0.0.1"]).unwrap(), TestPki::new(&["127.0.0.1"]).unwrap()];
+    let names = ["source.redis.test", "target.redis.test"];
+    let [source_pki, target_pki] = names.map(|name| TestPki::new(&[name]).unwrap());
     let server = |pki: &TestPki, dir: &tempfile::TempDir| {
         let files = pki.write_to(dir.path()).unwrap();
         RedisServer::with_config(diskless().tls(&files.ca, &files.cert, &files.key)).unwrap()
     };
     let mut pair = Pair::of(server(&source_pki, &dirs[0]), server(&target_pki, &dirs[1]));
-    let trust = |pki: &TestPki| TlsSettings { ca_pem: Some(pki.ca_pem.clone().into_bytes()), ..Default::default() };
-    pair.source_as.tls = trust(&source_pki);
-    pair.target_as.tls = trust(&target_pki);
-    let mut source = redis::Client::build_with_tls(
-        pair.source.url().as_str(),
-        redis::TlsCertificates { client_tls: None, root_cert: pair.source_as.tls.ca_pem.clone() },
-    )
-    .unwrap()
-    .get_multiplexed_async_connection()
-    .await
-    .unwrap();
+    let trust = |pki: &TestPki, name: &str| TlsSettings {
+        ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+        server_name: Some(name.to_string()),
+        ..Default::default()
+    };
+    pair.source_as.tls = trust(&source_pki, names[0]);
+    pair.target_as.tls = trust(&target_pki, names[1]);
+    let stream = Upstream::to(&pair.source_as, Duration::from_secs(5)).unwrap().connect().await.unwrap();
+    let (info, config) = (redis::RedisConnectionInfo::default(), redis::AsyncConnectionConfig::new());
+    let (mut source, driver) = MultiplexedConnection::new_with_config(&info, stream, config).await.unwrap();
+    tokio::spawn(driver);
     seed_every_type(&mut source).await;
     for mode in [Mode::Sync, Mode::Scan] {
         let options = ReplicatorOptions::new(ReplacePolicy::Replace);
@@ -426,14 +428,26 @@ async fn both_modes_and_the_verifier_work_over_tls_with_a_ca_for_each_server() {
         replicator.stop().await.unwrap();
         assert_clean(&pair.verify().await);
     }
+    let refused = |source_as: &Server, target_as: &Server, mode| {
+        let (source_as, target_as) = (source_as.clone(), target_as.clone());
+        async move {
+            let err = Replicator::start(&source_as, &target_as, mode, ReplicatorOptions::default(), None)
+                .await
+                .err()
+                .expect("the target's certificate is refused");
+            assert!(err.to_string().contains("target") && err.to_string().contains("TLS"), "{err}");
+            let err = Verifier::connect(&source_as, &target_as, VerifyOptions::default()).await.err().unwrap();
+            assert!(err.to_string().contains("target") && err.to_string().contains("TLS"), "{err}");
+        }
+    };
     // One CA for both, as the operator used to apply: the target's certificate is refused.
-    pair.target_as.tls = pair.source_as.tls.clone();
+    let one_ca = Server { tls: trust(&source_pki, names[1]), ..pair.target_as.clone() };
+    // The right CA without the server name: the certificate does not name 127.0.0.1.
+    let no_name =
+        Server { tls: TlsSettings { server_name: None, ..pair.target_as.tls.clone() }, ..pair.target_as.clone() };
     for mode in [Mode::Sync, Mode::Scan] {
-        let err = Replicator::start(&pair.source_as, &pair.target_as, mode, ReplicatorOptions::default(), None)
-            .await
-            .err()
-            .expect("the source's CA does not vouch for the target");
-        assert!(err.to_string().contains("target"), "{err}");
+        refused(&pair.source_as, &one_ca, mode).await;
+        refused(&pair.source_as, &no_name, mode).await;
     }
 }
 

@@ -1,14 +1,13 @@
-//! One health probe of a Redis server: connect through the data plane's [`Upstream`] (TLS,
-//! AUTH and SELECT exactly as Eden's own connections do them), PING for latency, INFO for
-//! version and role. The whole probe has a deadline, so an unreachable server costs the
+//! One health probe of a Redis server: a [`Conversation`] of the data plane (dialled by its
+//! `Upstream`: TLS, AUTH and SELECT exactly as Eden's own connections do them), PING for
+//! latency, INFO for version and role. The whole probe has a deadline, so an unreachable server costs the
 //! reconciler at most [`PROBE_TIMEOUT`].
 
 use std::time::{Duration, Instant};
 
-use eden_sidecar::upstream::{Server, Upstream, UpstreamError, UpstreamStream};
-use redis_protocol::resp2::decode::decode;
-use redis_protocol::resp2::types::OwnedFrame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use eden_sidecar::conversation::{Conversation, ConversationError};
+use eden_sidecar::upstream::{Server, Upstream, UpstreamError};
+use redis_protocol::resp2::types::BytesFrame;
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -25,25 +24,23 @@ pub struct ProbeReport {
 pub enum ProbeError {
     #[error(transparent)]
     Connect(#[from] UpstreamError),
+    #[error(transparent)]
+    Conversation(#[from] ConversationError),
     #[error("{addr} did not answer within {PROBE_TIMEOUT:?}")]
     Timeout { addr: String },
-    #[error("{addr} failed during {command}: {source}")]
-    Io { addr: String, command: &'static str, source: std::io::Error },
-    #[error("{addr} refused {command}: {reply}")]
-    Refused { addr: String, command: &'static str, reply: String },
-    #[error("{addr} sent a reply that is not RESP: {reason}")]
-    Protocol { addr: String, reason: String },
+    #[error("{addr} answered INFO with {reply}, not text")]
+    NotInfo { addr: String, reply: String },
 }
 
 /// Probes `server`.
 pub async fn probe(server: &Server) -> Result<ProbeReport, ProbeError> {
     within_timeout(server, async {
-        let mut conversation = Conversation::open(server).await?;
+        let mut conversation = open(server).await?;
         let started = Instant::now();
-        conversation.ask("PING", &["PING"]).await?;
+        conversation.ask(&[b"PING"]).await?;
         let latency = started.elapsed();
-        let server = conversation.info("server").await?;
-        let replication = conversation.info("replication").await?;
+        let server = info(&mut conversation, "server").await?;
+        let replication = info(&mut conversation, "replication").await?;
         Ok(ProbeReport {
             server_version: info_field(&server, "redis_version").unwrap_or("unknown").to_string(),
             role: info_field(&replication, "role").unwrap_or("unknown").to_string(),
@@ -57,10 +54,10 @@ pub async fn probe(server: &Server) -> Result<ProbeReport, ProbeError> {
 /// migration no longer needs it: it is Eden's, not the application's.
 pub async fn forget_sync_position(server: &Server) -> Result<(), ProbeError> {
     within_timeout(server, async {
-        let mut conversation = Conversation::open(server).await?;
+        let mut conversation = open(server).await?;
         // The engine keeps the record in database 0 whatever database the URI names.
-        conversation.ask("SELECT", &["SELECT", "0"]).await?;
-        conversation.ask("DEL", &["DEL", eden_sidecar::replicate::POSITION_KEY]).await?;
+        conversation.ask(&[b"SELECT", b"0"]).await?;
+        conversation.ask(&[b"DEL", eden_sidecar::replicate::POSITION_KEY.as_bytes()]).await?;
         Ok(())
     })
     .await
@@ -76,60 +73,15 @@ async fn within_timeout<T>(
         .unwrap_or_else(|_| Err(ProbeError::Timeout { addr: server.addr() }))
 }
 
-/// One connection to an Endpoint, commands asked one at a time.
-struct Conversation {
-    stream: UpstreamStream,
-    addr: String,
-    buffer: Vec<u8>,
+async fn open(server: &Server) -> Result<Conversation, ProbeError> {
+    Ok(Conversation::open(&Upstream::to(server, PROBE_TIMEOUT)?).await?)
 }
 
-impl Conversation {
-    async fn open(server: &Server) -> Result<Self, ProbeError> {
-        let upstream = Upstream::to(server, PROBE_TIMEOUT)?;
-        let addr = upstream.addr().to_string();
-        Ok(Conversation { stream: upstream.connect().await?, addr, buffer: Vec::with_capacity(4096) })
-    }
-
-    /// Sends one command and reads its reply; an error reply is a [`ProbeError::Refused`].
-    async fn ask(&mut self, command: &'static str, args: &[&str]) -> Result<OwnedFrame, ProbeError> {
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        let io_error = |source| ProbeError::Io { addr: self.addr.clone(), command, source };
-        self.stream.write_all(request.as_bytes()).await.map_err(io_error)?;
-        loop {
-            match decode(&self.buffer) {
-                Ok(Some((frame, used))) => {
-                    self.buffer.drain(..used);
-                    return match frame {
-                        OwnedFrame::Error(reply) => {
-                            Err(ProbeError::Refused { addr: self.addr.clone(), command, reply })
-                        }
-                        frame => Ok(frame),
-                    };
-                }
-                Ok(None) => {}
-                Err(err) => return Err(ProbeError::Protocol { addr: self.addr.clone(), reason: err.to_string() }),
-            }
-            let read = self.stream.read_buf(&mut self.buffer).await;
-            match read {
-                Ok(0) => {
-                    let closed = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed");
-                    return Err(ProbeError::Io { addr: self.addr.clone(), command, source: closed });
-                }
-                Ok(_) => {}
-                Err(source) => return Err(ProbeError::Io { addr: self.addr.clone(), command, source }),
-            }
-        }
-    }
-
-    /// One INFO section as text.
-    async fn info(&mut self, section: &str) -> Result<String, ProbeError> {
-        match self.ask("INFO", &["INFO", section]).await? {
-            OwnedFrame::BulkString(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
-            other => Err(ProbeError::Protocol { addr: self.addr.clone(), reason: format!("INFO replied {other:?}") }),
-        }
+/// One INFO section as text.
+async fn info(conversation: &mut Conversation, section: &str) -> Result<String, ProbeError> {
+    match conversation.ask(&[b"INFO", section.as_bytes()]).await? {
+        BytesFrame::BulkString(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        other => Err(ProbeError::NotInfo { addr: conversation.addr().to_string(), reply: format!("{other:?}") }),
     }
 }
 

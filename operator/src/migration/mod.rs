@@ -398,15 +398,12 @@ async fn sync_gateway(
         }
         return Ok(None);
     };
-    // The proxies need the source's address and the target's Secret; a missing Endpoint is
+    // The proxies need both Endpoints (addresses, TLS, the target's Secret); a missing Endpoint is
     // already reported as held.
     let (Some(source), Some(target)) = (&observation.source.endpoint, &observation.target.endpoint) else {
         return Ok(previous.cloned());
     };
-    let upstreams = proxy::Upstreams {
-        source_uri: &source.spec.uri,
-        target_secret: target.spec.credentials_secret_ref.as_ref().map(|secret| secret.name.as_str()),
-    };
+    let upstreams = proxy::Upstreams { source: &source.spec, target: &target.spec };
     let service = gateway::service(migration, spec);
     let service_name = service.name_any();
     if let Some(previous) = previous.filter(|previous| previous.service != service_name) {

@@ -101,8 +101,8 @@ fn has_sidecar(pod: &Pod) -> bool {
 /// Adds the sidecar. `native`: as the first init container with `restartPolicy: Always`
 /// (Kubernetes ≥ 1.29), so it starts before the application's init containers and containers
 /// and stops after them; otherwise as the last container, which starts alongside the
-/// application. `volume` is the one the container mounts, if any.
-pub fn injection(pod: &Pod, mut sidecar: Container, volume: Option<Volume>, native: bool) -> Patch {
+/// application. `volumes` are the ones the container mounts.
+pub fn injection(pod: &Pod, mut sidecar: Container, volumes: Vec<Volume>, native: bool) -> Patch {
     let spec = pod.spec.as_ref();
     let mut operations = Vec::new();
     if native {
@@ -112,9 +112,10 @@ pub fn injection(pod: &Pod, mut sidecar: Container, volume: Option<Volume>, nati
     } else {
         operations.push(add_to_list("containers", spec.is_some(), "-", to_value(&sidecar)));
     }
-    if let Some(volume) = volume {
-        let present = spec.is_some_and(|spec| spec.volumes.is_some());
+    let mut present = spec.is_some_and(|spec| spec.volumes.is_some());
+    for volume in volumes {
         operations.push(add_to_list("volumes", present, "-", to_value(&volume)));
+        present = true;
     }
     Patch(operations)
 }
@@ -232,9 +233,9 @@ mod tests {
     #[test]
     fn a_pod_with_its_sidecar_already_is_left_alone() {
         let pod = pod(opted_in(), app());
-        let once = patched(&pod, &injection(&pod, sidecar(), None, true));
+        let once = patched(&pod, &injection(&pod, sidecar(), Vec::new(), true));
         assert_eq!(decide(&once, &SHOP), Decision::Leave);
-        let once = patched(&pod, &injection(&pod, sidecar(), None, false));
+        let once = patched(&pod, &injection(&pod, sidecar(), Vec::new(), false));
         assert_eq!(decide(&once, &SHOP), Decision::Leave);
     }
 
@@ -247,7 +248,7 @@ mod tests {
         });
         let pod = pod(opted_in(), spec);
         let volume = Volume { name: "eden-target-credentials".into(), ..Default::default() };
-        let after = patched(&pod, &injection(&pod, sidecar(), Some(volume), true));
+        let after = patched(&pod, &injection(&pod, sidecar(), vec![volume], true));
         let spec: &PodSpec = after.spec.as_ref().unwrap();
         let init: Vec<_> = spec.init_containers.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
         assert_eq!(init, [CONTAINER_NAME, "migrate-schema"]);
@@ -261,14 +262,14 @@ mod tests {
     fn before_native_sidecars_it_is_the_last_container_and_lists_are_created_when_absent() {
         let pod = pod(opted_in(), app());
         let volume = Volume { name: "eden-target-credentials".into(), ..Default::default() };
-        let after = patched(&pod, &injection(&pod, sidecar(), Some(volume), false));
+        let after = patched(&pod, &injection(&pod, sidecar(), vec![volume], false));
         let spec = after.spec.as_ref().unwrap();
         let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["app", CONTAINER_NAME]);
         assert_eq!(spec.containers[1].restart_policy, None);
         assert!(spec.init_containers.is_none());
         assert_eq!(spec.volumes.as_ref().unwrap().len(), 1);
-        let native = patched(&pod, &injection(&pod, sidecar(), None, true));
+        let native = patched(&pod, &injection(&pod, sidecar(), Vec::new(), true));
         assert_eq!(native.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0].name, CONTAINER_NAME);
     }
 

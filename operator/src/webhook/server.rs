@@ -33,7 +33,7 @@ use tracing::{info, warn};
 
 use super::WebhookError;
 use super::inject::{self, Decision};
-use crate::crd::{Endpoint, Migration};
+use crate::crd::{Endpoint, EndpointSpec, Migration};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Upstreams};
 
@@ -51,8 +51,8 @@ const SIDECAR_NEEDS: [(&str, &str, &str); 2] =
 /// A Migration a pod asked for, with what its sidecar needs from the Migration's Endpoints.
 struct Resolved {
     migration: Migration,
-    source_uri: String,
-    target_secret: Option<String>,
+    source: EndpointSpec,
+    target: EndpointSpec,
 }
 
 /// Answers admission reviews of pods.
@@ -142,9 +142,8 @@ impl Injector {
                 return inject::skip(pod, &reason);
             }
         };
-        let upstreams =
-            Upstreams { source_uri: &resolved.source_uri, target_secret: resolved.target_secret.as_deref() };
-        let (container, volume) = proxy::container(&resolved.migration, &self.image, SIDECAR_LISTEN, &upstreams);
+        let upstreams = Upstreams { source: &resolved.source, target: &resolved.target };
+        let (container, volumes) = proxy::container(&resolved.migration, &self.image, SIDECAR_LISTEN, &upstreams);
         info!(namespace, pod = name, migration, native = self.native, "injecting the sidecar");
         self.metrics.admitted("injected");
         if let Some(problem) = self.sidecar_access(namespace, pod).await {
@@ -153,7 +152,7 @@ impl Injector {
                 self.event(&resolved.migration, "SidecarLacksAccess", format!("pod {name}: {problem}")).await;
             }
         }
-        inject::injection(pod, container, volume, self.native)
+        inject::injection(pod, container, volumes, self.native)
     }
 
     /// The Migration and what its sidecar needs; or why there is none to inject.
@@ -172,8 +171,7 @@ impl Injector {
         };
         let source = endpoint("source", &migration.spec.source.endpoint_ref.name).await?;
         let target = endpoint("target", &migration.spec.target.endpoint_ref.name).await?;
-        let target_secret = target.spec.credentials_secret_ref.map(|secret| secret.name);
-        Ok(Resolved { migration, source_uri: source.spec.uri, target_secret })
+        Ok(Resolved { migration, source: source.spec, target: target.spec })
     }
 
     /// Logs why a pod that asked for a sidecar gets none, and puts a Warning Event on the

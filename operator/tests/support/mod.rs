@@ -18,6 +18,29 @@ use redis::AsyncCommands;
 use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
 
+/// Every line the operator logged in this test process, for tests of what it says.
+static OPERATOR_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// What the operator has logged so far in this test process (every test's harness).
+pub fn operator_logs() -> String {
+    String::from_utf8_lossy(&OPERATOR_LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())).into_owned()
+}
+
+/// The operator's log writer: each line kept in [`OPERATOR_LOG`] and shown with the output of a
+/// failing test.
+struct CapturedLog;
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        OPERATOR_LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).extend_from_slice(line);
+        tracing_subscriber::fmt::TestWriter::new().write(line)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A namespace with both controllers reconciling it, as the operator's leader would.
 pub struct Harness {
     pub control_plane: &'static ControlPlane,
@@ -31,7 +54,7 @@ impl Harness {
     pub async fn start(prefix: &str) -> Harness {
         // The operator's log lines, shown with the output of a failing test (RUST_LOG overrides).
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| CapturedLog).try_init();
         let control_plane = ControlPlane::shared();
         control_plane.install_eden_crds().unwrap();
         let namespace = control_plane.namespace(prefix).await.unwrap();

@@ -1,16 +1,19 @@
 //! One connection to the source or the target, with every failure mapped to an error that names
 //! the server ("source 10.0.1.50:6379") and the command.
 //!
-//! A [`Server`] is connected with its own TLS settings: rustls with its CA bundle (the system
-//! roots when it has none); a server-name override is not supported here and is refused. Its
+//! Connections are opened by the sidecar's [`Upstream`], as every other path to a Redis server
+//! is: TCP or TLS with the server's own trust (its CA, its `serverName`, or none verified), AUTH
+//! with its credentials (user and password as they are, never inside a URL string), SELECT of its
+//! database, and the connect timeout. The `redis` crate only frames commands and replies over
+//! that stream ([`MultiplexedConnection`]); it never dials, so it needs no TLS of its own. The
 //! label, in every error and log line, is the role and `host:port`, never the credentials.
 //!
 //! A multiplexed connection is cheap to clone, so callers pass `&Endpoint` around and pipelines
 //! from different tasks share one socket. The response timeout is raised from the client's
 //! 500 ms default because a DUMP of a large value or a long MULTI legitimately takes longer.
-//! The connection is a [`ConnectionManager`]: a command that finds it lost fails (the caller
-//! decides what a lost reply means), and the next one goes over a new connection, so a network
-//! blip or a server restart does not leave every clone holding a dead socket.
+//! A command that finds the connection lost fails (the caller decides what a lost reply means)
+//! and forgets it; the next one opens a new one, retrying with backoff, so a network blip or a
+//! server restart does not leave every clone holding a dead socket.
 //!
 //! An endpoint may be [`paced`](Endpoint::paced): every command through it, from any clone,
 //! counts against one operations-per-second limit for that server.
@@ -19,77 +22,128 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, Pipeline,
-    RedisConnectionInfo, TlsCertificates, Value,
-};
+use backon::{ExponentialBuilder, Retryable};
+use redis::aio::{MultiplexedConnection, PubSub};
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisConnectionInfo, Value};
+use tokio::sync::Mutex;
 
 use super::ReplicateError;
 use super::pace::Pace;
-use crate::upstream::Server;
+use crate::upstream::{Server, Upstream, UpstreamError, UpstreamStream};
 
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reconnect attempts per lost connection, waiting 0.5, 1, 2 and 4 s between them; a command
-/// issued after that tries again from the start.
+/// Attempts to open a lost connection again, waiting about 0.5, 1, 2 and 4 s (with jitter)
+/// between them; a command issued after that tries again from the start.
 const RECONNECT_RETRIES: usize = 4;
 
 /// A named connection to one Redis server.
 #[derive(Clone)]
 pub(crate) struct Endpoint {
     label: Arc<str>,
-    client: Client,
-    conn: ConnectionManager,
+    upstream: Upstream,
+    db: u16,
+    conn: Arc<Mutex<Current>>,
     pace: Arc<Pace>,
 }
 
+/// The connection commands go over, if one is open, and how many have been opened: a failure
+/// forgets the connection only if it is still the one that failed, so a late failure of an old
+/// connection never discards a new one.
+struct Current {
+    opened: u64,
+    conn: Option<MultiplexedConnection>,
+}
+
 impl Endpoint {
-    /// Connects to `server`; `role` is "source" or "target". The client is built from the
-    /// server's parts (address, database, credentials, TLS), never from a URL string, so a
-    /// password is neither re-encoded nor part of any label.
+    /// Connects to `server`; `role` is "source" or "target". One attempt, so a wrong address,
+    /// certificate or password is reported at once rather than after reconnect attempts.
     pub(crate) async fn connect(role: &str, server: &Server) -> Result<Self, ReplicateError> {
         let label: Arc<str> = Arc::from(format!("{role} {}", server.addr()).as_str());
-        let connect_error = |source| ReplicateError::Connect { server: label.clone(), source };
-        let (host, port) = (server.uri.host.clone(), server.uri.port);
-        let mut settings = RedisConnectionInfo::default().set_db(i64::from(server.uri.db));
-        if let Some(credentials) = &server.credentials {
-            if let Some(username) = &credentials.username {
-                settings = settings.set_username(username);
-            }
-            settings = settings.set_password(&credentials.password);
-        }
-        let client = if server.uri.tls {
-            if server.tls.server_name.is_some() {
-                return Err(ReplicateError::Usage(format!(
-                    "{label}: a TLS server name override is supported by sync mode only; connect by that name instead"
-                )));
-            }
-            let insecure = server.tls.insecure_skip_verify;
-            let addr = ConnectionAddr::TcpTls { host, port, insecure, tls_params: None };
-            let info = addr.into_connection_info().map_err(connect_error)?.set_redis_settings(settings);
-            let certificates = TlsCertificates { client_tls: None, root_cert: server.tls.ca_pem.clone() };
-            Client::build_with_tls(info, certificates).map_err(connect_error)?
-        } else {
-            let info = ConnectionAddr::Tcp(host, port).into_connection_info().map_err(connect_error)?;
-            Client::open(info.set_redis_settings(settings)).map_err(connect_error)?
+        let upstream = Upstream::to(server, CONNECT_TIMEOUT)
+            .map_err(|source| ReplicateError::Unreachable { server: label.clone(), source })?;
+        let endpoint = Endpoint {
+            label,
+            upstream,
+            db: server.uri.db,
+            conn: Arc::new(Mutex::new(Current { opened: 0, conn: None })),
+            pace: Arc::new(Pace::new(None)),
         };
-        // One plain attempt first, so that a wrong address or password is reported at once
-        // rather than after the manager's reconnect attempts.
-        let first = AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT));
-        client
-            .get_multiplexed_async_connection_with_config(&first)
+        let first = endpoint.open().await?;
+        *endpoint.conn.lock().await = Current { opened: 1, conn: Some(first) };
+        Ok(endpoint)
+    }
+
+    /// A new multiplexed connection: the stream opened (and authenticated, and in the server's
+    /// database) by the [`Upstream`]; the `redis` crate is given no settings to apply again.
+    async fn open(&self) -> Result<MultiplexedConnection, ReplicateError> {
+        let stream = self.stream().await?;
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let info = RedisConnectionInfo::default();
+        let setup = MultiplexedConnection::new_with_config(&info, stream, config);
+        let (conn, driver) = self.within_connect_timeout(setup).await?;
+        tokio::spawn(driver);
+        Ok(conn)
+    }
+
+    async fn stream(&self) -> Result<UpstreamStream, ReplicateError> {
+        self.upstream
+            .connect()
             .await
-            .map_err(|source| ReplicateError::Connect { server: label.clone(), source })?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_min_delay(Duration::from_millis(500))
-            .set_exponent_base(2.0)
-            .set_number_of_retries(RECONNECT_RETRIES);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|source| ReplicateError::Connect { server: label.clone(), source })?;
-        Ok(Endpoint { label, client, conn, pace: Arc::new(Pace::new(None)) })
+            .map_err(|source| ReplicateError::Unreachable { server: self.label.clone(), source })
+    }
+
+    /// The `redis` crate's set-up exchange on a new stream (it names the client library), bounded
+    /// as the dialling was: a server that accepts and never answers (stopped, overloaded) is
+    /// unreachable, not a wait without end.
+    async fn within_connect_timeout<T>(
+        &self,
+        setup: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, ReplicateError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, setup).await {
+            Ok(done) => done.map_err(|source| ReplicateError::Connect { server: self.label.clone(), source }),
+            Err(_) => Err(ReplicateError::Unreachable {
+                server: self.label.clone(),
+                source: UpstreamError::ConnectTimeout {
+                    addr: self.upstream.addr().to_string(),
+                    timeout: CONNECT_TIMEOUT,
+                },
+            }),
+        }
+    }
+
+    /// The open connection, or a new one (with retries) when the last was lost.
+    async fn conn(&self) -> Result<(u64, MultiplexedConnection), ReplicateError> {
+        let mut current = self.conn.lock().await;
+        if let Some(conn) = &current.conn {
+            return Ok((current.opened, conn.clone()));
+        }
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_factor(2.0)
+            .with_max_times(RECONNECT_RETRIES)
+            .with_jitter();
+        let conn = (|| self.open()).retry(backoff).when(ReplicateError::is_disconnect).await?;
+        current.opened += 1;
+        current.conn = Some(conn.clone());
+        Ok((current.opened, conn))
+    }
+
+    /// Forgets connection number `opened` after it failed in a way only a new one cures (the
+    /// `redis` crate's own judgement, as its connection manager uses it).
+    async fn lost(&self, opened: u64, err: &redis::RedisError) {
+        if err.is_unrecoverable_error() {
+            let mut current = self.conn.lock().await;
+            if current.opened == opened {
+                current.conn = None;
+            }
+        }
+    }
+
+    /// A dedicated connection for subscriptions, opened the same way.
+    pub(crate) async fn pubsub(&self) -> Result<PubSub, ReplicateError> {
+        let (stream, info) = (self.stream().await?, RedisConnectionInfo::default());
+        self.within_connect_timeout(PubSub::new(&info, stream)).await
     }
 
     /// Limits the commands sent to this server, per second, across every clone.
@@ -102,13 +156,9 @@ impl Endpoint {
         &self.label
     }
 
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
-    }
-
-    /// The logical database the URL selected (`redis://host/3` → 3).
+    /// The logical database the server's URI selected (`redis://host/3` → 3).
     pub(crate) fn db(&self) -> i64 {
-        self.client.get_connection_info().redis_settings().db()
+        i64::from(self.db)
     }
 
     /// Counts `n` commands sent to this server another way (a raw connection) against its
@@ -120,7 +170,14 @@ impl Endpoint {
     /// Runs one command.
     pub(crate) async fn cmd<T: FromRedisValue>(&self, command: &'static str, cmd: &Cmd) -> Result<T, ReplicateError> {
         self.pace.spend(1).await;
-        cmd.query_async(&mut self.conn.clone()).await.map_err(|source| self.error(command, source))
+        let (opened, mut conn) = self.conn().await?;
+        match cmd.query_async(&mut conn).await {
+            Ok(reply) => Ok(reply),
+            Err(source) => {
+                self.lost(opened, &source).await;
+                Err(self.error(command, source))
+            }
+        }
     }
 
     /// Runs a pipeline and returns one reply per command; a command's server error comes back
@@ -131,7 +188,14 @@ impl Endpoint {
             return Ok(Vec::new());
         }
         self.pace.spend(pipe.len()).await;
-        pipe.ignore_errors().query_async(&mut self.conn.clone()).await.map_err(|source| self.error(command, source))
+        let (opened, mut conn) = self.conn().await?;
+        match pipe.ignore_errors().query_async(&mut conn).await {
+            Ok(replies) => Ok(replies),
+            Err(source) => {
+                self.lost(opened, &source).await;
+                Err(self.error(command, source))
+            }
+        }
     }
 
     pub(crate) fn error(&self, command: &'static str, source: redis::RedisError) -> ReplicateError {

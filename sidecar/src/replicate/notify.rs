@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::{Client, Value, cmd};
+use redis::{Value, cmd};
 use tokio::sync::{Notify, oneshot};
 use tracing::{info, warn};
 
@@ -109,7 +109,7 @@ pub(crate) async fn subscriber(
     let label = source.label().clone();
     let mut ready = Some(ready);
     loop {
-        match subscribe(source.client(), source.db(), &barrier_channel).await {
+        match subscribe(&source, &barrier_channel).await {
             Ok(pubsub) => {
                 match ready.take() {
                     Some(ready) => {
@@ -150,17 +150,13 @@ pub(crate) async fn subscriber(
                 }
                 warn!(server = %label, "keyspace notification connection dropped; reconnecting, then rescanning");
             }
-            Err(source) => match ready.take() {
+            Err(err) => match ready.take() {
                 Some(ready) => {
-                    let _ = ready.send(Err(ReplicateError::Command {
-                        server: label.clone(),
-                        command: "PSUBSCRIBE",
-                        source,
-                    }));
+                    let _ = ready.send(Err(err));
                     return;
                 }
                 None => {
-                    warn!(server = %label, error = %source, "cannot resubscribe to keyspace notifications; retrying in 1s")
+                    warn!(server = %label, error = %err, "cannot resubscribe to keyspace notifications; retrying in 1s")
                 }
             },
         }
@@ -168,10 +164,10 @@ pub(crate) async fn subscriber(
     }
 }
 
-async fn subscribe(client: &Client, db: i64, barrier_channel: &str) -> redis::RedisResult<redis::aio::PubSub> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.psubscribe(format!("__keyevent@{db}__:*")).await?;
-    pubsub.subscribe(barrier_channel).await?;
+async fn subscribe(source: &Endpoint, barrier_channel: &str) -> Result<redis::aio::PubSub, ReplicateError> {
+    let mut pubsub = source.pubsub().await?;
+    pubsub.psubscribe(format!("__keyevent@{}__:*", source.db())).await.map_err(|e| source.error("PSUBSCRIBE", e))?;
+    pubsub.subscribe(barrier_channel).await.map_err(|e| source.error("SUBSCRIBE", e))?;
     Ok(pubsub)
 }
 

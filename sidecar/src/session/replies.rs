@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use super::writes::{SessionWrites, SharedInstant, SourceWrites};
 use super::{BUFFER, DRAIN_TIMEOUT, Latency};
 use crate::metrics::{ErrorKind, ProxyMetrics};
-use crate::reply::{Frame, ReplyScanner};
+use crate::reply::{Frame, ReplyScanner, Taken};
 use crate::route::Side;
 use crate::upstream::UpstreamStream;
 
@@ -475,30 +475,9 @@ impl<C: AsyncWrite> Replies<C> {
             self.fail(side, count, deliver);
             return Ok(0);
         };
-        let (mut taken, mut closed, mut unreadable) = (0, false, None);
-        while count > 0 {
-            let (n, replies) = reader.scanner.single_lines(&reader.buf[taken..], count);
-            (taken, count) = (taken + n, count - replies);
-            if count == 0 {
-                break;
-            }
-            let (n, frame) = match reader.scanner.scan(&reader.buf[taken..]) {
-                Ok(scanned) => scanned,
-                Err(err) => {
-                    unreadable = Some(err);
-                    break;
-                }
-            };
-            taken += n;
-            match frame {
-                Some(Frame::Reply) => count -= 1,
-                Some(Frame::Push) => {}
-                None => {
-                    closed = reader.closed;
-                    break;
-                }
-            }
-        }
+        let Taken { len: taken, replies, error: unreadable } = reader.scanner.replies(&reader.buf, count);
+        count -= replies;
+        let closed = count > 0 && reader.closed;
         if deliver {
             self.out.extend_from_slice(&reader.buf[..taken]);
         }

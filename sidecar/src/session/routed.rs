@@ -201,7 +201,10 @@ impl Session {
             match self.scanner.scan(&buffer[done..]) {
                 Ok(Some(request)) => {
                     let bytes = &buffer[done..done + request.len];
-                    if let Some(why) = self.cannot_continue(&strategy, bytes, &request) {
+                    // Only a transaction or a pinned session can have to stop here.
+                    if (self.pinned || !matches!(self.txn, Txn::None))
+                        && let Some(why) = self.cannot_continue(&strategy, bytes, &request)
+                    {
                         tracing::debug!(why, "closing the client's connection");
                         self.flush().await;
                         self.finish(Vec::new());
@@ -249,19 +252,11 @@ impl Session {
         }
         let name = &bytes[request.name.clone()];
         let key = command.key.map(|key| &bytes[key]);
-        if kind == CommandKind::Connection
-            && let Some(name) = ConnectionState::changed_by(name)
+        // Only these kinds hold requests about the connection itself: reads and writes pass by
+        // with one comparison.
+        if matches!(kind, CommandKind::Connection | CommandKind::Admin | CommandKind::PubSub)
+            && self.connection_command(plan, kind, name, bytes, request).await
         {
-            self.connection_state(plan, name, bytes).await;
-            return true;
-        }
-        if let Some(setting) = client_setting(kind, name, bytes, request) {
-            self.set_everywhere(plan, bytes, kind, Some(bytes)).await;
-            self.settings.record(setting, Bytes::copy_from_slice(bytes));
-            return true;
-        }
-        if pins(kind, name, bytes, request) {
-            self.pin(plan, bytes, kind).await;
             return true;
         }
         if let Txn::Refused(reason) = self.txn {
@@ -335,6 +330,31 @@ impl Session {
                     }
                 }
             },
+        }
+        true
+    }
+
+    /// Serves a request that sets or changes the state of the client's connection (AUTH,
+    /// HELLO, SELECT, RESET, a CLIENT setting) or pins the session; false for any other.
+    async fn connection_command(
+        &mut self,
+        plan: &Plan,
+        kind: CommandKind,
+        name: &[u8],
+        bytes: &[u8],
+        request: &Request,
+    ) -> bool {
+        if kind == CommandKind::Connection
+            && let Some(name) = ConnectionState::changed_by(name)
+        {
+            self.connection_state(plan, name, bytes).await;
+        } else if let Some(setting) = client_setting(kind, name, bytes, request) {
+            self.set_everywhere(plan, bytes, kind, Some(bytes)).await;
+            self.settings.record(setting, Bytes::copy_from_slice(bytes));
+        } else if pins(kind, name, bytes, request) {
+            self.pin(plan, bytes, kind).await;
+        } else {
+            return false;
         }
         true
     }
@@ -563,7 +583,7 @@ impl Session {
 
     /// Queues `request` for `side`; false when `side` is unreachable (the client gets an error).
     async fn send(&mut self, plan: &Plan, side: Side, request: &[u8], kind: CommandKind, reply: Reply) -> bool {
-        if !self.connected(plan, side).await {
+        if !(self.open(side) || self.connect(plan, side).await) {
             if let Some(error) = &self.unreachable[side as usize] {
                 self.pending.push_back(Due::Made(error.clone()));
             }
@@ -605,14 +625,24 @@ impl Session {
     /// Makes sure the session has a connection to `side`, opening it (and replaying the
     /// client's connection state) when needed.
     async fn connected(&mut self, plan: &Plan, side: Side) -> bool {
+        self.open(side) || self.connect(plan, side).await
+    }
+
+    /// Whether the session's connection to `side` is open, forgetting one the reply side saw
+    /// close. Checked before anything async, so a request to an open side costs no future.
+    fn open(&mut self, side: Side) -> bool {
         let index = side as usize;
         let lost = &self.shared.lost[index];
         if lost.load(Ordering::Relaxed) && lost.swap(false, Ordering::Relaxed) {
             self.conns[index] = None;
         }
-        if self.conns[index].is_some() {
-            return true;
-        }
+        self.conns[index].is_some()
+    }
+
+    /// Opens a connection to `side` (not open: see [`Self::open`]) and queues the client's
+    /// connection state for it; false when it cannot be reached in this batch.
+    async fn connect(&mut self, plan: &Plan, side: Side) -> bool {
+        let index = side as usize;
         if self.unreachable[index].is_some() {
             return false;
         }

@@ -41,7 +41,7 @@ impl Proxy {
     pub async fn routed(source: &str, config: CurrentConfig, max_pause: Duration) -> (Proxy, Routing) {
         let timeout = Duration::from_millis(500);
         let source = Upstream::new(source, &TlsSettings::default(), timeout).expect("valid upstream");
-        let settings = UpstreamSettings { tls: TlsSettings::default(), connect_timeout: timeout, target: None };
+        let settings = UpstreamSettings { target_tls: TlsSettings::default(), connect_timeout: timeout, target: None };
         let routing = Routing::follow(source, settings, config, None, max_pause);
         (Proxy::serve(Backend::Routed(routing.clone())).await, routing)
     }

@@ -110,7 +110,7 @@ impl Follower<'_> {
                 read = self.source.fill(1) => {
                     read?;
                     let now = Instant::now();
-                    pending.arrivals.push_back((pending.offset + self.source.buf.len() as u64, now));
+                    pending.arrivals.push_back((pending.offset + self.source.conn.buf.len() as u64, now));
                     // Published before applying: if the target stalls, the lag keeps growing.
                     if pending.arrivals.len() == 1 {
                         self.reporter.progress.behind_since = Some(now);
@@ -133,8 +133,8 @@ impl Follower<'_> {
         loop {
             let mut batch = Batch { request: b"*1\r\n$5\r\nMULTI\r\n".to_vec(), queued: 0, writes: 0 };
             let mut more = false;
-            while let Some(request) = pending.scanner.scan(&self.source.buf).map_err(|e| self.source.error(e))? {
-                let bytes = self.source.buf.split_to(request.len);
+            while let Some(request) = pending.scanner.scan(&self.source.conn.buf).map_err(|e| self.source.error(e))? {
+                let bytes = self.source.conn.buf.split_to(request.len);
                 pending.offset += request.len as u64;
                 let mut args = request.args(&bytes);
                 let name = args.next().map(|r| bytes[r].to_ascii_uppercase()).unwrap_or_default();
@@ -238,7 +238,7 @@ impl Follower<'_> {
 
     fn report(&mut self, pending: &Pending, master: u64) {
         let applied = self.applied.offset;
-        let received = pending.offset + self.source.buf.len() as u64;
+        let received = pending.offset + self.source.conn.buf.len() as u64;
         let progress = &mut self.reporter.progress;
         progress.lag_bytes = master.max(received).saturating_sub(applied);
         // Until every held expiry is settled the target is behind since the hold began.

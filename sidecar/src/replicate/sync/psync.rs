@@ -87,13 +87,13 @@ async fn preamble(link: &mut Link) -> Result<Framing, ReplicateError> {
 async fn line(link: &mut Link) -> Result<String, ReplicateError> {
     const MAX_LINE: usize = 1024;
     loop {
-        let newlines = link.buf.iter().take_while(|&&b| b == b'\n').count();
-        let _ = link.buf.split_to(newlines);
-        if let Some(end) = link.buf.windows(2).position(|w| w == b"\r\n") {
-            let line = link.buf.split_to(end + 2);
+        let newlines = link.conn.buf.iter().take_while(|&&b| b == b'\n').count();
+        let _ = link.conn.buf.split_to(newlines);
+        if let Some(end) = link.conn.buf.windows(2).position(|w| w == b"\r\n") {
+            let line = link.conn.buf.split_to(end + 2);
             return Ok(String::from_utf8_lossy(&line[..end]).into_owned());
         }
-        if link.buf.len() > MAX_LINE {
+        if link.conn.buf.len() > MAX_LINE {
             return Err(link.error("a reply line longer than any handshake reply"));
         }
         link.fill(1).await?;

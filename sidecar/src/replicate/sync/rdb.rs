@@ -107,7 +107,7 @@ pub(crate) trait Feed {
 
 impl Feed for super::link::Link {
     fn buffer(&mut self) -> &mut BytesMut {
-        &mut self.buf
+        &mut self.conn.buf
     }
 
     async fn fill(&mut self, want: usize) -> Result<usize, ReplicateError> {
