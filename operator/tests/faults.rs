@@ -341,7 +341,8 @@ async fn an_operator_killed_mid_copy_loses_no_write_and_a_cutover_at_a_quarter_o
     let fill = "for i = 1, ARGV[1] do redis.call('HSET', 'key:' .. i, 'field', i) end";
     let _: () = redis::cmd("EVAL").arg(fill).arg(0).arg(KEYS).query_async(&mut connect(&source).await).await.unwrap();
     let data = "sync, targetOpsPerSecond: 4000";
-    let mut scenario = Scenario::copying("operator-mid-copy", &[Pod::new("app-0"), Pod::new("app-1")], source, data).await;
+    let mut scenario =
+        Scenario::copying("operator-mid-copy", &[Pod::new("app-0"), Pod::new("app-1")], source, data).await;
     let copying = scenario
         .harness
         .wait("shop", "the copy under way", |m| {
@@ -364,12 +365,8 @@ async fn an_operator_killed_mid_copy_loses_no_write_and_a_cutover_at_a_quarter_o
     scenario.harness.apply(&migration("shop", data, 25, "newAuthoritative"));
     scenario.harness.wait_phase("shop", Phase::CutOver).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let copied: usize = redis::cmd("EVAL")
-        .arg("return #redis.call('KEYS', 'key:*')")
-        .arg(0)
-        .query_async(&mut on_target)
-        .await
-        .unwrap();
+    let copied: usize =
+        redis::cmd("EVAL").arg("return #redis.call('KEYS', 'key:*')").arg(0).query_async(&mut on_target).await.unwrap();
     assert_eq!(copied, KEYS, "every key of the copy is on the target");
     for (name, acknowledged) in scenario.finish(Side::Target).await {
         assert_eq!(acknowledged.refused, 0, "{name}: the operator's death refused no write before the cutover");
