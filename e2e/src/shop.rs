@@ -74,8 +74,17 @@ pub fn writer(name: &str, annotations: &str, address: Option<&str>) -> String {
     pod(name, WRITER_IMAGE, annotations, &command)
 }
 
+/// Starts [`redis_servers`] in `namespace`, waits until both serve, and puts `preloaded`
+/// lists on the source ([`preload`]).
+pub fn start_redis_servers(cluster: &Cluster, namespace: &str, preloaded: u64) -> Result<(), FixtureError> {
+    cluster.apply_manifest(namespace, &redis_servers())?;
+    let pods = ["pod/redis-source", "pod/redis-target"];
+    cluster.run_kubectl(&["wait", "-n", namespace, "--for=condition=Ready", pods[0], pods[1], "--timeout=120s"])?;
+    preload(cluster, namespace, preloaded)
+}
+
 /// Redis servers `redis-source` and `redis-target` in pods, each behind a Service of its name.
-pub fn redis_servers() -> String {
+fn redis_servers() -> String {
     let server = |name: &str| {
         let command = r#"[redis-server, --save, "", --protected-mode, "no", --dir, /tmp]"#;
         let pod = pod(name, crate::node::TOOLS_IMAGE, "", command);

@@ -31,8 +31,6 @@ const PROXIES: i32 = 3;
 /// Lists on the source before the copy: at its pace, about 10 s to copy, long enough to
 /// delete the leading operator pod in the middle of it.
 const PRELOADED: u64 = 20_000;
-/// The sidecar's admin port (`eden_operator::proxy::ADMIN_PORT`), where its metrics are.
-const SIDECAR_ADMIN_PORT: u16 = 9090;
 const PATIENCE: Duration = Duration::from_secs(180);
 
 fn json(node: &Node, args: &[&str]) -> Value {
@@ -182,18 +180,7 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
     })
     .unwrap();
 
-    node.apply_manifest(&apps, &shop::redis_servers()).unwrap();
-    node.run_kubectl(&[
-        "wait",
-        "-n",
-        &apps,
-        "--for=condition=Ready",
-        "pod/redis-source",
-        "pod/redis-target",
-        "--timeout=120s",
-    ])
-    .unwrap();
-    shop::preload(node, &apps, PRELOADED).unwrap();
+    shop::start_redis_servers(node, &apps, PRELOADED).unwrap();
 
     // The application's pods write from the moment their sidecars have a strategy, through the
     // copy and everything after.
@@ -257,7 +244,7 @@ async fn helm_installs_eden_and_a_migration_goes_its_whole_way_under_writing_pod
         wait_applied(node, &apps, &format!("reads {percent}% on the target"), |payload| payload.contains(&line));
     }
     let admins: Vec<String> =
-        APPS.iter().map(|name| format!("{}:{SIDECAR_ADMIN_PORT}", pod_ip(node, &apps, name))).collect();
+        APPS.iter().map(|name| format!("{}:{}", pod_ip(node, &apps, name), eden_operator::proxy::ADMIN_PORT)).collect();
     eventually("reads served by the target", Duration::from_secs(60), || {
         (admins.iter().map(|admin| target_reads(admin.as_str())).sum::<u64>() > 0).then_some(())
     })

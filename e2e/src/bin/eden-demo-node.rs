@@ -56,17 +56,7 @@ async fn walkthrough() -> Result<()> {
     done(&format!("release eden in namespace {system}; sidecars allowed in {apps}"));
 
     step("Two Redis pods (source with data, empty target), Endpoints, Migration `cache` with a gateway");
-    node.apply_manifest(&apps, &shop::redis_servers())?;
-    node.run_kubectl(&[
-        "wait",
-        "-n",
-        &apps,
-        "--for=condition=Ready",
-        "pod/redis-source",
-        "pod/redis-target",
-        "--timeout=120s",
-    ])?;
-    shop::preload(node, &apps, PRELOADED)?;
+    shop::start_redis_servers(node, &apps, PRELOADED)?;
     node.apply_manifest(&apps, &shop::endpoints_and_migration(&apps))?;
     done(&format!("{PRELOADED} lists on the source; the operator probes both servers and copies"));
 
