@@ -173,7 +173,7 @@ impl Scenario {
         let harness = Harness::start(prefix).await;
         let target = RedisServer::start().unwrap();
         let nowhere = format!("redis://127.0.0.1:{}", eden_e2e::free_port().unwrap());
-        harness.apply(&endpoints(&source, &target).replace(&target.url(), &nowhere));
+        harness.apply(&endpoints_at(&source.url(), &nowhere));
         harness.apply(&migration("shop", data, 0, "oldAuthoritative"));
         let scenario = Scenario::with_writers(harness, source, target, pods).await;
         scenario.harness.apply(&endpoints(&scenario.source, &scenario.target));

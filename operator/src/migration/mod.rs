@@ -226,15 +226,15 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
         let floor = observation.sidecars.max_applied().max(ctx.fence_clock(&uid).latest());
         let next = configmap::next_generation(observation.config.as_ref(), &payload, floor, barrier_due);
         if Some(next) != observation.config.as_ref().map(|c| c.generation) {
-            let pauses = effective.writes == Writes::Paused;
-            push = Some((eden_sidecar::config::EdenConfig { generation: next, ..payload }, pauses));
+            push = Some(eden_sidecar::config::EdenConfig { generation: next, ..payload });
             generation = next;
         }
         if barrier_due {
             barrier = Some(next as i64);
         }
     }
-    let pausing = push.as_ref().is_some_and(|(_, pauses)| *pauses);
+    // This reconcile's push is the one that pauses writes.
+    let pausing = push.is_some() && decision.effective.is_some_and(|e| e.writes == Writes::Paused);
 
     if decision.phase == Phase::Completed && observation.phase != Phase::Completed {
         forget_sync_position(&migration, ctx).await;
@@ -286,7 +286,7 @@ async fn apply(migration: Arc<Migration>, ctx: &Context) -> Result<Action, Error
     if pausing && status_due {
         write_status(&migration, ctx, &new_status).await?;
     }
-    if let Some((payload, _)) = push {
+    if let Some(payload) = push {
         push_config(&migration, ctx, &payload).await?;
         ctx.fence_clock(&uid).generation_seen(payload.generation, tokio::time::Instant::now());
         let note = status::describe_strategy(&payload);

@@ -156,11 +156,14 @@ pub fn condition<'a>(
 }
 
 pub fn endpoints(source: &RedisServer, target: &RedisServer) -> String {
+    endpoints_at(&source.url(), &target.url())
+}
+
+/// Endpoints `source` and `target` at these URIs.
+pub fn endpoints_at(source: &str, target: &str) -> String {
     format!(
-        "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: source}}\nspec: {{uri: \"{}\"}}\n---\n\
-         apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: target}}\nspec: {{uri: \"{}\"}}\n",
-        source.url(),
-        target.url()
+        "apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: source}}\nspec: {{uri: \"{source}\"}}\n---\n\
+         apiVersion: eden.io/v1alpha1\nkind: Endpoint\nmetadata: {{name: target}}\nspec: {{uri: \"{target}\"}}\n"
     )
 }
 
