@@ -70,10 +70,66 @@ pub fn repo_root() -> PathBuf {
     manifest_dir.join("..")
 }
 
-/// A loopback port that was free a moment ago. Another process may take it before the caller
-/// binds it; fixtures that lose that race fail with a clear "did not become ready".
+/// A loopback port for a server the caller starts, which may bind it only seconds later (a
+/// sidecar listens once it has read its strategy from the API server) and again after a restart.
+///
+/// A port the kernel picked for `127.0.0.1:0` would be free only for a moment: it comes from the
+/// ephemeral range, where every outgoing connection of the suite (thousands a minute) takes its
+/// local port, and where another test process's pick may land too. So ports come from below the
+/// ephemeral range, where no outgoing connection goes, in blocks a process claims by listening
+/// on the block's first port for as long as it runs: two test processes never share a block, and
+/// a process never hands out a port twice. A port some other program listens on is skipped.
 pub fn free_port() -> Result<u16, FixtureError> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static PORTS: std::sync::Mutex<Ports> = std::sync::Mutex::new(Ports { claims: Vec::new(), next: 0, end: 0 });
+    let mut ports = PORTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        if ports.next == ports.end {
+            ports.claim_block()?;
+        }
+        let port = ports.next;
+        ports.next += 1;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+/// The blocks of ports this process holds (see [`free_port`]), and what is left of the last.
+struct Ports {
+    /// A listener on the first port of each block claimed, kept for the process's lifetime.
+    claims: Vec<TcpListener>,
+    next: u16,
+    end: u16,
+}
+
+impl Ports {
+    const BLOCK: u16 = 64;
+    const LOWEST: u16 = 10_000;
+
+    /// Claims the first block after the last one (the first at a place of this process's own,
+    /// so that processes started together do not all try the same block) that no process holds.
+    fn claim_block(&mut self) -> Result<(), FixtureError> {
+        // The kernel's ephemeral range starts at 32768 unless configured otherwise.
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768u16);
+        let blocks = (ephemeral.saturating_sub(Self::LOWEST) / Self::BLOCK).max(1);
+        let first = match self.claims.is_empty() {
+            true => (std::process::id() % u32::from(blocks)) as u16,
+            false => (self.end - Self::LOWEST) / Self::BLOCK,
+        };
+        let (claim, start) = (0..blocks)
+            .map(|i| Self::LOWEST + (first + i) % blocks * Self::BLOCK)
+            .find_map(|start| Some((TcpListener::bind(("127.0.0.1", start)).ok()?, start)))
+            .ok_or_else(|| FixtureError::NotReady {
+                what: "a block of loopback ports".into(),
+                detail: format!("every block of {} ports below {ephemeral} is taken", Self::BLOCK),
+            })?;
+        self.claims.push(claim);
+        (self.next, self.end) = (start + 1, start + Self::BLOCK);
+        Ok(())
+    }
 }
 
 /// The path of one of the workspace's binaries (`eden-sidecar` of package directory `sidecar`),
@@ -175,4 +231,23 @@ fn stdout_of(command: &mut Command, stdin: Option<&str>) -> Result<String, Fixtu
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range_in_blocks_held_by_this_process() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let ephemeral: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        let ports: Vec<u16> = (0..3 * Ports::BLOCK).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
+        assert!(ports.iter().all(|&port| (Ports::LOWEST..ephemeral).contains(&port)), "{ports:?}");
+        for port in ports {
+            let block = Ports::LOWEST + (port - Ports::LOWEST) / Ports::BLOCK * Ports::BLOCK;
+            assert!(TcpListener::bind(("127.0.0.1", block)).is_err(), "block {block} of port {port} is not held");
+        }
+    }
 }
