@@ -12,13 +12,14 @@ use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-/// How a writer reaches its sidecar (or a gateway): `host:port`. A client of a sidecar that may
-/// be restarted treats a dropped connection as the end of that connection, not a failure: what
-/// it had sent is ambiguous (applied or not, it cannot know), and it connects again.
+/// How a writer reaches its sidecar (or a gateway): `host:port`. A client whose connection may
+/// drop (its sidecar restarted, or a server the sidecar relays for gone) treats a dropped
+/// connection as the end of that connection, not a failure: what it had sent is ambiguous
+/// (applied or not, it cannot know), and it connects again.
 #[derive(Clone, Debug)]
 pub struct Client {
     pub address: String,
-    pub restarts: bool,
+    pub drops: bool,
 }
 
 impl Client {
@@ -37,7 +38,7 @@ impl Client {
 
     /// Whether `err` ends the connection rather than fails the writer.
     pub fn dropped(&self, err: &redis::RedisError) -> bool {
-        self.restarts && (err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error())
+        self.drops && (err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error())
     }
 }
 
@@ -48,7 +49,7 @@ pub struct Acknowledged {
     pub incr: i64,
     /// RPUSHed values, each answered with a length.
     pub pushed: Vec<i64>,
-    /// Writes answered with an error (refused by a fenced sidecar).
+    /// Writes answered with an error (refused by a fenced sidecar, or its server unreachable).
     pub refused: u64,
     /// The longest one round of writes (INCR, RPUSH, SET) waited for its replies.
     pub longest: Duration,
@@ -57,6 +58,8 @@ pub struct Acknowledged {
     pub stale_reads: u64,
     /// Reads of it, in all.
     pub reads: u64,
+    /// Reads answered with the sidecar's error (their server unreachable), by either client.
+    pub refused_reads: u64,
     /// The longest a read took, for a client of the same sidecar that only reads.
     pub longest_read: Duration,
     /// INCRs and RPUSHed values sent on a connection that dropped before their reply.
@@ -73,7 +76,7 @@ impl Acknowledged {
     pub async fn assert_exact_on(&self, name: &str, server: &mut MultiplexedConnection) {
         eprintln!(
             "{name}: {} INCRs and {} RPUSHes acknowledged, {} refused, {} ambiguous, {} reconnects, longest wait \
-             {:?}, longest read {:?}, {} of {} reads stale",
+             {:?}, longest read {:?}, {} of {} reads stale, {} reads refused",
             self.incr,
             self.pushed.len(),
             self.refused,
@@ -82,7 +85,8 @@ impl Acknowledged {
             self.longest,
             self.longest_read,
             self.stale_reads,
-            self.reads
+            self.reads,
+            self.refused_reads
         );
         assert_eq!(self.stale_reads, 0, "{name}: a read went back in time for its client");
         let counter: i64 = server.get::<_, Option<i64>>(format!("counter:{name}")).await.unwrap().unwrap_or(0);
@@ -116,28 +120,42 @@ pub fn target_reads(admin: impl std::net::ToSocketAddrs) -> u64 {
 }
 
 /// A writer and a reader of the same sidecar until `stop`: [`write_until`] with the reader's
-/// longest read (its reads, of a key it never writes, may be served by the target).
+/// longest read and refused reads (its reads, of a key it never writes, may be served by the
+/// target).
 pub async fn write_and_read_until(client: Client, name: &str, stop: watch::Receiver<bool>) -> Acknowledged {
     let reader = tokio::spawn(read_until(client.clone(), name.to_string(), stop.clone()));
     let mut acknowledged = write_until(client, name, stop).await;
-    acknowledged.longest_read = reader.await.expect("the reader does not panic");
+    let (longest_read, refused_reads) = reader.await.expect("the reader does not panic");
+    acknowledged.longest_read = longest_read;
+    acknowledged.refused_reads += refused_reads;
     acknowledged
 }
 
-/// Reads `last:<name>` through the sidecar until `stop`; returns the longest a read took.
-async fn read_until(client: Client, name: String, mut stop: watch::Receiver<bool>) -> Duration {
-    let (mut longest, mut sidecar) = (Duration::ZERO, client.connect().await);
+/// Reads `last:<name>` through the sidecar until `stop`; returns the longest a read took and
+/// how many the sidecar refused.
+async fn read_until(client: Client, name: String, mut stop: watch::Receiver<bool>) -> (Duration, u64) {
+    let (mut longest, mut refused, mut sidecar) = (Duration::ZERO, 0, client.connect().await);
     while !*stop.borrow_and_update() {
         let started = Instant::now();
         let read: redis::RedisResult<Option<i64>> = sidecar.get(format!("last:{name}")).await;
         match read {
             Ok(_) => longest = longest.max(started.elapsed()),
             Err(err) if client.dropped(&err) => sidecar = client.connect().await,
-            Err(err) => panic!("{name}: a read failed: {err}"),
+            Err(err) => {
+                assert_refusal(&name, &err);
+                refused += 1;
+            }
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    longest
+    (longest, refused)
+}
+
+/// Fails the writer unless `err` is the sidecar's own answer (`-ERR eden: …`): a write a fenced
+/// sidecar refuses, or a request whose server it cannot reach.
+fn assert_refusal(name: &str, err: &redis::RedisError) {
+    assert!(!err.is_io_error() && !err.is_timeout(), "{name}: the sidecar failed the client: {err}");
+    assert!(err.to_string().contains("eden:"), "{name}: an error that is not a refusal: {err}");
 }
 
 /// Writes `INCR counter:<name>`, `RPUSH seq:<name> n` and `SET last:<name> n` through the
@@ -160,8 +178,7 @@ async fn write_until(client: Client, name: &str, mut stop: watch::Receiver<bool>
             match outcome {
                 Err(err) if client.dropped(err) => dropped = true,
                 Err(err) => {
-                    assert!(!err.is_io_error() && !err.is_timeout(), "{name}: the sidecar failed the client: {err}");
-                    assert!(err.to_string().contains("eden:"), "{name}: an error that is not a refusal: {err}");
+                    assert_refusal(name, err);
                     acknowledged.refused += 1;
                 }
                 Ok(()) => {}
@@ -185,12 +202,17 @@ async fn write_until(client: Client, name: &str, mut stop: watch::Receiver<bool>
                 Ok(read) => {
                     acknowledged.reads += 1;
                     acknowledged.stale_reads += u64::from(read < last);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
                 }
-                Err(err) if client.dropped(&err) => {}
-                Err(err) => panic!("{name}: a read failed: {err}"),
+                Err(err) if client.dropped(&err) => dropped = true,
+                Err(err) => {
+                    assert_refusal(name, &err);
+                    acknowledged.refused_reads += 1;
+                }
             }
+        }
+        if !dropped {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
         }
         // What the dropped connection had sent may or may not have been applied; whether
         // `last` moved is unknown too, so reads are judged from the next SET on.

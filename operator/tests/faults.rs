@@ -71,7 +71,7 @@ impl SidecarProcess {
 
     /// A client of this sidecar.
     fn client(&self) -> Client {
-        Client { address: format!("127.0.0.1:{}", self.port), restarts: false }
+        Client { address: format!("127.0.0.1:{}", self.port), drops: false }
     }
 }
 
@@ -110,7 +110,8 @@ impl<'a> Pod<'a> {
         Pod { fenced_after_ms, ..self }
     }
 
-    /// Its sidecar will be restarted: its clients connect again when it drops them.
+    /// Its sidecar will be restarted: its clients connect again when it drops them (as they do
+    /// when its target is cut off, with requests in flight there).
     fn restarted(self) -> Pod<'a> {
         Pod { restarted: true, ..self }
     }
@@ -199,7 +200,7 @@ impl Scenario {
             };
             let process = SidecarProcess::spawn(&files, &harness.namespace, pod, &source, &kubeconfig, relay.as_ref());
             target_relays.extend(relay);
-            let client = Client { restarts: pod.restarted, ..process.client() };
+            let client = Client { drops: pod.restarted || pod.relayed_target, ..process.client() };
             writers.push((pod.name, tokio::spawn(write_and_read_until(client, pod.name, stopped.clone()))));
             processes.push(process);
         }
@@ -309,6 +310,58 @@ async fn a_sidecar_cut_off_from_the_api_server_during_a_cutover_loses_no_acknowl
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sidecar_cut_off_from_the_api_server_during_a_rollback_loses_no_acknowledged_write() {
     cut_off_while_writes_move("cut-rollback", true).await;
+}
+
+/// Two sidecars; one reaches the target through a relay that is cut for 3 s as soon as writes
+/// start to move (the cutover's pause, or with `rollback` the rollback after it, which has no
+/// pause), its path to the API server and the source up. Its clients see what Redis's own clients see of a server that goes
+/// away (a request in flight there ends with its connection, a new one fails), nothing
+/// acknowledged is lost, no read goes back in time, and the other sidecar sees nothing of it.
+async fn target_cut_while_writes_move(prefix: &str, rollback: bool) {
+    let scenario = Scenario::start(prefix, &[Pod::new("cut-off").target_via_relay(), Pod::new("app-1")]).await;
+    let harness = &scenario.harness;
+    let (moved, authoritative) = match rollback {
+        true => {
+            harness.apply(&migration("shop", "sync", 25, "newAuthoritative"));
+            harness.wait_phase("shop", Phase::CutOver).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let manifest = migration("shop", "sync", 25, "oldAuthoritative");
+            apply_and_wait_for_push(harness, &manifest, |p| p.write_policy == WritePolicy::OldAuthoritative).await;
+            (Phase::RolledBack, Side::Source)
+        }
+        false => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            apply_and_wait_for_pause(harness, &migration("shop", "sync", 25, "newAuthoritative")).await;
+            (Phase::CutOver, Side::Target)
+        }
+    };
+    scenario.target_relays[0].cut();
+    let sidecars = sidecar_counts(&harness.wait_phase("shop", moved).await).cloned().unwrap();
+    assert_eq!((sidecars.acknowledged, sidecars.fenced), (2, 0), "the API server heard from both: {sidecars:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    scenario.target_relays[0].heal();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (name, acknowledged) in scenario.finish(authoritative).await {
+        assert!(acknowledged.longest < Duration::from_secs(3), "{name}: no write waited past the pause bound");
+        let failed = acknowledged.refused + acknowledged.refused_reads + u64::from(acknowledged.reconnects);
+        match (name, rollback) {
+            // Its writes and its own key's reads were the unreachable target's.
+            ("cut-off", false) => assert!(failed > 0, "{name}: the target was out of reach: {acknowledged:?}"),
+            // Back on the source: the target serves it nothing a deadline does not cover.
+            ("cut-off", true) => assert_eq!(failed, 0, "{name}: nothing of it needed the target"),
+            _ => assert_eq!(failed, 0, "{name}: a sidecar that reaches both sides never failed a client"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_cut_off_from_the_target_during_a_cutover_loses_no_acknowledged_write() {
+    target_cut_while_writes_move("target-cut-cutover", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_cut_off_from_the_target_during_a_rollback_loses_no_acknowledged_write() {
+    target_cut_while_writes_move("target-cut-rollback", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

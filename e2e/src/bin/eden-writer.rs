@@ -35,7 +35,7 @@ async fn main() -> ExitCode {
     let mut terminate = signal(SignalKind::terminate()).expect("a SIGTERM handler");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let address = std::env::args().nth(2).unwrap_or_else(|| "127.0.0.1:6379".into());
-    let client = Client { address, restarts: true };
+    let client = Client { address, drops: true };
     let writer = tokio::spawn(async move { write_and_read_until(client, &name, stopped).await });
     terminate.recv().await;
     stop.send_replace(true);

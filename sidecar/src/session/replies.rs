@@ -240,7 +240,7 @@ pub(super) struct Replies<C> {
     copy: BytesMut,
     shared: Arc<Shared>,
     metrics: Arc<ProxyMetrics>,
-    /// Each side's address, for the errors clients see.
+    /// Each side's address, for the log.
     addrs: [Option<Arc<str>>; 2],
 }
 
@@ -429,7 +429,7 @@ impl<C: AsyncWrite> Replies<C> {
     }
 
     /// Whether a whole reply from `side` is buffered, after the replies it must drop; a side
-    /// without a live connection is ready (its reply is an error).
+    /// without a live connection is ready (taking its reply ends the client's connection).
     fn ready(&mut self, side: Side) -> Result<bool, ()> {
         if !self.skip_dropped(side)? {
             return Ok(false);
@@ -468,12 +468,11 @@ impl<C: AsyncWrite> Replies<C> {
     }
 
     /// Takes up to `count` replies from `side`'s buffer; returns how many are still missing.
-    /// A side without a live connection answers each with an error. What is taken goes on
-    /// in one piece.
+    /// Replies a side without a live connection owes the client end it ([`Self::fail`]). What
+    /// is taken goes on in one piece.
     fn take_replies(&mut self, side: Side, mut count: u32, deliver: bool, copy: bool) -> Result<u32, ()> {
         let Some(reader) = self.sides[side as usize].as_mut() else {
-            self.fail(side, count, deliver);
-            return Ok(0);
+            return self.fail(side, count, deliver).map(|()| 0);
         };
         let Taken { len: taken, replies, error: unreadable } = reader.scanner.replies(&reader.buf, count);
         count -= replies;
@@ -492,20 +491,24 @@ impl<C: AsyncWrite> Replies<C> {
         }
         if closed {
             self.sides[side as usize] = None;
-            self.fail(side, count, deliver);
-            return Ok(0);
+            return self.fail(side, count, deliver).map(|()| 0);
         }
         Ok(count)
     }
 
-    fn fail(&mut self, side: Side, count: u32, deliver: bool) {
-        if deliver {
+    /// `count` replies `side` will never send, its connection gone. Replies only to drop are
+    /// dropped. Replies due to the client close its connection, after the replies before them
+    /// (`Err`), as Redis's own clients see it when their server goes: a request the server had
+    /// read may have run, and only a closed connection tells the client that it cannot know.
+    /// An error reply would tell it that a write which may have been applied was not.
+    fn fail(&mut self, side: Side, count: u32, deliver: bool) -> Result<(), ()> {
+        if deliver && count > 0 {
             let addr = self.addrs[side as usize].as_deref().unwrap_or(side.as_str());
-            let error = format!("-ERR eden: upstream {addr} closed the connection\r\n");
-            for _ in 0..count {
-                self.out.extend_from_slice(error.as_bytes());
-            }
+            tracing::warn!(upstream = addr, replies = count, "upstream closed with replies due; closing the client");
+            self.metrics.error(ErrorKind::Io);
+            return Err(());
         }
+        Ok(())
     }
 
     /// Passes on complete RESP3 pushes waiting at the front of a side's buffer, when the client
