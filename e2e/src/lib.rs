@@ -1,6 +1,6 @@
-//! Real components for Eden's tests and its demo: `redis-server` processes, a local Kubernetes
-//! control plane (etcd + kube-apiserver built from the upstream Go module), a real node where
-//! Pods run ([`Node`]) and Helm (built from its published module).
+//! Real components for Eden's tests and its demo: `redis-server` processes and Redis Clusters,
+//! a local Kubernetes control plane (etcd + kube-apiserver built from the upstream Go module), a
+//! real node where Pods run ([`Node`]) and Helm (built from its published module).
 //!
 //! Nothing here is a mock. Tests and the demo start what a user would have, on free loopback
 //! ports (the node: on its own pod network), and tear it down when the fixture is dropped or its
@@ -11,6 +11,7 @@ mod control_plane;
 mod helm;
 pub mod node;
 mod redis;
+mod redis_cluster;
 mod relay;
 pub mod shop;
 mod tls;
@@ -26,6 +27,7 @@ pub use control_plane::ControlPlane;
 pub use helm::Helm;
 pub use node::Node;
 pub use redis::{RedisConfig, RedisServer};
+pub use redis_cluster::RedisCluster;
 pub use relay::Relay;
 pub use tls::{TestPki, TlsFiles};
 

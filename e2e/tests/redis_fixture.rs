@@ -1,7 +1,7 @@
 //! The redis-server fixture is a real server: commands round-trip, and stop/restart keep the
 //! port, which the sidecar's upstream-restart tests rely on.
 
-use eden_e2e::{RedisConfig, RedisServer};
+use eden_e2e::{RedisCluster, RedisConfig, RedisServer};
 use redis::AsyncCommands;
 
 async fn connect(server: &RedisServer) -> redis::aio::MultiplexedConnection {
@@ -56,4 +56,18 @@ async fn restart_keeps_the_port_and_starts_empty() {
     let mut conn = connect(&server).await;
     let exists: bool = conn.exists("before").await.unwrap();
     assert!(!exists, "a restarted server has no persistence");
+}
+
+#[tokio::test]
+async fn a_cluster_has_every_slot_served_by_its_primaries_each_with_its_replica() {
+    let cluster = RedisCluster::start(3, 1).unwrap();
+    assert_eq!(cluster.nodes().len(), 6);
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut connect(node).await).await.unwrap();
+        let expected = if i < cluster.primaries().len() { "master" } else { "slave" };
+        assert_eq!(role[0], redis::Value::BulkString(expected.into()), "node {i}: {role:?}");
+    }
+    let info: String =
+        redis::cmd("CLUSTER").arg("INFO").query_async(&mut connect(&cluster.nodes()[0]).await).await.unwrap();
+    assert!(info.contains("cluster_slots_assigned:16384") && info.contains("cluster_size:3"), "{info}");
 }

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod command;
 pub mod command_info;
 pub mod config;
